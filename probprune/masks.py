@@ -1,0 +1,222 @@
+"""The mask space: every prunable unit of a model, its type, its layer and the parameters it removes.
+
+Units live in one flat vector of length N, ordered by type: head groups, then MLP channel blocks, then layers.
+A mask is a ``[N]`` (or ``[K, N]``) array of 0/1; probabilities share the same layout.
+
+- head unit: one KV group with its query heads (GQA) or one head (MHA). Cost: its rows of q/k/v (and biases) plus
+  its columns of o_proj.
+- channel unit: a block of ``channel_block`` MLP intermediate channels (1 = single channels, as in the paper).
+  Cost: their rows of gate/up (and biases) plus their columns of down_proj.
+- layer unit: a whole decoder layer. Cost: everything in it (heads, channels, norms, biases), so a head inside a
+  dropped layer is never counted twice (see :func:`kept_params`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+HEAD, CHANNEL, LAYER = 0, 1, 2
+TYPE_NAMES = {HEAD: "head", CHANNEL: "channel", LAYER: "layer"}
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """Shapes of one decoder layer, as the adapter reads them from the model."""
+
+    num_kv_heads: int
+    group_size: int  # query heads per KV head
+    head_dim: int
+    hidden_size: int
+    intermediate_size: int
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    norm_params: int = 0  # parameters of the layer's norms (removed only with the layer)
+
+    @property
+    def head_unit_cost(self) -> int:
+        d, h, g = self.head_dim, self.hidden_size, self.group_size
+        cost = (g + 2) * d * h + g * d * h  # q, k, v rows + o_proj columns
+        if self.qkv_bias:
+            cost += (g + 2) * d
+        return cost
+
+    @property
+    def channel_cost(self) -> int:
+        return 3 * self.hidden_size + (2 if self.mlp_bias else 0)
+
+    @property
+    def layer_params(self) -> int:
+        total = self.num_kv_heads * self.head_unit_cost + self.intermediate_size * self.channel_cost
+        total += self.norm_params
+        if self.o_bias:
+            total += self.hidden_size
+        if self.mlp_bias:
+            total += self.hidden_size
+        return total
+
+
+@dataclass
+class MaskSpace:
+    """All prunable units of one model.
+
+    Attributes:
+        layers: per-layer shapes.
+        channel_block: channels per channel unit (the last block of a layer may be smaller).
+        unit_type: ``[N]`` int8, HEAD / CHANNEL / LAYER.
+        unit_layer: ``[N]`` int32, decoder layer index of each unit.
+        unit_index: ``[N]`` int32, index of the unit inside its layer (KV group, channel block, 0 for layers).
+        cost: ``[N]`` int64, parameters removed by the unit alone.
+        channel_perm: per layer, an ``[I]`` permutation of channels; block b holds
+            ``channel_perm[l][b*channel_block:(b+1)*channel_block]``. Identity unless blocks were formed by ranking.
+        total_params: all parameters of the model (embeddings and head included).
+    """
+
+    layers: list[LayerShape]
+    include_heads: bool = True
+    include_channels: bool = True
+    include_layers: bool = False
+    channel_block: int = 1
+    total_params: int = 0
+    channel_perm: list[np.ndarray] | None = None
+    unit_type: np.ndarray = field(init=False)
+    unit_layer: np.ndarray = field(init=False)
+    unit_index: np.ndarray = field(init=False)
+    cost: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.channel_block < 1:
+            raise ValueError(f"channel_block must be >= 1, got {self.channel_block}")
+        if self.channel_perm is None:
+            self.channel_perm = [np.arange(ls.intermediate_size) for ls in self.layers]
+        types, lays, idx, cost = [], [], [], []
+        if self.include_heads:
+            for li, ls in enumerate(self.layers):
+                for g in range(ls.num_kv_heads):
+                    types.append(HEAD), lays.append(li), idx.append(g), cost.append(ls.head_unit_cost)
+        if self.include_channels:
+            for li, ls in enumerate(self.layers):
+                for b in range(self.blocks_in_layer(li)):
+                    width = min(self.channel_block, ls.intermediate_size - b * self.channel_block)
+                    types.append(CHANNEL), lays.append(li), idx.append(b), cost.append(width * ls.channel_cost)
+        if self.include_layers:
+            for li, ls in enumerate(self.layers):
+                types.append(LAYER), lays.append(li), idx.append(0), cost.append(ls.layer_params)
+        self.unit_type = np.asarray(types, dtype=np.int8)
+        self.unit_layer = np.asarray(lays, dtype=np.int32)
+        self.unit_index = np.asarray(idx, dtype=np.int32)
+        self.cost = np.asarray(cost, dtype=np.int64)
+        if len(self.unit_type) == 0:
+            raise ValueError("the mask space is empty: enable at least one of heads, channels, layers")
+
+    # ----------------------------------------------------------------------------------------------- structure
+    @property
+    def num_units(self) -> int:
+        return int(self.unit_type.shape[0])
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def blocks_in_layer(self, layer: int) -> int:
+        return -(-self.layers[layer].intermediate_size // self.channel_block)
+
+    def type_slice(self, unit_type: int) -> slice:
+        """Contiguous range of the flat vector that holds one unit type (empty slice if absent)."""
+        where = np.flatnonzero(self.unit_type == unit_type)
+        if where.size == 0:
+            return slice(0, 0)
+        return slice(int(where[0]), int(where[-1]) + 1)
+
+    def type_counts(self) -> dict[str, int]:
+        return {TYPE_NAMES[t]: int((self.unit_type == t).sum()) for t in (HEAD, CHANNEL, LAYER)}
+
+    @property
+    def prunable_params(self) -> int:
+        """Parameters that some unit can remove (attention + MLP projections; norms too when layers are units)."""
+        total = 0
+        for ls in self.layers:
+            total += ls.num_kv_heads * ls.head_unit_cost + ls.intermediate_size * ls.channel_cost
+            if self.include_layers:
+                total += ls.layer_params - ls.num_kv_heads * ls.head_unit_cost - ls.intermediate_size * ls.channel_cost
+        return total
+
+    # --------------------------------------------------------------------------------------------- mask algebra
+    def full_mask(self) -> np.ndarray:
+        return np.ones(self.num_units, dtype=np.float32)
+
+    def expand(self, masks: torch.Tensor | np.ndarray) -> dict[str, torch.Tensor]:
+        """Turn flat unit masks into per-layer masks.
+
+        Args:
+            masks: ``[K, N]`` (or ``[N]``) 0/1 values (floats allowed for soft masks).
+
+        Returns:
+            ``heads``: ``[K, L, G_max]`` (per KV group), ``channels``: ``[K, L, I_max]`` (per channel, in the model's
+            channel order), ``layers``: ``[K, L]``. Units not in the space are 1. Layers with fewer groups/channels
+            than the maximum are padded with 1.
+        """
+        m = torch.as_tensor(masks, dtype=torch.float32)
+        squeeze = m.dim() == 1
+        if squeeze:
+            m = m[None]
+        if m.shape[-1] != self.num_units:
+            raise ValueError(f"mask has {m.shape[-1]} units, the mask space has {self.num_units}")
+        k, n_layers = m.shape[0], self.num_layers
+        g_max = max(ls.num_kv_heads for ls in self.layers)
+        i_max = max(ls.intermediate_size for ls in self.layers)
+        heads = torch.ones(k, n_layers, g_max)
+        channels = torch.ones(k, n_layers, i_max)
+        layers = torch.ones(k, n_layers)
+        ut = torch.as_tensor(self.unit_type)
+        ul = torch.as_tensor(self.unit_layer, dtype=torch.long)
+        ui = torch.as_tensor(self.unit_index, dtype=torch.long)
+        hsel = ut == HEAD
+        if hsel.any():
+            heads[:, ul[hsel], ui[hsel]] = m[:, hsel]
+        csel = ut == CHANNEL
+        if csel.any():
+            block_vals = m[:, csel]  # [K, n_blocks_total]
+            for li in range(n_layers):
+                lsel = (ul[csel] == li).nonzero().flatten()
+                if lsel.numel() == 0:
+                    continue
+                width = self.layers[li].intermediate_size
+                per_channel = block_vals[:, lsel].repeat_interleave(self.channel_block, dim=1)[:, :width]
+                perm = torch.as_tensor(self.channel_perm[li], dtype=torch.long)
+                channels[:, li, perm] = per_channel
+        lsel_t = ut == LAYER
+        if lsel_t.any():
+            layers[:, ul[lsel_t]] = m[:, lsel_t]
+        out = {"heads": heads, "channels": channels, "layers": layers}
+        if squeeze:
+            out = {k_: v[0] for k_, v in out.items()}
+        return out
+
+    def kept_params(self, mask: np.ndarray) -> int:
+        """Prunable parameters a binary mask keeps, counting nested units once (a dropped layer keeps nothing)."""
+        mask = np.asarray(mask)
+        if mask.shape != (self.num_units,):
+            raise ValueError(f"mask must have shape ({self.num_units},), got {mask.shape}")
+        e = self.expand(mask)
+        kept = 0
+        for li, ls in enumerate(self.layers):
+            if e["layers"][li] < 0.5:
+                continue
+            n_heads = int((e["heads"][li, : ls.num_kv_heads] > 0.5).sum())
+            n_ch = int((e["channels"][li, : ls.intermediate_size] > 0.5).sum())
+            kept += n_heads * ls.head_unit_cost + n_ch * ls.channel_cost
+            if self.include_layers:
+                kept += ls.layer_params - ls.num_kv_heads * ls.head_unit_cost - ls.intermediate_size * ls.channel_cost
+        return kept
+
+    def sparsity(self, mask: np.ndarray) -> dict[str, float]:
+        """Fraction of prunable and of total parameters a binary mask removes."""
+        removed = self.prunable_params - self.kept_params(mask)
+        return {
+            "prunable": removed / self.prunable_params,
+            "total": removed / self.total_params if self.total_params else float("nan"),
+        }
