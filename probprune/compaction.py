@@ -138,7 +138,8 @@ def compact(model: nn.Module, space: MaskSpace, mask: np.ndarray, inplace: bool 
         config.probprune_layout = None
         model.__class__ = _stock_class(base_arch)
         config.architectures = [base_arch]
-        config.auto_map = None
+        if hasattr(config, "auto_map"):
+            del config.auto_map
     else:
         config.probprune_layout = layout
         model.__class__ = PRUNED_CLASSES[base_arch]

@@ -61,10 +61,15 @@ def embedded_model_dir(name: str = "smollm2-135m") -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting %s to a cached HF folder (once, ~20 s)", info["gguf"])
-    model = AutoModelForCausalLM.from_pretrained(str(pkg), gguf_file=info["gguf"], dtype=torch.float32)
+    gguf_model = AutoModelForCausalLM.from_pretrained(str(pkg), gguf_file=info["gguf"], dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(str(pkg), gguf_file=info["gguf"])
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
+    # the weights are dequantised fp32 already; rebuild without the GGUF quantizer so that it can be saved
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict())
+    del gguf_model
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
     try:

@@ -1,0 +1,161 @@
+"""Held-out perplexity (DESIGN §6).
+
+Protocol: perplexity = exp(mean next-token cross-entropy) over non-overlapping windows of ``seq_len`` tokens taken
+from the start of the held-out token stream (full windows only). Each window predicts its ``seq_len - 1`` last
+tokens from the ones before it; there is no context carried across windows. Report it at 128 tokens (the paper's
+and LLM-Pruner's convention) and at a long length (2048 or the model's limit).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from probprune.errors import UserError
+
+
+def _row_nll_sums(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy per row, float32: logits ``[B, T, V]``, ids ``[B, T]`` -> ``[B]``."""
+    B, T, V = logits.shape
+    pred = logits[:, :-1].float()  # [B, T-1, V]
+    target = input_ids[:, 1:].to(logits.device)  # [B, T-1]
+    nll = F.cross_entropy(pred.reshape(-1, V), target.reshape(-1), reduction="none")  # [B*(T-1)]
+    return nll.view(B, T - 1).sum(dim=1)  # [B]
+
+
+def sequence_losses(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of each row.
+
+    Position ``t`` of ``logits`` predicts token ``t + 1`` of ``input_ids``; the loss of a row is the mean over its
+    ``T - 1`` predictions. Logits are cast to float32 before the softmax, whatever the model's dtype.
+
+    Args:
+        logits: ``[B, T, V]`` model outputs (any float dtype).
+        input_ids: ``[B, T]`` the tokens that produced them.
+
+    Returns:
+        ``[B]`` float32 losses (nats per token).
+
+    Raises:
+        ValueError: mismatched shapes or ``T < 2``.
+    """
+    if logits.dim() != 3 or input_ids.shape != logits.shape[:2] or logits.shape[1] < 2:
+        raise ValueError(
+            f"need logits [B, T, V] and input_ids [B, T] with T >= 2, got {tuple(logits.shape)} and "
+            f"{tuple(input_ids.shape)}"
+        )
+    return _row_nll_sums(logits, input_ids) / (logits.shape[1] - 1)
+
+
+def _max_context(model: Any) -> int | None:
+    value = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return int(value) if value else None
+
+
+def perplexity(
+    model: torch.nn.Module,
+    tokens: torch.Tensor,
+    seq_len: int,
+    max_tokens: int | None = None,
+    batch_size: int = 4,
+    progress: bool = True,
+    desc: str = "",
+) -> dict:
+    """Perplexity of a causal LM over non-overlapping windows of a held-out token stream.
+
+    Windows of ``seq_len`` tokens are taken from the start of ``tokens`` (full windows only; at most
+    ``max_tokens // seq_len`` of them). ``seq_len`` above the model's ``config.max_position_embeddings`` is clamped
+    to it. Runs under ``torch.inference_mode()`` with the model in eval mode (its mode is restored afterwards);
+    logits are cast to float32 for the cross-entropy and the total is accumulated in float64.
+
+    Args:
+        model: a causal LM returning ``.logits`` (``transformers`` style).
+        tokens: ``[n]`` held-out token ids (e.g. :func:`probprune.data.test_stream`).
+        seq_len: window length (``eval.seq_lens``).
+        max_tokens: cap on the tokens evaluated (``eval.max_tokens``); ``None`` uses the whole stream.
+        batch_size: windows per forward.
+        progress: show a progress bar.
+        desc: label of the progress bar.
+
+    Returns:
+        ``{"ppl": exp(nll), "nll": mean nats per predicted token, "tokens": predicted tokens
+        (windows * (seq_len - 1)), "windows": windows evaluated, "seq_len": the effective window length}``.
+
+    Raises:
+        UserError: ``seq_len < 2``, ``batch_size < 1``, or not a single full window in the stream (or under
+            ``max_tokens``).
+    """
+    if int(seq_len) < 2:
+        raise UserError(f"seq_len={seq_len!r} must be at least 2")
+    if int(batch_size) < 1:
+        raise UserError(f"eval batch_size={batch_size!r} must be at least 1")
+    limit = _max_context(model)
+    eff_len = min(int(seq_len), limit) if limit else int(seq_len)
+    tokens = tokens.reshape(-1)
+    n_windows = tokens.numel() // eff_len
+    if max_tokens is not None:
+        n_windows = min(n_windows, int(max_tokens) // eff_len)
+    if n_windows == 0:
+        raise UserError(
+            f"no full window of seq_len={eff_len} fits: the held-out split has {tokens.numel()} tokens and "
+            f"eval.max_tokens={max_tokens}"
+        )
+    windows = tokens[: n_windows * eff_len].view(n_windows, eff_len)  # [W, T]
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total_nll = 0.0  # float64 accumulator
+    try:
+        with torch.inference_mode(), tqdm(
+            total=n_windows, desc=desc or f"ppl@{eff_len}", unit="win", disable=not progress, leave=False
+        ) as bar:
+            for start in range(0, n_windows, batch_size):
+                x = windows[start : start + batch_size].to(device)  # [B, T]
+                logits = model(input_ids=x, use_cache=False).logits  # [B, T, V]
+                for b in range(x.shape[0]):  # one row at a time bounds the float32 copy of the logits
+                    total_nll += float(_row_nll_sums(logits[b : b + 1], x[b : b + 1]).double().sum())
+                del logits
+                bar.update(x.shape[0])
+    finally:
+        model.train(was_training)
+    n_pred = n_windows * (eff_len - 1)
+    nll = total_nll / n_pred
+    return {"ppl": math.exp(nll), "nll": nll, "tokens": n_pred, "windows": n_windows, "seq_len": eff_len}
+
+
+def evaluate_ppl(
+    model: torch.nn.Module,
+    tokens: torch.Tensor,
+    seq_lens: list[int],
+    max_tokens: int | None = None,
+    batch_size: int = 4,
+    progress: bool = True,
+) -> dict[int, float]:
+    """Perplexity at several window lengths (see :func:`perplexity`).
+
+    Args:
+        model: a causal LM.
+        tokens: ``[n]`` held-out token ids.
+        seq_lens: window lengths; each is clamped to the model's context, and lengths that clamp to the same
+            value are evaluated once.
+        max_tokens: cap on the tokens evaluated per length.
+        batch_size: windows per forward.
+        progress: show progress bars.
+
+    Returns:
+        ``{effective seq_len: perplexity}``, in the order of ``seq_lens``.
+
+    Raises:
+        UserError: as :func:`perplexity`.
+    """
+    limit = _max_context(model)
+    out: dict[int, float] = {}
+    for seq_len in seq_lens:
+        eff = min(int(seq_len), limit) if limit else int(seq_len)
+        if eff not in out:
+            out[eff] = perplexity(model, tokens, eff, max_tokens, batch_size, progress)["ppl"]
+    return out

@@ -1,0 +1,277 @@
+"""Projections of keep probabilities onto a sparsity budget, and the deterministic final mask.
+
+Two budgets (DESIGN §1–§2):
+
+- ``per_type`` (the paper): for each unit type present (heads, channels, layers), Σ_u s_u ≤ ρ·n_type with ρ = 1 − sparsity.
+- ``params``: one joint budget in parameters, Σ_u c_u s_u ≤ (1 − sparsity)·Σ_u c_u, c_u = parameters unit u removes.
+
+Both projections are Euclidean: s ← clamp(s − v·c, 0, 1) with v ≥ 0 found by bisection (c = 1 for ``per_type``), or a
+plain clamp when s is already inside. Everything is float64 internally and deterministic.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from probprune.errors import UserError
+from probprune.masks import CHANNEL, HEAD, LAYER, MaskSpace
+
+BUDGETS = ("per_type", "params")
+
+
+# ------------------------------------------------------------------------------------------------ validation
+def _check_budget(budget: str) -> None:
+    if budget not in BUDGETS:
+        raise UserError(f"budget must be one of {', '.join(map(repr, BUDGETS))}, got {budget!r}")
+
+
+def _check_sparsity(sparsity: float) -> None:
+    if not (isinstance(sparsity, (int, float)) and 0.0 <= float(sparsity) <= 1.0):
+        raise UserError(f"sparsity must be a number in [0, 1], got {sparsity!r}")
+
+
+def _as_probs(space: MaskSpace, s: torch.Tensor | np.ndarray) -> np.ndarray:
+    """``s`` as a float64 numpy vector of length N; raises if the shape is wrong or a value is not finite."""
+    arr = s.detach().cpu().numpy() if isinstance(s, torch.Tensor) else np.asarray(s)
+    arr = arr.astype(np.float64, copy=False)
+    if arr.shape != (space.num_units,):
+        raise ValueError(f"probabilities must have shape ({space.num_units},), got {tuple(arr.shape)}")
+    if not np.isfinite(arr).all():
+        raise ValueError(f"probabilities contain {int((~np.isfinite(arr)).sum())} non-finite values")
+    return arr
+
+
+# ---------------------------------------------------------------------------------------------- projections
+def project_keep_ratio(s: torch.Tensor, keep_ratio: float, iters: int = 100) -> torch.Tensor:
+    """Euclidean projection onto {x ∈ [0, 1]^N : Σ x ≤ keep_ratio·N}.
+
+    Args:
+        s: ``[N]`` probabilities (any real values; they are clamped).
+        keep_ratio: ρ in [0, 1].
+        iters: bisection steps for the shift v (100 reaches float64 resolution).
+
+    Returns:
+        ``[N]`` tensor of the same dtype as ``s``: ``clamp(s, 0, 1)`` if that is inside the budget, else
+        ``clamp(s − v, 0, 1)`` with v ≥ 0 the smallest shift found that meets Σ ≤ ρN.
+
+    Raises:
+        ValueError: ``keep_ratio`` outside [0, 1], ``s`` not 1-D, or ``s`` not finite.
+    """
+    if not 0.0 <= keep_ratio <= 1.0:
+        raise ValueError(f"keep_ratio must be in [0, 1], got {keep_ratio}")
+    ones = torch.ones_like(s, dtype=torch.float64)
+    return _project_shift(s, ones, keep_ratio * s.numel(), iters)
+
+
+def project_weighted(s: torch.Tensor, cost: torch.Tensor, budget: float, iters: int = 100) -> torch.Tensor:
+    """Euclidean projection onto {x ∈ [0, 1]^N : Σ c_u x_u ≤ B}.
+
+    The solution is ``clamp(s − v·c, 0, 1)`` with v ≥ 0 (v = 0 if already inside). Costs are normalised by their
+    mean internally, so v stays O(1) whatever the parameter counts.
+
+    Args:
+        s: ``[N]`` probabilities.
+        cost: ``[N]`` non-negative weights c_u (parameters per unit).
+        budget: B ≥ 0, in the units of ``cost``.
+        iters: bisection steps.
+
+    Returns:
+        ``[N]`` tensor of the same dtype as ``s``.
+
+    Raises:
+        ValueError: shapes differ, a cost is negative, the budget is negative, or ``s`` is not finite.
+    """
+    c = torch.as_tensor(cost, dtype=torch.float64)
+    if c.shape != s.shape:
+        raise ValueError(f"cost has shape {tuple(c.shape)}, s has shape {tuple(s.shape)}")
+    if (c < 0).any():
+        raise ValueError("cost must be non-negative")
+    if budget < 0:
+        raise ValueError(f"budget must be >= 0, got {budget}")
+    scale = float(c.mean()) if c.numel() and float(c.mean()) > 0 else 1.0
+    return _project_shift(s, c / scale, budget / scale, iters)
+
+
+def _project_shift(s: torch.Tensor, c: torch.Tensor, budget: float, iters: int) -> torch.Tensor:
+    """clamp(s − v·c, 0, 1) with the smallest v ≥ 0 (to bisection precision) such that Σ c·x ≤ budget."""
+    if s.dim() != 1:
+        raise ValueError(f"s must be 1-D, got shape {tuple(s.shape)}")
+    x = s.detach().to(torch.float64)  # [N]
+    if not torch.isfinite(x).all():
+        raise ValueError("s contains non-finite values")
+    clamped = x.clamp(0.0, 1.0)
+    if x.numel() == 0 or float((c * clamped).sum()) <= budget:
+        return clamped.to(s.dtype)
+    pos = c > 0
+    lo, hi = 0.0, float((x[pos] / c[pos]).max().clamp_min(0.0))  # at v = hi every weighted unit is 0
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        if float((c * (x - mid * c).clamp(0.0, 1.0)).sum()) > budget:
+            lo = mid
+        else:
+            hi = mid
+    return (x - hi * c).clamp(0.0, 1.0).to(s.dtype)  # hi side: always inside the budget
+
+
+def project(space: MaskSpace, s: torch.Tensor, sparsity: float, budget: str) -> torch.Tensor:
+    """Project keep probabilities onto the sparsity budget of a mask space.
+
+    Args:
+        space: the mask space (gives unit types and costs).
+        s: ``[N]`` probabilities.
+        sparsity: fraction to remove, in [0, 1].
+        budget: ``"per_type"`` — each unit type present separately at keep ratio ρ = 1 − sparsity (the paper:
+            heads globally across layers, channels globally); ``"params"`` — one joint budget
+            Σ c_u s_u ≤ (1 − sparsity)·Σ c_u.
+
+    Returns:
+        ``[N]`` projected probabilities, same dtype as ``s``.
+
+    Raises:
+        UserError: unknown budget or sparsity outside [0, 1].
+        ValueError: ``s`` has the wrong shape or is not finite.
+    """
+    _check_budget(budget)
+    _check_sparsity(sparsity)
+    if tuple(s.shape) != (space.num_units,):
+        raise ValueError(f"probabilities must have shape ({space.num_units},), got {tuple(s.shape)}")
+    keep = 1.0 - float(sparsity)
+    if budget == "params":
+        cost = torch.as_tensor(space.cost, dtype=torch.float64)
+        return project_weighted(s, cost, keep * float(cost.sum()))
+    out = s.detach().clone()
+    for t in (HEAD, CHANNEL, LAYER):
+        sl = space.type_slice(t)
+        if sl.stop > sl.start:
+            out[sl] = project_keep_ratio(s[sl], keep)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- final mask
+def _round_half_up(x: float) -> int:
+    return int(math.floor(round(x, 9) + 0.5))
+
+
+def _layer_base_params(space: MaskSpace) -> np.ndarray:
+    """``[L]`` prunable parameters each layer holds when nothing is pruned (what ``kept_params`` counts for it)."""
+    base = []
+    for ls in space.layers:
+        heads, channels = ls.num_kv_heads * ls.head_unit_cost, ls.intermediate_size * ls.channel_cost
+        base.append(ls.layer_params if space.include_layers else heads + channels)
+    return np.asarray(base, dtype=np.int64)
+
+
+def final_mask(space: MaskSpace, s: torch.Tensor | np.ndarray, sparsity: float, budget: str) -> np.ndarray:
+    """Deterministic binary mask from keep probabilities that meets the budget (never a coin flip).
+
+    - ``per_type``: for each unit type present, keep exactly the top ``round(ρ·n_type)`` units by s (ρ = 1 − sparsity,
+      halves round up; ties broken by lower index).
+    - ``params``: start from all kept; remove units in ascending s (ties: lower index first), skipping units inside an
+      already removed layer, until ``space.kept_params(mask) ≤ (1 − sparsity)·space.prunable_params``. A removed layer
+      removes what it still held. The budget is met within the last removed unit. Accounting is incremental
+      (O(N log N) overall).
+
+    Args:
+        space: the mask space.
+        s: ``[N]`` keep probabilities (tensor or array).
+        sparsity: fraction to remove, in [0, 1].
+        budget: ``"per_type"`` or ``"params"``.
+
+    Returns:
+        ``[N]`` float32 array of 0/1.
+
+    Raises:
+        UserError: unknown budget or sparsity outside [0, 1].
+        ValueError: ``s`` has the wrong shape or is not finite.
+    """
+    _check_budget(budget)
+    _check_sparsity(sparsity)
+    probs = _as_probs(space, s)
+    keep = 1.0 - float(sparsity)
+    if budget == "per_type":
+        mask = np.ones(space.num_units, dtype=np.float32)
+        for t in (HEAD, CHANNEL, LAYER):
+            idx = np.flatnonzero(space.unit_type == t)
+            if idx.size == 0:
+                continue
+            n_keep = min(idx.size, _round_half_up(keep * idx.size))
+            order = np.argsort(-probs[idx], kind="stable")  # descending s, lower index first on ties
+            mask[idx[order[n_keep:]]] = 0.0
+        return mask
+    return _final_mask_params(space, probs, keep)[0]
+
+
+def _final_mask_params(space: MaskSpace, probs: np.ndarray, keep: float) -> tuple[np.ndarray, int]:
+    """Greedy removal in ascending s until kept prunable params <= keep·prunable. Returns (mask, kept params)."""
+    probs = _as_probs(space, probs)
+    mask = np.ones(space.num_units, dtype=np.float32)
+    limit = keep * space.prunable_params
+    layer_kept = [int(v) for v in _layer_base_params(space)]
+    layer_gone = [False] * space.num_layers
+    kept = sum(layer_kept)
+    order = np.argsort(probs, kind="stable").tolist()  # ascending s, lower index first on ties
+    types, layers, costs = space.unit_type.tolist(), space.unit_layer.tolist(), space.cost.tolist()
+    for u in order:
+        if kept <= limit:
+            break
+        li = layers[u]
+        if layer_gone[li]:
+            continue
+        if types[u] == LAYER:
+            kept -= layer_kept[li]
+            layer_kept[li] = 0
+            layer_gone[li] = True
+        else:
+            kept -= costs[u]
+            layer_kept[li] -= costs[u]
+        mask[u] = 0.0
+    return mask, kept
+
+
+# ------------------------------------------------------------------------------------------ expected budget
+def expected_kept_params(space: MaskSpace, s: torch.Tensor | np.ndarray) -> float:
+    """Expected prunable parameters kept by a mask m ~ Bernoulli(s) (independent units).
+
+    Without layer units this is Σ c_u s_u over heads and channels (plus any heads/channels not in the space, which are
+    always kept). With layer units each layer's contents (its head/channel terms and its norms) are weighted by the
+    layer's s, so nested units are not double counted. For a 0/1 ``s`` it equals ``space.kept_params(s)``.
+
+    Args:
+        space: the mask space.
+        s: ``[N]`` keep probabilities.
+
+    Returns:
+        The expectation, in parameters.
+    """
+    probs = _as_probs(space, s)
+    n_layers = space.num_layers
+    sub = space.unit_type != LAYER
+    weighted = np.bincount(
+        space.unit_layer[sub], weights=space.cost[sub].astype(np.float64) * probs[sub], minlength=n_layers
+    )  # [L] expected kept head/channel params per layer
+    fixed = np.zeros(n_layers)
+    for li, ls in enumerate(space.layers):
+        heads, channels = ls.num_kv_heads * ls.head_unit_cost, ls.intermediate_size * ls.channel_cost
+        fixed[li] = (0 if space.include_heads else heads) + (0 if space.include_channels else channels)
+        if space.include_layers:
+            fixed[li] += ls.layer_params - heads - channels
+    layer_p = np.ones(n_layers)
+    lay = space.unit_type == LAYER
+    layer_p[space.unit_layer[lay]] = probs[lay]
+    return float((layer_p * (fixed + weighted)).sum())
+
+
+def expected_sparsity(space: MaskSpace, s: torch.Tensor | np.ndarray) -> float:
+    """Expected fraction of prunable parameters removed: ``1 − expected_kept_params / prunable_params``.
+
+    Args:
+        space: the mask space.
+        s: ``[N]`` keep probabilities.
+
+    Returns:
+        A number in [0, 1].
+    """
+    return 1.0 - expected_kept_params(space, s) / space.prunable_params
