@@ -241,8 +241,7 @@ class Policy:
         if errors:
             raise ConfigError(errors)
 
-        p = torch.as_tensor(np.asarray(probs) if not isinstance(probs, torch.Tensor) else probs)
-        p = p.detach().to(torch.float64).clone()
+        p = torch.as_tensor(probs, dtype=torch.float64).detach().clone()  # [N]
         if tuple(p.shape) != (space.num_units,):
             raise ValueError(f"probs must have shape ({space.num_units},), got {tuple(p.shape)}")
         if not torch.isfinite(p).all():
@@ -293,9 +292,16 @@ class Policy:
         return (u < self.probs).to(torch.float32)
 
     # ----------------------------------------------------------------------------------------------- gradient
-    def scores(self, masks: torch.Tensor) -> torch.Tensor:
-        """Per-sample scores (m − s)/√(s(1−s)+ε) or (m − s)/(s(1−s)+ε), ``[K, N]`` float64."""
-        m = torch.as_tensor(masks).to(torch.float64)  # [K, N]
+    def scores(self, masks: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """Per-sample scores at the current s.
+
+        Args:
+            masks: ``[K, N]`` 0/1 masks.
+
+        Returns:
+            ``[K, N]`` float64: (m − s)/√(s(1−s)+ε) for ``sqrt``, (m − s)/(s(1−s)+ε) for ``exact``, ε = 1e-7.
+        """
+        m = torch.as_tensor(masks, dtype=torch.float64)  # [K, N]
         s = self.probs  # [N]
         var = s * (1.0 - s) + SCORE_EPS  # [N]
         denom = var.sqrt() if self.score_scaling == "sqrt" else var
@@ -320,12 +326,11 @@ class Policy:
         Raises:
             ValueError: shapes disagree.
         """
-        m = torch.as_tensor(masks).to(torch.float64)  # [K, N]
-        loss = torch.as_tensor(losses).to(torch.float64).reshape(-1)  # [K]
+        m = torch.as_tensor(masks, dtype=torch.float64)  # [K, N]
+        loss = torch.as_tensor(losses, dtype=torch.float64).reshape(-1)  # [K]
         if m.dim() != 2 or m.shape[1] != self.space.num_units or m.shape[0] != loss.shape[0]:
-            raise ValueError(
-                f"masks must be [K, {self.space.num_units}] and losses [K]; got {tuple(m.shape)} and {tuple(loss.shape)}"
-            )
+            n = self.space.num_units
+            raise ValueError(f"masks must be [K, {n}] and losses [K]; got {tuple(m.shape)} and {tuple(loss.shape)}")
         valid = torch.isfinite(loss)  # [K]
         self.last_dropped = int((~valid).sum())
         self.total_dropped += self.last_dropped
@@ -337,6 +342,8 @@ class Policy:
         score = self.scores(m)  # [K_valid, N]
         mean = float(loss.mean())
         if self.baseline == "ema":
+            if not math.isfinite(mean):  # finite losses whose mean overflows: no usable step, keep δ sane
+                return torch.full_like(grad, float("nan"))
             if not self.delta_initialised:
                 self.delta, self.delta_initialised = mean, True
             grad = ((loss - self.delta)[:, None] * score).sum(0) / max(k - 1, 1)  # [N]
@@ -366,16 +373,13 @@ class Policy:
         """
         lr_t = lr_at(self.lr_schedule, self.lr, self.step_count, self.total_steps)
         delta_before, init_before = self.delta, self.delta_initialised
-        loss = torch.as_tensor(losses).to(torch.float64).reshape(-1)
+        loss = torch.as_tensor(losses, dtype=torch.float64).reshape(-1)
         finite = loss[torch.isfinite(loss)]
         grad = self.gradient(masks, losses)  # [N]
-        skipped = not bool(torch.isfinite(grad).all())
-        if not skipped:
-            new = projection.project(self.space, self.probs - lr_t * grad, self.sparsity, self.budget)
-            if torch.isfinite(new).all():
-                self.probs = new.to(torch.float64)
-            else:  # pragma: no cover - projection of finite input is finite
-                skipped = True
+        candidate = self.probs - lr_t * grad  # [N]
+        skipped = not bool(torch.isfinite(candidate).all())
+        if not skipped:  # projecting a finite vector gives a finite vector in [0, 1]
+            self.probs = projection.project(self.space, candidate, self.sparsity, self.budget)
         self.step_count += 1
         if self.baseline == "ema":
             if init_before:
@@ -392,7 +396,7 @@ class Policy:
             "baseline": base,
             "n_dropped": self.last_dropped,
             "expected_sparsity": projection.expected_sparsity(self.space, self.probs),
-            "grad_norm": float(grad.norm()) if not skipped else float("nan"),
+            "grad_norm": float(grad.norm()),
             "skipped": skipped,
         }
 
@@ -431,7 +435,7 @@ class Policy:
         missing = {"probs", "delta", "delta_initialised", "step_count", "total_dropped", "generator_state"} - set(state)
         if missing:
             raise UserError(f"policy state is missing {', '.join(sorted(missing))}")
-        probs = torch.as_tensor(state["probs"]).to(torch.float64)
+        probs = torch.as_tensor(state["probs"], dtype=torch.float64)
         if tuple(probs.shape) != (self.space.num_units,):
             raise UserError(
                 f"policy state has {probs.numel()} units, the mask space has {self.space.num_units}: "

@@ -2,7 +2,8 @@
 
 Two budgets (DESIGN §1–§2):
 
-- ``per_type`` (the paper): for each unit type present (heads, channels, layers), Σ_u s_u ≤ ρ·n_type with ρ = 1 − sparsity.
+- ``per_type`` (the paper): for each unit type present (heads, channels, layers), Σ_u s_u ≤ ρ·n_type,
+  ρ = 1 − sparsity.
 - ``params``: one joint budget in parameters, Σ_u c_u s_u ≤ (1 − sparsity)·Σ_u c_u, c_u = parameters unit u removes.
 
 Both projections are Euclidean: s ← clamp(s − v·c, 0, 1) with v ≥ 0 found by bisection (c = 1 for ``per_type``), or a
