@@ -1,0 +1,151 @@
+"""The ``probprune`` command: prune, baseline, eval, info."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .errors import UserError
+
+log = logging.getLogger("probprune")
+
+
+def _setup(quiet: bool) -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="[probprune] %(message)s")
+    for noisy in ("transformers", "datasets", "accelerate", "httpx", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def _cmd_prune(args) -> int:
+    from .config import load_config
+    from .pipeline import format_summary, prune
+
+    cfg = load_config(args.config, args.overrides)
+    summary = prune(cfg, args.output, resume=args.resume, progress=not args.quiet)
+    print(format_summary(summary))
+    print(f"\nwrote {args.output}/model (load with probprune.load_pruned or AutoModelForCausalLM), summary.json, "
+          "masks.pt, metrics.jsonl, config.yaml")
+    return 0
+
+
+def _cmd_baseline(args) -> int:
+    from .config import load_config
+    from .pipeline import format_summary, run_baseline
+
+    overrides = list(args.overrides) + [f"search.sparsity={args.sparsity}"]
+    cfg = load_config(args.config, overrides)
+    summary = run_baseline(cfg, args.method, args.output, progress=not args.quiet)
+    print(format_summary(summary))
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from .config import load_config
+    from .pipeline import evaluate_folder
+
+    overrides = list(args.overrides) + [f"model.name_or_path={args.model}"]
+    if args.dtype:
+        overrides.append(f"model.dtype={args.dtype}")
+    if args.seq_lens:
+        overrides.append(f"eval.seq_lens=[{','.join(str(n) for n in args.seq_lens)}]")
+    if args.max_tokens:
+        overrides.append(f"eval.max_tokens={args.max_tokens}")
+    cfg = load_config(args.config, overrides)
+    res = evaluate_folder(cfg, tasks=args.tasks, limit=args.limit)
+    print(json.dumps(res, indent=2))
+    return 0
+
+
+def _cmd_info(args) -> int:
+    from .models.adapter import get_adapter
+    from .models.loading import load_model
+
+    model, _ = load_model(args.model, args.dtype)
+    space = get_adapter(model).mask_space(layers=True, channel_block=args.channel_block)
+    counts = space.type_counts()
+    print(f"model {args.model}: {type(model).__name__}, {space.num_layers} decoder layers, "
+          f"{space.total_params:,} parameters ({space.prunable_params:,} prunable)")
+    print("| unit | count | parameters per unit | all units |")
+    print("|---|---|---|---|")
+    for t, name in ((0, "head group"), (1, f"channel block ({args.channel_block})"), (2, "layer")):
+        c = space.cost[space.unit_type == t]
+        per = f"{c.min():,}" if c.min() == c.max() else f"{c.min():,}–{c.max():,}"
+        print(f"| {name} | {counts[('head', 'channel', 'layer')[t]]:,} | {per} | {int(c.sum()):,} |")
+    if args.layers:
+        print("\n| layer | KV groups | query heads | channels |")
+        print("|---|---|---|---|")
+        for i, ls in enumerate(space.layers):
+            print(f"| {i} | {ls.num_kv_heads} | {ls.num_kv_heads * ls.group_size} | {ls.intermediate_size} |")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="probprune", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    pr = sub.add_parser("prune", help="search a mask, compact, save and evaluate")
+    pr.add_argument("--config", required=True, help="YAML config (see configs/)")
+    pr.add_argument("--output", required=True, type=Path, help="output folder")
+    pr.add_argument("--resume", action="store_true", help="continue the search checkpointed in --output")
+    pr.add_argument("--quiet", action="store_true")
+    pr.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. search.lr=0.01")
+    pr.set_defaults(func=_cmd_prune)
+
+    from .baselines import BASELINES
+
+    bl = sub.add_parser("baseline", help="prune with a built-in baseline (same outputs as prune)")
+    bl.add_argument("--method", required=True, choices=BASELINES)
+    bl.add_argument("--sparsity", required=True, type=float, help="fraction of prunable parameters removed")
+    bl.add_argument("--config", required=True)
+    bl.add_argument("--output", required=True, type=Path)
+    bl.add_argument("--quiet", action="store_true")
+    bl.add_argument("overrides", nargs="*")
+    bl.set_defaults(func=_cmd_baseline)
+
+    ev = sub.add_parser("eval", help="perplexity of any model folder on the held-out split (and lm-eval tasks)")
+    ev.add_argument("--model", required=True, help="model folder, hub id or embedded:smollm2-135m")
+    ev.add_argument("--config", default=None, help="config for data/eval settings (default: built-in defaults)")
+    ev.add_argument("--dtype", default=None)
+    ev.add_argument("--seq-lens", type=int, nargs="+", default=None)
+    ev.add_argument("--max-tokens", type=int, default=None)
+    ev.add_argument("--tasks", default=None, help="comma-separated lm-eval tasks (needs probprune[lm-eval] and a hub)")
+    ev.add_argument("--limit", type=int, default=None, help="lm-eval: examples per task")
+    ev.add_argument("overrides", nargs="*")
+    ev.set_defaults(func=_cmd_eval)
+
+    inf = sub.add_parser("info", help="print a model's prunable units and their parameter costs")
+    inf.add_argument("--model", required=True)
+    inf.add_argument("--dtype", default="float32")
+    inf.add_argument("--channel-block", type=int, default=1)
+    inf.add_argument("--layers", action="store_true", help="also print per-layer widths")
+    inf.set_defaults(func=_cmd_info)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup(getattr(args, "quiet", False))
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"probprune: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("probprune: interrupted (a search resumes with --resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

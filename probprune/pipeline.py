@@ -1,0 +1,274 @@
+"""End-to-end jobs: prune (init -> search -> compact -> save -> evaluate), baselines, evaluation of a folder.
+
+Every user-facing check (config, model path, architecture, data, context length) runs before the output folder is
+created, so bad input never leaves a half-written output behind. Files are written atomically.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import projection
+from .compaction import compact, count_params, save_pruned
+from .config import Config, config_to_dict, save_config
+from .data import CalibrationData, load_corpus, test_stream
+from .errors import UserError
+from .evaluation import evaluate_ppl
+from .masks import MaskSpace
+from .models.adapter import LlamaAdapter, get_adapter
+from .models.loading import load_model
+from .policy import Policy, random_probs, scores_to_probs, uniform_probs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Session:
+    """Everything a job needs, loaded and checked."""
+
+    cfg: Config
+    model: torch.nn.Module
+    tokenizer: Any
+    adapter: LlamaAdapter
+    calib: CalibrationData
+    test_tokens: torch.Tensor
+    space: MaskSpace
+    stats: dict | None  # activation statistics from the init blocks (None if not needed)
+
+
+def _max_context(model) -> int | None:
+    return getattr(model.config, "max_position_embeddings", None)
+
+
+def prepare(cfg: Config, need_stats: bool = True) -> Session:
+    """Load model, data and mask space; every bad input raises :class:`UserError` here."""
+    t0 = time.perf_counter()
+    model, tok = load_model(
+        cfg.model.name_or_path, cfg.model.dtype, cfg.model.device, cfg.model.device_map, cfg.model.trust_remote_code
+    )
+    adapter = get_adapter(model)
+    corpus = load_corpus(cfg.data, seed=cfg.seed)
+    calib = CalibrationData.from_corpus(
+        tok, corpus, cfg.data.block_len, cfg.data.calib_blocks, seed=cfg.seed, max_context=_max_context(model)
+    )
+    test_tokens = test_stream(tok, corpus)
+    stats = None
+    perm = None
+    if need_stats and (cfg.search.init == "wanda" or cfg.mask.block_order == "metric"):
+        from .scoring import collect_input_stats, rank_channels
+
+        n = min(cfg.search.init_blocks, len(calib))
+        stats = collect_input_stats(adapter, calib.first(n))
+        if cfg.mask.block_order == "metric" and cfg.mask.channel_block > 1:
+            perm = rank_channels(adapter, stats)
+    space = adapter.mask_space(
+        heads=cfg.mask.heads, channels=cfg.mask.channels, layers=cfg.mask.layers,
+        channel_block=cfg.mask.channel_block, channel_perm=perm,
+    )
+    log.info("prepared model, data and mask space in %.1f s", time.perf_counter() - t0)
+    return Session(cfg, model, tok, adapter, calib, test_tokens, space, stats)
+
+
+def initial_probs(s: Session) -> np.ndarray:
+    """Keep probabilities the search starts from (``search.init``), already projected onto the budget."""
+    cfg = s.cfg.search
+    keep = 1.0 - cfg.sparsity
+    if cfg.init == "wanda":
+        from .scoring import wanda_sp_scores
+
+        probs = scores_to_probs(s.space, wanda_sp_scores(s.adapter, s.space, s.stats), keep)
+    elif cfg.init == "uniform":
+        probs = uniform_probs(s.space, keep)
+    else:
+        probs = random_probs(s.space, keep, torch.Generator().manual_seed(s.cfg.seed))
+    return projection.project(s.space, torch.as_tensor(probs, dtype=torch.float64), cfg.sparsity, cfg.budget).numpy()
+
+
+def fingerprint(cfg: Config, space: MaskSpace) -> str:
+    d = config_to_dict(cfg)
+    d.pop("eval", None)
+    d.pop("engine", None)  # the same search may resume on another engine
+    d["num_units"] = space.num_units
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def evaluate(model, s: Session, label: str) -> dict[str, float]:
+    e = s.cfg.eval
+    res = evaluate_ppl(model, s.test_tokens, e.seq_lens, max_tokens=e.max_tokens, batch_size=e.batch_size)
+    log.info("%s perplexity: %s", label, res)
+    return {str(k): float(v) for k, v in res.items()}
+
+
+def _check_output(output: Path, resume: bool) -> None:
+    if output.exists() and not output.is_dir():
+        raise UserError(f"--output {output} exists and is not a folder")
+    if output.exists() and any(output.iterdir()):
+        if (output / "summary.json").exists() and not resume:
+            raise UserError(f"--output {output} already holds a finished run (summary.json); choose another folder")
+        if not resume:
+            raise UserError(f"--output {output} is not empty; pass --resume to continue a search there, or choose "
+                            "another folder")
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _mask_record(space: MaskSpace, mask: np.ndarray, dense_total: int) -> dict[str, Any]:
+    sp = space.sparsity(mask)
+    kept = space.kept_params(mask)
+    return {"sparsity": sp, "kept_prunable": kept,
+            "pruned_total": dense_total - (space.prunable_params - kept)}
+
+
+def prune(cfg: Config, output: str | Path, resume: bool = False, progress: bool = True,
+          on_step=None, stop_after: int | None = None) -> dict[str, Any]:
+    """Run the whole job of ``probprune prune`` and return the summary (also written to ``output/summary.json``).
+
+    Writes ``output/model/`` (compacted model + tokenizer), ``masks.pt``, ``metrics.jsonl``, ``config.yaml`` and
+    ``summary.json`` (last, so its presence means the run finished).
+    """
+    from .evaluators import build_evaluator
+    from .search import run_search
+
+    t_start = time.perf_counter()
+    output = Path(output)
+    _check_output(output, resume)
+    s = prepare(cfg)
+    space, sc = s.space, cfg.search
+    dense_total = count_params(s.model)
+    output.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, output / "config.yaml")
+
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    dense_ppl = evaluate(s.model, s, "dense")
+    timings["eval_dense"] = time.perf_counter() - t
+
+    init_probs = initial_probs(s)
+    init_mask = projection.final_mask(space, init_probs, sc.sparsity, sc.budget)
+    t = time.perf_counter()
+    init_model = compact(s.model, space, init_mask)
+    init_ppl = evaluate(init_model, s, f"init-only ({sc.init})")
+    del init_model
+    gc.collect()
+    timings["eval_init"] = time.perf_counter() - t
+
+    policy = Policy(
+        space, init_probs, lr=sc.lr, total_steps=sc.steps, sparsity=sc.sparsity, lr_schedule=sc.lr_schedule,
+        baseline=sc.baseline, ema_window=sc.ema_window, score_scaling=sc.score_scaling, sampling=sc.sampling,
+        budget=sc.budget, seed=cfg.seed,
+    )
+    evaluator = build_evaluator(cfg, s.model, space)
+    try:
+        result = run_search(
+            policy, evaluator, s.calib, steps=sc.steps, num_samples=sc.num_samples, batch_size=sc.batch_size,
+            checkpoint_dir=output, checkpoint_every=sc.checkpoint_every, log_every=sc.log_every, resume=resume,
+            fingerprint=fingerprint(cfg, space), progress=progress, on_step=on_step, stop_after=stop_after,
+        )
+    finally:
+        evaluator.close()
+    timings["search"] = result.wall_seconds
+    if stop_after is not None and policy.step_count < sc.steps:
+        return {"interrupted_at_step": policy.step_count}
+
+    final = result.final_mask
+    t = time.perf_counter()
+    pruned = compact(s.model, space, final)
+    timings["compact"] = time.perf_counter() - t
+    t = time.perf_counter()
+    pruned_ppl = evaluate(pruned, s, "searched")
+    timings["eval_pruned"] = time.perf_counter() - t
+    t = time.perf_counter()
+    save_pruned(pruned, output / "model", s.tokenizer)
+    timings["save"] = time.perf_counter() - t
+    tmp = output / ".masks.pt.tmp"
+    torch.save({
+        "final_mask": torch.as_tensor(final), "init_mask": torch.as_tensor(init_mask),
+        "probs": policy.probs.clone(), "init_probs": torch.as_tensor(init_probs),
+        "unit_type": torch.as_tensor(space.unit_type), "unit_layer": torch.as_tensor(space.unit_layer),
+        "unit_index": torch.as_tensor(space.unit_index), "cost": torch.as_tensor(space.cost),
+        "channel_block": space.channel_block, "channel_perm": [torch.as_tensor(p) for p in space.channel_perm],
+    }, tmp)
+    os.replace(tmp, output / "masks.pt")
+
+    rec = _mask_record(space, final, dense_total)
+    init_rec = _mask_record(space, init_mask, dense_total)
+    losses = [h["loss_mean"] for h in result.history if np.isfinite(h["loss_mean"])]
+    summary = {
+        "model": cfg.model.name_or_path,
+        "dtype": cfg.model.dtype,
+        "data": cfg.data.source,
+        "seed": cfg.seed,
+        "dense_ppl": dense_ppl,
+        "init": sc.init,
+        "init_ppl": init_ppl,
+        "pruned_ppl": pruned_ppl,
+        "sparsity": {k: round(v, 6) for k, v in rec["sparsity"].items()},
+        "init_sparsity": {k: round(v, 6) for k, v in init_rec["sparsity"].items()},
+        "params": {
+            "dense_total": dense_total,
+            "pruned_total": count_params(pruned),
+            "dense_prunable": space.prunable_params,
+            "pruned_prunable": rec["kept_prunable"],
+        },
+        "units": {**space.type_counts(), "kept": {k: int(final[space.type_slice(t)].sum())
+                                                  for k, t in (("head", 0), ("channel", 1), ("layer", 2))}},
+        "search": {
+            "steps": sc.steps, "num_samples": sc.num_samples, "batch_size": sc.batch_size, "lr": sc.lr,
+            "baseline": sc.baseline, "budget": sc.budget, "forwards": policy.step_count * sc.num_samples,
+            "dropped_samples": result.dropped_samples, "resumed_from_step": result.resumed_from_step,
+            "first_loss": float(np.mean(losses[:10])) if losses else None,
+            "last_loss": float(np.mean(losses[-10:])) if losses else None,
+            "engine": cfg.engine.kind,
+        },
+        "calibration": {"blocks": len(s.calib), "block_len": cfg.data.block_len,
+                        "tokens_scored": policy.step_count * sc.num_samples * sc.batch_size * cfg.data.block_len},
+        "eval": {"seq_lens": list(dense_ppl), "max_tokens": cfg.eval.max_tokens,
+                 "held_out_tokens": int(s.test_tokens.numel()), "protocol": "non-overlapping windows"},
+        "timings": {k: round(v, 2) for k, v in timings.items()},
+        "wall_seconds": round(time.perf_counter() - t_start, 2),
+    }
+    _write_json(output / "summary.json", summary)
+    return summary
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The results table ``probprune prune`` prints."""
+    lens = list(summary["dense_ppl"])
+    head = "| model | params | prunable sparsity | total sparsity | " + " | ".join(f"PPL@{n}" for n in lens) + " |"
+    sep = "|" + "---|" * (4 + len(lens))
+    p = summary["params"]
+
+    def row(name, ppl, params, sp):
+        cells = [name, f"{params / 1e6:.1f}M", f"{sp['prunable']:.1%}", f"{sp['total']:.1%}"]
+        cells += [f"{ppl[n]:.2f}" for n in lens]
+        return "| " + " | ".join(cells) + " |"
+
+    rows = [head, sep, row("dense", summary["dense_ppl"], p["dense_total"], {"prunable": 0.0, "total": 0.0})]
+    if summary.get("init_ppl"):
+        init_total = p["dense_total"] - (p["dense_prunable"] - p["dense_prunable"] * (1 - summary["init_sparsity"]["prunable"]))
+        rows.append(row(f"init only ({summary['init']})", summary["init_ppl"], init_total, summary["init_sparsity"]))
+    rows.append(row(summary.get("method_label", "probprune search"), summary["pruned_ppl"], p["pruned_total"],
+                    summary["sparsity"]))
+    s = summary.get("search", {})
+    foot = (f"model {summary['model']} ({summary['dtype']}), data {summary['data']} held-out split, seed "
+            f"{summary['seed']}; perplexity over non-overlapping windows, at most {summary['eval']['max_tokens']} "
+            f"held-out tokens per length; ")
+    if s:
+        foot += f"search {s['steps']} steps x {s['num_samples']} masks x {s['batch_size']} sequences; "
+    foot += f"wall time {summary['wall_seconds']:.0f} s"
+    return "\n".join(rows) + "\n\n" + foot
