@@ -1,0 +1,296 @@
+"""Built-in pruning baselines: one binary mask per method, meeting the same budget as the search.
+
+===========  ============================  ========================================================================
+method       scores                         selection
+===========  ============================  ========================================================================
+magnitude    :func:`magnitude_scores`       uniform per layer
+wanda-sp     :func:`wanda_sp_scores`        uniform per layer (as in the Wanda-sp / FLAP papers)
+flap         :func:`flap_scores`            global per type on standardised scores (adaptive per-layer widths)
+random       seeded uniform random          global per type
+shortgpt     :func:`block_influence_scores` whole layers, lowest influence first, until the parameter budget is met
+taylor       :func:`taylor_scores`          uniform per layer (**uses gradients**)
+===========  ============================  ========================================================================
+
+"Uniform per layer" with ``budget="per_type"``: for each unit type, exactly ``round(ρ·n_type)`` units are kept
+(ρ = 1 − sparsity, halves up, as :func:`probprune.projection.final_mask`), shared among layers in proportion to their
+unit counts by largest remainder — with equal layers the per-layer counts differ by at most one, and the layers that
+get the extra unit are those whose next-best unit scores highest; inside a layer the top scores are kept. Layer units
+(one per layer) are thereby chosen globally by score. With ``budget="params"`` the scores are mapped to within-layer
+quantiles per type (layer units: quantiles across layers) and handed to :func:`~probprune.projection.final_mask`, so
+every layer loses about the same share of its heads and channels until the parameter budget is met.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import UserError
+from .masks import CHANNEL, HEAD, LAYER, MaskSpace
+from .models.adapter import LlamaAdapter
+from .models.modeling_probprune import EmptyAttention, EmptyMLP
+from .projection import BUDGETS, _round_half_up, final_mask
+from .scoring import (
+    block_influence_scores,
+    collect_input_stats,
+    column_mean,
+    flap_scores,
+    magnitude_scores,
+    taylor_scores,
+    wanda_sp_scores,
+)
+
+BASELINES = ("magnitude", "wanda-sp", "flap", "random", "shortgpt", "taylor")
+USES_GRADIENTS = {"taylor"}
+_TYPES = (HEAD, CHANNEL, LAYER)
+
+
+def _check_args(method: str, sparsity: float, budget: str) -> None:
+    if method not in BASELINES:
+        raise UserError(f"unknown baseline {method!r}: valid baselines are {', '.join(BASELINES)}")
+    if not (isinstance(sparsity, (int, float)) and 0.0 <= float(sparsity) <= 1.0):
+        raise UserError(f"sparsity must be a number in [0, 1], got {sparsity!r}")
+    if budget not in BUDGETS:
+        raise UserError(f"budget must be one of {', '.join(map(repr, BUDGETS))}, got {budget!r}")
+
+
+# ---------------------------------------------------------------------------------------------- selections
+def uniform_per_layer_mask(space: MaskSpace, scores: np.ndarray, sparsity: float) -> np.ndarray:
+    """Keep exactly ``round(ρ·n_type)`` units per type, spread over layers by largest remainder (see module doc).
+
+    Args:
+        space: the mask space.
+        scores: ``[N]`` importance scores (higher = keep).
+        sparsity: fraction of each type to remove, in [0, 1].
+
+    Returns:
+        ``[N]`` float32 mask of 0/1.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    keep = 1.0 - float(sparsity)
+    mask = np.zeros(space.num_units, dtype=np.float32)
+    for t in _TYPES:
+        idx = np.flatnonzero(space.unit_type == t)
+        n_type = idx.size
+        if n_type == 0:
+            continue
+        total = min(n_type, _round_half_up(keep * n_type))
+        ranked, base, extra_keys = {}, {}, []
+        for li in np.unique(space.unit_layer[idx]):
+            units = idx[space.unit_layer[idx] == li]
+            ranked[li] = units[np.argsort(-scores[units], kind="stable")]  # best first, lower index on ties
+            n_l = units.size
+            base[li], rem = divmod(total * n_l, n_type)  # exact quota total·n_l/n_type = base + rem/n_type
+            if rem > 0:
+                extra_keys.append((-rem, -scores[ranked[li][base[li]]], int(li)))
+        extra = total - sum(base.values())
+        for _, _, li in sorted(extra_keys)[:extra]:
+            base[li] += 1
+        for li, units in ranked.items():
+            mask[units[: base[li]]] = 1.0
+    return mask
+
+
+def _quantiles(x: np.ndarray) -> np.ndarray:
+    """``(rank + 0.5) / n`` with ascending ranks (ties: lower index ranks lower)."""
+    r = np.empty(x.size, dtype=np.float64)
+    r[np.argsort(x, kind="stable")] = np.arange(x.size)
+    return (r + 0.5) / max(x.size, 1)
+
+
+def layer_quantiles(space: MaskSpace, scores: np.ndarray) -> np.ndarray:
+    """``[N]`` in (0, 1): each head/channel unit's quantile among its type in its layer; layer units: across layers."""
+    out = np.zeros(space.num_units, dtype=np.float64)
+    for t in (HEAD, CHANNEL):
+        for li in range(space.num_layers):
+            sel = np.flatnonzero((space.unit_type == t) & (space.unit_layer == li))
+            if sel.size:
+                out[sel] = _quantiles(scores[sel])
+    sel = np.flatnonzero(space.unit_type == LAYER)
+    if sel.size:
+        out[sel] = _quantiles(scores[sel])
+    return out
+
+
+def _uniform(space: MaskSpace, scores: np.ndarray, sparsity: float, budget: str) -> np.ndarray:
+    if budget == "per_type":
+        return uniform_per_layer_mask(space, scores, sparsity)
+    return final_mask(space, layer_quantiles(space, scores), sparsity, budget)
+
+
+def shortgpt_mask(space: MaskSpace, influence: np.ndarray, sparsity: float) -> np.ndarray:
+    """Drop whole layers in ascending block influence until kept prunable params ≤ (1 − sparsity)·prunable.
+
+    Args:
+        space: a mask space with layer units.
+        influence: ``[N]`` scores (only layer units are read).
+        sparsity: fraction of prunable parameters to remove.
+
+    Returns:
+        ``[N]`` float32 mask; heads and channels all 1.
+
+    Raises:
+        UserError: the space has no layer units.
+    """
+    lay = np.flatnonzero(space.unit_type == LAYER)
+    if lay.size == 0:
+        raise UserError("the shortgpt baseline removes whole layers: set mask.layers=true")
+    mask = space.full_mask()
+    limit = (1.0 - float(sparsity)) * space.prunable_params
+    for u in lay[np.argsort(influence[lay], kind="stable")]:
+        if space.kept_params(mask) <= limit:
+            break
+        mask[u] = 0.0
+    return mask
+
+
+# ------------------------------------------------------------------------------------------------ baselines
+def baseline_mask(
+    method: str,
+    adapter: LlamaAdapter,
+    space: MaskSpace,
+    blocks: torch.Tensor | None,
+    sparsity: float,
+    seed: int = 0,
+    budget: str = "per_type",
+    batch_size: int = 4,
+) -> np.ndarray:
+    """Binary mask of one baseline at the given sparsity and budget.
+
+    Args:
+        method: one of :data:`BASELINES` (see the module table; ``taylor`` uses gradients).
+        adapter: the model's adapter.
+        space: the mask space (built from this model).
+        blocks: ``[n, T]`` calibration token ids; unused (may be None) for ``magnitude`` and ``random``.
+        sparsity: fraction to remove, in [0, 1].
+        seed: seed of ``random`` (the other methods are deterministic).
+        budget: ``"per_type"`` (exact count per unit type) or ``"params"`` (joint parameter budget, met within one
+            unit). ``shortgpt`` always uses the parameter budget (it removes only layers).
+        batch_size: sequences per calibration forward.
+
+    Returns:
+        ``[N]`` float32 array of 0/1.
+
+    Raises:
+        UserError: unknown method (lists :data:`BASELINES`), sparsity outside [0, 1], unknown budget, ``shortgpt`` on
+            a space without layer units, or a data-driven method without blocks.
+    """
+    _check_args(method, sparsity, budget)
+    if method == "random":
+        return final_mask(space, np.random.default_rng(seed).random(space.num_units), sparsity, budget)
+    if method == "magnitude":
+        return _uniform(space, magnitude_scores(adapter, space), sparsity, budget)
+    if method == "shortgpt" and not (space.unit_type == LAYER).any():
+        raise UserError("the shortgpt baseline removes whole layers: set mask.layers=true")
+    if blocks is None:
+        raise UserError(f"baseline {method!r} needs calibration blocks")
+    if method == "taylor":
+        return _uniform(space, taylor_scores(adapter, space, blocks, batch_size), sparsity, budget)
+    stats = collect_input_stats(adapter, blocks, batch_size)
+    if method == "wanda-sp":
+        return _uniform(space, wanda_sp_scores(adapter, space, stats), sparsity, budget)
+    if method == "flap":
+        ranks = _quantiles(flap_scores(adapter, space, stats))  # monotone map of the standardised scores to (0, 1)
+        return final_mask(space, ranks, sparsity, budget)
+    return shortgpt_mask(space, block_influence_scores(space, stats), sparsity)
+
+
+# --------------------------------------------------------------------------------- FLAP bias compensation
+@torch.no_grad()
+def flap_bias_compensation(
+    adapter: LlamaAdapter, space: MaskSpace, mask: np.ndarray, stats: dict
+) -> dict[int, dict[str, torch.Tensor]]:
+    """FLAP's bias compensation: the mean contribution of the removed input columns, per surviving layer.
+
+    For ``o_proj`` (removed head groups' query columns) and ``down_proj`` (removed channels):
+    ``W[:, removed] @ mean_tokens(X[removed])``. Adding it to the projection's output bias keeps the removed columns'
+    mean contribution. Layers removed by the mask (layer units) get nothing.
+
+    Args:
+        adapter: the adapter of the (unpruned) model ``space`` was built from.
+        space: the mask space.
+        mask: ``[N]`` binary mask.
+        stats: from :func:`probprune.scoring.collect_input_stats` on the same model.
+
+    Returns:
+        ``{layer: {"o_proj": [H] float32, "down_proj": [H] float32}}`` keyed by original layer index; a key is
+        present only where something was removed.
+    """
+    e = space.expand(np.asarray(mask, dtype=np.float32))
+    gd = adapter.group_size * adapter.head_dim
+    out: dict[int, dict[str, torch.Tensor]] = {}
+    for li, ls in enumerate(space.layers):
+        if e["layers"][li] < 0.5:
+            continue
+        comp = {}
+        gone = np.flatnonzero(e["heads"][li, : ls.num_kv_heads].numpy() < 0.5)
+        if gone.size:
+            cols = (gone[:, None] * gd + np.arange(gd)[None]).ravel()  # [n_gone * gs * d]
+            w = adapter.attention(li).o_proj.weight.detach().double().cpu().numpy()  # [H, C]
+            comp["o_proj"] = torch.from_numpy(w[:, cols] @ column_mean(stats["o_proj"][li])[cols]).float()
+        gone = np.flatnonzero(e["channels"][li, : ls.intermediate_size].numpy() < 0.5)
+        if gone.size:
+            w = adapter.mlp(li).down_proj.weight.detach().double().cpu().numpy()  # [H, I]
+            comp["down_proj"] = torch.from_numpy(w[:, gone] @ column_mean(stats["down_proj"][li])[gone]).float()
+        if comp:
+            out[li] = comp
+    return out
+
+
+def _bias_slot(module: nn.Module, which: str) -> tuple[nn.Module, str]:
+    """(module, attribute) that holds the output bias of a sublayer's o_proj / down_proj."""
+    if isinstance(module, EmptyAttention):
+        return module, "o_bias"
+    if isinstance(module, EmptyMLP):
+        return module, "down_bias"
+    return getattr(module, which), "bias"
+
+
+@torch.no_grad()
+def apply_bias_compensation(
+    model: nn.Module, adapter: LlamaAdapter, comp: dict[int, dict[str, torch.Tensor]], in_memory_only: bool = False
+) -> nn.Module:
+    """Add FLAP compensation vectors to the output biases of a compacted model's ``o_proj`` / ``down_proj``, in place.
+
+    Saving is supported only where the bias already exists (the loaders build bias-less projections for LLaMA-family
+    configs, and ``attention_bias`` / ``mlp_bias`` would also add q/k/v / gate/up biases). Where a projection has no
+    bias, this raises unless ``in_memory_only=True``: then a bias is created for in-process evaluation and the model is
+    marked ``model.probprune_unsaveable`` (a saved folder would silently drop those biases).
+
+    Args:
+        model: the compacted model (layers may have been renumbered; ``probprune_source_layer`` maps them back).
+        adapter: its adapter.
+        comp: from :func:`flap_bias_compensation` on the unpruned model.
+        in_memory_only: create missing biases (the model can then not be saved faithfully).
+
+    Returns:
+        ``model``.
+
+    Raises:
+        UserError: a projection has no bias and ``in_memory_only`` is False ("flap bias compensation is not supported
+            for saving yet"), or a compensated layer no longer exists in ``model``.
+    """
+    source = {}
+    for li in range(len(adapter.layers)):
+        source[int(getattr(adapter.attention(li), "probprune_source_layer", li))] = li
+    for src, parts in comp.items():
+        if src not in source:
+            raise UserError(f"layer {src} was removed by compaction; its flap bias compensation cannot be applied")
+        li = source[src]
+        for which, vec in parts.items():
+            owner = adapter.attention(li) if which == "o_proj" else adapter.mlp(li)
+            module, attr = _bias_slot(owner, which)
+            bias = getattr(module, attr)
+            if bias is None:
+                if not in_memory_only:
+                    raise UserError(
+                        f"flap bias compensation is not supported for saving yet: {which} of layer {src} has no bias "
+                        "(pass in_memory_only=True to add one for in-process evaluation only)"
+                    )
+                ref = next(model.parameters())
+                setattr(module, attr, nn.Parameter(torch.zeros(vec.numel(), dtype=ref.dtype, device=ref.device)))
+                bias = getattr(module, attr)
+                model.probprune_unsaveable = "flap bias compensation added biases that the saved folder would drop"
+            bias.add_(vec.to(bias.device, bias.dtype))
+    return model
