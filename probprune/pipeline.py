@@ -185,40 +185,77 @@ def prune(cfg: Config, output: str | Path, resume: bool = False, progress: bool 
     if stop_after is not None and policy.step_count < sc.steps:
         return {"interrupted_at_step": policy.step_count}
 
-    final = result.final_mask
+    summary = finish(
+        s, result.final_mask, output, t_start, timings, dense_ppl, dense_total,
+        probs=policy.probs, init=(sc.init, init_mask, init_probs, init_ppl),
+    )
+    losses = [h["loss_mean"] for h in result.history if np.isfinite(h["loss_mean"])]
+    summary["search"] = {
+        "steps": sc.steps, "num_samples": sc.num_samples, "batch_size": sc.batch_size, "lr": sc.lr,
+        "baseline": sc.baseline, "budget": sc.budget, "forwards": policy.step_count * sc.num_samples,
+        "dropped_samples": result.dropped_samples, "resumed_from_step": result.resumed_from_step,
+        "first_loss": float(np.mean(losses[:10])) if losses else None,
+        "last_loss": float(np.mean(losses[-10:])) if losses else None,
+        "engine": cfg.engine.kind,
+    }
+    summary["calibration"]["tokens_scored"] = policy.step_count * sc.num_samples * sc.batch_size * cfg.data.block_len
+    _write_json(output / "summary.json", summary)
+    return summary
+
+
+def finish(
+    s: Session,
+    final: np.ndarray,
+    output: Path,
+    t_start: float,
+    timings: dict[str, float],
+    dense_ppl: dict[str, float],
+    dense_total: int,
+    probs: torch.Tensor | None = None,
+    init: tuple | None = None,
+    method_label: str = "probprune search",
+) -> dict[str, Any]:
+    """Compact the final mask, evaluate, save model + masks, and build the summary (not yet written)."""
+    space, cfg = s.space, s.cfg
     t = time.perf_counter()
     pruned = compact(s.model, space, final)
     timings["compact"] = time.perf_counter() - t
     t = time.perf_counter()
-    pruned_ppl = evaluate(pruned, s, "searched")
+    pruned_ppl = evaluate(pruned, s, method_label)
     timings["eval_pruned"] = time.perf_counter() - t
     t = time.perf_counter()
     save_pruned(pruned, output / "model", s.tokenizer)
     timings["save"] = time.perf_counter() - t
-    tmp = output / ".masks.pt.tmp"
-    torch.save({
-        "final_mask": torch.as_tensor(final), "init_mask": torch.as_tensor(init_mask),
-        "probs": policy.probs.clone(), "init_probs": torch.as_tensor(init_probs),
+    record = {
+        "final_mask": torch.as_tensor(final),
         "unit_type": torch.as_tensor(space.unit_type), "unit_layer": torch.as_tensor(space.unit_layer),
         "unit_index": torch.as_tensor(space.unit_index), "cost": torch.as_tensor(space.cost),
         "channel_block": space.channel_block, "channel_perm": [torch.as_tensor(p) for p in space.channel_perm],
-    }, tmp)
+    }
+    if probs is not None:
+        record["probs"] = torch.as_tensor(probs).clone()
+    if init is not None:
+        record["init_mask"], record["init_probs"] = torch.as_tensor(init[1]), torch.as_tensor(init[2])
+    tmp = output / ".masks.pt.tmp"
+    torch.save(record, tmp)
     os.replace(tmp, output / "masks.pt")
-
     rec = _mask_record(space, final, dense_total)
-    init_rec = _mask_record(space, init_mask, dense_total)
-    losses = [h["loss_mean"] for h in result.history if np.isfinite(h["loss_mean"])]
-    summary = {
+    summary: dict[str, Any] = {
         "model": cfg.model.name_or_path,
         "dtype": cfg.model.dtype,
         "data": cfg.data.source,
         "seed": cfg.seed,
+        "method_label": method_label,
         "dense_ppl": dense_ppl,
-        "init": sc.init,
-        "init_ppl": init_ppl,
+    }
+    if init is not None:
+        init_rec = _mask_record(space, init[1], dense_total)
+        summary.update(init=init[0], init_ppl=init[3],
+                       init_sparsity={k: round(v, 6) for k, v in init_rec["sparsity"].items()},
+                       init_total=init_rec["pruned_total"])
+    summary.update({
         "pruned_ppl": pruned_ppl,
         "sparsity": {k: round(v, 6) for k, v in rec["sparsity"].items()},
-        "init_sparsity": {k: round(v, 6) for k, v in init_rec["sparsity"].items()},
         "params": {
             "dense_total": dense_total,
             "pruned_total": count_params(pruned),
@@ -227,23 +264,66 @@ def prune(cfg: Config, output: str | Path, resume: bool = False, progress: bool 
         },
         "units": {**space.type_counts(), "kept": {k: int(final[space.type_slice(t)].sum())
                                                   for k, t in (("head", 0), ("channel", 1), ("layer", 2))}},
-        "search": {
-            "steps": sc.steps, "num_samples": sc.num_samples, "batch_size": sc.batch_size, "lr": sc.lr,
-            "baseline": sc.baseline, "budget": sc.budget, "forwards": policy.step_count * sc.num_samples,
-            "dropped_samples": result.dropped_samples, "resumed_from_step": result.resumed_from_step,
-            "first_loss": float(np.mean(losses[:10])) if losses else None,
-            "last_loss": float(np.mean(losses[-10:])) if losses else None,
-            "engine": cfg.engine.kind,
-        },
-        "calibration": {"blocks": len(s.calib), "block_len": cfg.data.block_len,
-                        "tokens_scored": policy.step_count * sc.num_samples * sc.batch_size * cfg.data.block_len},
+        "calibration": {"blocks": len(s.calib), "block_len": cfg.data.block_len},
         "eval": {"seq_lens": list(dense_ppl), "max_tokens": cfg.eval.max_tokens,
                  "held_out_tokens": int(s.test_tokens.numel()), "protocol": "non-overlapping windows"},
         "timings": {k: round(v, 2) for k, v in timings.items()},
         "wall_seconds": round(time.perf_counter() - t_start, 2),
-    }
+    })
+    return summary
+
+
+def run_baseline(cfg: Config, method: str, output: str | Path, progress: bool = True) -> dict[str, Any]:
+    """``probprune baseline``: a built-in baseline's mask through the same compaction, saving and evaluation."""
+    from .baselines import BASELINES, USES_GRADIENTS, baseline_mask
+
+    if method not in BASELINES:
+        raise UserError(f"--method must be one of {', '.join(BASELINES)}, got '{method}'")
+    t_start = time.perf_counter()
+    output = Path(output)
+    _check_output(output, resume=False)
+    if method == "shortgpt" and not cfg.mask.layers:
+        from .config import apply_overrides
+
+        cfg = apply_overrides(cfg, ["mask.layers=true", "search.budget=params"])
+    s = prepare(cfg, need_stats=False)
+    dense_total = count_params(s.model)
+    output.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, output / "config.yaml")
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    dense_ppl = evaluate(s.model, s, "dense")
+    timings["eval_dense"] = time.perf_counter() - t
+    t = time.perf_counter()
+    blocks = s.calib.first(min(cfg.search.init_blocks, len(s.calib)))
+    mask = baseline_mask(method, s.adapter, s.space, blocks, cfg.search.sparsity, seed=cfg.seed,
+                         budget=cfg.search.budget)
+    timings["baseline"] = time.perf_counter() - t
+    label = f"{method}" + (" (uses gradients)" if method in USES_GRADIENTS else "")
+    summary = finish(s, mask, output, t_start, timings, dense_ppl, dense_total, method_label=label)
+    summary["method"] = method
+    summary["wall_seconds"] = round(time.perf_counter() - t_start, 2)
     _write_json(output / "summary.json", summary)
     return summary
+
+
+def evaluate_folder(cfg: Config, tasks: str | None = None, limit: int | None = None) -> dict[str, Any]:
+    """``probprune eval``: held-out perplexity of any model (and lm-eval tasks when asked)."""
+    model, tok = load_model(cfg.model.name_or_path, cfg.model.dtype, cfg.model.device, cfg.model.device_map,
+                            cfg.model.trust_remote_code)
+    corpus = load_corpus(cfg.data, seed=cfg.seed)
+    tokens = test_stream(tok, corpus)
+    e = cfg.eval
+    ppl = evaluate_ppl(model, tokens, e.seq_lens, max_tokens=e.max_tokens, batch_size=e.batch_size)
+    out: dict[str, Any] = {
+        "model": cfg.model.name_or_path, "params": count_params(model), "data": cfg.data.source,
+        "ppl": {str(k): float(v) for k, v in ppl.items()}, "max_tokens": e.max_tokens,
+    }
+    if tasks:
+        from .lm_eval_hook import run_lm_eval
+
+        out["lm_eval"] = run_lm_eval(model, tok, tasks.split(","), limit=limit)
+    return out
 
 
 def format_summary(summary: dict[str, Any]) -> str:
@@ -260,8 +340,8 @@ def format_summary(summary: dict[str, Any]) -> str:
 
     rows = [head, sep, row("dense", summary["dense_ppl"], p["dense_total"], {"prunable": 0.0, "total": 0.0})]
     if summary.get("init_ppl"):
-        init_total = p["dense_total"] - (p["dense_prunable"] - p["dense_prunable"] * (1 - summary["init_sparsity"]["prunable"]))
-        rows.append(row(f"init only ({summary['init']})", summary["init_ppl"], init_total, summary["init_sparsity"]))
+        rows.append(row(f"init only ({summary['init']})", summary["init_ppl"], summary["init_total"],
+                        summary["init_sparsity"]))
     rows.append(row(summary.get("method_label", "probprune search"), summary["pruned_ppl"], p["pruned_total"],
                     summary["sparsity"]))
     s = summary.get("search", {})
