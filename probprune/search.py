@@ -116,6 +116,8 @@ def run_search(
     ckpt = ckpt_dir / CHECKPOINT_NAME if ckpt_dir else None
     metrics = ckpt_dir / "metrics.jsonl" if ckpt_dir else None
     start = 0
+    if ckpt_dir is not None:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
     if resume and ckpt is not None and ckpt.exists():
         load_checkpoint(ckpt, policy, fingerprint)
         start = policy.step_count
