@@ -131,6 +131,8 @@ def compact(model: nn.Module, space: MaskSpace, mask: np.ndarray, inplace: bool 
     config.probprune_source_layers = kept_src
     uniform = len({(s["num_key_value_heads"], s["intermediate_size"]) for s in layout}) == 1
     uniform = uniform and layout[0]["num_key_value_heads"] > 0 and layout[0]["intermediate_size"] > 0
+    # stock configs insist that hidden_size is a multiple of the head count, even with an explicit head_dim
+    uniform = uniform and config.hidden_size % layout[0]["num_attention_heads"] == 0
     if uniform:
         config.num_key_value_heads = layout[0]["num_key_value_heads"]
         config.num_attention_heads = layout[0]["num_attention_heads"]
