@@ -29,3 +29,22 @@ def smollm2():
     from probprune.models.loading import load_model
 
     return load_model("embedded:smollm2-135m", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray instance for the whole test session (ray.init takes 3-4 s): 2 CPUs, no dashboard.
+
+    Tests that use it are marked ``@pytest.mark.ray``; their actors ask for fractions of a CPU so that several
+    evaluators fit at once. Shut down at the end of the session.
+    """
+    ray = pytest.importorskip("ray")
+    if ray.is_initialized():  # someone else started it: use it, leave it running
+        yield ray
+        return
+    env = {k: os.environ[k] for k in ("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "TOKENIZERS_PARALLELISM",
+                                      "HF_HUB_OFFLINE", "PROBPRUNE_CACHE") if k in os.environ}
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=100 * 1024**2,
+             runtime_env={"env_vars": env}, logging_level="WARNING")
+    yield ray
+    ray.shutdown()
