@@ -160,6 +160,10 @@ def prune(cfg: Config, output: str | Path, resume: bool = False, progress: bool 
 
     init_probs = initial_probs(s)
     init_mask = projection.final_mask(space, init_probs, sc.sparsity, sc.budget)
+    if cfg.mask.align > 1:
+        from .align import align_mask
+
+        init_mask = align_mask(space, init_mask, init_probs, cfg.mask.align, sc.sparsity, sc.budget)
     t = time.perf_counter()
     init_model = compact(s.model, space, init_mask)
     init_ppl = evaluate(init_model, s, f"init-only ({sc.init})")
@@ -167,12 +171,27 @@ def prune(cfg: Config, output: str | Path, resume: bool = False, progress: bool 
     gc.collect()
     timings["eval_init"] = time.perf_counter() - t
 
-    policy = Policy(
-        space, init_probs, lr=sc.lr, total_steps=sc.steps, sparsity=sc.sparsity, lr_schedule=sc.lr_schedule,
-        baseline=sc.baseline, ema_window=sc.ema_window, score_scaling=sc.score_scaling, sampling=sc.sampling,
-        budget=sc.budget, seed=cfg.seed,
-    )
+    if sc.method == "allocation":
+        from .allocation import AllocationPolicy
+        from .scoring import collect_input_stats, wanda_sp_scores
+
+        stats = s.stats if s.stats is not None else collect_input_stats(
+            s.adapter, s.calib.first(min(sc.init_blocks, len(s.calib))))
+        policy = AllocationPolicy(
+            space, wanda_sp_scores(s.adapter, space, stats), probs=init_probs, lr=sc.lr, total_steps=sc.steps,
+            sparsity=sc.sparsity, lr_schedule=sc.lr_schedule, baseline=sc.baseline, ema_window=sc.ema_window,
+            score_scaling=sc.score_scaling, budget=sc.budget, seed=cfg.seed,
+        )
+    else:
+        policy = Policy(
+            space, init_probs, lr=sc.lr, total_steps=sc.steps, sparsity=sc.sparsity, lr_schedule=sc.lr_schedule,
+            baseline=sc.baseline, ema_window=sc.ema_window, score_scaling=sc.score_scaling, sampling=sc.sampling,
+            budget=sc.budget, seed=cfg.seed,
+        )
     evaluator = build_evaluator(cfg, s.model, space)
+    if hasattr(evaluator, "estimate") and sc.steps > 20:  # a cluster run: say what it will cost before it starts
+        log.info("%s", evaluator.estimate(s.calib.batch(0, sc.batch_size), steps=sc.steps,
+                                          num_samples=sc.num_samples))
     try:
         result = run_search(
             policy, evaluator, s.calib, steps=sc.steps, num_samples=sc.num_samples, batch_size=sc.batch_size,
@@ -185,9 +204,15 @@ def prune(cfg: Config, output: str | Path, resume: bool = False, progress: bool 
     if stop_after is not None and policy.step_count < sc.steps:
         return {"interrupted_at_step": policy.step_count}
 
+    final = result.final_mask
+    unit_probs = policy.unit_probs() if sc.method == "allocation" else policy.probs  # [N] either way
+    if cfg.mask.align > 1:
+        from .align import align_mask
+
+        final = align_mask(space, final, unit_probs, cfg.mask.align, sc.sparsity, sc.budget)
     summary = finish(
-        s, result.final_mask, output, t_start, timings, dense_ppl, dense_total,
-        probs=policy.probs, init=(sc.init, init_mask, init_probs, init_ppl),
+        s, final, output, t_start, timings, dense_ppl, dense_total,
+        probs=unit_probs, init=(sc.init, init_mask, init_probs, init_ppl),
     )
     losses = [h["loss_mean"] for h in result.history if np.isfinite(h["loss_mean"])]
     summary["search"] = {

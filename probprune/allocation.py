@@ -1,0 +1,505 @@
+"""Allocation search: learn how much of each layer to keep, let the metric choose which units.
+
+DESIGN §9: with tens of thousands of single-channel units a few hundred forwards give no usable signal per unit, so
+this policy searches a few dozen numbers instead — one keep fraction a_g ∈ [0, 1] per group g = (layer l, unit type t)
+(t ∈ heads, channel blocks, layers; a layer unit is a group of one) — and keeps, inside each group, the units with the
+highest init-metric score (e.g. Wanda-sp).
+
+One step draws K masks:
+
+    k_jg ~ Binomial(n_g, a_g)        drawn as n_g Bernoulli(a_g) coin flips and counted (policy's own generator)
+    m_j  = top-k_jg units of every group g by metric score
+
+the caller measures their losses L_j, then
+
+    score_jg = (k_jg − n_g·a_g) / √(n_g·a_g(1−a_g) + 1e-7)     ("sqrt", default: a z-score of the count)   or
+    score_jg = (k_jg − n_g·a_g) / (a_g(1−a_g) + 1e-7)          ("exact": d log Binomial(k; n, a) / da)
+    g        = Σ_j (L_j − b_j)·score_j / (K−1 for "ema", K for "loo")   (baselines exactly as in :class:`Policy`)
+    a        ← project_D(a − lr_t·g)     (projection in the metric of the scaling D, see below)
+
+The "exact" score is the true score function of the count, so its estimate is unbiased; "sqrt" multiplies group g's
+component by the positive factor a(1−a)/√(n·a(1−a)) (a per-group preconditioner, like the paper's per-unit √ scaling),
+so every group moves by O(lr·ΔL) per step whatever its size — a 48-block layer is not pushed √48 times harder than a
+3-head layer. A per-group rescaled step followed by a Euclidean projection would converge to the wrong point (its fixed
+point has D·∇E[L] ∝ c instead of ∇E[L] ∝ c; on a toy objective it settled a whole unit away from the optimum), so the
+step is projected in the metric of D: x = clamp(y − v·D·c, 0, 1), which keeps the constrained optimum of E[L] as the
+fixed point. The counts are read back from the masks (k_jg = Σ_{u∈g} m_ju), so :meth:`AllocationPolicy.step` needs
+nothing but what :meth:`AllocationPolicy.sample` returned.
+
+Budgets (the same two as :mod:`probprune.projection`, on the allocation):
+
+- ``per_type``: Σ_l n_lt·a_lt ≤ ρ·N_t for each unit type t (ρ = 1 − sparsity); weighted projection, weights n_lt.
+- ``params``: Σ_g C_g·a_g ≤ (1 − sparsity)·Σ_u c_u with C_g = Σ_{u∈g} c_u (the parameters the whole group removes),
+  mirroring the unit policy's projection.
+
+Final mask (deterministic): each unit u of group g at rank r (0 = best score) gets the priority q_u = n_g·a_g − r;
+:func:`probprune.projection.final_mask` then keeps the top units by q under the budget. Units with q > 0.5 are exactly
+"round(n_g·a_g) top units per group"; the budget fix then drops (or adds) the units whose groups have the largest
+rounding remainders — largest-remainder apportionment — so ``per_type`` meets the unit count of each type exactly and
+``params`` meets the parameter budget within one unit. Since q decreases with rank, every group keeps a top-k prefix.
+
+Initialisation: ``probs=None`` gives a = ρ everywhere (the final mask is then the Wanda-sp uniform-per-layer mask);
+``probs=[N]`` unit probabilities (e.g. the search's Wanda-sp init) give each group the mean probability of its units
+("the layer's share of the init"); either is then projected onto the budget.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from probprune import projection
+from probprune.errors import ConfigError, UserError
+from probprune.masks import CHANNEL, HEAD, LAYER, TYPE_NAMES, MaskSpace
+from probprune.policy import BASELINES, LR_SCHEDULES, SCORE_EPS, SCORE_SCALINGS, lr_at
+
+STATE_KIND = "allocation"
+
+
+class AllocationPolicy:
+    """Per-(layer, unit type) keep fractions, trained by a score-function gradient of the kept counts.
+
+    Same interface as :class:`probprune.policy.Policy` (``sample``, ``step``, ``final_mask``, ``state_dict``,
+    ``load_state_dict``, ``probs``, ``step_count``, ``total_dropped``, ``last_dropped``), so
+    :func:`probprune.search.run_search` drives either.
+
+    Args:
+        space: the mask space.
+        scores: ``[N]`` unit importance scores (higher = keep first), e.g. Wanda-sp; they fix the order in which a
+            group's units are kept. Ties: lower unit index first.
+        lr: base learning rate (a step moves a fraction a_g, not a unit probability).
+        total_steps: planned steps (the cosine schedule reaches 0 there).
+        sparsity: fraction to remove, in [0, 1].
+        probs: ``[N]`` unit keep probabilities to initialise from (each group gets the mean of its units), or None
+            for a = ρ = 1 − sparsity everywhere. Projected onto the budget either way.
+        lr_schedule: ``"cosine"`` or ``"constant"``.
+        baseline: ``"ema"`` or ``"loo"`` (leave-one-out), as in :class:`~probprune.policy.Policy`.
+        ema_window: EMA window w, λ = 1/w.
+        score_scaling: ``"sqrt"`` (count z-score, default) or ``"exact"`` (see the module docstring).
+        budget: ``"per_type"`` or ``"params"``.
+        seed: seed of the policy's own generator.
+
+    Attributes:
+        probs: ``[G]`` float64 keep fractions a_g, groups ordered by type (heads, channels, layers), then layer.
+        group_type, group_layer: ``[G]`` type and layer of each group.
+        group_size: ``[G]`` int64 units per group n_g.
+        group_cost: ``[G]`` float64 parameters the whole group removes, C_g.
+        unit_group: ``[N]`` int64 group of each unit.
+        unit_rank: ``[N]`` int64 rank of each unit inside its group (0 = highest score).
+
+    Raises:
+        ConfigError: every invalid setting, listed together.
+        ValueError: ``scores`` or ``probs`` has the wrong shape or a non-finite value.
+
+    Example:
+        >>> policy = AllocationPolicy(space, wanda_scores, lr=0.05, total_steps=300, sparsity=0.5)
+        >>> masks = policy.sample(4)                      # [4, N], top-k per (layer, type)
+        >>> stats = policy.step(masks, evaluator(masks))  # losses: [4]
+        >>> mask = policy.final_mask()                    # [N], meets the budget
+    """
+
+    def __init__(
+        self,
+        space: MaskSpace,
+        scores: torch.Tensor | np.ndarray,
+        *,
+        lr: float,
+        total_steps: int,
+        sparsity: float,
+        probs: torch.Tensor | np.ndarray | None = None,
+        lr_schedule: str = "cosine",
+        baseline: str = "ema",
+        ema_window: float = 5,
+        score_scaling: str = "sqrt",
+        budget: str = "per_type",
+        seed: int = 0,
+    ) -> None:
+        errors = []
+        if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
+            errors.append(f"lr must be a finite number >= 0, got {lr!r}")
+        if not (isinstance(total_steps, int) and total_steps >= 1):
+            errors.append(f"total_steps must be an integer >= 1, got {total_steps!r}")
+        if not (isinstance(sparsity, (int, float)) and 0.0 <= sparsity <= 1.0):
+            errors.append(f"sparsity must be a number in [0, 1], got {sparsity!r}")
+        if not (isinstance(ema_window, (int, float)) and ema_window >= 1):
+            errors.append(f"ema_window must be >= 1, got {ema_window!r}")
+        for name, value, allowed in (
+            ("lr_schedule", lr_schedule, LR_SCHEDULES),
+            ("baseline", baseline, BASELINES),
+            ("score_scaling", score_scaling, SCORE_SCALINGS),
+            ("budget", budget, projection.BUDGETS),
+        ):
+            if value not in allowed:
+                errors.append(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+        if errors:
+            raise ConfigError(errors)
+
+        n_units = space.num_units
+        sc = _finite_vector(scores, n_units, "scores")
+        self.space = space
+        self.lr = float(lr)
+        self.total_steps = total_steps
+        self.sparsity = float(sparsity)
+        self.lr_schedule = lr_schedule
+        self.baseline = baseline
+        self.ema_window = float(ema_window)
+        self.score_scaling = score_scaling
+        self.budget = budget
+        self.seed = seed
+
+        # groups: runs of units with the same (type, layer); the space orders units by type, then layer
+        key = space.unit_type.astype(np.int64) * (space.num_layers + 1) + space.unit_layer
+        starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
+        if np.unique(key[starts]).size != starts.size:
+            raise ValueError("the mask space does not hold each (type, layer) group contiguously")
+        unit_group = np.cumsum(np.r_[False, key[1:] != key[:-1]]).astype(np.int64)  # [N]
+        n_groups = starts.size
+        unit_rank = np.empty(n_units, dtype=np.int64)
+        for g, (lo, hi) in enumerate(zip(starts, np.r_[starts[1:], n_units])):
+            order = np.argsort(-sc[lo:hi], kind="stable")  # best first, lower index first on ties
+            unit_rank[lo + order] = np.arange(hi - lo)
+        self.group_type = space.unit_type[starts].copy()  # [G]
+        self.group_layer = space.unit_layer[starts].copy()  # [G]
+        self.group_size = np.bincount(unit_group, minlength=n_groups).astype(np.int64)  # [G]
+        self.group_cost = np.bincount(unit_group, weights=space.cost.astype(np.float64), minlength=n_groups)  # [G]
+        self.unit_group = unit_group
+        self.unit_rank = unit_rank
+        self._unit_group_t = torch.as_tensor(unit_group)  # [N]
+        self._unit_rank_t = torch.as_tensor(unit_rank, dtype=torch.int32)  # [N]
+        self._n_t = torch.as_tensor(self.group_size, dtype=torch.float64)  # [G]
+        self._ends = torch.as_tensor(np.r_[starts[1:], n_units] - 1)  # [G] last unit of each group
+        self._group_units = [torch.arange(lo, hi) for lo, hi in zip(starts, np.r_[starts[1:], n_units])]
+
+        keep = 1.0 - self.sparsity
+        if probs is None:
+            a = torch.full((n_groups,), keep, dtype=torch.float64)
+        else:
+            p = torch.as_tensor(_finite_vector(probs, n_units, "probs")).clamp(0.0, 1.0)  # [N]
+            a = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, self._unit_group_t, p) / self._n_t
+        self.probs = self._project(a)  # [G] float64
+        self.generator = torch.Generator().manual_seed(seed)
+        self.delta = 0.0  # EMA baseline δ
+        self.delta_initialised = False
+        self.step_count = 0
+        self.total_dropped = 0
+        self.last_dropped = 0
+
+    # ------------------------------------------------------------------------------------------------- groups
+    @property
+    def num_groups(self) -> int:
+        return int(self.group_size.shape[0])
+
+    def group_names(self) -> list[str]:
+        """``"layer 3 channel"``-style labels of the groups, in the order of :attr:`probs`."""
+        return [f"layer {int(li)} {TYPE_NAMES[int(t)]}" for t, li in zip(self.group_type, self.group_layer)]
+
+    def counts(self, masks: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """Kept units per group.
+
+        Args:
+            masks: ``[K, N]`` (or ``[N]``) 0/1 masks.
+
+        Returns:
+            ``[K, G]`` (or ``[G]``) float64 counts.
+        """
+        m = torch.as_tensor(masks, dtype=torch.float64)
+        squeeze = m.dim() == 1
+        m = m[None] if squeeze else m  # [K, N]
+        if m.dim() != 2 or m.shape[1] != self.space.num_units:
+            raise ValueError(f"masks must be [K, {self.space.num_units}], got {tuple(m.shape)}")
+        k = self._group_sums(m)  # [K, G]
+        return k[0] if squeeze else k
+
+    def _group_sums(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [K, N] -> [K, G] sums over each group's contiguous run (exact for 0/1 values)
+        c = x.cumsum(1)[:, self._ends]  # [K, G] running total at each group's last unit
+        return torch.cat([c[:, :1], c[:, 1:] - c[:, :-1]], dim=1)
+
+    def _masks_from_counts(self, counts: torch.Tensor) -> torch.Tensor:
+        # counts: [K, G] -> masks [K, N]: unit kept iff its rank < its group's count
+        k = counts.to(torch.float64).round().to(torch.int32)[:, self._unit_group_t]  # [K, N]
+        return (self._unit_rank_t[None] < k).to(torch.float32)
+
+    # ----------------------------------------------------------------------------------------------- sampling
+    def sample(self, k: int) -> torch.Tensor:
+        """Draw K masks: per group a count k ~ Binomial(n, a) (n coin flips), then the top-k units by score.
+
+        Args:
+            k: number of masks, ≥ 1.
+
+        Returns:
+            ``[K, N]`` float32 tensor of 0/1.
+
+        Raises:
+            ValueError: ``k`` < 1.
+        """
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        u = torch.rand(k, self.space.num_units, generator=self.generator, dtype=torch.float64)  # [K, N]
+        hits = (u < self.probs[self._unit_group_t]).to(torch.int32)  # [K, N] one Bernoulli(a_g) per slot
+        return self._masks_from_counts(self._group_sums(hits))  # [K, N]
+
+    # ----------------------------------------------------------------------------------------------- gradient
+    def scores(self, masks: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """Per-sample scores of the group counts at the current a.
+
+        Args:
+            masks: ``[K, N]`` 0/1 masks.
+
+        Returns:
+            ``[K, G]`` float64: (k − n·a)/√(n·a(1−a)+ε) for ``sqrt``, (k − n·a)/(a(1−a)+ε) for ``exact``, ε = 1e-7.
+        """
+        k = self.counts(masks)  # [K, G]
+        a, n = self.probs, self._n_t  # [G], [G]
+        var = a * (1.0 - a)  # [G]
+        denom = (n * var + SCORE_EPS).sqrt() if self.score_scaling == "sqrt" else var + SCORE_EPS
+        return (k - n * a) / denom  # [K, G]
+
+    def gradient(self, masks: torch.Tensor | np.ndarray, losses: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """Score-function estimate of dE[L]/da; drops non-finite losses and, for ``ema``, advances δ.
+
+        Baselines and normalisation exactly as :meth:`probprune.policy.Policy.gradient`. Call once per step.
+
+        Args:
+            masks: ``[K, N]`` 0/1 masks the losses belong to.
+            losses: ``[K]`` losses.
+
+        Returns:
+            ``[G]`` float64 gradient.
+
+        Raises:
+            ValueError: shapes disagree.
+        """
+        m = torch.as_tensor(masks, dtype=torch.float64)  # [K, N]
+        loss = torch.as_tensor(losses, dtype=torch.float64).reshape(-1)  # [K]
+        if m.dim() != 2 or m.shape[1] != self.space.num_units or m.shape[0] != loss.shape[0]:
+            n = self.space.num_units
+            raise ValueError(f"masks must be [K, {n}] and losses [K]; got {tuple(m.shape)} and {tuple(loss.shape)}")
+        valid = torch.isfinite(loss)  # [K]
+        self.last_dropped = int((~valid).sum())
+        self.total_dropped += self.last_dropped
+        m, loss = m[valid], loss[valid]  # [K_valid, N], [K_valid]
+        k = int(loss.shape[0])
+        grad = torch.zeros(self.num_groups, dtype=torch.float64)
+        if k == 0:
+            return grad
+        score = self.scores(m)  # [K_valid, G]
+        mean = float(loss.mean())
+        if self.baseline == "ema":
+            if not math.isfinite(mean):  # finite losses whose mean overflows: no usable step
+                return torch.full_like(grad, float("nan"))
+            if not self.delta_initialised:
+                self.delta, self.delta_initialised = mean, True
+            grad = ((loss - self.delta)[:, None] * score).sum(0) / max(k - 1, 1)  # [G]
+            lam = 1.0 / self.ema_window
+            self.delta = (1.0 - lam) * self.delta + lam * mean
+            return grad
+        if k < 2:
+            return grad
+        b = (loss.sum() - loss) / (k - 1)  # [K_valid] leave-one-out baselines
+        return ((loss - b)[:, None] * score).sum(0) / k  # [G]
+
+    # ---------------------------------------------------------------------------------------------- projection
+    def metric(self) -> torch.Tensor:
+        """``[G]`` float64 preconditioner D at the current a: the factor that turns the exact score into the used one.
+
+        ``sqrt``: D = (a(1−a) + ε)/√(n·a(1−a) + ε) (so D·exact score = the "sqrt" score); ``exact``: D = 1.
+        """
+        if self.score_scaling == "exact":
+            return torch.ones(self.num_groups, dtype=torch.float64)
+        var = self.probs * (1.0 - self.probs)  # [G]
+        return (var + SCORE_EPS) / (self._n_t * var + SCORE_EPS).sqrt()
+
+    def _project(self, a: torch.Tensor, metric: torch.Tensor | None = None) -> torch.Tensor:
+        """a ([G]) onto the budget: per type Σ n·a ≤ ρ·N_t, or Σ C·a ≤ (1 − sparsity)·Σ c (``params``).
+
+        With ``metric`` D the projection is taken in the norm Σ (x − a)²/D, i.e. x = clamp(a − v·D·c, 0, 1): a step
+        preconditioned by D and projected in the same metric has the constrained optimum of E[L] as its fixed point
+        (a Euclidean projection after a per-group rescaled step would converge elsewhere). None = Euclidean.
+        """
+        keep = 1.0 - self.sparsity
+        a = a.to(torch.float64)
+        d = torch.ones_like(a) if metric is None else metric.to(torch.float64)
+        if self.budget == "params":
+            cost = torch.as_tensor(self.group_cost)
+            scale = float(cost.mean()) if float(cost.mean()) > 0 else 1.0
+            return _project_metric(a, d, cost / scale, keep * float(self.space.cost.sum()) / scale)
+        out = a.clamp(0.0, 1.0)
+        for t in (HEAD, CHANNEL, LAYER):
+            sel = torch.as_tensor(np.flatnonzero(self.group_type == t))
+            if sel.numel():
+                n = self._n_t[sel]
+                out[sel] = _project_metric(a[sel], d[sel], n, keep * float(n.sum()))
+        return out
+
+    # --------------------------------------------------------------------------------------------------- step
+    def step(self, masks: torch.Tensor | np.ndarray, losses: torch.Tensor | np.ndarray) -> dict[str, Any]:
+        """One update: a ← project(a − lr_t·g).
+
+        A non-finite gradient leaves a unchanged and the stats say ``skipped=True``.
+
+        Args:
+            masks: ``[K, N]`` masks from :meth:`sample`.
+            losses: ``[K]`` their losses.
+
+        Returns:
+            The keys of :meth:`probprune.policy.Policy.step`: ``step``, ``lr``, ``loss_mean``, ``loss_min``,
+            ``baseline``, ``n_dropped``, ``expected_sparsity`` (of a mask drawn by :meth:`sample`), ``grad_norm``,
+            ``skipped``.
+        """
+        lr_t = lr_at(self.lr_schedule, self.lr, self.step_count, self.total_steps)
+        delta_before, init_before = self.delta, self.delta_initialised
+        loss = torch.as_tensor(losses, dtype=torch.float64).reshape(-1)
+        finite = loss[torch.isfinite(loss)]
+        metric = self.metric()  # [G], at the a the samples were drawn from
+        grad = self.gradient(masks, losses)  # [G]
+        candidate = self.probs - lr_t * grad  # [G]
+        skipped = not bool(torch.isfinite(candidate).all())
+        if not skipped:
+            self.probs = self._project(candidate, metric)
+        self.step_count += 1
+        if self.baseline == "ema":
+            if init_before:
+                base = delta_before
+            else:
+                base = float(finite.mean()) if finite.numel() else float("nan")
+        else:
+            base = float(finite.mean()) if finite.numel() >= 2 else float("nan")
+        return {
+            "step": self.step_count,
+            "lr": lr_t,
+            "loss_mean": float(finite.mean()) if finite.numel() else float("nan"),
+            "loss_min": float(finite.min()) if finite.numel() else float("nan"),
+            "baseline": base,
+            "n_dropped": self.last_dropped,
+            "expected_sparsity": projection.expected_sparsity(self.space, self.unit_probs()),
+            "grad_norm": float(grad.norm()),
+            "skipped": skipped,
+        }
+
+    # ------------------------------------------------------------------------------------------------- output
+    def unit_probs(self) -> torch.Tensor:
+        """Marginal keep probability of every unit under :meth:`sample`: P(Binomial(n_g, a_g) > rank).
+
+        Returns:
+            ``[N]`` float64, non-increasing in rank inside each group (use it where a unit-level probability is
+            wanted, e.g. :func:`probprune.align.align_mask`).
+        """
+        out = torch.empty(self.space.num_units, dtype=torch.float64)
+        for g, sel in enumerate(self._group_units):
+            out[sel] = _binomial_survival(int(self.group_size[g]), float(self.probs[g]))[self._unit_rank_t[sel].long()]
+        return out
+
+    def priorities(self) -> np.ndarray:
+        """``[N]`` float64 q_u = n_g·a_g − rank_u: the order in which :meth:`final_mask` keeps units."""
+        a = self.probs.numpy()
+        return self.group_size[self.unit_group] * a[self.unit_group] - self.unit_rank
+
+    def final_mask(self) -> np.ndarray:
+        """Deterministic final mask: round(n·a) top units per group, then the budget fix (module docstring).
+
+        Returns:
+            ``[N]`` float32 array of 0/1; ``per_type`` keeps exactly round(ρ·N_t) units of each type, ``params``
+            meets the parameter budget within one unit.
+        """
+        return projection.final_mask(self.space, self.priorities(), self.sparsity, self.budget)
+
+    # -------------------------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs to continue bit-for-bit (safe for ``torch.load(weights_only=True)``).
+
+        Returns:
+            ``kind`` (``"allocation"``), ``probs`` ([G]), ``delta``, ``delta_initialised``, ``step_count``,
+            ``total_dropped``, ``generator_state``, ``num_units``, ``num_groups``.
+        """
+        return {
+            "kind": STATE_KIND,
+            "probs": self.probs.clone(),
+            "delta": float(self.delta),
+            "delta_initialised": bool(self.delta_initialised),
+            "step_count": int(self.step_count),
+            "total_dropped": int(self.total_dropped),
+            "generator_state": self.generator.get_state(),
+            "num_units": int(self.space.num_units),
+            "num_groups": int(self.num_groups),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a state saved by :meth:`state_dict`.
+
+        Args:
+            state: the saved dict.
+
+        Raises:
+            UserError: a key is missing, the state is a unit policy's, or it belongs to another mask space.
+        """
+        missing = {"probs", "delta", "delta_initialised", "step_count", "total_dropped", "generator_state"} - set(state)
+        if missing:
+            raise UserError(f"allocation policy state is missing {', '.join(sorted(missing))}")
+        if state.get("kind") != STATE_KIND:
+            raise UserError("the saved policy state is not an allocation search's (search.method=units?); resume it "
+                            "with the method it was started with")
+        probs = torch.as_tensor(state["probs"], dtype=torch.float64)
+        if tuple(probs.shape) != (self.num_groups,) or int(state.get("num_units", -1)) != self.space.num_units:
+            raise UserError(
+                f"allocation state has {probs.numel()} groups over {state.get('num_units')} units, this mask space "
+                f"has {self.num_groups} groups over {self.space.num_units} units: was it saved for another model or "
+                "mask space?"
+            )
+        self.probs = probs.clone()
+        self.delta = float(state["delta"])
+        self.delta_initialised = bool(state["delta_initialised"])
+        self.step_count = int(state["step_count"])
+        self.total_dropped = int(state["total_dropped"])
+        self.generator.set_state(state["generator_state"])
+
+
+# ------------------------------------------------------------------------------------------------- helpers
+def _finite_vector(x: torch.Tensor | np.ndarray, n: int, name: str) -> np.ndarray:
+    arr = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    arr = arr.astype(np.float64)
+    if arr.shape != (n,):
+        raise ValueError(f"{name} must have shape ({n},), got {tuple(arr.shape)}")
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{name} contain {int((~np.isfinite(arr)).sum())} non-finite values")
+    return arr
+
+
+def _project_metric(y: torch.Tensor, d: torch.Tensor, c: torch.Tensor, budget: float, iters: int = 100) -> torch.Tensor:
+    """clamp(y − v·d·c, 0, 1) with the smallest v ≥ 0 (to bisection precision) such that Σ c·x ≤ budget.
+
+    The projection of y onto {x ∈ [0, 1]^G : Σ c·x ≤ budget} in the norm Σ (x − y)²/d (d > 0); d = 1 is
+    :func:`probprune.projection.project_weighted`. Groups with c·d = 0 only clamp.
+    """
+    x = y.to(torch.float64)
+    clamped = x.clamp(0.0, 1.0)
+    if float((c * clamped).sum()) <= budget:
+        return clamped
+    w = d * c  # [G] shift per unit of v
+    pos = w > 0
+    lo, hi = 0.0, float((x[pos] / w[pos]).max().clamp_min(0.0))  # at v = hi every shifted group is 0
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        if float((c * (x - mid * w).clamp(0.0, 1.0)).sum()) > budget:
+            lo = mid
+        else:
+            hi = mid
+    return (x - hi * w).clamp(0.0, 1.0)
+
+
+def _binomial_survival(n: int, a: float) -> torch.Tensor:
+    """``[n]`` float64: P(K > r) for r = 0..n−1, K ~ Binomial(n, a)."""
+    if a <= 0.0:
+        return torch.zeros(n, dtype=torch.float64)
+    if a >= 1.0:
+        return torch.ones(n, dtype=torch.float64)
+    k = torch.arange(n + 1, dtype=torch.float64)  # [n+1]
+    log_pmf = (
+        math.lgamma(n + 1) - torch.lgamma(k + 1) - torch.lgamma(n - k + 1) + k * math.log(a) + (n - k) * math.log1p(-a)
+    )
+    pmf = log_pmf.exp()  # [n+1]
+    tail = pmf.flip(0).cumsum(0).flip(0)  # [n+1], tail[r] = P(K >= r)
+    return tail[1:].clamp(0.0, 1.0)  # P(K >= r+1) = P(K > r)
