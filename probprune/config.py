@@ -469,6 +469,10 @@ def _cross_field(cfg: Config, bad: set[str]) -> list[str]:
         errors.append(f"search.baseline='loo' requires search.num_samples >= 2, got {s.num_samples}")
     if ok("search.sampling", "search.num_samples") and s.sampling == "antithetic" and s.num_samples % 2:
         errors.append(f"search.sampling='antithetic' requires an even search.num_samples, got {s.num_samples}")
+    if ok("mask.align", "mask.channel_block") and m.align > 1 and m.align % m.channel_block:
+        errors.append(f"mask.align ({m.align}) must be a multiple of mask.channel_block ({m.channel_block})")
+    if ok("mask.align", "mask.channels") and m.align > 1 and not m.channels:
+        errors.append(f"mask.align={m.align} aligns MLP widths and needs mask.channels=true")
     if cfg.sweep is not None and ok("sweep.lr", "sweep.lr_range", "sweep.sparsity", "sweep.grid"):
         errors.extend(_sweep_rules(cfg.sweep))
     return errors

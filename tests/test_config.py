@@ -418,3 +418,10 @@ def test_validate_config_catches_code_edits():
     cfg = Config(search=SearchConfig(sparsity=2.0))
     with pytest.raises(ConfigError, match=re.escape("search.sparsity must be in (0, 1), got 2.0")):
         validate_config(cfg)
+
+
+def test_align_must_be_a_multiple_of_the_channel_block():
+    with pytest.raises(ConfigError, match=r"mask.align \(6\) must be a multiple of mask.channel_block \(4\)"):
+        load_config(None, ["mask.align=6", "mask.channel_block=4"])
+    with pytest.raises(ConfigError, match="mask.align=8 aligns MLP widths and needs mask.channels=true"):
+        load_config(None, ["mask.align=8", "mask.channels=false"])
