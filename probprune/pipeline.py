@@ -45,6 +45,7 @@ class Session:
     test_tokens: torch.Tensor
     space: MaskSpace
     stats: dict | None  # activation statistics from the init blocks (None if not needed)
+    progress: bool = True  # progress bars on long loops
 
 
 def _max_context(model) -> int | None:
@@ -105,7 +106,8 @@ def fingerprint(cfg: Config, space: MaskSpace) -> str:
 
 def evaluate(model, s: Session, label: str) -> dict[str, float]:
     e = s.cfg.eval
-    res = evaluate_ppl(model, s.test_tokens, e.seq_lens, max_tokens=e.max_tokens, batch_size=e.batch_size)
+    res = evaluate_ppl(model, s.test_tokens, e.seq_lens, max_tokens=e.max_tokens, batch_size=e.batch_size,
+                       progress=s.progress)
     log.info("%s perplexity: %s", label, res)
     return {str(k): float(v) for k, v in res.items()}
 
@@ -135,11 +137,12 @@ def _mask_record(space: MaskSpace, mask: np.ndarray, dense_total: int) -> dict[s
 
 
 def prune(cfg: Config, output: str | Path, resume: bool = False, progress: bool = True,
-          on_step=None, stop_after: int | None = None) -> dict[str, Any]:
+          on_step=None, stop_after: int | None = None, dense_ppl: dict[str, float] | None = None) -> dict[str, Any]:
     """Run the whole job of ``probprune prune`` and return the summary (also written to ``output/summary.json``).
 
     Writes ``output/model/`` (compacted model + tokenizer), ``masks.pt``, ``metrics.jsonl``, ``config.yaml`` and
-    ``summary.json`` (last, so its presence means the run finished).
+    ``summary.json`` (last, so its presence means the run finished). ``dense_ppl`` (from an earlier run on the same
+    model, data and eval settings) skips the dense evaluation.
     """
     from .evaluators import build_evaluator
     from .search import run_search
@@ -148,6 +151,7 @@ def prune(cfg: Config, output: str | Path, resume: bool = False, progress: bool 
     output = Path(output)
     _check_output(output, resume)
     s = prepare(cfg)
+    s.progress = progress
     space, sc = s.space, cfg.search
     dense_total = count_params(s.model)
     output.mkdir(parents=True, exist_ok=True)
@@ -155,7 +159,7 @@ def prune(cfg: Config, output: str | Path, resume: bool = False, progress: bool 
 
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    dense_ppl = evaluate(s.model, s, "dense")
+    dense_ppl = dense_ppl or evaluate(s.model, s, "dense")
     timings["eval_dense"] = time.perf_counter() - t
 
     init_probs = initial_probs(s)
@@ -298,7 +302,8 @@ def finish(
     return summary
 
 
-def run_baseline(cfg: Config, method: str, output: str | Path, progress: bool = True) -> dict[str, Any]:
+def run_baseline(cfg: Config, method: str, output: str | Path, progress: bool = True,
+                 dense_ppl: dict[str, float] | None = None) -> dict[str, Any]:
     """``probprune baseline``: a built-in baseline's mask through the same compaction, saving and evaluation."""
     from .baselines import BASELINES, USES_GRADIENTS, baseline_mask
 
@@ -312,12 +317,13 @@ def run_baseline(cfg: Config, method: str, output: str | Path, progress: bool = 
 
         cfg = apply_overrides(cfg, ["mask.layers=true", "search.budget=params"])
     s = prepare(cfg, need_stats=False)
+    s.progress = progress
     dense_total = count_params(s.model)
     output.mkdir(parents=True, exist_ok=True)
     save_config(cfg, output / "config.yaml")
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    dense_ppl = evaluate(s.model, s, "dense")
+    dense_ppl = dense_ppl or evaluate(s.model, s, "dense")
     timings["eval_dense"] = time.perf_counter() - t
     t = time.perf_counter()
     blocks = s.calib.first(min(cfg.search.init_blocks, len(s.calib)))

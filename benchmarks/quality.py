@@ -1,0 +1,215 @@
+"""Quality benchmark: every built-in baseline vs probprune's searches, same model, data, budget and evaluation.
+
+    python benchmarks/quality.py --out benchmarks/results/quality            # SmolLM2-135M, Brown, 20/30/50 %
+    python benchmarks/quality.py --out /tmp/q --quick                        # a few minutes, for a smoke check
+
+Each (method, sparsity, seed) is one job in its own process (1 torch thread; ``--workers`` jobs at once), written to
+``OUT/runs/<job>/`` exactly as ``probprune prune`` / ``probprune baseline`` write it; finished jobs are skipped, so an
+interrupted benchmark continues where it stopped. The dense perplexity is measured once and shared. Writes
+``OUT/quality.csv`` (one row per job), ``OUT/quality.md`` (table) and ``OUT/quality.png`` (perplexity vs sparsity),
+and prints, for each sparsity, ours ÷ best baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BASELINES = ["magnitude", "wanda-sp", "flap", "random", "shortgpt", "taylor"]
+PRESETS = {  # search presets: config file and a label
+    "probprune-paper": "configs/smollm2/135m_paper.yaml",
+    "probprune-ours": "configs/smollm2/135m_quickstart.yaml",
+}
+
+
+def job_name(method: str, sparsity: float, seed: int) -> str:
+    return f"{method}_s{int(round(sparsity * 100)):02d}_seed{seed}"
+
+
+def run_job(spec: dict) -> None:
+    """Runs inside the worker process: one pipeline call."""
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    from probprune.config import load_config
+    from probprune.pipeline import prune, run_baseline
+
+    out = Path(spec["out"])
+    if spec["method"] in PRESETS:
+        cfg = load_config(ROOT / PRESETS[spec["method"]], spec["overrides"])
+        prune(cfg, out, progress=False, dense_ppl=spec.get("dense_ppl"))
+    else:
+        cfg = load_config(ROOT / PRESETS["probprune-ours"], spec["overrides"])
+        run_baseline(cfg, spec["method"], out, progress=False, dense_ppl=spec.get("dense_ppl"))
+
+
+def dense_reference(out: Path, common: list[str], threads: int) -> dict[str, float]:
+    path = out / "dense.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    import torch
+
+    torch.set_num_threads(threads)
+    from probprune.config import load_config
+    from probprune.pipeline import evaluate_folder
+
+    cfg = load_config(ROOT / PRESETS["probprune-ours"], common)
+    res = evaluate_folder(cfg)
+    path.write_text(json.dumps(res["ppl"]))
+    return res["ppl"]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--sparsities", type=float, nargs="+", default=[0.2, 0.3, 0.5])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds of the searches (and random)")
+    ap.add_argument("--methods", nargs="+", default=BASELINES + list(PRESETS))
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per job")
+    ap.add_argument("--max-tokens", type=int, default=8192, help="held-out tokens per window length")
+    ap.add_argument("--quick", action="store_true", help="20 search steps, 2048 eval tokens, 0.5 only, one seed")
+    ap.add_argument("--job", help=argparse.SUPPRESS)
+    ap.add_argument("overrides", nargs="*", help="extra config overrides for every job")
+    args = ap.parse_args()
+    if args.job:
+        run_job(json.loads(args.job))
+        return 0
+    if args.quick:
+        args.sparsities, args.seeds, args.max_tokens = [0.5], [0], 2048
+        args.overrides = [*args.overrides, "search.steps=20"]
+    out = args.out.resolve()
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    common = [f"eval.max_tokens={args.max_tokens}", *args.overrides]
+    t0 = time.perf_counter()
+    dense = dense_reference(out, common, max(args.threads, 2))
+    print(f"dense perplexity: {dense}", flush=True)
+
+    jobs = []
+    for sp in args.sparsities:
+        for m in args.methods:
+            seeds = args.seeds if (m in PRESETS or m == "random") else [args.seeds[0]]
+            for seed in seeds:
+                name = job_name(m, sp, seed)
+                spec = {"method": m, "out": str(out / "runs" / name), "threads": args.threads, "dense_ppl": dense,
+                        "overrides": [*common, f"search.sparsity={sp}", f"seed={seed}"]}
+                jobs.append((name, spec))
+
+    def launch(item):
+        name, spec = item
+        if (Path(spec["out"]) / "summary.json").exists():
+            return name, "cached"
+        log = out / "runs" / f"{name}.log"
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
+        t = time.perf_counter()
+        with log.open("w") as f:
+            rc = subprocess.call([sys.executable, __file__, "--out", str(out), "--job", json.dumps(spec)],
+                                 stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        status = "ok" if rc == 0 else f"FAILED (rc {rc}, see {log})"
+        print(f"  {name}: {status} in {time.perf_counter() - t:.0f} s", flush=True)
+        return name, status
+
+    print(f"{len(jobs)} jobs, {args.workers} at a time", flush=True)
+    with ThreadPoolExecutor(args.workers) as pool:
+        statuses = dict(pool.map(launch, jobs))
+    write_results(out, jobs, statuses, time.perf_counter() - t0)
+    return 0 if all(s in ("ok", "cached") for s in statuses.values()) else 1
+
+
+def write_results(out: Path, jobs, statuses, wall: float) -> None:
+    import pandas as pd
+
+    rows = []
+    for name, spec in jobs:
+        p = Path(spec["out"]) / "summary.json"
+        if not p.exists():
+            continue
+        s = json.loads(p.read_text())
+        lens = sorted(s["pruned_ppl"], key=int)
+        rows.append({
+            "method": spec["method"],
+            "target_sparsity": float(next(o for o in spec["overrides"] if o.startswith("search.sparsity=")).split("=")[1]),
+            "seed": s["seed"],
+            **{f"ppl_{n}": s["pruned_ppl"][n] for n in lens},
+            **({f"init_ppl_{n}": s["init_ppl"][n] for n in lens} if s.get("init_ppl") else {}),
+            "prunable_sparsity": s["sparsity"]["prunable"],
+            "total_sparsity": s["sparsity"]["total"],
+            "params_total": s["params"]["pruned_total"],
+            "uses_gradients": spec["method"] == "taylor",
+            "wall_seconds": s["wall_seconds"],
+        })
+    df = pd.DataFrame(rows)
+    df.to_csv(out / "quality.csv", index=False)
+    short = [c for c in df.columns if c.startswith("ppl_")]
+    short = sorted(short, key=lambda c: int(c.split("_")[1]))
+    key = short[0]
+    dense = json.loads((out / "dense.json").read_text())
+    agg = df.groupby(["target_sparsity", "method"]).agg(
+        **{f"{c}_mean": (c, "mean") for c in short},
+        **{f"{c}_min": (c, "min") for c in short},
+        **{f"{c}_max": (c, "max") for c in short},
+        seeds=("seed", "count"),
+        prunable=("prunable_sparsity", "mean"),
+        total=("total_sparsity", "mean"),
+        wall=("wall_seconds", "mean"),
+    ).reset_index()
+    lines = [f"Dense: " + ", ".join(f"PPL@{n} {v:.2f}" for n, v in sorted(dense.items(), key=lambda x: int(x[0]))), ""]
+    hdr = "| sparsity (prunable / total) | method | " + " | ".join(f"PPL@{c.split('_')[1]}" for c in short)
+    lines += [hdr + " | seeds | wall s |", "|---|---|" + "---|" * len(short) + "---|---|"]
+    ratios = []
+    for sp, grp in agg.groupby("target_sparsity"):
+        for _, r in grp.sort_values(f"{key}_mean").iterrows():
+            cells = []
+            for c in short:
+                if r["seeds"] > 1:
+                    cells.append(f"{r[c + '_mean']:.1f} ({r[c + '_min']:.1f}–{r[c + '_max']:.1f})")
+                else:
+                    cells.append(f"{r[c + '_mean']:.1f}")
+            label = r["method"] + (" †" if r["method"] == "taylor" else "")
+            lines.append(f"| {r['prunable']:.1%} / {r['total']:.1%} | {label} | " + " | ".join(cells)
+                         + f" | {int(r['seeds'])} | {r['wall']:.0f} |")
+        base = grp[~grp["method"].isin(PRESETS)]
+        ours = grp[grp["method"] == "probprune-ours"]
+        if len(base) and len(ours):
+            best = base.loc[base[f"{key}_mean"].idxmin()]
+            ratios.append((sp, float(ours[f"{key}_mean"].iloc[0]) / float(best[f"{key}_mean"]), best["method"]))
+    lines += ["", "† uses one backward pass (gradients); every other method is forward-only.", ""]
+    for sp, ratio, best in ratios:
+        lines.append(f"- sparsity {sp:.0%}: probprune-ours ÷ best baseline ({best}) at {key.replace('ppl_', 'PPL@')} = "
+                     f"{ratio:.3f}")
+    lines.append(f"\nwall time of this benchmark run: {wall / 60:.1f} min")
+    (out / "quality.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for m, grp in agg.groupby("method"):
+            grp = grp.sort_values("prunable")
+            style = "-o" if m in PRESETS else "--."
+            ax.plot(grp["prunable"] * 100, grp[f"{key}_mean"], style, label=m)
+        ax.axhline(float(dense[key.split("_")[1]]), color="grey", lw=0.8, label="dense")
+        ax.set_yscale("log")
+        ax.set_xlabel("prunable-parameter sparsity (%)")
+        ax.set_ylabel(f"held-out perplexity ({key.replace('ppl_', 'PPL@')}, log)")
+        ax.set_title("SmolLM2-135M, Brown held-out split")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "quality.png", dpi=120)
+    except ImportError:
+        print("matplotlib not installed: no plot")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
