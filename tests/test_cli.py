@@ -31,7 +31,9 @@ def test_prune_writes_every_output_and_the_model_reloads(tmp_path, capsys):
     masks = torch.load(out / "masks.pt", weights_only=False)
     assert masks["final_mask"].sum() > 0 and masks["probs"].shape == masks["final_mask"].shape
     x = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(0))
-    ours = load_pruned(out / "model")
+    import probprune
+
+    ours = probprune.load_pruned(out / "model")
     stock = AutoModelForCausalLM.from_pretrained(out / "model", trust_remote_code=True)
     torch.testing.assert_close(ours(input_ids=x).logits, stock(input_ids=x).logits, rtol=0, atol=0)
     # a finished run is never overwritten

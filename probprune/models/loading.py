@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..data import cache_dir
 from ..errors import UserError
 from .adapter import architecture_of, check_supported
 
@@ -28,10 +29,6 @@ EMBEDDED = {
 }
 TINY = ("llama", "llama-mha", "mistral", "qwen2")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("PROBPRUNE_CACHE", Path.home() / ".cache" / "probprune"))
 
 
 # ------------------------------------------------------------------------------------------------ embedded model
@@ -121,7 +118,7 @@ def tiny_config(kind: str = "llama", **overrides):
         common["num_key_value_heads"] = 8
     common.update(overrides)
     if kind == "mistral":
-        return MistralConfig(sliding_window=None, **common)
+        return MistralConfig(**{"sliding_window": None, **common})
     if kind == "qwen2":
         return Qwen2Config(**common)
     return LlamaConfig(**common)
