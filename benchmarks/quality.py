@@ -28,6 +28,9 @@ PRESETS = {  # search presets: config file and a label
     "probprune-paper": "configs/smollm2/135m_paper.yaml",
     "probprune-ours": "configs/smollm2/135m_quickstart.yaml",
 }
+# Equal calibration budget for both searches: the paper preset scores 2 masks x 8 x 128 tokens per step, ours
+# 4 masks x 4 x 128, so 150 steps each is the same 307,200 scored tokens.
+PRESET_OVERRIDES = {"probprune-paper": ["search.steps=150"], "probprune-ours": []}
 
 
 def job_name(method: str, sparsity: float, seed: int) -> str:
@@ -44,7 +47,7 @@ def run_job(spec: dict) -> None:
 
     out = Path(spec["out"])
     if spec["method"] in PRESETS:
-        cfg = load_config(ROOT / PRESETS[spec["method"]], spec["overrides"])
+        cfg = load_config(ROOT / PRESETS[spec["method"]], [*PRESET_OVERRIDES[spec["method"]], *spec["overrides"]])
         prune(cfg, out, progress=False, dense_ppl=spec.get("dense_ppl"))
     else:
         cfg = load_config(ROOT / PRESETS["probprune-ours"], spec["overrides"])
