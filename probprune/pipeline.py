@@ -136,6 +136,20 @@ def _mask_record(space: MaskSpace, mask: np.ndarray, dense_total: int) -> dict[s
             "pruned_total": dense_total - (space.prunable_params - kept)}
 
 
+def _start(cfg: Config, output: Path, progress: bool, dense_ppl: dict[str, float] | None, need_stats: bool):
+    """Load and check everything, then (and only then) create the output folder and measure the dense model."""
+    s = prepare(cfg, need_stats=need_stats)
+    s.progress = progress
+    dense_total = count_params(s.model)
+    output.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, output / "config.yaml")
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    dense_ppl = dense_ppl or evaluate(s.model, s, "dense")
+    timings["eval_dense"] = time.perf_counter() - t
+    return s, dense_total, dense_ppl, timings
+
+
 def prune(cfg: Config, output: str | Path, resume: bool = False, progress: bool = True,
           on_step=None, stop_after: int | None = None, dense_ppl: dict[str, float] | None = None) -> dict[str, Any]:
     """Run the whole job of ``probprune prune`` and return the summary (also written to ``output/summary.json``).
@@ -150,17 +164,8 @@ def prune(cfg: Config, output: str | Path, resume: bool = False, progress: bool 
     t_start = time.perf_counter()
     output = Path(output)
     _check_output(output, resume)
-    s = prepare(cfg)
-    s.progress = progress
+    s, dense_total, dense_ppl, timings = _start(cfg, output, progress, dense_ppl, need_stats=True)
     space, sc = s.space, cfg.search
-    dense_total = count_params(s.model)
-    output.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, output / "config.yaml")
-
-    timings: dict[str, float] = {}
-    t = time.perf_counter()
-    dense_ppl = dense_ppl or evaluate(s.model, s, "dense")
-    timings["eval_dense"] = time.perf_counter() - t
 
     init_probs = initial_probs(s)
     init_mask = projection.final_mask(space, init_probs, sc.sparsity, sc.budget)
@@ -316,15 +321,7 @@ def run_baseline(cfg: Config, method: str, output: str | Path, progress: bool = 
         from .config import apply_overrides
 
         cfg = apply_overrides(cfg, ["mask.layers=true", "search.budget=params"])
-    s = prepare(cfg, need_stats=False)
-    s.progress = progress
-    dense_total = count_params(s.model)
-    output.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, output / "config.yaml")
-    timings: dict[str, float] = {}
-    t = time.perf_counter()
-    dense_ppl = dense_ppl or evaluate(s.model, s, "dense")
-    timings["eval_dense"] = time.perf_counter() - t
+    s, dense_total, dense_ppl, timings = _start(cfg, output, progress, dense_ppl, need_stats=False)
     t = time.perf_counter()
     blocks = s.calib.first(min(cfg.search.init_blocks, len(s.calib)))
     mask = baseline_mask(method, s.adapter, s.space, blocks, cfg.search.sparsity, seed=cfg.seed,
