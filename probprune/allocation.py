@@ -52,19 +52,20 @@ import numpy as np
 import torch
 
 from probprune import projection
-from probprune.errors import ConfigError, UserError
+from probprune.errors import UserError
 from probprune.masks import CHANNEL, HEAD, LAYER, TYPE_NAMES, MaskSpace
-from probprune.policy import BASELINES, LR_SCHEDULES, SCORE_EPS, SCORE_SCALINGS, lr_at
+from probprune.policy import SCORE_EPS, ScoreFunctionPolicy
 
 STATE_KIND = "allocation"
 
 
-class AllocationPolicy:
+class AllocationPolicy(ScoreFunctionPolicy):
     """Per-(layer, unit type) keep fractions, trained by a score-function gradient of the kept counts.
 
     Same interface as :class:`probprune.policy.Policy` (``sample``, ``step``, ``final_mask``, ``state_dict``,
     ``load_state_dict``, ``probs``, ``step_count``, ``total_dropped``, ``last_dropped``), so
-    :func:`probprune.search.run_search` drives either.
+    :func:`probprune.search.run_search` drives either; baselines, the update, the counters and the state come from
+    their shared base :class:`probprune.policy.ScoreFunctionPolicy` (θ = a, P = G).
 
     Args:
         space: the mask space.
@@ -101,6 +102,8 @@ class AllocationPolicy:
         >>> mask = policy.final_mask()                    # [N], meets the budget
     """
 
+    _state_label = "allocation policy"
+
     def __init__(
         self,
         space: MaskSpace,
@@ -117,38 +120,12 @@ class AllocationPolicy:
         budget: str = "per_type",
         seed: int = 0,
     ) -> None:
-        errors = []
-        if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
-            errors.append(f"lr must be a finite number >= 0, got {lr!r}")
-        if not (isinstance(total_steps, int) and total_steps >= 1):
-            errors.append(f"total_steps must be an integer >= 1, got {total_steps!r}")
-        if not (isinstance(sparsity, (int, float)) and 0.0 <= sparsity <= 1.0):
-            errors.append(f"sparsity must be a number in [0, 1], got {sparsity!r}")
-        if not (isinstance(ema_window, (int, float)) and ema_window >= 1):
-            errors.append(f"ema_window must be >= 1, got {ema_window!r}")
-        for name, value, allowed in (
-            ("lr_schedule", lr_schedule, LR_SCHEDULES),
-            ("baseline", baseline, BASELINES),
-            ("score_scaling", score_scaling, SCORE_SCALINGS),
-            ("budget", budget, projection.BUDGETS),
-        ):
-            if value not in allowed:
-                errors.append(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
-        if errors:
-            raise ConfigError(errors)
-
+        super().__init__(
+            space, lr=lr, total_steps=total_steps, sparsity=sparsity, lr_schedule=lr_schedule, baseline=baseline,
+            ema_window=ema_window, score_scaling=score_scaling, budget=budget, seed=seed,
+        )
         n_units = space.num_units
         sc = _finite_vector(scores, n_units, "scores")
-        self.space = space
-        self.lr = float(lr)
-        self.total_steps = total_steps
-        self.sparsity = float(sparsity)
-        self.lr_schedule = lr_schedule
-        self.baseline = baseline
-        self.ema_window = float(ema_window)
-        self.score_scaling = score_scaling
-        self.budget = budget
-        self.seed = seed
 
         # groups: runs of units with the same (type, layer); the space orders units by type, then layer
         key = space.unit_type.astype(np.int64) * (space.num_layers + 1) + space.unit_layer
@@ -180,12 +157,6 @@ class AllocationPolicy:
             p = torch.as_tensor(_finite_vector(probs, n_units, "probs")).clamp(0.0, 1.0)  # [N]
             a = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, self._unit_group_t, p) / self._n_t
         self.probs = self._project(a)  # [G] float64
-        self.generator = torch.Generator().manual_seed(seed)
-        self.delta = 0.0  # EMA baseline δ
-        self.delta_initialised = False
-        self.step_count = 0
-        self.total_dropped = 0
-        self.last_dropped = 0
 
     # ------------------------------------------------------------------------------------------------- groups
     @property
@@ -258,50 +229,6 @@ class AllocationPolicy:
         denom = (n * var + SCORE_EPS).sqrt() if self.score_scaling == "sqrt" else var + SCORE_EPS
         return (k - n * a) / denom  # [K, G]
 
-    def gradient(self, masks: torch.Tensor | np.ndarray, losses: torch.Tensor | np.ndarray) -> torch.Tensor:
-        """Score-function estimate of dE[L]/da; drops non-finite losses and, for ``ema``, advances δ.
-
-        Baselines and normalisation exactly as :meth:`probprune.policy.Policy.gradient`. Call once per step.
-
-        Args:
-            masks: ``[K, N]`` 0/1 masks the losses belong to.
-            losses: ``[K]`` losses.
-
-        Returns:
-            ``[G]`` float64 gradient.
-
-        Raises:
-            ValueError: shapes disagree.
-        """
-        m = torch.as_tensor(masks, dtype=torch.float64)  # [K, N]
-        loss = torch.as_tensor(losses, dtype=torch.float64).reshape(-1)  # [K]
-        if m.dim() != 2 or m.shape[1] != self.space.num_units or m.shape[0] != loss.shape[0]:
-            n = self.space.num_units
-            raise ValueError(f"masks must be [K, {n}] and losses [K]; got {tuple(m.shape)} and {tuple(loss.shape)}")
-        valid = torch.isfinite(loss)  # [K]
-        self.last_dropped = int((~valid).sum())
-        self.total_dropped += self.last_dropped
-        m, loss = m[valid], loss[valid]  # [K_valid, N], [K_valid]
-        k = int(loss.shape[0])
-        grad = torch.zeros(self.num_groups, dtype=torch.float64)
-        if k == 0:
-            return grad
-        score = self.scores(m)  # [K_valid, G]
-        mean = float(loss.mean())
-        if self.baseline == "ema":
-            if not math.isfinite(mean):  # finite losses whose mean overflows: no usable step
-                return torch.full_like(grad, float("nan"))
-            if not self.delta_initialised:
-                self.delta, self.delta_initialised = mean, True
-            grad = ((loss - self.delta)[:, None] * score).sum(0) / max(k - 1, 1)  # [G]
-            lam = 1.0 / self.ema_window
-            self.delta = (1.0 - lam) * self.delta + lam * mean
-            return grad
-        if k < 2:
-            return grad
-        b = (loss.sum() - loss) / (k - 1)  # [K_valid] leave-one-out baselines
-        return ((loss - b)[:, None] * score).sum(0) / k  # [G]
-
     # ---------------------------------------------------------------------------------------------- projection
     def metric(self) -> torch.Tensor:
         """``[G]`` float64 preconditioner D at the current a: the factor that turns the exact score into the used one.
@@ -312,6 +239,9 @@ class AllocationPolicy:
             return torch.ones(self.num_groups, dtype=torch.float64)
         var = self.probs * (1.0 - self.probs)  # [G]
         return (var + SCORE_EPS) / (self._n_t * var + SCORE_EPS).sqrt()
+
+    def _metric(self) -> torch.Tensor:
+        return self.metric()  # [G]: steps are projected in the metric of D
 
     def _project(self, a: torch.Tensor, metric: torch.Tensor | None = None) -> torch.Tensor:
         """a ([G]) onto the budget: per type Σ n·a ≤ ρ·N_t, or Σ C·a ≤ (1 − sparsity)·Σ c (``params``).
@@ -335,51 +265,6 @@ class AllocationPolicy:
                 out[sel] = _project_metric(a[sel], d[sel], n, keep * float(n.sum()))
         return out
 
-    # --------------------------------------------------------------------------------------------------- step
-    def step(self, masks: torch.Tensor | np.ndarray, losses: torch.Tensor | np.ndarray) -> dict[str, Any]:
-        """One update: a ← project(a − lr_t·g).
-
-        A non-finite gradient leaves a unchanged and the stats say ``skipped=True``.
-
-        Args:
-            masks: ``[K, N]`` masks from :meth:`sample`.
-            losses: ``[K]`` their losses.
-
-        Returns:
-            The keys of :meth:`probprune.policy.Policy.step`: ``step``, ``lr``, ``loss_mean``, ``loss_min``,
-            ``baseline``, ``n_dropped``, ``expected_sparsity`` (of a mask drawn by :meth:`sample`), ``grad_norm``,
-            ``skipped``.
-        """
-        lr_t = lr_at(self.lr_schedule, self.lr, self.step_count, self.total_steps)
-        delta_before, init_before = self.delta, self.delta_initialised
-        loss = torch.as_tensor(losses, dtype=torch.float64).reshape(-1)
-        finite = loss[torch.isfinite(loss)]
-        metric = self.metric()  # [G], at the a the samples were drawn from
-        grad = self.gradient(masks, losses)  # [G]
-        candidate = self.probs - lr_t * grad  # [G]
-        skipped = not bool(torch.isfinite(candidate).all())
-        if not skipped:
-            self.probs = self._project(candidate, metric)
-        self.step_count += 1
-        if self.baseline == "ema":
-            if init_before:
-                base = delta_before
-            else:
-                base = float(finite.mean()) if finite.numel() else float("nan")
-        else:
-            base = float(finite.mean()) if finite.numel() >= 2 else float("nan")
-        return {
-            "step": self.step_count,
-            "lr": lr_t,
-            "loss_mean": float(finite.mean()) if finite.numel() else float("nan"),
-            "loss_min": float(finite.min()) if finite.numel() else float("nan"),
-            "baseline": base,
-            "n_dropped": self.last_dropped,
-            "expected_sparsity": projection.expected_sparsity(self.space, self.unit_probs()),
-            "grad_norm": float(grad.norm()),
-            "skipped": skipped,
-        }
-
     # ------------------------------------------------------------------------------------------------- output
     def unit_probs(self) -> torch.Tensor:
         """Marginal keep probability of every unit under :meth:`sample`: P(Binomial(n_g, a_g) > rank).
@@ -392,6 +277,9 @@ class AllocationPolicy:
         for g, sel in enumerate(self._group_units):
             out[sel] = _binomial_survival(int(self.group_size[g]), float(self.probs[g]))[self._unit_rank_t[sel].long()]
         return out
+
+    def _unit_keep_probs(self) -> torch.Tensor:
+        return self.unit_probs()  # [N]
 
     def priorities(self) -> np.ndarray:
         """``[N]`` float64 q_u = n_g·a_g − rank_u: the order in which :meth:`final_mask` keeps units."""
@@ -415,30 +303,14 @@ class AllocationPolicy:
             ``kind`` (``"allocation"``), ``probs`` ([G]), ``delta``, ``delta_initialised``, ``step_count``,
             ``total_dropped``, ``generator_state``, ``num_units``, ``num_groups``.
         """
-        return {
-            "kind": STATE_KIND,
-            "probs": self.probs.clone(),
-            "delta": float(self.delta),
-            "delta_initialised": bool(self.delta_initialised),
-            "step_count": int(self.step_count),
-            "total_dropped": int(self.total_dropped),
-            "generator_state": self.generator.get_state(),
-            "num_units": int(self.space.num_units),
-            "num_groups": int(self.num_groups),
-        }
+        return {"kind": STATE_KIND, **super().state_dict(), "num_groups": int(self.num_groups)}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a state saved by :meth:`state_dict`.
-
-        Args:
-            state: the saved dict.
+    def _load_probs(self, state: dict[str, Any]) -> torch.Tensor:
+        """The saved a, for :meth:`load_state_dict`.
 
         Raises:
-            UserError: a key is missing, the state is a unit policy's, or it belongs to another mask space.
+            UserError: the state is a unit policy's, or it belongs to another mask space.
         """
-        missing = {"probs", "delta", "delta_initialised", "step_count", "total_dropped", "generator_state"} - set(state)
-        if missing:
-            raise UserError(f"allocation policy state is missing {', '.join(sorted(missing))}")
         if state.get("kind") != STATE_KIND:
             raise UserError("the saved policy state is not an allocation search's (search.method=units?); resume it "
                             "with the method it was started with")
@@ -449,12 +321,7 @@ class AllocationPolicy:
                 f"has {self.num_groups} groups over {self.space.num_units} units: was it saved for another model or "
                 "mask space?"
             )
-        self.probs = probs.clone()
-        self.delta = float(state["delta"])
-        self.delta_initialised = bool(state["delta_initialised"])
-        self.step_count = int(state["step_count"])
-        self.total_dropped = int(state["total_dropped"])
-        self.generator.set_state(state["generator_state"])
+        return probs
 
 
 # ------------------------------------------------------------------------------------------------- helpers

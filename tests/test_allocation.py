@@ -336,3 +336,26 @@ def test_prune_pipeline_runs_the_allocation_search_with_aligned_widths(tmp_path)
     state = torch.load(tmp_path / "run" / "search_checkpoint.pt", weights_only=False)["policy"]
     assert state["kind"] == "allocation" and state["probs"].shape == (4,)  # 2 layers x (heads, channels)
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["search"]["steps"] == 3
+
+
+def test_allocation_and_unit_policy_share_the_score_function_base():
+    from probprune.policy import ScoreFunctionPolicy
+
+    space = make_space()
+    unit = Policy(space, uniform_probs(space, 0.5), lr=0.1, total_steps=200, sparsity=0.5, baseline="loo")
+    alloc = make_policy(space)  # loo as well
+    assert isinstance(unit, ScoreFunctionPolicy) and isinstance(alloc, ScoreFunctionPolicy)
+    for name in ("gradient", "step", "load_state_dict"):
+        assert getattr(AllocationPolicy, name) is getattr(Policy, name) is getattr(ScoreFunctionPolicy, name)
+    # the same losses give the same loss and baseline stats whatever the parameterisation
+    losses = torch.tensor([1.0, float("nan"), 4.0, 2.0])
+    su, sa = unit.step(unit.sample(4), losses), alloc.step(alloc.sample(4), losses)
+    for key in ("step", "lr", "loss_mean", "loss_min", "baseline", "n_dropped"):
+        assert su[key] == sa[key]
+    assert unit.total_dropped == alloc.total_dropped == 1
+    with pytest.raises(ConfigError) as err:
+        make_policy(space, lr=float("nan"), total_steps=0, sparsity=2, ema_window=0, lr_schedule="x", baseline="y",
+                    score_scaling="z", budget="v")
+    assert [e.split(" ")[0] for e in err.value.errors] == [
+        "lr", "total_steps", "sparsity", "ema_window", "lr_schedule", "baseline", "score_scaling", "budget"
+    ]
