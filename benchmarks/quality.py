@@ -29,8 +29,8 @@ PRESETS = {  # search presets: config file and a label
     "probprune-ours": "configs/smollm2/135m_quickstart.yaml",
 }
 # Equal calibration budget for both searches: the paper preset scores 2 masks x 8 x 128 tokens per step, ours
-# 4 masks x 4 x 128, so 150 steps each is the same 307,200 scored tokens.
-PRESET_OVERRIDES = {"probprune-paper": ["search.steps=150"], "probprune-ours": []}
+# 4 masks x 4 x 128, so the same number of steps is the same number of scored tokens (--steps, default 150).
+PRESET_OVERRIDES = {"probprune-paper": [], "probprune-ours": []}
 
 
 def job_name(method: str, sparsity: float, seed: int) -> str:
@@ -79,6 +79,7 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per job")
     ap.add_argument("--max-tokens", type=int, default=8192, help="held-out tokens per window length")
+    ap.add_argument("--steps", type=int, default=150, help="search steps of both presets (equal scored tokens)")
     ap.add_argument("--quick", action="store_true", help="20 search steps, 2048 eval tokens, 0.5 only, one seed")
     ap.add_argument("--job", help=argparse.SUPPRESS)
     ap.add_argument("overrides", nargs="*", help="extra config overrides for every job")
@@ -88,10 +89,11 @@ def main() -> int:
         return 0
     if args.quick:
         args.sparsities, args.seeds, args.max_tokens = [0.5], [0], 2048
-        args.overrides = [*args.overrides, "search.steps=20"]
+        args.steps = 20
     out = args.out.resolve()
     (out / "runs").mkdir(parents=True, exist_ok=True)
     common = [f"eval.max_tokens={args.max_tokens}", *args.overrides]
+    search_common = [f"search.steps={args.steps}"]
     t0 = time.perf_counter()
     dense = dense_reference(out, common, max(args.threads, 2))
     print(f"dense perplexity: {dense}", flush=True)
@@ -102,8 +104,9 @@ def main() -> int:
             seeds = args.seeds if (m in PRESETS or m == "random") else [args.seeds[0]]
             for seed in seeds:
                 name = job_name(m, sp, seed)
+                extra = search_common if m in PRESETS else []
                 spec = {"method": m, "out": str(out / "runs" / name), "threads": args.threads, "dense_ppl": dense,
-                        "overrides": [*common, f"search.sparsity={sp}", f"seed={seed}"]}
+                        "overrides": [*common, *extra, f"search.sparsity={sp}", f"seed={seed}"]}
                 jobs.append((name, spec))
 
     def launch(item):
