@@ -139,6 +139,7 @@ class DataConfig:
     paths: list[str] = _opt(factory=list, each=_data_file)  # files: calibration .txt / .jsonl
     test_paths: list[str] = _opt(factory=list, each=_data_file)  # files: held-out (else test_fraction of paths)
     test_fraction: float = _opt(0.1, check=_open_unit)  # share of files held out (brown / files)
+    split_seed: int = _opt(0, check=_at_least(0))  # seed of the split by file: fixed, so every run seed sees one test set
     block_len: int = _opt(128, check=_at_least(8))  # calibration block length in tokens
     calib_blocks: int = _opt(1024, check=_at_least(1))  # calibration blocks drawn from the calibration split
 

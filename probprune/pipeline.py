@@ -59,7 +59,7 @@ def prepare(cfg: Config, need_stats: bool = True) -> Session:
         cfg.model.name_or_path, cfg.model.dtype, cfg.model.device, cfg.model.device_map, cfg.model.trust_remote_code
     )
     adapter = get_adapter(model)
-    corpus = load_corpus(cfg.data, seed=cfg.seed)
+    corpus = load_corpus(cfg.data, seed=cfg.data.split_seed)
     calib = CalibrationData.from_corpus(
         tok, corpus, cfg.data.block_len, cfg.data.calib_blocks, seed=cfg.seed, max_context=_max_context(model)
     )
@@ -339,7 +339,7 @@ def evaluate_folder(cfg: Config, tasks: str | None = None, limit: int | None = N
     """``probprune eval``: held-out perplexity of any model (and lm-eval tasks when asked)."""
     model, tok = load_model(cfg.model.name_or_path, cfg.model.dtype, cfg.model.device, cfg.model.device_map,
                             cfg.model.trust_remote_code)
-    corpus = load_corpus(cfg.data, seed=cfg.seed)
+    corpus = load_corpus(cfg.data, seed=cfg.data.split_seed)
     tokens = test_stream(tok, corpus)
     e = cfg.eval
     ppl = evaluate_ppl(model, tokens, e.seq_lens, max_tokens=e.max_tokens, batch_size=e.batch_size)

@@ -140,3 +140,15 @@ def test_baseline_and_eval(tmp_path, capsys):
     assert main(["eval", "--model", str(out / "model"), "--config", SMOKE]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["ppl"]["32"] == pytest.approx(s["pruned_ppl"]["32"], rel=1e-6)
+
+
+def test_run_seed_changes_the_search_but_not_the_held_out_split():
+    from probprune.config import load_config
+    from probprune.pipeline import prepare
+
+    a = prepare(load_config(SMOKE, ["seed=0"]), need_stats=False)
+    b = prepare(load_config(SMOKE, ["seed=1"]), need_stats=False)
+    assert torch.equal(a.test_tokens, b.test_tokens)  # one held-out set for every run seed
+    assert not torch.equal(a.calib.batch(0, 2), b.calib.batch(0, 2))  # but different calibration batches
+    c = prepare(load_config(SMOKE, ["data.split_seed=1"]), need_stats=False)
+    assert not torch.equal(a.test_tokens, c.test_tokens)
