@@ -48,8 +48,11 @@ def run_job(spec: dict) -> None:
     out = Path(spec["out"])
     if spec["method"] in PRESETS:
         cfg = load_config(ROOT / PRESETS[spec["method"]], [*PRESET_OVERRIDES[spec["method"]], *spec["overrides"]])
-        prune(cfg, out, progress=False, dense_ppl=spec.get("dense_ppl"))
+        prune(cfg, out, resume=True, progress=False, dense_ppl=spec.get("dense_ppl"))  # continues a killed search
     else:
+        import shutil
+
+        shutil.rmtree(out, ignore_errors=True)  # an unfinished baseline (no summary.json) simply runs again
         cfg = load_config(ROOT / PRESETS["probprune-ours"], spec["overrides"])
         run_baseline(cfg, spec["method"], out, progress=False, dense_ppl=spec.get("dense_ppl"))
 
