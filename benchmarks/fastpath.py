@@ -28,27 +28,18 @@ import json
 import os
 import platform
 import statistics
-import time
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
+from _common import exact_mask, flop_bound, timed
 from probprune.fastpath import gathered_losses
 from probprune.masked import masked_losses, sequence_nll
-from probprune.masks import CHANNEL, HEAD, MaskSpace
+from probprune.masks import MaskSpace
 from probprune.models import get_adapter
 from probprune.models.loading import load_model
-
-
-def exact_mask(space: MaskSpace, keep: float, rng: np.random.Generator) -> np.ndarray:
-    """A random 0/1 mask keeping exactly round(keep * n) head groups and round(keep * n) channel units."""
-    m = np.zeros(space.num_units, dtype=np.float32)
-    for t in (HEAD, CHANNEL):
-        idx = np.flatnonzero(space.unit_type == t)
-        m[rng.choice(idx, size=int(round(keep * idx.size)), replace=False)] = 1
-    return m
 
 
 def stacking_padding(space: MaskSpace, masks: np.ndarray, head_params: int) -> float:
@@ -65,13 +56,6 @@ def stacking_padding(space: MaskSpace, masks: np.ndarray, head_params: int) -> f
     return padded / own - 1
 
 
-def timed(fn: Callable[[], object]) -> tuple[float, float]:
-    """(wall seconds, CPU seconds of this process): CPU time is far less disturbed by other processes."""
-    w0, c0 = time.perf_counter(), time.process_time()
-    fn()
-    return time.perf_counter() - w0, time.process_time() - c0
-
-
 def run(dtype: str, args: argparse.Namespace) -> list[dict]:
     model, _ = load_model(args.model, dtype=dtype)
     adapter = get_adapter(model)
@@ -86,8 +70,7 @@ def run(dtype: str, args: argparse.Namespace) -> list[dict]:
                                               head_params) for _ in range(8)]))
 
     def ideal(mask: np.ndarray | None) -> float:
-        kept = space.prunable_params if mask is None else space.kept_params(mask)
-        return (space.prunable_params + head_params) / (kept + head_params)
+        return flop_bound(space, head_params, mask)
 
     tokens = args.masks * args.batch * args.seq_len
     rows: dict[str, tuple[Callable[[], object], int, float]] = {

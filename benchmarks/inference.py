@@ -31,12 +31,9 @@ Smoke test (seconds):
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
 import os
 import platform
-import resource
 import statistics
 import time
 from pathlib import Path
@@ -45,6 +42,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from _common import PeakMemory, sync, timed
 from probprune.align import align_mask, channel_widths
 from probprune.baselines import baseline_mask, layer_quantiles
 from probprune.compaction import compact, count_params
@@ -52,66 +50,7 @@ from probprune.models import get_adapter
 from probprune.models.loading import load_model
 
 
-# --------------------------------------------------------------------------------------------------- memory
-class PeakMemory:
-    """Peak extra memory of a block of work: CUDA allocator peak, or the process's peak RSS on CPU."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.method = "cuda.max_memory_allocated" if device.type == "cuda" else self._cpu_method()
-
-    @staticmethod
-    def _cpu_method() -> str:
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            return "VmHWM (clear_refs)"
-        except OSError:
-            return "getrusage delta (lower bound)"
-
-    @staticmethod
-    def _status_kb(key: str) -> int:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-        raise KeyError(key)
-
-    @staticmethod
-    def _trim() -> None:
-        gc.collect()
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
-
-    def measure(self, fn: Callable[[], object]) -> float:
-        """Run ``fn`` once; return the peak memory it added, in MiB."""
-        self._trim()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            base = torch.cuda.memory_allocated(self.device)
-            fn()
-            torch.cuda.synchronize(self.device)
-            return (torch.cuda.max_memory_allocated(self.device) - base) / 2**20
-        if self.method.startswith("VmHWM"):
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # reset the peak to the current RSS
-            base = self._status_kb("VmRSS")
-            fn()
-            return (self._status_kb("VmHWM") - base) / 1024
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        fn()
-        return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
-
-
 # --------------------------------------------------------------------------------------------------- workloads
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @torch.inference_mode()
 def prefill(model: nn.Module, ids: torch.Tensor) -> None:
     """One forward over ``ids`` ([B, T]), logits for the last position only."""
@@ -123,23 +62,13 @@ def decode(model: nn.Module, prompt: torch.Tensor, new_tokens: int, device: torc
     """Greedy decoding with the KV cache; returns the seconds of the decode loop (prompt prefill not counted)."""
     out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)  # prompt: [1, P]
     cache, nxt = out.cache, out.logits[:, -1:].argmax(-1)  # nxt: [1, 1]
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     for _ in range(new_tokens):
         out = model(input_ids=nxt, cache=cache, use_cache=True)
         cache, nxt = out.cache, out.logits[:, -1:].argmax(-1)
-    _sync(device)
+    sync(device)
     return time.perf_counter() - t0
-
-
-def timed(fn: Callable[[], float | None], device: torch.device) -> tuple[float, float]:
-    """(wall seconds, process CPU seconds) of ``fn``; a float returned by ``fn`` replaces the wall time."""
-    _sync(device)
-    c0, t0 = time.process_time(), time.perf_counter()
-    inner = fn()
-    _sync(device)
-    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    return (inner if isinstance(inner, float) else wall), cpu
 
 
 # --------------------------------------------------------------------------------------------------- models

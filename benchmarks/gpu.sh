@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# GPU benchmarks in one command (about 5 minutes, at most 10): scoring throughput and memory (bf16, cuda),
+# inference of compacted models (cuda), and the cost model for 7B/13B/70B searches from the measured numbers.
+#
+#   bash benchmarks/gpu.sh                      # writes benchmarks/results/gpu/{throughput,inference,cost_model}.*
+#   OUT=/tmp/gpu GPU_TFLOPS=989 bash benchmarks/gpu.sh
+#
+# GPU_TFLOPS: the GPU's peak dense bf16 TFLOP/s for the cost model's FLOP-rate table (989: H100/H200 SXM).
+# Without a CUDA GPU that torch can use it says why and exits with status 2, having run nothing.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-benchmarks/results/gpu}
+PY=${PYTHON:-python}
+GPU_TFLOPS=${GPU_TFLOPS:-989}
+
+if ! $PY -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+    torch_info=$($PY -c "import torch; print(f'torch {torch.__version__}, CUDA build {torch.version.cuda}')" 2>&1 \
+                 || echo "torch not importable")
+    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+        echo "benchmarks/gpu.sh: nvidia-smi sees a GPU but torch cannot use it ($torch_info): install a CUDA build" \
+             "of torch; nothing was run." >&2
+    else
+        echo "benchmarks/gpu.sh: no CUDA GPU on this machine (torch.cuda.is_available() is False; $torch_info);" \
+             "nothing was run. CPU numbers: python benchmarks/throughput.py --out benchmarks/results/throughput_cpu.json" >&2
+    fi
+    exit 2
+fi
+
+mkdir -p "$OUT"
+export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0
+start=$SECONDS
+failed=()
+$PY -c "import torch; print('GPU:', torch.cuda.get_device_name(0), '| torch', torch.__version__)" | tee "$OUT/device.txt"
+
+# 1. scoring speed (dense / masked / gathered 30 % and 50 %), local vs Ray evaluators, search vs inference memory
+timeout 330 $PY benchmarks/throughput.py --dtype bfloat16 --device cuda --batch 8 --masks 8 --repeats 10 \
+    --out "$OUT/throughput.json" 2>&1 | tee "$OUT/throughput.log" || failed+=(throughput)
+
+# 2. inference of the compacted models (speed does not depend on which units go: magnitude masks, no corpus needed)
+timeout 200 $PY benchmarks/inference.py --dtype bfloat16 --device cuda --mask-method magnitude --align 64 \
+    --out "$OUT/inference.json" 2>&1 | tee "$OUT/inference.log" || failed+=(inference)
+
+# 3. hours for 7B / 13B / 70B at the paper's budget on 1, 8, 64 GPUs, from the measured throughput
+if [[ -f "$OUT/throughput.json" && ! " ${failed[*]} " =~ " throughput " ]]; then
+    $PY benchmarks/cost_model.py --from "$OUT/throughput.json" --gpu-tflops "$GPU_TFLOPS" \
+        --out "$OUT/cost_model.json" 2>&1 | tee "$OUT/cost_model.log" || failed+=(cost_model)
+else
+    failed+=(cost_model)
+fi
+
+echo "benchmarks/gpu.sh: $((SECONDS - start)) s; results in $OUT"
+if ((${#failed[@]})); then
+    echo "benchmarks/gpu.sh: failed: ${failed[*]} (see $OUT/*.log)" >&2
+    exit 1
+fi
