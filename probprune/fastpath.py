@@ -27,7 +27,7 @@ from .masks import MaskSpace
 from .models import functional as fn
 from .models.adapter import LlamaAdapter
 
-LOGIT_ELEMENTS = 1 << 24  # at most this many logits (64 MiB in fp32) exist at once in the loss
+LOGIT_ELEMENTS = 1 << 22  # at most this many logits (16 MiB in fp32) exist at once in the loss
 
 
 def _check_binary(masks: torch.Tensor) -> None:
