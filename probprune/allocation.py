@@ -341,20 +341,7 @@ def _project_metric(y: torch.Tensor, d: torch.Tensor, c: torch.Tensor, budget: f
     The projection of y onto {x ∈ [0, 1]^G : Σ c·x ≤ budget} in the norm Σ (x − y)²/d (d > 0); d = 1 is
     :func:`probprune.projection.project_weighted`. Groups with c·d = 0 only clamp.
     """
-    x = y.to(torch.float64)
-    clamped = x.clamp(0.0, 1.0)
-    if float((c * clamped).sum()) <= budget:
-        return clamped
-    w = d * c  # [G] shift per unit of v
-    pos = w > 0
-    lo, hi = 0.0, float((x[pos] / w[pos]).max().clamp_min(0.0))  # at v = hi every shifted group is 0
-    for _ in range(iters):
-        mid = 0.5 * (lo + hi)
-        if float((c * (x - mid * w).clamp(0.0, 1.0)).sum()) > budget:
-            lo = mid
-        else:
-            hi = mid
-    return (x - hi * w).clamp(0.0, 1.0)
+    return projection._project_shift(y.to(torch.float64), c, budget, iters, shift=d * c)
 
 
 def _binomial_survival(n: int, a: float) -> torch.Tensor:

@@ -19,6 +19,8 @@ state); each subclass adds only its parameterisation, sampling, scores, projecti
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import math
 from typing import Any
 
@@ -181,7 +183,7 @@ def random_probs(
 
 
 # -------------------------------------------------------------------------------------------- shared base
-class ScoreFunctionPolicy:
+class ScoreFunctionPolicy(ABC):
     """Keep probabilities θ ([P] float64) trained by a score-function gradient: what :class:`Policy` (θ = s, one
     probability per unit, P = N) and :class:`probprune.allocation.AllocationPolicy` (θ = a, one keep fraction per
     (layer, type) group, P = G) share.
@@ -269,33 +271,33 @@ class ScoreFunctionPolicy:
         self.last_dropped = 0
 
     # ------------------------------------------------------------------------------------------ subclass hooks
+    @abstractmethod
     def sample(self, k: int) -> torch.Tensor:
         """Draw K masks (``[K, N]`` float32 of 0/1) with the policy's generator."""
-        raise NotImplementedError
 
+    @abstractmethod
     def final_mask(self) -> np.ndarray:
         """Deterministic final mask, ``[N]`` float32 of 0/1, within the budget."""
-        raise NotImplementedError
 
+    @abstractmethod
     def scores(self, masks: torch.Tensor | np.ndarray) -> torch.Tensor:
         """Per-sample score vectors at the current θ: ``[K, N]`` masks -> ``[K, P]`` float64."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _project(self, x: torch.Tensor, metric: torch.Tensor | None = None) -> torch.Tensor:
         """``[P]`` θ onto the budget, in the metric ``metric`` (``[P]``) if given; None = Euclidean."""
-        raise NotImplementedError
 
     def _metric(self) -> torch.Tensor | None:
         """``[P]`` metric :meth:`step` projects in, taken at the θ the samples were drawn from; None = Euclidean."""
         return None
 
+    @abstractmethod
     def _unit_keep_probs(self) -> torch.Tensor:
         """``[N]`` marginal keep probability of every unit under :meth:`sample` (for ``expected_sparsity``)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _load_probs(self, state: dict[str, Any]) -> torch.Tensor:
         """The saved θ (``[P]`` float64) of a state holding every key; raises UserError if it is not this policy's."""
-        raise NotImplementedError
 
     # ----------------------------------------------------------------------------------------------- gradient
     def gradient(self, masks: torch.Tensor | np.ndarray, losses: torch.Tensor | np.ndarray) -> torch.Tensor:

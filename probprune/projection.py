@@ -96,25 +96,31 @@ def project_weighted(s: torch.Tensor, cost: torch.Tensor, budget: float, iters: 
     return _project_shift(s, c / scale, budget / scale, iters)
 
 
-def _project_shift(s: torch.Tensor, c: torch.Tensor, budget: float, iters: int) -> torch.Tensor:
-    """clamp(s − v·c, 0, 1) with the smallest v ≥ 0 (to bisection precision) such that Σ c·x ≤ budget."""
+def _project_shift(
+    s: torch.Tensor, c: torch.Tensor, budget: float, iters: int, shift: torch.Tensor | None = None
+) -> torch.Tensor:
+    """clamp(s − v·w, 0, 1) with the smallest v ≥ 0 (to bisection precision) such that Σ c·x ≤ budget.
+
+    ``w`` is ``shift`` (default ``c``, the Euclidean projection); ``w = d·c`` projects in the norm Σ (x − s)²/d.
+    """
     if s.dim() != 1:
         raise ValueError(f"s must be 1-D, got shape {tuple(s.shape)}")
     x = s.detach().to(torch.float64)  # [N]
     if not torch.isfinite(x).all():
         raise ValueError("s contains non-finite values")
+    w = c if shift is None else shift  # [N]
     clamped = x.clamp(0.0, 1.0)
     if x.numel() == 0 or float((c * clamped).sum()) <= budget:
         return clamped.to(s.dtype)
-    pos = c > 0
-    lo, hi = 0.0, float((x[pos] / c[pos]).max().clamp_min(0.0))  # at v = hi every weighted unit is 0
+    pos = w > 0
+    lo, hi = 0.0, float((x[pos] / w[pos]).max().clamp_min(0.0))  # at v = hi every shifted unit is 0
     for _ in range(iters):
         mid = 0.5 * (lo + hi)
-        if float((c * (x - mid * c).clamp(0.0, 1.0)).sum()) > budget:
+        if float((c * (x - mid * w).clamp(0.0, 1.0)).sum()) > budget:
             lo = mid
         else:
             hi = mid
-    return (x - hi * c).clamp(0.0, 1.0).to(s.dtype)  # hi side: always inside the budget
+    return (x - hi * w).clamp(0.0, 1.0).to(s.dtype)  # hi side: always inside the budget
 
 
 def project(space: MaskSpace, s: torch.Tensor, sparsity: float, budget: str) -> torch.Tensor:
