@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -170,7 +169,7 @@ def write_results(out: Path, jobs, statuses, wall: float) -> None:
         total=("total_sparsity", "mean"),
         wall=("wall_seconds", "mean"),
     ).reset_index()
-    lines = [f"Dense: " + ", ".join(f"PPL@{n} {v:.2f}" for n, v in sorted(dense.items(), key=lambda x: int(x[0]))), ""]
+    lines = ["Dense: " + ", ".join(f"PPL@{n} {v:.2f}" for n, v in sorted(dense.items(), key=lambda x: int(x[0]))), ""]
     hdr = "| sparsity (prunable / total) | method | " + " | ".join(f"PPL@{c.split('_')[1]}" for c in short)
     lines += [hdr + " | seeds | wall s |", "|---|---|" + "---|" * len(short) + "---|---|"]
     ratios = []

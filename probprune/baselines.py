@@ -102,13 +102,7 @@ def _quantiles(x: np.ndarray) -> np.ndarray:
 def layer_quantiles(space: MaskSpace, scores: np.ndarray) -> np.ndarray:
     """``[N]`` in (0, 1): each head/channel unit's quantile among its type in its layer; layer units: across layers."""
     out = np.zeros(space.num_units, dtype=np.float64)
-    for t in (HEAD, CHANNEL):
-        for li in range(space.num_layers):
-            sel = np.flatnonzero((space.unit_type == t) & (space.unit_layer == li))
-            if sel.size:
-                out[sel] = _quantiles(scores[sel])
-    sel = np.flatnonzero(space.unit_type == LAYER)
-    if sel.size:
+    for sel in space.unit_groups():
         out[sel] = _quantiles(scores[sel])
     return out
 

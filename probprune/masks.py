@@ -131,6 +131,20 @@ class MaskSpace:
             return slice(0, 0)
         return slice(int(where[0]), int(where[-1]) + 1)
 
+    def unit_groups(self) -> list[np.ndarray]:
+        """Index arrays of the groups scores are normalised within: heads of one layer, channel units of one layer,
+        and all layer units together (non-empty groups only)."""
+        groups = []
+        for t in (HEAD, CHANNEL):
+            for li in range(self.num_layers):
+                sel = np.flatnonzero((self.unit_type == t) & (self.unit_layer == li))
+                if sel.size:
+                    groups.append(sel)
+        sel = np.flatnonzero(self.unit_type == LAYER)
+        if sel.size:
+            groups.append(sel)
+        return groups
+
     def type_counts(self) -> dict[str, int]:
         return {TYPE_NAMES[t]: int((self.unit_type == t).sum()) for t in (HEAD, CHANNEL, LAYER)}
 

@@ -130,14 +130,8 @@ def scores_to_probs(space: MaskSpace, scores: np.ndarray, keep_ratio: float) -> 
     if not np.isfinite(x).all():
         raise ValueError(f"scores contain {int((~np.isfinite(x)).sum())} non-finite values")
     z = np.zeros_like(x)
-    for t in (HEAD, CHANNEL):
-        for li in range(space.num_layers):
-            sel = np.flatnonzero((space.unit_type == t) & (space.unit_layer == li))
-            if sel.size:
-                z[sel] = _zscore(x[sel])
-    lay = np.flatnonzero(space.unit_type == LAYER)
-    if lay.size:
-        z[lay] = _zscore(x[lay])
+    for sel in space.unit_groups():  # per layer and type; layer units across layers
+        z[sel] = _zscore(x[sel])
     return _shift_to_mean(1.0 / (1.0 + np.exp(-z)), space, keep_ratio)
 
 
