@@ -11,7 +11,6 @@ import copy
 import os
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -207,12 +206,3 @@ def load_pruned(path: str | Path, dtype: str = "float32", device: str = "cpu") -
     else:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     return model.to(device).eval()
-
-
-def timed_compact_and_save(model, space, mask, path, tokenizer=None) -> tuple[nn.Module, dict]:
-    t0 = time.perf_counter()
-    small = compact(model, space, mask)
-    t1 = time.perf_counter()
-    save_pruned(small, path, tokenizer)
-    t2 = time.perf_counter()
-    return small, {"compact_seconds": t1 - t0, "save_seconds": t2 - t1}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 import os
 import shutil
@@ -222,13 +221,3 @@ def load_model(
     if device_map is None:
         model = model.to(device)
     return model.eval(), tok
-
-
-def model_summary(model: nn.Module) -> dict:
-    return {"architecture": type(model).__name__, "params": sum(p.numel() for p in model.parameters())}
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
