@@ -16,6 +16,8 @@ budget (the paper's own value can be below the budget if its curve got there ear
 Estimators (``--estimators``; lr = the paper's lr times the factor that keeps the EXPECTED update per forward equal
 to the paper's: E[g] is K/(K-1)·∇ for ``ema`` and ∇ for ``loo``, one step costs K forwards, so ``loo`` gets K·lr and
 ``ema`` (K-1)·lr; ``...-lr1x`` keeps the paper's lr per step):
+  ours                 our default: ``configs/smollm2/135m_quickstart.yaml``'s mask space (channel blocks), method,
+                       K, baseline, sampling and lr, on the same 8 x 128-token forwards as every other row
   paper                K=2, EMA baseline (window 5), independent sampling, lr as configured (2e-3)
   loo-k4               K=4, leave-one-out baseline, lr x4
   loo-k8               K=8, leave-one-out baseline, lr x8
@@ -47,6 +49,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER_CONFIG = ROOT / "configs/smollm2/135m_paper.yaml"
+OURS_CONFIG = ROOT / "configs/smollm2/135m_quickstart.yaml"
+OURS = "ours"
 TARGET_RATIO = 0.33
 
 # name -> (K, baseline, sampling, lr factor); factor "match" = same expected update per forward as the paper
@@ -59,7 +63,7 @@ ESTIMATORS: dict[str, tuple[int, str, str, float | str]] = {
     "paper-antithetic": (2, "ema", "antithetic", 1.0),
     "ema-k8": (8, "ema", "independent", "match"),
 }
-DEFAULT = ["paper", "loo-k4", "loo-k8", "loo-k4-antithetic"]
+DEFAULT = ["paper", OURS, "loo-k4", "loo-k8", "loo-k4-antithetic"]
 FIELDS = ["estimator", "seed", "forwards", "steps", "eval_loss", "sample_loss_mean", "heads_changed",
           "channels_changed", "k", "baseline", "sampling", "lr", "wall_s"]
 
@@ -92,13 +96,31 @@ def append_row(path: Path, row: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------- runs
+class Arm:
+    """A mask space and the policy to search it with: the paper's space (every ESTIMATORS row) or our default's."""
+
+    def __init__(self, bench: "Bench", path: Path, overrides: list[str]):
+        from dataclasses import replace
+
+        from probprune import projection
+        from probprune.config import load_config
+        from probprune.pipeline import build_space, initial_probs
+
+        self.path, self.overrides = path, overrides
+        self.cfg = cfg = load_config(path, overrides)
+        self.space = space = build_space(cfg, bench.session.adapter, bench.session.stats)
+        self.init_probs = initial_probs(replace(bench.session, cfg=cfg, space=space))
+        self.init_mask = projection.final_mask(space, torch.as_tensor(self.init_probs), cfg.search.sparsity,
+                                               cfg.search.budget)
+
+
 class Bench:
-    """Model, data, eval blocks and the shared Wanda-sp init, loaded once."""
+    """Model, data, eval blocks, Wanda-sp statistics and the two mask spaces, loaded once."""
 
     def __init__(self, args: argparse.Namespace):
         from probprune.config import load_config
         from probprune.data import CalibrationData
-        from probprune.pipeline import initial_probs, prepare
+        from probprune.pipeline import prepare
         from probprune.scoring import collect_input_stats
 
         base = load_config(PAPER_CONFIG)
@@ -111,38 +133,42 @@ class Bench:
         self.eval_blocks = s.calib.blocks[perm[: args.eval_blocks].sort().values]  # [E, T]
         self.data = CalibrationData(s.calib.blocks[perm[args.eval_blocks:].sort().values], seed=self.cfg.seed)
         s.calib = self.data
-        cache = args.work / f"init_probs_eval{args.eval_blocks}.npy"
-        if cache.exists():
-            probs = np.load(cache)
-        else:
-            s.stats = collect_input_stats(s.adapter, self.data.first(self.cfg.search.init_blocks))
-            probs = initial_probs(s)
-            args.work.mkdir(parents=True, exist_ok=True)
-            np.save(cache, probs)
-        self.session, self.init_probs = s, probs
+        s.stats = collect_input_stats(s.adapter, self.data.first(self.cfg.search.init_blocks))
+        self.session = s
+        blocks = f"data.calib_blocks={self.cfg.data.calib_blocks}"
+        self.paper = Arm(self, PAPER_CONFIG, [blocks])
+        # our default, on the paper's tokens per forward (batch) and sparsity: only the search itself differs
+        self.ours = Arm(self, OURS_CONFIG, [blocks, f"search.batch_size={self.cfg.search.batch_size}",
+                                            f"search.sparsity={self.cfg.search.sparsity}"])
 
-    def eval_loss(self, mask: np.ndarray) -> float:
+    def eval_loss(self, space, mask: np.ndarray) -> float:
         from probprune.fastpath import gathered_losses
 
-        s = self.session
-        return float(gathered_losses(s.adapter, s.space, mask[None], self.eval_blocks)[0])
+        return float(gathered_losses(self.session.adapter, space, mask[None], self.eval_blocks)[0])
 
-    def changed(self, mask: np.ndarray, init_mask: np.ndarray) -> tuple[int, int]:
+    @staticmethod
+    def changed(arm: Arm, mask: np.ndarray) -> tuple[int, int]:
         """Units kept now but not in the init mask, per type (= units swapped in; the budget is exact)."""
-        t = self.session.space.unit_type
-        swapped = (mask > 0.5) & (init_mask < 0.5)
+        t = arm.space.unit_type
+        swapped = (mask > 0.5) & (arm.init_mask < 0.5)
         return int(swapped[t == 0].sum()), int(swapped[t == 1].sum())
 
 
 def run_estimator(bench: Bench, name: str, seed: int, args: argparse.Namespace, out_csv: Path) -> None:
-    from probprune import projection
+    from probprune.config import load_config
     from probprune.evaluators import LocalEvaluator
-    from probprune.policy import Policy
+    from probprune.pipeline import build_policy
     from probprune.search import run_search
 
     sc = bench.cfg.search
-    k, baseline, sampling, _ = ESTIMATORS[name]
-    lr = estimator_lr(name, sc.lr, sc.num_samples)
+    if name == OURS:
+        arm = bench.ours
+        oc = arm.cfg.search
+        k, baseline, sampling, lr = oc.num_samples, oc.baseline, oc.sampling, oc.lr
+    else:
+        arm = bench.paper
+        k, baseline, sampling, _ = ESTIMATORS[name]
+        lr = estimator_lr(name, sc.lr, sc.num_samples)
     if args.every % k or args.budget % args.every:
         raise SystemExit(f"--every ({args.every}) must be a multiple of K={k} ({name}) and divide --budget "
                          f"({args.budget})")
@@ -151,18 +177,19 @@ def run_estimator(bench: Bench, name: str, seed: int, args: argparse.Namespace, 
     if all(c * k in done for c in range(0, steps + 1, chunk)):
         print(f"{name} seed {seed}: done")
         return
-    space = bench.session.space
-    init_mask = projection.final_mask(space, torch.as_tensor(bench.init_probs), sc.sparsity, sc.budget)
+    space = arm.space
     meta = {"estimator": name, "seed": seed, "k": k, "baseline": baseline, "sampling": sampling, "lr": lr}
     if 0 not in done:
-        append_row(out_csv, {**meta, "forwards": 0, "steps": 0, "eval_loss": bench.eval_loss(init_mask),
+        append_row(out_csv, {**meta, "forwards": 0, "steps": 0, "eval_loss": bench.eval_loss(space, arm.init_mask),
                              "sample_loss_mean": math.nan, "heads_changed": 0, "channels_changed": 0, "wall_s": 0.0})
-    policy = Policy(space, bench.init_probs, lr=lr, total_steps=steps, sparsity=sc.sparsity,
-                    lr_schedule=sc.lr_schedule, baseline=baseline, ema_window=sc.ema_window,
-                    score_scaling=sc.score_scaling, sampling=sampling, budget=sc.budget, seed=seed)
+    cfg = load_config(arm.path, [*arm.overrides, f"search.steps={steps}", f"search.num_samples={k}",
+                                 f"search.baseline={baseline}", f"search.sampling={sampling}", f"search.lr={lr}",
+                                 f"seed={seed}"])
+    policy = build_policy(cfg, space, arm.init_probs, bench.session.adapter, bench.session.stats, bench.data)
     evaluator = LocalEvaluator(bench.session.model, space, fast_path=True)
     work = args.work / f"{name}_seed{seed}"
-    fingerprint = json.dumps({**meta, "budget": args.budget, "eval_blocks": args.eval_blocks})
+    fingerprint = json.dumps({**meta, "budget": args.budget, "eval_blocks": args.eval_blocks,
+                              "mask": vars(arm.cfg.mask), "method": arm.cfg.search.method})
     for stop in range(chunk, steps + 1, chunk):
         if stop * k in done:
             continue
@@ -175,8 +202,8 @@ def run_estimator(bench: Bench, name: str, seed: int, args: argparse.Namespace, 
             raise SystemExit(f"{work} holds a checkpoint at step {policy.step_count}, past step {stop} that "
                              f"{out_csv} lacks: delete that folder (or restore the CSV) and run again")
         mask = res.final_mask
-        heads, chans = bench.changed(mask, init_mask)
-        row = {**meta, "forwards": stop * k, "steps": stop, "eval_loss": bench.eval_loss(mask),
+        heads, chans = bench.changed(arm, mask)
+        row = {**meta, "forwards": stop * k, "steps": stop, "eval_loss": bench.eval_loss(space, mask),
                "sample_loss_mean": float(np.nanmean(losses)) if losses else math.nan,
                "heads_changed": heads, "channels_changed": chans, "wall_s": time.perf_counter() - t0}
         append_row(out_csv, row)
@@ -250,7 +277,7 @@ def markdown(summary: dict, args: argparse.Namespace, dense_loss: float | None, 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--estimators", nargs="+", default=DEFAULT, choices=list(ESTIMATORS))
+    ap.add_argument("--estimators", nargs="+", default=DEFAULT, choices=[OURS, *ESTIMATORS])
     ap.add_argument("--budget", type=int, default=160, help="forwards (masks scored) per run")
     ap.add_argument("--every", type=int, default=32, help="evaluate every this many forwards (a multiple of each K)")
     ap.add_argument("--eval-blocks", type=int, default=8, help="held-out calibration blocks for the eval loss")
@@ -263,6 +290,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args.out.mkdir(parents=True, exist_ok=True)
+    args.work.mkdir(parents=True, exist_ok=True)
     out_csv = args.out / "estimators.csv"
     names = ["paper"] + [n for n in args.estimators if n != "paper"]
     extra_path = args.work / "dense_loss.json"
@@ -270,7 +298,7 @@ def main() -> None:
     if not args.report_only:
         bench = Bench(args)
         if not extra_path.exists():
-            dense = float(bench.eval_loss(np.ones(bench.session.space.num_units, dtype=np.float32)))
+            dense = float(bench.eval_loss(bench.paper.space, np.ones(bench.paper.space.num_units, dtype=np.float32)))
             extra_path.write_text(json.dumps({"dense_eval_loss": dense}))
         for seed in args.seeds:
             for name in names:
@@ -281,6 +309,13 @@ def main() -> None:
             f"(paper preset: per-type budget, Wanda-sp init, batch 8 x 128, cosine lr over each run's "
             f"{args.budget} forwards), seeds {args.seeds}; eval on {args.eval_blocks} fixed held-out calibration "
             f"blocks every {args.every} forwards.")
+    if OURS in names:
+        from probprune.config import load_config
+
+        oc = load_config(OURS_CONFIG)
+        info += (f" **ours** = {OURS_CONFIG.relative_to(ROOT)}: {oc.search.method} search over head groups and "
+                 f"{oc.mask.channel_block}-channel blocks ({oc.mask.block_order} order), K={oc.search.num_samples}, "
+                 f"{oc.search.baseline} baseline, lr {oc.search.lr:g}.")
     md = markdown(summary, args, dense_loss, info)
     (args.out / "estimators.md").write_text(md)
     print(md)

@@ -23,13 +23,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINES = ["magnitude", "wanda-sp", "flap", "random", "shortgpt", "taylor"]
+BASE_CONFIG = "configs/smollm2/135m_quickstart.yaml"  # model, data and eval settings of the baselines
 PRESETS = {  # search presets: config file and a label
     "probprune-paper": "configs/smollm2/135m_paper.yaml",
-    "probprune-ours": "configs/smollm2/135m_quickstart.yaml",
+    "probprune-ours": BASE_CONFIG,
 }
 # Equal calibration budget for both searches: the paper preset scores 2 masks x 8 x 128 tokens per step, ours
 # 4 masks x 4 x 128, so the same number of steps is the same number of scored tokens (--steps, default 150).
-PRESET_OVERRIDES = {"probprune-paper": [], "probprune-ours": []}
 
 
 def job_name(method: str, sparsity: float, seed: int) -> str:
@@ -37,7 +37,11 @@ def job_name(method: str, sparsity: float, seed: int) -> str:
 
 
 def run_job(spec: dict) -> None:
-    """Runs inside the worker process: one pipeline call."""
+    """Runs inside the worker process: one pipeline call.
+
+    ``spec``: ``out``, ``threads``, ``overrides``, ``dense_ppl`` and either ``config`` (a search preset, run with
+    ``probprune prune``'s resume) or ``baseline`` (a method name for ``probprune baseline``, on ``BASE_CONFIG``).
+    """
     import torch
 
     torch.set_num_threads(spec["threads"])
@@ -45,15 +49,41 @@ def run_job(spec: dict) -> None:
     from probprune.pipeline import prune, run_baseline
 
     out = Path(spec["out"])
-    if spec["method"] in PRESETS:
-        cfg = load_config(ROOT / PRESETS[spec["method"]], [*PRESET_OVERRIDES[spec["method"]], *spec["overrides"]])
+    if spec.get("baseline") is None:
+        cfg = load_config(ROOT / spec["config"], spec["overrides"])
         prune(cfg, out, resume=True, progress=False, dense_ppl=spec.get("dense_ppl"))  # continues a killed search
     else:
         import shutil
 
         shutil.rmtree(out, ignore_errors=True)  # an unfinished baseline (no summary.json) simply runs again
-        cfg = load_config(ROOT / PRESETS["probprune-ours"], spec["overrides"])
-        run_baseline(cfg, spec["method"], out, progress=False, dense_ppl=spec.get("dense_ppl"))
+        cfg = load_config(ROOT / BASE_CONFIG, spec["overrides"])
+        run_baseline(cfg, spec["baseline"], out, progress=False, dense_ppl=spec.get("dense_ppl"))
+
+
+def run_jobs(script: str, out: Path, jobs: list[tuple[str, dict]], workers: int, threads: int) -> dict[str, str]:
+    """Run each (name, spec) job as ``python SCRIPT --out OUT --job SPEC`` in its own process, ``workers`` at a time.
+
+    Jobs whose folder holds a ``summary.json`` are skipped ("cached"); each job's log is ``OUT/runs/<name>.log``.
+    Returns name -> "ok" | "cached" | "FAILED ...".
+    """
+
+    def launch(item):
+        name, spec = item
+        if (Path(spec["out"]) / "summary.json").exists():
+            return name, "cached"
+        log = out / "runs" / f"{name}.log"
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
+        t = time.perf_counter()
+        with log.open("w") as f:
+            rc = subprocess.call([sys.executable, script, "--out", str(out), "--job", json.dumps(spec)],
+                                 stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        status = "ok" if rc == 0 else f"FAILED (rc {rc}, see {log})"
+        print(f"  {name}: {status} in {time.perf_counter() - t:.0f} s", flush=True)
+        return name, status
+
+    print(f"{len(jobs)} jobs, {workers} at a time", flush=True)
+    with ThreadPoolExecutor(workers) as pool:
+        return dict(pool.map(launch, jobs))
 
 
 def dense_reference(out: Path, common: list[str], threads: int) -> dict[str, float]:
@@ -66,7 +96,7 @@ def dense_reference(out: Path, common: list[str], threads: int) -> dict[str, flo
     from probprune.config import load_config
     from probprune.pipeline import evaluate_folder
 
-    cfg = load_config(ROOT / PRESETS["probprune-ours"], common)
+    cfg = load_config(ROOT / BASE_CONFIG, common)
     res = evaluate_folder(cfg)
     path.write_text(json.dumps(res["ppl"]))
     return res["ppl"]
@@ -108,26 +138,11 @@ def main() -> int:
                 name = job_name(m, sp, seed)
                 extra = search_common if m in PRESETS else []
                 spec = {"method": m, "out": str(out / "runs" / name), "threads": args.threads, "dense_ppl": dense,
-                        "overrides": [*common, *extra, f"search.sparsity={sp}", f"seed={seed}"]}
+                        "overrides": [*common, *extra, f"search.sparsity={sp}", f"seed={seed}"],
+                        **({"config": PRESETS[m]} if m in PRESETS else {"baseline": m})}
                 jobs.append((name, spec))
 
-    def launch(item):
-        name, spec = item
-        if (Path(spec["out"]) / "summary.json").exists():
-            return name, "cached"
-        log = out / "runs" / f"{name}.log"
-        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
-        t = time.perf_counter()
-        with log.open("w") as f:
-            rc = subprocess.call([sys.executable, __file__, "--out", str(out), "--job", json.dumps(spec)],
-                                 stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-        status = "ok" if rc == 0 else f"FAILED (rc {rc}, see {log})"
-        print(f"  {name}: {status} in {time.perf_counter() - t:.0f} s", flush=True)
-        return name, status
-
-    print(f"{len(jobs)} jobs, {args.workers} at a time", flush=True)
-    with ThreadPoolExecutor(args.workers) as pool:
-        statuses = dict(pool.map(launch, jobs))
+    statuses = run_jobs(__file__, out, jobs, args.workers, args.threads)
     write_results(out, jobs, statuses, time.perf_counter() - t0)
     return 0 if all(s in ("ok", "cached") for s in statuses.values()) else 1
 

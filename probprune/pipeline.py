@@ -65,20 +65,51 @@ def prepare(cfg: Config, need_stats: bool = True) -> Session:
     )
     test_tokens = test_stream(tok, corpus)
     stats = None
-    perm = None
     if need_stats and (cfg.search.init == "wanda" or cfg.mask.block_order == "metric"):
-        from .scoring import collect_input_stats, rank_channels
+        from .scoring import collect_input_stats
 
-        n = min(cfg.search.init_blocks, len(calib))
-        stats = collect_input_stats(adapter, calib.first(n))
-        if cfg.mask.block_order == "metric" and cfg.mask.channel_block > 1:
-            perm = rank_channels(adapter, stats)
-    space = adapter.mask_space(
+        stats = collect_input_stats(adapter, calib.first(min(cfg.search.init_blocks, len(calib))))
+    space = build_space(cfg, adapter, stats)
+    log.info("prepared model, data and mask space in %.1f s", time.perf_counter() - t0)
+    return Session(cfg, model, tok, adapter, calib, test_tokens, space, stats)
+
+
+def build_space(cfg: Config, adapter: LlamaAdapter, stats: dict | None) -> MaskSpace:
+    """The mask space of ``cfg.mask``; metric-ordered channel blocks are formed from ``stats`` (Wanda-sp ranking)."""
+    perm = None
+    if cfg.mask.block_order == "metric" and cfg.mask.channel_block > 1 and stats is not None:
+        from .scoring import rank_channels
+
+        perm = rank_channels(adapter, stats)
+    return adapter.mask_space(
         heads=cfg.mask.heads, channels=cfg.mask.channels, layers=cfg.mask.layers,
         channel_block=cfg.mask.channel_block, channel_perm=perm,
     )
-    log.info("prepared model, data and mask space in %.1f s", time.perf_counter() - t0)
-    return Session(cfg, model, tok, adapter, calib, test_tokens, space, stats)
+
+
+def build_policy(cfg: Config, space: MaskSpace, init_probs: np.ndarray, adapter: LlamaAdapter,
+                 stats: dict | None, calib: CalibrationData):
+    """The search policy of ``cfg.search`` (unit :class:`Policy` or :class:`AllocationPolicy`), from ``init_probs``.
+
+    The allocation policy ranks units inside each group by Wanda-sp; ``stats`` are collected from ``calib`` if None.
+    """
+    sc = cfg.search
+    if sc.method == "allocation":
+        from .allocation import AllocationPolicy
+        from .scoring import collect_input_stats, wanda_sp_scores
+
+        if stats is None:
+            stats = collect_input_stats(adapter, calib.first(min(sc.init_blocks, len(calib))))
+        return AllocationPolicy(
+            space, wanda_sp_scores(adapter, space, stats), probs=init_probs, lr=sc.lr, total_steps=sc.steps,
+            sparsity=sc.sparsity, lr_schedule=sc.lr_schedule, baseline=sc.baseline, ema_window=sc.ema_window,
+            score_scaling=sc.score_scaling, budget=sc.budget, seed=cfg.seed,
+        )
+    return Policy(
+        space, init_probs, lr=sc.lr, total_steps=sc.steps, sparsity=sc.sparsity, lr_schedule=sc.lr_schedule,
+        baseline=sc.baseline, ema_window=sc.ema_window, score_scaling=sc.score_scaling, sampling=sc.sampling,
+        budget=sc.budget, seed=cfg.seed,
+    )
 
 
 def initial_probs(s: Session) -> np.ndarray:
@@ -180,23 +211,7 @@ def prune(cfg: Config, output: str | Path, resume: bool = False, progress: bool 
     gc.collect()
     timings["eval_init"] = time.perf_counter() - t
 
-    if sc.method == "allocation":
-        from .allocation import AllocationPolicy
-        from .scoring import collect_input_stats, wanda_sp_scores
-
-        stats = s.stats if s.stats is not None else collect_input_stats(
-            s.adapter, s.calib.first(min(sc.init_blocks, len(s.calib))))
-        policy = AllocationPolicy(
-            space, wanda_sp_scores(s.adapter, space, stats), probs=init_probs, lr=sc.lr, total_steps=sc.steps,
-            sparsity=sc.sparsity, lr_schedule=sc.lr_schedule, baseline=sc.baseline, ema_window=sc.ema_window,
-            score_scaling=sc.score_scaling, budget=sc.budget, seed=cfg.seed,
-        )
-    else:
-        policy = Policy(
-            space, init_probs, lr=sc.lr, total_steps=sc.steps, sparsity=sc.sparsity, lr_schedule=sc.lr_schedule,
-            baseline=sc.baseline, ema_window=sc.ema_window, score_scaling=sc.score_scaling, sampling=sc.sampling,
-            budget=sc.budget, seed=cfg.seed,
-        )
+    policy = build_policy(cfg, space, init_probs, s.adapter, s.stats, s.calib)
     evaluator = build_evaluator(cfg, s.model, space)
     if hasattr(evaluator, "estimate") and sc.steps > 20:  # a cluster run: say what it will cost before it starts
         log.info("%s", evaluator.estimate(s.calib.batch(0, sc.batch_size), steps=sc.steps,

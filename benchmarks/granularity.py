@@ -1,0 +1,132 @@
+"""Which granularity can a short search learn? Channel blocks and allocation search vs the paper's single channels.
+
+SmolLM2-135M at 50 % prunable sparsity (per-type budget: half of the head groups, half of the MLP channels), every
+variant from the same Wanda-sp init, with the quickstart's number of forwards (masks scored): 600. Variants
+(``--variants``; each is a search config plus overrides):
+
+  paper          configs/smollm2/135m_paper.yaml, single channels, K=2, EMA baseline, 8 x 128 tokens per forward,
+                 300 steps = 600 forwards (twice the tokens of the others: the reference gets the larger budget)
+  units-1        the quickstart preset with single channels (channel_block 1), K=4, leave-one-out, 4 x 128 tokens,
+                 150 steps = 600 forwards
+  blocks-32/64/128  the same with channel blocks of 32/64/128 channels formed by the Wanda-sp ranking in each layer
+                 (``mask.block_order=metric``)
+  allocation     the same forwards, ``search.method=allocation``: 60 keep fractions (heads and channels of 30 layers),
+                 the metric ranks units inside each layer
+
+Held-out perplexity (Brown test split, ``--max-tokens`` tokens per window length) of each final model; the ratio
+"÷ paper" is the issue's target (best of blocks / allocation ≤ 0.67). Jobs run as in ``benchmarks/quality.py``:
+one process per job (``--threads`` torch threads, ``--workers`` at a time), written to ``OUT/runs/<variant>/`` as
+``probprune prune`` writes it, finished jobs skipped (an interrupted run continues).
+
+    python benchmarks/granularity.py --out benchmarks/results/granularity
+
+Writes ``OUT/granularity.csv`` and ``OUT/granularity.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from quality import ROOT, dense_reference, run_job, run_jobs
+
+QUICKSTART = "configs/smollm2/135m_quickstart.yaml"
+PAPER = "configs/smollm2/135m_paper.yaml"
+TARGET = 0.67
+
+
+def _blocks(n: int) -> list[str]:
+    return [f"mask.channel_block={n}", "mask.block_order=metric"]
+
+
+# name -> (config, overrides, what the mask space holds)
+VARIANTS: dict[str, tuple[str, list[str], str]] = {
+    "paper": (PAPER, ["search.steps=300"], "heads + single channels"),
+    "units-1": (QUICKSTART, [], "heads + single channels"),
+    "blocks-32": (QUICKSTART, _blocks(32), "heads + 32-channel blocks"),
+    "blocks-64": (QUICKSTART, _blocks(64), "heads + 64-channel blocks"),
+    "blocks-128": (QUICKSTART, _blocks(128), "heads + 128-channel blocks"),
+    "allocation": (QUICKSTART, ["search.method=allocation", "search.lr=0.1"], "60 per-layer keep fractions"),
+}
+
+
+def report(out: Path, names: list[str], max_tokens: int, wall: float) -> str:
+    import pandas as pd
+
+    rows = []
+    for name in names:
+        p = out / "runs" / name / "summary.json"
+        if not p.exists():
+            continue
+        s = json.loads(p.read_text())
+        lens = sorted(s["pruned_ppl"], key=int)
+        rows.append({
+            "variant": name, "units": VARIANTS[name][2], "forwards": s["search"]["forwards"],
+            "tokens_scored": s["calibration"]["tokens_scored"],
+            **{f"ppl_{n}": s["pruned_ppl"][n] for n in lens},
+            **{f"init_ppl_{n}": s["init_ppl"][n] for n in lens},
+            "prunable_sparsity": s["sparsity"]["prunable"], "search_s": s["timings"]["search"],
+        })
+    df = pd.DataFrame(rows)
+    df.to_csv(out / "granularity.csv", index=False)
+    lens = sorted((c.split("_")[1] for c in df.columns if c.startswith("ppl_")), key=int)
+    paper = df[df["variant"] == "paper"]
+    lines = [f"SmolLM2-135M, 50 % of head groups and of MLP channels, Wanda-sp init, seed 0; held-out Brown, "
+             f"{max_tokens} tokens per window length. init PPL = the variant's init-only mask (Wanda-sp ranking in "
+             f"its own mask space), before any search.", "",
+             f"| variant | mask units | forwards | tokens scored | init PPL@{lens[0]} | "
+             + " | ".join(f"PPL@{n}" for n in lens) + " | " + " | ".join(f"÷ paper @{n}" for n in lens)
+             + " | search s |",
+             "|---|---|---:|---:|---:|" + "---:|" * (2 * len(lens)) + "---:|"]
+    for _, r in df.iterrows():
+        ratios = [f"{r[f'ppl_{n}'] / paper[f'ppl_{n}'].iloc[0]:.2f}" if len(paper) else "" for n in lens]
+        lines.append(f"| {r['variant']} | {r['units']} | {r['forwards']} | {r['tokens_scored']:,} | "
+                     f"{r[f'init_ppl_{lens[0]}']:.1f} | "
+                     + " | ".join(f"{r[f'ppl_{n}']:.1f}" for n in lens) + " | " + " | ".join(ratios)
+                     + f" | {r['search_s']:.0f} |")
+    cands = df[df["variant"].str.startswith(("blocks", "allocation"))]
+    if len(paper) and len(cands):
+        key = f"ppl_{lens[0]}"
+        best = cands.loc[cands[key].idxmin()]
+        ratio = best[key] / paper[key].iloc[0]
+        lines += ["", f"Best of blocks / allocation: **{best['variant']}**, PPL@{lens[0]} ÷ paper = **{ratio:.2f}** "
+                  f"(target ≤ {TARGET}: {'met' if ratio <= TARGET else 'not met'})."]
+    lines.append(f"\nwall time of this benchmark run: {wall / 60:.1f} min")
+    md = "\n".join(lines) + "\n"
+    (out / "granularity.md").write_text(md)
+    return md
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per job")
+    ap.add_argument("--max-tokens", type=int, default=16384, help="held-out tokens per window length")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--job", help=argparse.SUPPRESS)
+    ap.add_argument("overrides", nargs="*", help="extra config overrides for every job")
+    args = ap.parse_args()
+    if args.job:
+        run_job(json.loads(args.job))
+        return 0
+    out = args.out.resolve()
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    common = [f"eval.max_tokens={args.max_tokens}", f"seed={args.seed}", "search.sparsity=0.5", *args.overrides]
+    t0 = time.perf_counter()
+    dense = dense_reference(out, common, max(args.threads, 2))
+    print(f"dense perplexity: {dense}", flush=True)
+    jobs = [(name, {"out": str(out / "runs" / name), "threads": args.threads, "dense_ppl": dense,
+                    "config": VARIANTS[name][0], "overrides": [*common, *VARIANTS[name][1]]})
+            for name in args.variants]
+    statuses = run_jobs(__file__, out, jobs, args.workers, args.threads)
+    print(report(out, args.variants, args.max_tokens, time.perf_counter() - t0))
+    return 0 if all(s in ("ok", "cached") for s in statuses.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
