@@ -26,6 +26,8 @@ Usage (full run, ≈ 10–20 min on 2 CPU cores; on a GPU add ``--device cuda``)
     python benchmarks/inference.py --dtype bfloat16 --threads 2 --align 64 --out benchmarks/results/inference.json
 Smoke test (seconds):
     python benchmarks/inference.py --quick
+Markdown from a saved JSON:
+    python benchmarks/inference.py --report benchmarks/results/inference_cpu_bf16.json
 """
 
 from __future__ import annotations
@@ -109,7 +111,24 @@ def build_rows(args: argparse.Namespace, model: nn.Module, tokenizer, device: to
                           "widths": sorted(set(channel_widths(space, m))),
                           "heads_kept": int(m[space.unit_type == 0].sum()),
                           "prunable_sparsity": space.sparsity(m)["prunable"]}
+    for folder in args.models:
+        rows.update(saved_row(folder, args, device))
     return rows
+
+
+def saved_row(folder: Path, args: argparse.Namespace, device: torch.device) -> dict[str, dict]:
+    """A row for a model folder written by ``probprune prune`` (``RUN/model``; its ``RUN/summary.json`` names it)."""
+    import json as _json
+
+    from probprune.compaction import load_pruned
+
+    small = load_pruned(folder, dtype=args.dtype, device=str(device))
+    widths = [getattr(getattr(layer.mlp, "down_proj", None), "in_features", 0) for layer in get_adapter(small).layers]
+    summary = folder.parent / "summary.json"
+    sparsity = _json.loads(summary.read_text())["sparsity"]["prunable"] if summary.exists() else float("nan")
+    return {f"{folder.parent.name} (searched)": {
+        "model": small, "params": count_params(small), "layer_params": layer_params(small),
+        "widths": sorted(set(widths)), "heads_kept": None, "prunable_sparsity": sparsity}}
 
 
 # --------------------------------------------------------------------------------------------------- main
@@ -172,29 +191,40 @@ def run(args: argparse.Namespace) -> dict:
     }
 
 
-def print_table(res: dict) -> None:
+TARGET_FRACTION = 0.9  # prefill speed-up of the 50 % model >= this x its parameter-ratio limit
+
+
+def markdown(res: dict) -> str:
+    """The results as a markdown table, with the memory rows and the prefill target line."""
     works = [k for k in res["rows"][0] if k.startswith(("prefill", "decode"))]
-    print(f"{res['model']} ({res['dtype']}, {res['device']}, {res['threads']} threads); median of {res['repeats']} "
-          f"after {res['warmup']} warm-up round(s); prefill with logits_to_keep=1; decode after a "
-          f"{res['prompt_len']}-token prompt, batch 1; memory: {res['memory_method']}")
-    head = f"{'row':<18} {'params':>8} {'limit':>6} {'(layers)':>8} {'MLP widths':>14}"
-    for w in works:
-        head += f" | {w + ' tok/s':>22} {'x':>5}"
-    print(head)
+    lines = [f"{res['model']} ({res['dtype']}, {res['device']}, {res['threads']} threads); median of "
+             f"{res['repeats']} after {res['warmup']} warm-up round(s); prefill with logits_to_keep=1; decode after a "
+             f"{res['prompt_len']}-token prompt, batch 1; 'pruned' / 'aligned' rows: budget-exact {res['mask_method']} "
+             f"masks; '(searched)' rows: models saved by probprune prune; memory: {res['memory_method']}.", "",
+             "| row | params | limit (total) | limit (layers) | MLP widths | "
+             + " | ".join(f"{w} tok/s | ×" for w in works) + " |",
+             "|---|---:|---:|---:|---|" + "---:|---:|" * len(works)]
     for r in res["rows"]:
         widths = "-" if r["mlp_widths"] is None else (
             f"{r['mlp_widths'][0]}" if len(r["mlp_widths"]) == 1 else f"{r['mlp_widths'][0]}..{r['mlp_widths'][-1]}")
-        line = (f"{r['row']:<18} {r['params'] / 1e6:>7.1f}M {r['limit_total']:>6.2f} {r['limit_layers']:>8.2f} "
-                f"{widths:>14}")
-        for w in works:
-            line += f" | {r[w]['tokens_per_s']:>22,.0f} {r[w]['speedup']:>5.2f}"
-        print(line)
-    print("peak extra memory above the weights (MiB):")
+        lines.append(f"| {r['row']} | {r['params'] / 1e6:.1f}M | {r['limit_total']:.2f} | {r['limit_layers']:.2f} | "
+                     f"{widths} | " + " | ".join(f"{r[w]['tokens_per_s']:,.0f} | {r[w]['speedup']:.2f}" for w in works)
+                     + " |")
+    lines += ["", "Peak extra memory above the weights (MiB):", ""]
     for r in res["rows"]:
         mem = ", ".join(f"{w}: {r[w]['peak_extra_mib']:.0f}" for w in works if "peak_extra_mib" in r[w])
-        print(f"  {r['row']:<18} weights {r['weights_mib']:.0f}; {mem}")
-    print("x = speedup over dense (wall time); compare with limit = dense params / pruned params "
-          "(total; 'layers' without embedding and lm_head)")
+        lines.append(f"- {r['row']}: weights {r['weights_mib']:.0f}; {mem}")
+    lines += ["", "× = speed-up over dense (median wall time); limit = dense params ÷ pruned params (total; "
+              "'layers' without the embedding and tied lm_head, the bound for prefill with logits_to_keep=1)."]
+    for r in res["rows"]:
+        if abs(r["prunable_sparsity"] - 0.5) > 0.01:
+            continue
+        for w in (w for w in works if w.startswith("prefill")):
+            need = TARGET_FRACTION * r["limit_total"]
+            lines.append(f"- {r['row']}, {w}: {r[w]['speedup']:.2f} vs {TARGET_FRACTION} × limit (total) = {need:.2f}: "
+                         f"{'met' if r[w]['speedup'] >= need else 'not met'} ({r[w]['speedup'] / r['limit_layers']:.2f}"
+                         f" of the layers-only limit)")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -203,7 +233,10 @@ def main() -> None:
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--sparsity", type=float, nargs="+", default=[0.3, 0.5], help="prunable sparsities")
+    p.add_argument("--sparsity", type=float, nargs="*", default=[0.3, 0.5],
+                   help="prunable sparsities of the Wanda-sp rows (none: only --models)")
+    p.add_argument("--models", type=Path, nargs="*", default=[],
+                   help="also time these saved pruned models (RUN/model folders written by probprune prune)")
     p.add_argument("--align", type=int, default=1, help="also time MLP widths aligned to this many channels")
     p.add_argument("--mask-method", default="wanda-sp", choices=["wanda-sp", "magnitude"])
     p.add_argument("--calib-blocks", type=int, default=8, help="128-token Brown blocks for the Wanda-sp masks")
@@ -214,7 +247,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--quick", action="store_true", help="tiny settings to check that everything runs (seconds)")
-    p.add_argument("--out", type=Path, default=None, help="also write the results as JSON")
+    p.add_argument("--out", type=Path, default=None, help="also write the results as JSON (and .md beside it)")
+    p.add_argument("--report", type=Path, default=None, help="rebuild the .md from this JSON; measure nothing")
     args = p.parse_args()
     if args.quick:
         args.seq_len, args.batches, args.decode_tokens, args.prompt_len = 64, [1, 2], 8, 16
@@ -222,12 +256,19 @@ def main() -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    res = run(args)
-    print_table(res)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(res, indent=2) + "\n")
-        print(f"wrote {args.out}")
+    if args.report is not None:
+        res = json.loads(args.report.read_text())
+    else:
+        res = run(args)
+    md = markdown(res)
+    print(md)
+    out = args.out or args.report
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if args.report is None:
+            out.write_text(json.dumps(res, indent=2) + "\n")
+        out.with_suffix(".md").write_text(md)
+        print(f"wrote {out} and {out.with_suffix('.md')}")
 
 
 if __name__ == "__main__":

@@ -24,9 +24,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 BASELINES = ["magnitude", "wanda-sp", "flap", "random", "shortgpt", "taylor"]
 BASE_CONFIG = "configs/smollm2/135m_quickstart.yaml"  # model, data and eval settings of the baselines
-PRESETS = {  # search presets: config file and a label
-    "probprune-paper": "configs/smollm2/135m_paper.yaml",
-    "probprune-ours": BASE_CONFIG,
+PRESETS = {  # search presets: label -> (config file, overrides)
+    "probprune-paper": ("configs/smollm2/135m_paper.yaml", []),
+    "probprune-ours": (BASE_CONFIG, []),
+    "probprune-ours-ch1": (BASE_CONFIG, ["mask.channel_block=1", "mask.block_order=index"]),  # single channels
 }
 # Equal calibration budget for both searches: the paper preset scores 2 masks x 8 x 128 tokens per step, ours
 # 4 masks x 4 x 128, so the same number of steps is the same number of scored tokens (--steps, default 150).
@@ -138,8 +139,9 @@ def main() -> int:
                 name = job_name(m, sp, seed)
                 extra = search_common if m in PRESETS else []
                 spec = {"method": m, "out": str(out / "runs" / name), "threads": args.threads, "dense_ppl": dense,
-                        "overrides": [*common, *extra, f"search.sparsity={sp}", f"seed={seed}"],
-                        **({"config": PRESETS[m]} if m in PRESETS else {"baseline": m})}
+                        "overrides": [*common, *extra, *PRESETS.get(m, (None, []))[1], f"search.sparsity={sp}",
+                                      f"seed={seed}"],
+                        **({"config": PRESETS[m][0]} if m in PRESETS else {"baseline": m})}
                 jobs.append((name, spec))
 
     statuses = run_jobs(__file__, out, jobs, args.workers, args.threads)

@@ -52,6 +52,7 @@ def test_quickstart_values():
     assert (cfg.model.name_or_path, cfg.model.dtype) == ("embedded:smollm2-135m", "bfloat16")
     assert (cfg.data.source, cfg.data.block_len) == ("brown", 128)
     assert (cfg.mask.heads, cfg.mask.channels, cfg.mask.layers) == (True, True, False)
+    assert (cfg.mask.channel_block, cfg.mask.block_order) == (128, "metric")  # benchmarks/results/granularity
     s = cfg.search
     assert (s.sparsity, s.budget, s.steps, s.num_samples, s.batch_size, s.lr, s.baseline, s.init) == (
         0.5, "per_type", 150, 4, 4, 0.02, "loo", "wanda"
