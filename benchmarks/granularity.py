@@ -18,7 +18,8 @@ Held-out perplexity (Brown test split, ``--max-tokens`` tokens per window length
 one process per job (``--threads`` torch threads, ``--workers`` at a time), written to ``OUT/runs/<variant>/`` as
 ``probprune prune`` writes it, finished jobs skipped (an interrupted run continues).
 
-    python benchmarks/granularity.py --out benchmarks/results/granularity
+    python benchmarks/granularity.py --out benchmarks/results/granularity                 # one run each (seed 0)
+    python benchmarks/granularity.py --out benchmarks/results/granularity --seeds 0 1 2   # adds seeds 1 and 2
 
 Writes ``OUT/granularity.csv`` and ``OUT/granularity.md``.
 """
@@ -53,48 +54,67 @@ VARIANTS: dict[str, tuple[str, list[str], str]] = {
 }
 
 
-def report(out: Path, names: list[str], max_tokens: int, wall: float) -> str:
+def job_name(variant: str, seed: int) -> str:
+    return f"{variant}_seed{seed}"
+
+
+def report(out: Path, max_tokens: int, wall: float) -> str:
+    """granularity.csv (one row per finished run under ``OUT/runs``, whichever variants and seeds ran) and
+    granularity.md (per variant: mean over seeds, range, mean per-seed ratio ÷ paper)."""
     import pandas as pd
 
     rows = []
-    for name in names:
-        p = out / "runs" / name / "summary.json"
-        if not p.exists():
-            continue
-        s = json.loads(p.read_text())
-        lens = sorted(s["pruned_ppl"], key=int)
-        rows.append({
-            "variant": name, "units": VARIANTS[name][2], "forwards": s["search"]["forwards"],
-            "tokens_scored": s["calibration"]["tokens_scored"],
-            **{f"ppl_{n}": s["pruned_ppl"][n] for n in lens},
-            **{f"init_ppl_{n}": s["init_ppl"][n] for n in lens},
-            "prunable_sparsity": s["sparsity"]["prunable"], "search_s": s["timings"]["search"],
-        })
+    for name in VARIANTS:
+        for p in sorted(out.glob(f"runs/{name}_seed*/summary.json")):
+            seed = int(p.parent.name.rsplit("_seed", 1)[1])
+            s = json.loads(p.read_text())
+            rows.append({
+                "variant": name, "seed": seed, "units": VARIANTS[name][2], "forwards": s["search"]["forwards"],
+                "tokens_scored": s["calibration"]["tokens_scored"],
+                **{f"ppl_{n}": v for n, v in s["pruned_ppl"].items()},
+                **{f"init_ppl_{n}": v for n, v in s["init_ppl"].items()},
+                "prunable_sparsity": s["sparsity"]["prunable"], "search_s": s["timings"]["search"],
+                "wall_s": s["wall_seconds"],
+            })
     df = pd.DataFrame(rows)
     df.to_csv(out / "granularity.csv", index=False)
     lens = sorted((c.split("_")[1] for c in df.columns if c.startswith("ppl_")), key=int)
-    paper = df[df["variant"] == "paper"]
-    lines = [f"SmolLM2-135M, 50 % of head groups and of MLP channels, Wanda-sp init, seed 0; held-out Brown, "
-             f"{max_tokens} tokens per window length. init PPL = the variant's init-only mask (Wanda-sp ranking in "
-             f"its own mask space), before any search.", "",
-             f"| variant | mask units | forwards | tokens scored | init PPL@{lens[0]} | "
+    g = df.groupby("variant", sort=False)
+    paper_seed = {int(r["seed"]): r for _, r in df[df["variant"] == "paper"].iterrows()}
+    lines = [f"SmolLM2-135M, 50 % of head groups and of MLP channels, Wanda-sp init; held-out Brown, {max_tokens} "
+             f"tokens per window length; seeds {sorted(df['seed'].unique().tolist())}. init PPL = the variant's init-only mask (Wanda-sp ranking in "
+             f"its own mask space), before any search. PPL: mean over seeds (min–max); ÷ paper: the mean of the "
+             f"per-seed ratios (same seed ÷ paper preset), seed 0 alone in brackets.", "",
+             f"| variant | mask units | forwards | tokens scored | seeds | init PPL@{lens[0]} | "
              + " | ".join(f"PPL@{n}" for n in lens) + " | " + " | ".join(f"÷ paper @{n}" for n in lens)
              + " | search s |",
-             "|---|---|---:|---:|---:|" + "---:|" * (2 * len(lens)) + "---:|"]
-    for _, r in df.iterrows():
-        ratios = [f"{r[f'ppl_{n}'] / paper[f'ppl_{n}'].iloc[0]:.2f}" if len(paper) else "" for n in lens]
-        lines.append(f"| {r['variant']} | {r['units']} | {r['forwards']} | {r['tokens_scored']:,} | "
-                     f"{r[f'init_ppl_{lens[0]}']:.1f} | "
-                     + " | ".join(f"{r[f'ppl_{n}']:.1f}" for n in lens) + " | " + " | ".join(ratios)
-                     + f" | {r['search_s']:.0f} |")
-    cands = df[df["variant"].str.startswith(("blocks", "allocation"))]
-    if len(paper) and len(cands):
-        key = f"ppl_{lens[0]}"
-        best = cands.loc[cands[key].idxmin()]
-        ratio = best[key] / paper[key].iloc[0]
-        lines += ["", f"Best of blocks / allocation: **{best['variant']}**, PPL@{lens[0]} ÷ paper = **{ratio:.2f}** "
-                  f"(target ≤ {TARGET}: {'met' if ratio <= TARGET else 'not met'})."]
-    lines.append(f"\nwall time of this benchmark run: {wall / 60:.1f} min")
+             "|---|---|---:|---:|---:|---:|" + "---:|" * (2 * len(lens)) + "---:|"]
+    ratio = {}
+    for name, grp in g:
+        cells = []
+        for n in lens:
+            v = grp[f"ppl_{n}"]
+            cells.append(f"{v.mean():.1f}" + (f" ({v.min():.1f}–{v.max():.1f})" if len(v) > 1 else ""))
+        rcells = []
+        for n in lens:
+            per = {int(r["seed"]): r[f"ppl_{n}"] / paper_seed[int(r["seed"])][f"ppl_{n}"]
+                   for _, r in grp.iterrows() if int(r["seed"]) in paper_seed}
+            ratio[(name, n)] = (sum(per.values()) / len(per), per.get(0)) if per else (None, None)
+            mean, first = ratio[(name, n)]
+            rcells.append("" if mean is None else f"{mean:.2f}" + (f" ({first:.2f})" if len(per) > 1 and first
+                                                                      is not None else ""))
+        r0 = grp.iloc[0]
+        lines.append(f"| {name} | {r0['units']} | {r0['forwards']} | {r0['tokens_scored']:,} | {len(grp)} | "
+                     f"{grp[f'init_ppl_{lens[0]}'].mean():.1f} | " + " | ".join(cells) + " | " + " | ".join(rcells)
+                     + f" | {grp['search_s'].mean():.0f} |")
+    cands = [(ratio[(n, lens[0])][0], n) for n in g.groups if n.startswith(("blocks", "allocation"))
+             and ratio.get((n, lens[0]), (None,))[0] is not None]
+    if cands:
+        best, name = min(cands)
+        lines += ["", f"Best of blocks / allocation: **{name}**, PPL@{lens[0]} ÷ paper = **{best:.2f}** "
+                  f"(target ≤ {TARGET}: {'met' if best <= TARGET else 'not met'})."]
+    lines.append(f"\nwall time of the runs (each in its own process): {df['wall_s'].sum() / 60:.1f} min in all; "
+                 f"this invocation: {wall / 60:.1f} min")
     md = "\n".join(lines) + "\n"
     (out / "granularity.md").write_text(md)
     return md
@@ -107,7 +127,7 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per job")
     ap.add_argument("--max-tokens", type=int, default=16384, help="held-out tokens per window length")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="search seeds (each variant runs once per seed)")
     ap.add_argument("--job", help=argparse.SUPPRESS)
     ap.add_argument("overrides", nargs="*", help="extra config overrides for every job")
     args = ap.parse_args()
@@ -116,15 +136,16 @@ def main() -> int:
         return 0
     out = args.out.resolve()
     (out / "runs").mkdir(parents=True, exist_ok=True)
-    common = [f"eval.max_tokens={args.max_tokens}", f"seed={args.seed}", "search.sparsity=0.5", *args.overrides]
+    common = [f"eval.max_tokens={args.max_tokens}", "search.sparsity=0.5", *args.overrides]
     t0 = time.perf_counter()
     dense = dense_reference(out, common, max(args.threads, 2))
     print(f"dense perplexity: {dense}", flush=True)
-    jobs = [(name, {"out": str(out / "runs" / name), "threads": args.threads, "dense_ppl": dense,
-                    "config": VARIANTS[name][0], "overrides": [*common, *VARIANTS[name][1]]})
-            for name in args.variants]
+    jobs = [(job_name(name, seed), {"out": str(out / "runs" / job_name(name, seed)), "threads": args.threads,
+                                     "dense_ppl": dense, "config": VARIANTS[name][0],
+                                     "overrides": [*common, *VARIANTS[name][1], f"seed={seed}"]})
+            for seed in args.seeds for name in args.variants]
     statuses = run_jobs(__file__, out, jobs, args.workers, args.threads)
-    print(report(out, args.variants, args.max_tokens, time.perf_counter() - t0))
+    print(report(out, args.max_tokens, time.perf_counter() - t0))
     return 0 if all(s in ("ok", "cached") for s in statuses.values()) else 1
 
 
