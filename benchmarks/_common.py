@@ -6,7 +6,6 @@ The scripts run as ``python benchmarks/<name>.py``, which puts this folder on ``
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import os
 import platform
@@ -17,6 +16,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from probprune.heap import release_freed_heap
 from probprune.masks import CHANNEL, HEAD, MaskSpace
 
 
@@ -97,10 +97,7 @@ def status_kb(key: str) -> int:
 def trim_heap() -> None:
     """Collect garbage and return freed heap to the OS, so RSS reflects live memory."""
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    release_freed_heap()
 
 
 class PeakMemory:
