@@ -28,6 +28,8 @@ PRESETS = {  # search presets: label -> (config file, overrides)
     "probprune-paper": ("configs/smollm2/135m_paper.yaml", []),
     "probprune-ours": (BASE_CONFIG, []),
     "probprune-ours-ch1": (BASE_CONFIG, ["mask.channel_block=1", "mask.block_order=index"]),  # single channels
+    # whole decoder layers as units too, all competing for one parameter budget (what ShortGPT removes)
+    "probprune-ours-layers": (BASE_CONFIG, ["mask.layers=true", "search.budget=params"]),
 }
 # Equal calibration budget for both searches: the paper preset scores 2 masks x 8 x 128 tokens per step, ours
 # 4 masks x 4 x 128, so the same number of steps is the same number of scored tokens (--steps, default 150).
@@ -114,6 +116,7 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=8192, help="held-out tokens per window length")
     ap.add_argument("--steps", type=int, default=150, help="search steps of both presets (equal scored tokens)")
     ap.add_argument("--quick", action="store_true", help="20 search steps, 2048 eval tokens, 0.5 only, one seed")
+    ap.add_argument("--report-only", action="store_true", help="rebuild csv/md/png from the finished jobs; run nothing")
     ap.add_argument("--job", help=argparse.SUPPRESS)
     ap.add_argument("overrides", nargs="*", help="extra config overrides for every job")
     args = ap.parse_args()
@@ -144,7 +147,10 @@ def main() -> int:
                         **({"config": PRESETS[m][0]} if m in PRESETS else {"baseline": m})}
                 jobs.append((name, spec))
 
-    statuses = run_jobs(__file__, out, jobs, args.workers, args.threads)
+    if args.report_only:
+        statuses = {name: "cached" for name, _ in jobs}
+    else:
+        statuses = run_jobs(__file__, out, jobs, args.workers, args.threads)
     write_results(out, jobs, statuses, time.perf_counter() - t0)
     return 0 if all(s in ("ok", "cached") for s in statuses.values()) else 1
 
@@ -210,7 +216,8 @@ def write_results(out: Path, jobs, statuses, wall: float) -> None:
     for sp, ratio, best in ratios:
         lines.append(f"- sparsity {sp:.0%}: probprune-ours ÷ best baseline ({best}) at {key.replace('ppl_', 'PPL@')} = "
                      f"{ratio:.3f}")
-    lines.append(f"\nwall time of this benchmark run: {wall / 60:.1f} min")
+    lines.append(f"\nwall time of the runs (each in its own process): {df['wall_seconds'].sum() / 60:.1f} min in all; "
+                 f"this invocation: {wall / 60:.1f} min")
     (out / "quality.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     try:
