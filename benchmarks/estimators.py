@@ -29,7 +29,7 @@ to the paper's: E[g] is K/(K-1)·∇ for ``ema`` and ∇ for ``loo``, one step c
 Resumable: each run checkpoints under ``--work`` (``run_search``'s own checkpoints) at every evaluation point and
 the CSV gets a row right after; rerunning the same command skips what is done and continues the rest.
 
-Usage (≈ 15 CPU-minutes at the defaults, one thread):
+Usage (≈ 20 CPU-minutes at the defaults, one thread; 3 seeds of paper, ours and loo-k8 at --every 16 took 31 min):
     python benchmarks/estimators.py --out benchmarks/results
 Writes ``OUT/estimators.csv`` (one row per estimator, seed and checkpoint) and ``OUT/estimators.md``.
 """

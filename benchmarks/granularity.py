@@ -82,9 +82,10 @@ def report(out: Path, max_tokens: int, wall: float) -> str:
     g = df.groupby("variant", sort=False)
     paper_seed = {int(r["seed"]): r for _, r in df[df["variant"] == "paper"].iterrows()}
     lines = [f"SmolLM2-135M, 50 % of head groups and of MLP channels, Wanda-sp init; held-out Brown, {max_tokens} "
-             f"tokens per window length; seeds {sorted(df['seed'].unique().tolist())}. init PPL = the variant's init-only mask (Wanda-sp ranking in "
-             f"its own mask space), before any search. PPL: mean over seeds (min–max); ÷ paper: the mean of the "
-             f"per-seed ratios (same seed ÷ paper preset), seed 0 alone in brackets.", "",
+             f"tokens per window length; seeds {sorted(df['seed'].unique().tolist())}. init PPL = the variant's "
+             f"init-only mask (Wanda-sp ranking in its own mask space), before any search. PPL: mean over seeds "
+             f"(min–max); ÷ paper: the mean of the per-seed ratios (same seed ÷ paper preset), seed 0 alone in "
+             f"brackets.", "",
              f"| variant | mask units | forwards | tokens scored | seeds | init PPL@{lens[0]} | "
              + " | ".join(f"PPL@{n}" for n in lens) + " | " + " | ".join(f"÷ paper @{n}" for n in lens)
              + " | search s |",

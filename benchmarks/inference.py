@@ -221,7 +221,8 @@ def markdown(res: dict) -> str:
             continue
         for w in (w for w in works if w.startswith("prefill")):
             need = TARGET_FRACTION * r["limit_total"]
-            lines.append(f"- {r['row']}, {w}: {r[w]['speedup']:.2f} vs {TARGET_FRACTION} × limit (total) = {need:.2f}: "
+            lines.append(f"- {r['row']}, {w}: {r[w]['speedup']:.2f} vs {TARGET_FRACTION} × limit (total) = "
+                         f"{need:.2f}: "
                          f"{'met' if r[w]['speedup'] >= need else 'not met'} ({r[w]['speedup'] / r['limit_layers']:.2f}"
                          f" of the layers-only limit)")
     return "\n".join(lines) + "\n"
