@@ -24,10 +24,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 BASELINES = ["magnitude", "wanda-sp", "flap", "random", "shortgpt", "taylor"]
 BASE_CONFIG = "configs/smollm2/135m_quickstart.yaml"  # model, data and eval settings of the baselines
+SINGLE_CHANNELS = ["mask.channel_block=1", "mask.block_order=index"]  # the baselines' mask space, pinned
 PRESETS = {  # search presets: label -> (config file, overrides)
     "probprune-paper": ("configs/smollm2/135m_paper.yaml", []),
     "probprune-ours": (BASE_CONFIG, []),
-    "probprune-ours-ch1": (BASE_CONFIG, ["mask.channel_block=1", "mask.block_order=index"]),  # single channels
+    "probprune-ours-ch1": (BASE_CONFIG, SINGLE_CHANNELS),
     # whole decoder layers as units too, all competing for one parameter budget (what ShortGPT removes)
     "probprune-ours-layers": (BASE_CONFIG, ["mask.layers=true", "search.budget=params"]),
 }
@@ -142,8 +143,8 @@ def main() -> int:
                 name = job_name(m, sp, seed)
                 extra = search_common if m in PRESETS else []
                 spec = {"method": m, "out": str(out / "runs" / name), "threads": args.threads, "dense_ppl": dense,
-                        "overrides": [*common, *extra, *PRESETS.get(m, (None, []))[1], f"search.sparsity={sp}",
-                                      f"seed={seed}"],
+                        "overrides": [*common, *extra, *PRESETS.get(m, (None, SINGLE_CHANNELS))[1],
+                                      f"search.sparsity={sp}", f"seed={seed}"],
                         **({"config": PRESETS[m][0]} if m in PRESETS else {"baseline": m})}
                 jobs.append((name, spec))
 
@@ -177,6 +178,9 @@ def write_results(out: Path, jobs, statuses, wall: float) -> None:
             "uses_gradients": spec["method"] == "taylor",
             "wall_seconds": s["wall_seconds"],
         })
+    if not rows:
+        print(f"no finished jobs under {out / 'runs'}: nothing to report")
+        return
     df = pd.DataFrame(rows)
     df.to_csv(out / "quality.csv", index=False)
     short = [c for c in df.columns if c.startswith("ppl_")]
