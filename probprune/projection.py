@@ -1,10 +1,13 @@
 """Projections of keep probabilities onto a sparsity budget, and the deterministic final mask.
 
-Two budgets (DESIGN §1–§2):
+Two budgets:
 
 - ``per_type`` (the paper): for each unit type present (heads, channels, layers), Σ_u s_u ≤ ρ·n_type,
   ρ = 1 − sparsity.
 - ``params``: one joint budget in parameters, Σ_u c_u s_u ≤ (1 − sparsity)·Σ_u c_u, c_u = parameters unit u removes.
+  With layer units the budget is on the *expected kept parameters*, in which a layer's probability gates its heads
+  and channels (:func:`expected_kept_params`), so what the search trains on is what its masks keep
+  (:func:`project_nested`).
 
 Both projections are Euclidean: s ← clamp(s − v·c, 0, 1) with v ≥ 0 found by bisection (c = 1 for ``per_type``), or a
 plain clamp when s is already inside. Everything is float64 internally and deterministic.
@@ -123,7 +126,7 @@ def _project_shift(
     return (x - hi * w).clamp(0.0, 1.0).to(s.dtype)  # hi side: always inside the budget
 
 
-def project(space: MaskSpace, s: torch.Tensor, sparsity: float, budget: str) -> torch.Tensor:
+def project(space: MaskSpace, s: torch.Tensor, sparsity: float, budget: str, fill: bool = False) -> torch.Tensor:
     """Project keep probabilities onto the sparsity budget of a mask space.
 
     Args:
@@ -132,7 +135,10 @@ def project(space: MaskSpace, s: torch.Tensor, sparsity: float, budget: str) -> 
         sparsity: fraction to remove, in [0, 1].
         budget: ``"per_type"`` — each unit type present separately at keep ratio ρ = 1 − sparsity (the paper:
             heads globally across layers, channels globally); ``"params"`` — one joint budget
-            Σ c_u s_u ≤ (1 − sparsity)·Σ c_u.
+            Σ c_u s_u ≤ (1 − sparsity)·Σ c_u, or, with layer units, expected kept parameters
+            (:func:`expected_kept_params`, nesting counted once) ≤ (1 − sparsity)·prunable (:func:`project_nested`).
+        fill: with layer units and ``params``, also raise probabilities that lie below the budget onto it (for a
+            search's initial probabilities: see :func:`project_nested`). Ignored otherwise.
 
     Returns:
         ``[N]`` projected probabilities, same dtype as ``s``.
@@ -146,6 +152,11 @@ def project(space: MaskSpace, s: torch.Tensor, sparsity: float, budget: str) -> 
     if tuple(s.shape) != (space.num_units,):
         raise ValueError(f"probabilities must have shape ({space.num_units},), got {tuple(s.shape)}")
     keep = 1.0 - float(sparsity)
+    if budget == "params" and space.include_layers:
+        x = torch.as_tensor(s, dtype=torch.float64)
+        out = project_nested(x, space.unit_type, space.unit_layer, space.cost, layer_fixed_params(space),
+                             keep * space.prunable_params, fill=fill)
+        return out.to(s.dtype)
     if budget == "params":
         cost = torch.as_tensor(space.cost, dtype=torch.float64)
         return project_weighted(s, cost, keep * float(cost.sum()))
@@ -239,6 +250,116 @@ def _final_mask_params(space: MaskSpace, probs: np.ndarray, keep: float) -> tupl
 
 
 # ------------------------------------------------------------------------------------------ expected budget
+def layer_fixed_params(space: MaskSpace) -> np.ndarray:
+    """``[L]`` prunable parameters a layer holds that no head or channel unit of the space removes: heads / channels
+    that are not units, and (with layer units) the layer's norms and output biases — removed only with the layer."""
+    fixed = np.zeros(space.num_layers)
+    for li, ls in enumerate(space.layers):
+        heads, channels = ls.num_kv_heads * ls.head_unit_cost, ls.intermediate_size * ls.channel_cost
+        fixed[li] = (0 if space.include_heads else heads) + (0 if space.include_channels else channels)
+        if space.include_layers:
+            fixed[li] += ls.layer_params - heads - channels
+    return fixed
+
+
+def _nested_terms(
+    x: np.ndarray, types: np.ndarray, layers: np.ndarray, cost: np.ndarray, fixed: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(``[L]`` layer keep probabilities, ``[L]`` expected kept head/channel params per layer) of probabilities x."""
+    sub = types != LAYER
+    weighted = np.bincount(layers[sub], weights=cost[sub] * x[sub], minlength=fixed.size)  # [L]
+    layer_p = np.ones(fixed.size)
+    layer_p[layers[~sub]] = x[~sub]
+    return layer_p, weighted
+
+
+def nested_expected_kept(
+    x: np.ndarray, types: np.ndarray, layers: np.ndarray, cost: np.ndarray, fixed: np.ndarray
+) -> float:
+    """Σ_l x_layer(l) · (fixed_l + Σ_{u in l, not a layer unit} c_u x_u): expected kept parameters when a layer unit
+    gates everything inside its layer (layers without a layer unit have x_layer = 1).
+
+    Args:
+        x: ``[M]`` keep probabilities (units, or the allocation's groups with ``cost`` = the group's cost).
+        types, layers, cost: ``[M]`` type, layer and parameters of each entry (a layer entry's cost is not used: its
+            weight is what the layer holds).
+        fixed: ``[L]`` parameters of each layer that no entry removes but its layer unit (:func:`layer_fixed_params`).
+    """
+    layer_p, weighted = _nested_terms(x, types, layers, np.asarray(cost, dtype=np.float64), fixed)
+    return float((layer_p * (fixed + weighted)).sum())
+
+
+def project_nested(
+    x: torch.Tensor,
+    types: np.ndarray,
+    layers: np.ndarray,
+    cost: np.ndarray,
+    fixed: np.ndarray,
+    budget: float,
+    metric: torch.Tensor | None = None,
+    iters: int = 100,
+    fill: bool = False,
+) -> torch.Tensor:
+    """Onto {y ∈ [0, 1]^M : :func:`nested_expected_kept` (y) ≤ budget}: ``clamp(x − v·D·w, 0, 1)``, v ≥ 0 by bisection.
+
+    The expected kept parameters E(y) = Σ_l y_layer·(fixed_l + Σ c_u y_u) are bilinear, so their budget set is not a
+    half-space and the weighted projection does not apply as is (counting a layer's full cost on top of its heads' and
+    channels' would count nested parameters twice: at 0.5 everywhere E is 25 % of the model, not 50 %). The step is
+    taken along w = ∇E at clamp(x) — an inner unit's cost times its layer's probability, a layer unit's expected
+    content — scaled by the metric D (1 = Euclidean) and sized so that E(clamp(x − v·D·w)) meets the budget exactly
+    (E is non-increasing in v). Without layer entries w = c and this is :func:`project_weighted`.
+
+    Args:
+        x: ``[M]`` float64 values (clamped to [0, 1]).
+        types, layers, cost, fixed: as :func:`nested_expected_kept`.
+        budget: kept parameters allowed.
+        metric: ``[M]`` positive scaling D of the step (None = 1).
+        iters: bisection steps.
+        fill: also move x that lies *below* the budget up onto it (v ≤ 0), for initial probabilities: a uniform
+            ρ everywhere keeps only ≈ ρ² of a model whose layers are units too, so a search started there would
+            sample far sparser masks than the final mask it returns.
+
+    Returns:
+        ``[M]`` float64, inside the budget (to bisection precision, on the inside); on it when ``fill``.
+    """
+    y = x.detach().to(torch.float64)  # [M]
+    if not torch.isfinite(y).all():
+        raise ValueError("probabilities contain non-finite values")
+    types, layers = np.asarray(types), np.asarray(layers, dtype=np.int64)
+    cost = np.asarray(cost, dtype=np.float64)
+    clamped = y.clamp(0.0, 1.0)
+
+    def kept(v: float) -> float:  # E(clamp(y − v·w)), non-increasing in v
+        return nested_expected_kept((y - v * w).clamp(0.0, 1.0).numpy(), types, layers, cost, fixed)
+
+    e0 = nested_expected_kept(clamped.numpy(), types, layers, cost, fixed)
+    if e0 <= budget and not (fill and e0 < budget):
+        return clamped
+    layer_p, weighted = _nested_terms(clamped.numpy(), types, layers, cost, fixed)
+    w = np.where(types == LAYER, fixed[layers] + weighted[layers], cost * layer_p[layers])  # [M] ∇E at clamp(x)
+    if e0 < budget:  # filling: a layer with nothing kept inside still gets its own weight, so it can rise
+        w = np.where(types == LAYER, fixed[layers] + np.bincount(
+            layers[types != LAYER], weights=cost[types != LAYER], minlength=fixed.size)[layers] * 0.5, w)
+        w = np.where((types != LAYER) & (w == 0), cost * 0.5, w)
+    w = torch.as_tensor(w / max(float(w.mean()), 1e-300))
+    if metric is not None:
+        w = w * metric.to(torch.float64)
+    pos = w > 0
+    if e0 < budget:  # v in [lo, 0]: at lo every moving entry is 1
+        lo, hi = -float(((1.0 - y[pos]) / w[pos]).max().clamp_min(0.0)), 0.0
+        if kept(lo) <= budget:
+            return (y - lo * w).clamp(0.0, 1.0)
+    else:
+        lo, hi = 0.0, float((y[pos] / w[pos]).max().clamp_min(0.0))  # at v = hi every moving entry is 0
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        if kept(mid) > budget:
+            lo = mid
+        else:
+            hi = mid
+    return (y - hi * w).clamp(0.0, 1.0)
+
+
 def expected_kept_params(space: MaskSpace, s: torch.Tensor | np.ndarray) -> float:
     """Expected prunable parameters kept by a mask m ~ Bernoulli(s) (independent units).
 
@@ -253,22 +374,8 @@ def expected_kept_params(space: MaskSpace, s: torch.Tensor | np.ndarray) -> floa
     Returns:
         The expectation, in parameters.
     """
-    probs = _as_probs(space, s)
-    n_layers = space.num_layers
-    sub = space.unit_type != LAYER
-    weighted = np.bincount(
-        space.unit_layer[sub], weights=space.cost[sub].astype(np.float64) * probs[sub], minlength=n_layers
-    )  # [L] expected kept head/channel params per layer
-    fixed = np.zeros(n_layers)
-    for li, ls in enumerate(space.layers):
-        heads, channels = ls.num_kv_heads * ls.head_unit_cost, ls.intermediate_size * ls.channel_cost
-        fixed[li] = (0 if space.include_heads else heads) + (0 if space.include_channels else channels)
-        if space.include_layers:
-            fixed[li] += ls.layer_params - heads - channels
-    layer_p = np.ones(n_layers)
-    lay = space.unit_type == LAYER
-    layer_p[space.unit_layer[lay]] = probs[lay]
-    return float((layer_p * (fixed + weighted)).sum())
+    return nested_expected_kept(_as_probs(space, s), space.unit_type, space.unit_layer, space.cost,
+                                layer_fixed_params(space))
 
 
 def expected_sparsity(space: MaskSpace, s: torch.Tensor | np.ndarray) -> float:

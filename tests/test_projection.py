@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from probprune import projection
 from probprune.errors import UserError
 from probprune.masks import CHANNEL, HEAD, LAYER, LayerShape, MaskSpace
 from probprune.projection import (
@@ -131,8 +132,14 @@ def test_project_per_type_and_params() -> None:
         n = sl.stop - sl.start
         assert 0.5 * n - 1e-6 <= float(y[sl].sum()) <= 0.5 * n + 1e-12
         torch.testing.assert_close(y[sl], project_keep_ratio(s[sl], 0.5), atol=0, rtol=0)
-    cost = torch.as_tensor(space.cost, dtype=torch.float64)
+    # with layer units the params budget holds the expected kept parameters, nesting counted once
     y = project(space, s, 0.6, "params")
+    budget = 0.4 * space.prunable_params
+    assert budget * (1 - 1e-9) <= expected_kept_params(space, y) <= budget * (1 + 1e-12)
+    flat = make_space(include_layers=False)  # without them it is the linear budget Σ c·s over the units
+    s_flat = torch.as_tensor(rng.uniform(0.3, 1.0, size=flat.num_units))
+    cost = torch.as_tensor(flat.cost, dtype=torch.float64)
+    y = project(flat, s_flat, 0.6, "params")
     budget = 0.4 * float(cost.sum())
     assert budget * (1 - 1e-9) <= float((cost * y).sum()) <= budget * (1 + 1e-12)
     with pytest.raises(UserError, match="budget must be one of"):
@@ -253,3 +260,47 @@ def test_expected_sparsity_values() -> None:
     assert expected_kept_params(space, s) == pytest.approx(2.5 * LAYER_COST)
     s[0] = 0.0  # one head of layer 0 off as well
     assert expected_kept_params(space, s) == pytest.approx(2 * LAYER_COST + 0.5 * (LAYER_COST - HEAD_COST))
+
+
+# ------------------------------------------------------------------------------ nested budget (layer units)
+@pytest.mark.parametrize("policy_kind", ["units", "allocation"])
+def test_params_budget_with_layer_units_counts_nesting_once(policy_kind) -> None:
+    from probprune.allocation import AllocationPolicy
+    from probprune.models import get_adapter, tiny_model
+    from probprune.policy import Policy, uniform_probs
+
+    adapter = get_adapter(tiny_model("llama", num_hidden_layers=4))
+    space = adapter.mask_space(layers=True, channel_block=8)
+    budget = 0.5 * space.prunable_params
+    if policy_kind == "units":
+        start = projection.project(space, torch.as_tensor(uniform_probs(space, 0.5)), 0.5, "params", fill=True)
+        assert projection.expected_kept_params(space, uniform_probs(space, 0.5)) < 0.3 * space.prunable_params
+        policy = Policy(space, start, lr=0.1, total_steps=10, sparsity=0.5, budget="params")
+        expected = projection.expected_kept_params(space, policy.probs)
+    else:
+        scores = np.random.default_rng(0).random(space.num_units)
+        policy = AllocationPolicy(space, scores, lr=0.1, total_steps=10, sparsity=0.5, budget="params")
+        expected = policy.expected_kept_params()
+        # the unit marginals give the same expectation as the groups' fractions
+        assert projection.expected_kept_params(space, policy.unit_probs()) == pytest.approx(expected, rel=1e-9)
+    # the projection holds the expected kept parameters at the budget: not 25 % kept (layer cost counted on top)
+    assert expected == pytest.approx(budget, rel=1e-6)
+    masks = policy.sample(3000).numpy()  # [K, N]
+    kept = np.array([space.kept_params(m) for m in masks])
+    assert kept.mean() == pytest.approx(expected, rel=0.02)  # what sampled masks keep is what the budget counts
+    final = policy.final_mask()
+    assert space.kept_params(final) <= budget + space.cost.max()
+    assert space.kept_params(final) >= budget - space.cost.max()
+
+
+def test_nested_projection_is_the_weighted_projection_without_layer_entries() -> None:
+    from probprune.masks import CHANNEL
+
+    rng = np.random.default_rng(1)
+    x = torch.as_tensor(rng.random(12) * 1.4 - 0.2)
+    types = np.array([HEAD] * 4 + [CHANNEL] * 8)
+    layers = np.array([0, 0, 1, 1] + [0] * 4 + [1] * 4)
+    cost = rng.integers(1, 9, 12).astype(np.float64)
+    got = projection.project_nested(x, types, layers, cost, np.zeros(2), 0.4 * cost.sum())
+    want = projection.project_weighted(x, torch.as_tensor(cost), 0.4 * cost.sum())
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-9)
