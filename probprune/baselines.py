@@ -8,6 +8,7 @@ wanda-sp     :func:`wanda_sp_scores`        uniform per layer (as in the Wanda-s
 flap         :func:`flap_scores`            global per type on standardised scores (adaptive per-layer widths)
 random       seeded uniform random          global per type
 shortgpt     :func:`block_influence_scores` whole layers, lowest influence first, until the parameter budget is met
+                                            (without layer units: all heads and channels of those layers)
 taylor       :func:`taylor_scores`          uniform per layer (**uses gradients**)
 ===========  ============================  ========================================================================
 
@@ -32,7 +33,6 @@ from .models.adapter import LlamaAdapter
 from .models.modeling_probprune import EmptyAttention, EmptyMLP
 from .projection import BUDGETS, _round_half_up, final_mask
 from .scoring import (
-    block_influence_scores,
     collect_input_stats,
     column_mean,
     flap_scores,
@@ -116,26 +116,48 @@ def _uniform(space: MaskSpace, scores: np.ndarray, sparsity: float, budget: str)
 def shortgpt_mask(space: MaskSpace, influence: np.ndarray, sparsity: float) -> np.ndarray:
     """Drop whole layers in ascending block influence until kept prunable params ≤ (1 − sparsity)·prunable.
 
+    With layer units the layer's unit is switched off (heads and channels stay 1). Without them a layer is dropped
+    by switching off all of its head and channel units: its attention and MLP then add nothing to the residual
+    stream, which is exactly a removed layer (only its two norm vectors stay), so the same answer lives in the
+    heads-and-channels space the search uses.
+
     Args:
-        space: a mask space with layer units.
-        influence: ``[N]`` scores (only layer units are read).
+        space: a mask space with layer units, or with both head and channel units.
+        influence: ``[L]`` block influence per decoder layer (:func:`probprune.scoring.block_influence_scores`
+            gives it per unit; pass ``[N]`` and the layer units are read, or ``[L]``).
         sparsity: fraction of prunable parameters to remove.
 
     Returns:
-        ``[N]`` float32 mask; heads and channels all 1.
+        ``[N]`` float32 mask.
 
     Raises:
-        UserError: the space has no layer units.
+        UserError: the space can drop no layer (no layer units, and heads or channels are not both units).
     """
+    influence = np.asarray(influence, dtype=np.float64)
     lay = np.flatnonzero(space.unit_type == LAYER)
-    if lay.size == 0:
-        raise UserError("the shortgpt baseline removes whole layers: set mask.layers=true")
+    if influence.shape == (space.num_units,):
+        if lay.size == 0:
+            raise UserError("layer influence given per unit, but the mask space has no layer units")
+        per_layer = np.empty(space.num_layers)
+        per_layer[space.unit_layer[lay]] = influence[lay]
+    elif influence.shape == (space.num_layers,):
+        per_layer = influence
+    else:
+        raise ValueError(f"influence must have shape ({space.num_units},) or ({space.num_layers},), "
+                         f"got {influence.shape}")
+    if lay.size:
+        units_of = {int(space.unit_layer[u]): [u] for u in lay}
+    elif space.include_heads and space.include_channels:
+        units_of = {li: np.flatnonzero(space.unit_layer == li) for li in range(space.num_layers)}
+    else:
+        raise UserError("the shortgpt baseline removes whole layers: set mask.layers=true, or make both heads and "
+                        "channels units (mask.heads=true mask.channels=true)")
     mask = space.full_mask()
     limit = (1.0 - float(sparsity)) * space.prunable_params
-    for u in lay[np.argsort(influence[lay], kind="stable")]:
+    for li in np.argsort(per_layer, kind="stable"):
         if space.kept_params(mask) <= limit:
             break
-        mask[u] = 0.0
+        mask[units_of[int(li)]] = 0.0
     return mask
 
 
@@ -149,6 +171,7 @@ def baseline_mask(
     seed: int = 0,
     budget: str = "per_type",
     batch_size: int = 4,
+    stats: dict | None = None,
 ) -> np.ndarray:
     """Binary mask of one baseline at the given sparsity and budget.
 
@@ -160,34 +183,37 @@ def baseline_mask(
         sparsity: fraction to remove, in [0, 1].
         seed: seed of ``random`` (the other methods are deterministic).
         budget: ``"per_type"`` (exact count per unit type) or ``"params"`` (joint parameter budget, met within one
-            unit). ``shortgpt`` always uses the parameter budget (it removes only layers).
+            unit). ``shortgpt`` always uses the parameter budget (it removes only whole layers, so with ``per_type``
+            each type is cut by the share of the dropped layers: exact when the layers are alike and the budget is a
+            whole number of layers, as for 20 / 30 / 50 % of a 30-layer model).
         batch_size: sequences per calibration forward.
+        stats: :func:`probprune.scoring.collect_input_stats` of this model on ``blocks``, if already collected
+            (``wanda-sp``, ``flap`` and ``shortgpt`` then run no forward of their own).
 
     Returns:
         ``[N]`` float32 array of 0/1.
 
     Raises:
         UserError: unknown method (lists :data:`BASELINES`), sparsity outside [0, 1], unknown budget, ``shortgpt`` on
-            a space without layer units, or a data-driven method without blocks.
+            a space that cannot drop a layer, or a data-driven method without blocks.
     """
     _check_args(method, sparsity, budget)
     if method == "random":
         return final_mask(space, np.random.default_rng(seed).random(space.num_units), sparsity, budget)
     if method == "magnitude":
         return _uniform(space, magnitude_scores(adapter, space), sparsity, budget)
-    if method == "shortgpt" and not (space.unit_type == LAYER).any():
-        raise UserError("the shortgpt baseline removes whole layers: set mask.layers=true")
     if blocks is None:
         raise UserError(f"baseline {method!r} needs calibration blocks")
     if method == "taylor":
         return _uniform(space, taylor_scores(adapter, space, blocks, batch_size), sparsity, budget)
-    stats = collect_input_stats(adapter, blocks, batch_size)
+    if stats is None:
+        stats = collect_input_stats(adapter, blocks, batch_size)
     if method == "wanda-sp":
         return _uniform(space, wanda_sp_scores(adapter, space, stats), sparsity, budget)
     if method == "flap":
         ranks = _quantiles(flap_scores(adapter, space, stats))  # monotone map of the standardised scores to (0, 1)
         return final_mask(space, ranks, sparsity, budget)
-    return shortgpt_mask(space, block_influence_scores(space, stats), sparsity)
+    return shortgpt_mask(space, 1.0 - np.asarray(stats["cos"], dtype=np.float64), sparsity)  # [L] block influence
 
 
 # --------------------------------------------------------------------------------- FLAP bias compensation

@@ -85,7 +85,7 @@ def test_bad_arguments_raise_user_errors(setup) -> None:
     with pytest.raises(UserError, match="unknown baseline 'sparsegpt'.*magnitude, wanda-sp, flap, random, shortgpt"):
         baseline_mask("sparsegpt", adapter, space, BLOCKS, 0.5)
     with pytest.raises(UserError, match="shortgpt.*set mask.layers=true"):
-        baseline_mask("shortgpt", adapter, space, BLOCKS, 0.5)
+        baseline_mask("shortgpt", adapter, adapter.mask_space(channels=False), BLOCKS, 0.5)
     with pytest.raises(UserError, match=r"sparsity must be a number in \[0, 1\], got 1.5"):
         baseline_mask("magnitude", adapter, space, BLOCKS, 1.5)
     with pytest.raises(UserError, match="budget must be one of"):
@@ -160,6 +160,25 @@ def test_shortgpt_removes_lowest_influence_layers_first() -> None:
     assert shortgpt_mask(space, influence, 0.5)[space.unit_type == LAYER].tolist() == [1, 0, 1, 0]
     assert shortgpt_mask(space, influence, 0.51)[space.unit_type == LAYER].tolist() == [0, 0, 1, 0]
     assert shortgpt_mask(space, influence, 0.0).min() == 1.0
+
+
+def test_shortgpt_without_layer_units_drops_the_same_layers_with_the_same_function() -> None:
+    model = tiny_model("llama", num_hidden_layers=4)
+    adapter = get_adapter(model)
+    with_layers = adapter.mask_space(layers=True)
+    thin = adapter.mask_space()  # heads and channels only: a layer is dropped by switching all its units off
+    a = baseline_mask("shortgpt", adapter, with_layers, BLOCKS, sparsity=0.5, budget="params")
+    b = baseline_mask("shortgpt", adapter, thin, BLOCKS, sparsity=0.5)
+    dropped = sorted(with_layers.unit_layer[(with_layers.unit_type == LAYER) & (a == 0)].tolist())
+    assert len(dropped) == 2
+    for li in range(4):
+        units = b[thin.unit_layer == li]
+        assert units.min() == units.max() == (0.0 if li in dropped else 1.0)
+    assert thin.sparsity(b)["prunable"] == 0.5  # two whole layers of four: exactly half of every unit type
+    x = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(1))
+    la = compact(model, with_layers, a)(x).logits
+    lb = compact(model, thin, b)(x).logits
+    torch.testing.assert_close(lb, la, rtol=0, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------- bias compensation
