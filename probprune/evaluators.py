@@ -6,21 +6,27 @@ single-GPU fallback. The Ray evaluator (``probprune.ray_backend``) spreads the s
 
 from __future__ import annotations
 
+import hashlib
 import time
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
 
+from .fastpath import OBJECTIVES
 from .masks import MaskSpace
 from .models.adapter import get_adapter
 
 
 @runtime_checkable
 class Evaluator(Protocol):
-    """Scores masks: ``losses(masks [K, N], batch [B, T]) -> [K]`` mean next-token cross-entropy per mask."""
+    """Scores masks: ``losses(masks [K, N], batch [B, T]) -> [K]``, one loss per mask.
 
-    def losses(self, masks: np.ndarray, batch: torch.Tensor) -> np.ndarray: ...
+    The loss is the evaluator's objective (``"ce"``: mean next-token cross-entropy; ``"kl"``: mean per-token
+    KL(dense ‖ masked)); ``objective=`` overrides it for one call (the search's check set is always scored by ``"ce"``).
+    """
+
+    def losses(self, masks: np.ndarray, batch: torch.Tensor, objective: str | None = None) -> np.ndarray: ...
 
     def close(self) -> None: ...
 
@@ -35,6 +41,12 @@ class LocalEvaluator:
             into a dense forward. Both give the same losses; the fast path costs what the pruned model costs.
         max_rows: reference path only: at most this many (mask x sequence) rows per forward.
         threads: ``torch.set_num_threads`` for this process (None = leave as is).
+        objective: ``"ce"`` (cross-entropy against the tokens) or ``"kl"`` (KL divergence from the dense model's
+            next-token distribution; needs ``fast_path``). The dense log-probabilities of a batch are computed once and
+            reused for every mask scored on it.
+
+    Raises:
+        ValueError: unknown objective, or ``"kl"`` without the fast path.
     """
 
     def __init__(
@@ -44,7 +56,11 @@ class LocalEvaluator:
         fast_path: bool = True,
         max_rows: int | None = None,
         threads: int | None = None,
+        objective: str = "ce",
     ):
+        _check_objective(objective, fast_path)
+        self.objective = objective
+        self._teacher: tuple[bytes, torch.Tensor] | None = None  # (batch digest, [B(T-1), V] dense log-probs)
         self.model = model.eval()
         self.adapter = get_adapter(model)
         self.space = space
@@ -55,13 +71,16 @@ class LocalEvaluator:
         self.busy_seconds = 0.0
 
     @torch.no_grad()
-    def losses(self, masks: np.ndarray, batch: torch.Tensor) -> np.ndarray:
+    def losses(self, masks: np.ndarray, batch: torch.Tensor, objective: str | None = None) -> np.ndarray:
         t0 = time.perf_counter()
+        objective = objective or self.objective
+        _check_objective(objective, self.fast_path)
         masks = np.asarray(masks, dtype=np.float32)  # [K, N]
         if self.fast_path:
             from .fastpath import gathered_losses
 
-            out = gathered_losses(self.adapter, self.space, masks, batch)
+            teacher = self.teacher(batch) if objective == "kl" else None
+            out = gathered_losses(self.adapter, self.space, masks, batch, teacher=teacher)
         else:
             from .masked import masked_losses
 
@@ -69,8 +88,25 @@ class LocalEvaluator:
         self.busy_seconds += time.perf_counter() - t0
         return np.asarray(out, dtype=np.float64)
 
+    def teacher(self, batch: torch.Tensor) -> torch.Tensor:
+        """The dense model's next-token log-probabilities on ``batch`` ([B·(T−1), V]); the last batch's are cached."""
+        from .fastpath import dense_teacher
+
+        digest = hashlib.sha1(np.ascontiguousarray(batch.cpu().numpy()).tobytes()).digest() + bytes(batch.shape)
+        if self._teacher is None or self._teacher[0] != digest:
+            self._teacher = None  # free the previous batch's before computing the next
+            self._teacher = (digest, dense_teacher(self.adapter, self.space, batch))
+        return self._teacher[1]
+
     def close(self) -> None:
-        pass
+        self._teacher = None
+
+
+def _check_objective(objective: str, fast_path: bool) -> None:
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {', '.join(map(repr, OBJECTIVES))}, got {objective!r}")
+    if objective == "kl" and not fast_path:
+        raise ValueError("the kl objective is computed on the fast path: set engine.fast_path=true")
 
 
 def build_evaluator(cfg, model: torch.nn.Module, space: MaskSpace) -> Evaluator:
@@ -88,5 +124,6 @@ def build_evaluator(cfg, model: torch.nn.Module, space: MaskSpace) -> Evaluator:
             raise UserError(
                 f"engine.kind=ray needs Ray: pip install 'probprune[ray]' ({e}); or set engine.kind=local"
             ) from None
-        return RayEvaluator(cfg.model, space, cfg.engine)
-    return LocalEvaluator(model, space, fast_path=cfg.engine.fast_path, threads=cfg.engine.threads)
+        return RayEvaluator(cfg.model, space, cfg.engine, objective=cfg.search.objective)
+    return LocalEvaluator(model, space, fast_path=cfg.engine.fast_path, threads=cfg.engine.threads,
+                          objective=cfg.search.objective)

@@ -122,6 +122,9 @@ def _forward_plan(
     return norm(h.to(norm.weight.device))
 
 
+OBJECTIVES = ("ce", "kl")
+
+
 def chunked_sequence_nll(adapter: LlamaAdapter, hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy per sequence from final hidden states, a few tokens' logits at a time.
 
@@ -133,16 +136,52 @@ def chunked_sequence_nll(adapter: LlamaAdapter, hidden: torch.Tensor, input_ids:
     Returns:
         ``[B]`` float32 on CPU, as :func:`probprune.masked.sequence_nll`.
     """
+    return _chunked_sequence_loss(adapter, hidden, input_ids, None)
+
+
+def teacher_logprobs(adapter: LlamaAdapter, hidden: torch.Tensor) -> torch.Tensor:
+    """Next-token log-probabilities of a (dense) model from its final hidden states, for the ``kl`` objective.
+
+    Args:
+        adapter: the model's adapter (its ``lm_head`` is used).
+        hidden: ``[B, T, H]`` after the final norm.
+
+    Returns:
+        ``[B·(T−1), V]`` float32 log-softmax of the logits at positions 0..T−2 (those that predict a next token).
+    """
+    b, t, h = hidden.shape
+    head = adapter.lm_head
+    x = hidden[:, :-1].reshape(b * (t - 1), h)  # [B(T-1), H]
+    out = torch.empty(b * (t - 1), head.out_features, dtype=torch.float32, device=hidden.device)
+    step = max(1, LOGIT_ELEMENTS // head.out_features)
+    for s in range(0, x.shape[0], step):
+        out[s : s + step] = F.log_softmax(head(x[s : s + step]).float(), dim=-1)  # [n, V]
+    return out
+
+
+def _chunked_sequence_loss(
+    adapter: LlamaAdapter, hidden: torch.Tensor, input_ids: torch.Tensor, teacher: torch.Tensor | None
+) -> torch.Tensor:
+    """Per-sequence mean over next-token positions of CE (``teacher`` None) or KL(teacher ‖ model). ``[B]`` on CPU.
+
+    KL(p ‖ q) = Σ_v p_v (log p_v − log q_v) per position, with p = exp(``teacher``) ([B·(T−1), V] log-probs) and q the
+    model's softmax; only a few positions' logits exist at a time (``LOGIT_ELEMENTS``).
+    """
     b, t, h = hidden.shape
     head = adapter.lm_head
     x = hidden[:, :-1].reshape(b * (t - 1), h)  # [B(T-1), H]
     targets = input_ids[:, 1:].reshape(-1).to(hidden.device)  # [B(T-1)]
     step = max(1, LOGIT_ELEMENTS // head.out_features)
-    ce = torch.empty(b * (t - 1), dtype=torch.float32, device=hidden.device)
+    loss = torch.empty(b * (t - 1), dtype=torch.float32, device=hidden.device)
     for s in range(0, x.shape[0], step):
         logits = head(x[s : s + step]).float()  # [n, V]
-        ce[s : s + step] = F.cross_entropy(logits, targets[s : s + step], reduction="none")
-    return ce.view(b, t - 1).mean(dim=1).cpu()
+        if teacher is None:
+            loss[s : s + step] = F.cross_entropy(logits, targets[s : s + step], reduction="none")
+        else:
+            p_log = teacher[s : s + step].to(logits.device)  # [n, V]
+            q_log = F.log_softmax(logits, dim=-1)  # [n, V]
+            loss[s : s + step] = (p_log.exp() * (p_log - q_log)).sum(dim=-1)
+    return loss.view(b, t - 1).mean(dim=1).cpu()
 
 
 @torch.no_grad()
@@ -178,11 +217,13 @@ def gathered_losses(
     masks: np.ndarray | torch.Tensor,
     batch: torch.Tensor,
     masks_per_forward: int = 1,
+    teacher: torch.Tensor | None = None,
 ) -> np.ndarray:
     """Loss of the model under each of K masks, computing only the kept units (drop-in for ``masked_losses``).
 
     Each distinct mask gathers its kept weights once and runs the whole batch through the pruned-width layers;
-    the loss is the mean next-token cross-entropy per sequence, then the mean over the batch.
+    the loss is the mean next-token cross-entropy per sequence (or, with ``teacher``, the mean per-position
+    KL(teacher ‖ masked model)), then the mean over the batch.
 
     Args:
         adapter: the model's adapter (weights are read, never written).
@@ -191,6 +232,9 @@ def gathered_losses(
         batch: ``[B, T]`` token ids, T >= 2.
         masks_per_forward: masks per forward; only 1 is supported (several masks in one padded forward cannot
             pay on CPU, see the module docstring).
+        teacher: ``[B·(T−1), V]`` next-token log-probabilities of the dense model on ``batch``
+            (:func:`dense_teacher`): the loss becomes the distillation objective KL(dense ‖ masked), which is 0 for
+            the all-keep mask. None = cross-entropy against the tokens.
 
     Returns:
         ``[K]`` float64 losses, equal to :func:`probprune.masked.masked_losses` up to summation order.
@@ -211,9 +255,29 @@ def gathered_losses(
     out = np.empty(uniq.shape[0], dtype=np.float64)
     for k in range(uniq.shape[0]):
         hidden = _forward_plan(adapter, inputs, layer_plan(space, expanded, k), ws)  # [B, T, H]
-        nll = chunked_sequence_nll(adapter, hidden, batch)  # [B]
-        out[k] = float(nll.double().mean())
+        per_seq = _chunked_sequence_loss(adapter, hidden, batch, teacher)  # [B]
+        out[k] = float(per_seq.double().mean())
         if hidden.device.type == "cpu":
             del hidden
             release_freed_heap()
     return out[inverse.numpy()]
+
+
+@torch.no_grad()
+def dense_teacher(adapter: LlamaAdapter, space: MaskSpace, batch: torch.Tensor) -> torch.Tensor:
+    """The dense model's next-token log-probabilities on ``batch``, computed once and reused for every mask.
+
+    It runs the all-keep mask through the same gathered path as the masks, so the ``kl`` objective of the all-keep
+    mask is exactly 0.
+
+    Args:
+        adapter: the model's adapter.
+        space: the mask space.
+        batch: ``[B, T]`` token ids, T >= 2.
+
+    Returns:
+        ``[B·(T−1), V]`` float32 (:func:`teacher_logprobs`).
+    """
+    _check_batch(batch, 2)
+    hidden = fast_forward_hidden(adapter, space, space.full_mask(), batch)  # [B, T, H]
+    return teacher_logprobs(adapter, hidden)

@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["RayEvaluator", "CostEstimate", "connect", "split_shares", "ACTOR_ENV"]
 
-# Environment of the driver before it starts or joins Ray (Ray 2.60; see DESIGN.md §7).
+# Environment of the driver before it starts or joins Ray (Ray 2.60).
 DRIVER_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
 # Environment of every actor: a CPU actor must get CUDA_VISIBLE_DEVICES="" instead of inheriting the node's GPUs.
 ACTOR_ENV = {"RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -122,7 +122,8 @@ class Replica:
     the original exception (a :class:`UserError` stays one) instead of Ray's "actor died in its creation task".
     """
 
-    def __init__(self, model_cfg: ModelConfig, space: MaskSpace, fast_path: bool, threads: int, device: str):
+    def __init__(self, model_cfg: ModelConfig, space: MaskSpace, fast_path: bool, threads: int, device: str,
+                 objective: str = "ce"):
         t0 = time.perf_counter()
         self.error: BaseException | None = None
         self.evaluator = None
@@ -135,7 +136,7 @@ class Replica:
             model, _ = load_model(
                 model_cfg.name_or_path, model_cfg.dtype, device, model_cfg.device_map, model_cfg.trust_remote_code
             )
-            self.evaluator = LocalEvaluator(model, space, fast_path=fast_path, threads=threads)
+            self.evaluator = LocalEvaluator(model, space, fast_path=fast_path, threads=threads, objective=objective)
         except Exception as e:  # noqa: BLE001 - handed to the driver by ready()
             self.error = e
         self.load_seconds = time.perf_counter() - t0
@@ -157,14 +158,17 @@ class Replica:
             "load_seconds": self.load_seconds,
         }
 
-    def losses(self, masks: np.ndarray, batch: np.ndarray, lo: int, hi: int) -> tuple[np.ndarray, float]:
-        """Losses of ``masks[lo:hi]`` on ``batch``, and the seconds spent computing them."""
+    def losses(self, masks: np.ndarray, batch: np.ndarray, lo: int, hi: int,
+               objective: str | None = None) -> tuple[np.ndarray, float]:
+        """Losses of ``masks[lo:hi]`` on ``batch`` (the replica's objective unless ``objective`` is given), and the
+        seconds spent computing them. With the ``kl`` objective the dense log-probabilities of the batch are computed
+        once on this actor and reused for its later shares of the same batch."""
         if self.error is not None:
             raise self.error
         t0 = time.perf_counter()
         share = np.array(masks[lo:hi], dtype=np.float32)  # [k, N]; a copy: object-store arrays are read-only
         ids = torch.from_numpy(np.array(batch, dtype=np.int64))  # [B, T]
-        out = self.evaluator.losses(share, ids)  # [k]
+        out = self.evaluator.losses(share, ids, objective=objective)  # [k]
         return out, time.perf_counter() - t0
 
 
@@ -221,6 +225,7 @@ class RayEvaluator:
         engine_cfg: ``num_actors``, ``cpus_per_actor``, ``gpus_per_actor``, ``threads`` (torch threads per actor,
             default ``max(1, int(cpus_per_actor))``), ``address`` (joined if Ray is not initialised yet; None: ``RAY_ADDRESS``, else a new local instance),
             ``fast_path``, ``max_retries`` (per share and step).
+        objective: each actor's loss, ``"ce"`` or ``"kl"`` (see :class:`probprune.evaluators.LocalEvaluator`).
 
     Attributes (timings of the last :meth:`losses` call, for measuring the driver's overhead):
         last_wall_seconds: the whole call.
@@ -243,7 +248,8 @@ class RayEvaluator:
     """
 
     def __init__(self, model_cfg: ModelConfig, space: MaskSpace, engine_cfg: EngineConfig,
-                 startup_timeout: float = 1800.0):
+                 startup_timeout: float = 1800.0, objective: str = "ce"):
+        self.objective = objective
         self.model_cfg = model_cfg
         self.space = space
         self.engine = engine_cfg
@@ -313,7 +319,7 @@ class RayEvaluator:
         options = {"num_cpus": e.cpus_per_actor, "num_gpus": e.gpus_per_actor, "max_restarts": 0,
                    "max_task_retries": 0, "runtime_env": {"env_vars": _actor_env()}}
         return _RemoteReplica.options(**options).remote(self.model_cfg, self.space, e.fast_path, self.threads,
-                                                        self.device)
+                                                        self.device, self.objective)
 
     def _wait_ready(self, timeout: float) -> None:
         t0 = time.perf_counter()
@@ -389,12 +395,13 @@ class RayEvaluator:
         return len(self._actors)
 
     # ---------------------------------------------------------------------------------------------- scoring
-    def losses(self, masks: np.ndarray, batch: torch.Tensor) -> np.ndarray:
-        """Mean next-token cross-entropy of each mask on ``batch``.
+    def losses(self, masks: np.ndarray, batch: torch.Tensor, objective: str | None = None) -> np.ndarray:
+        """Loss of each mask on ``batch``: the evaluator's objective, or ``objective`` for this call.
 
         Args:
             masks: ``[K, N]`` 0/1 masks (float32).
             batch: ``[B, T]`` token ids.
+            objective: ``"ce"`` or ``"kl"``; None = the evaluator's.
 
         Returns:
             ``[K]`` float64, in mask order.
@@ -420,7 +427,7 @@ class RayEvaluator:
         def submit(share: _Share) -> None:
             share.actor = self._actors[share.slot]
             load[share.slot] += 1
-            in_flight[share.actor.losses.remote(masks_ref, batch_ref, share.lo, share.hi)] = share
+            in_flight[share.actor.losses.remote(masks_ref, batch_ref, share.lo, share.hi, objective)] = share
 
         for (lo, hi), slot in zip(shares, live):
             submit(_Share(lo, hi, slot, None))
