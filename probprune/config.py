@@ -172,8 +172,15 @@ class SearchConfig:
     ema_window: int = _opt(5, check=_at_least(1))
     score_scaling: str = _opt("sqrt", check=_one_of("sqrt", "exact"))
     sampling: str = _opt("independent", check=_one_of("independent", "antithetic"))
-    init: str = _opt("wanda", check=_one_of("wanda", "uniform", "random"))
+    init: str = _opt("wanda", check=_one_of("wanda", "uniform", "random", "best"))
     init_blocks: int = _opt(32, check=_at_least(1))
+    # "best": start from the forward-only baseline mask (or Wanda-sp init) with the lowest check-set loss, pulled
+    # toward it as probs = (1 - init_mix) * mask + init_mix * (1 - sparsity)
+    init_mix: float = _opt(0.25, check=_open_unit)
+    objective: str = _opt("ce", check=_one_of("ce", "kl"))  # ce: next-token cross-entropy; kl: KL(dense || masked)
+    # calibration blocks held out of the search's batches: the warm start is chosen on them, and the search returns
+    # its own final mask or its start, whichever has the lower cross-entropy there (0 = off, the paper's behaviour)
+    check_blocks: int = _opt(0, check=_at_least(0))
     checkpoint_every: int = _opt(50, check=_at_least(1))
     log_every: int = _opt(1, check=_at_least(1))
 
@@ -470,6 +477,18 @@ def _cross_field(cfg: Config, bad: set[str]) -> list[str]:
         errors.append(f"search.baseline='loo' requires search.num_samples >= 2, got {s.num_samples}")
     if ok("search.sampling", "search.num_samples") and s.sampling == "antithetic" and s.num_samples % 2:
         errors.append(f"search.sampling='antithetic' requires an even search.num_samples, got {s.num_samples}")
+    if ok("search.init", "search.check_blocks") and s.init == "best" and s.check_blocks < 1:
+        errors.append("search.init='best' chooses its start on the check set and requires search.check_blocks >= 1, "
+                      f"got {s.check_blocks}")
+    if ok("search.objective", "engine.fast_path") and s.objective == "kl" and not e.fast_path:
+        errors.append("search.objective='kl' is computed on the fast path and requires engine.fast_path=true")
+    if ok("search.batch_size", "search.check_blocks", "data.calib_blocks") and (
+        s.batch_size + s.check_blocks > d.calib_blocks
+    ):
+        errors.append(f"search.batch_size ({s.batch_size}) + search.check_blocks ({s.check_blocks}) must be <= "
+                      f"data.calib_blocks ({d.calib_blocks})")
+    if ok("search.init_blocks", "data.calib_blocks") and s.init_blocks > d.calib_blocks:
+        errors.append(f"search.init_blocks ({s.init_blocks}) must be <= data.calib_blocks ({d.calib_blocks})")
     if ok("mask.align", "mask.channel_block") and m.align > 1 and m.align % m.channel_block:
         errors.append(f"mask.align ({m.align}) must be a multiple of mask.channel_block ({m.channel_block})")
     if ok("mask.align", "mask.channels") and m.align > 1 and not m.channels:

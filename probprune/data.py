@@ -646,6 +646,23 @@ class CalibrationData:
         idx = torch.randperm(n, generator=gen)[:batch_size]
         return self.blocks[idx]  # [B, T]
 
+    def hold_out(self, n: int) -> tuple[CalibrationData, torch.LongTensor]:
+        """Split off the last ``n`` blocks as a fixed check set that the search's batches never contain.
+
+        Args:
+            n: blocks to hold out, in ``[1, len(self) − 1]``.
+
+        Returns:
+            ``(search data, check blocks)``: a :class:`CalibrationData` of the first ``len(self) − n`` blocks (same
+            seed) and the ``[n, T]`` check blocks.
+
+        Raises:
+            UserError: ``n`` not in ``[1, len(self) − 1]``.
+        """
+        if not 1 <= n < len(self):
+            raise UserError(f"search.check_blocks={n} must be between 1 and data.calib_blocks - 1 ({len(self) - 1})")
+        return CalibrationData(self.blocks[:-n], self.seed), self.blocks[-n:]
+
     def first(self, n: int) -> torch.LongTensor:
         """The first ``n`` blocks (deterministic; for initialisation scores).
 

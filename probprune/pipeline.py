@@ -65,7 +65,7 @@ def prepare(cfg: Config, need_stats: bool = True) -> Session:
     )
     test_tokens = test_stream(tok, corpus)
     stats = None
-    if need_stats and (cfg.search.init == "wanda" or cfg.mask.block_order == "metric"):
+    if need_stats and (cfg.search.init in ("wanda", "best") or cfg.mask.block_order == "metric"):
         from .scoring import collect_input_stats
 
         stats = collect_input_stats(adapter, calib.first(min(cfg.search.init_blocks, len(calib))))
@@ -113,10 +113,10 @@ def build_policy(cfg: Config, space: MaskSpace, init_probs: np.ndarray, adapter:
 
 
 def initial_probs(s: Session) -> np.ndarray:
-    """Keep probabilities the search starts from (``search.init``), already projected onto the budget."""
+    """Keep probabilities of ``search.init`` (``best`` starts from the Wanda-sp ones), projected onto the budget."""
     cfg = s.cfg.search
     keep = 1.0 - cfg.sparsity
-    if cfg.init == "wanda":
+    if cfg.init in ("wanda", "best"):
         from .scoring import wanda_sp_scores
 
         probs = scores_to_probs(s.space, wanda_sp_scores(s.adapter, s.space, s.stats), keep)
@@ -124,7 +124,8 @@ def initial_probs(s: Session) -> np.ndarray:
         probs = uniform_probs(s.space, keep)
     else:
         probs = random_probs(s.space, keep, torch.Generator().manual_seed(s.cfg.seed))
-    return projection.project(s.space, torch.as_tensor(probs, dtype=torch.float64), cfg.sparsity, cfg.budget).numpy()
+    return projection.project(s.space, torch.as_tensor(probs, dtype=torch.float64), cfg.sparsity, cfg.budget,
+                              fill=True).numpy()  # on the budget: with layer units ρ everywhere keeps only ≈ ρ²
 
 
 def fingerprint(cfg: Config, space: MaskSpace) -> str:
@@ -198,50 +199,74 @@ def prune(cfg: Config, output: str | Path, resume: bool = False, progress: bool 
     s, dense_total, dense_ppl, timings = _start(cfg, output, progress, dense_ppl, need_stats=True)
     space, sc = s.space, cfg.search
 
-    init_probs = initial_probs(s)
-    init_mask = projection.final_mask(space, init_probs, sc.sparsity, sc.budget)
-    if cfg.mask.align > 1:
-        from .align import align_mask
-
-        init_mask = align_mask(space, init_mask, init_probs, cfg.mask.align, sc.sparsity, sc.budget)
-    t = time.perf_counter()
-    init_model = compact(s.model, space, init_mask)
-    init_ppl = evaluate(init_model, s, f"init-only ({sc.init})")
-    del init_model
-    gc.collect()
-    timings["eval_init"] = time.perf_counter() - t
-
-    policy = build_policy(cfg, space, init_probs, s.adapter, s.stats, s.calib)
+    search_data, check = (s.calib.hold_out(sc.check_blocks) if sc.check_blocks else (s.calib, None))
     evaluator = build_evaluator(cfg, s.model, space)
-    if hasattr(evaluator, "estimate") and sc.steps > 20:  # a cluster run: say what it will cost before it starts
-        log.info("%s", evaluator.estimate(s.calib.batch(0, sc.batch_size), steps=sc.steps,
-                                          num_samples=sc.num_samples))
     try:
+        init_probs = initial_probs(s)
+        init_mask = projection.final_mask(space, init_probs, sc.sparsity, sc.budget)
+        if cfg.mask.align > 1:
+            from .align import align_mask
+
+            init_mask = align_mask(space, init_mask, init_probs, cfg.mask.align, sc.sparsity, sc.budget)
+        init_name, warm = sc.init, None
+        if sc.init == "best":
+            from .warmstart import candidate_masks, choose_start
+
+            t = time.perf_counter()
+            blocks = s.calib.first(min(sc.init_blocks, len(s.calib)))
+            candidates = candidate_masks(s.adapter, space, blocks, s.stats, sc.sparsity, sc.budget, init_mask)
+            warm = choose_start(evaluator, candidates, check, sc.batch_size, space, sc.init_mix, sc.sparsity,
+                                sc.budget)
+            init_probs, init_mask, init_name = warm.probs, warm.mask, f"best: {warm.name}"
+            timings["warm_start"] = time.perf_counter() - t
+        t = time.perf_counter()
+        init_model = compact(s.model, space, init_mask)
+        init_ppl = evaluate(init_model, s, f"init-only ({init_name})")
+        del init_model
+        gc.collect()
+        timings["eval_init"] = time.perf_counter() - t
+
+        policy = build_policy(cfg, space, init_probs, s.adapter, s.stats, s.calib)
+        if hasattr(evaluator, "estimate") and sc.steps > 20:  # a cluster run: say what it will cost before it starts
+            log.info("%s", evaluator.estimate(search_data.batch(0, sc.batch_size), steps=sc.steps,
+                                              num_samples=sc.num_samples))
         result = run_search(
-            policy, evaluator, s.calib, steps=sc.steps, num_samples=sc.num_samples, batch_size=sc.batch_size,
+            policy, evaluator, search_data, steps=sc.steps, num_samples=sc.num_samples, batch_size=sc.batch_size,
             checkpoint_dir=output, checkpoint_every=sc.checkpoint_every, log_every=sc.log_every, resume=resume,
             fingerprint=fingerprint(cfg, space), progress=progress, on_step=on_step, stop_after=stop_after,
         )
+        timings["search"] = result.wall_seconds
+        if stop_after is not None and policy.step_count < sc.steps:
+            return {"interrupted_at_step": policy.step_count}
+
+        final = result.final_mask
+        unit_probs = policy.unit_probs() if sc.method == "allocation" else policy.probs  # [N] either way
+        if cfg.mask.align > 1:
+            from .align import align_mask
+
+            final = align_mask(space, final, unit_probs, cfg.mask.align, sc.sparsity, sc.budget)
+        check_record = None
+        if check is not None:
+            from .warmstart import choose_final
+
+            t = time.perf_counter()
+            final, check_record = choose_final(evaluator, final, init_mask, check, sc.batch_size)
+            timings["check"] = time.perf_counter() - t
     finally:
         evaluator.close()
-    timings["search"] = result.wall_seconds
-    if stop_after is not None and policy.step_count < sc.steps:
-        return {"interrupted_at_step": policy.step_count}
-
-    final = result.final_mask
-    unit_probs = policy.unit_probs() if sc.method == "allocation" else policy.probs  # [N] either way
-    if cfg.mask.align > 1:
-        from .align import align_mask
-
-        final = align_mask(space, final, unit_probs, cfg.mask.align, sc.sparsity, sc.budget)
     summary = finish(
         s, final, output, t_start, timings, dense_ppl, dense_total,
-        probs=unit_probs, init=(sc.init, init_mask, init_probs, init_ppl),
+        probs=unit_probs, init=(init_name, init_mask, init_probs, init_ppl),
     )
+    if warm is not None:
+        summary["warm_start"] = {"chosen": warm.name, "mix": sc.init_mix, "check_losses": warm.check_losses}
+    if check_record is not None:
+        summary["check"] = {"blocks": int(check.shape[0]), "tokens": int(check.numel()), **check_record}
     losses = [h["loss_mean"] for h in result.history if np.isfinite(h["loss_mean"])]
     summary["search"] = {
         "steps": sc.steps, "num_samples": sc.num_samples, "batch_size": sc.batch_size, "lr": sc.lr,
-        "baseline": sc.baseline, "budget": sc.budget, "forwards": policy.step_count * sc.num_samples,
+        "baseline": sc.baseline, "budget": sc.budget, "method": sc.method, "objective": sc.objective,
+        "forwards": policy.step_count * sc.num_samples,
         "dropped_samples": result.dropped_samples, "resumed_from_step": result.resumed_from_step,
         "first_loss": float(np.mean(losses[:10])) if losses else None,
         "last_loss": float(np.mean(losses[-10:])) if losses else None,
@@ -336,11 +361,13 @@ def run_baseline(cfg: Config, method: str, output: str | Path, progress: bool = 
         from .config import apply_overrides
 
         cfg = apply_overrides(cfg, ["mask.layers=true", "search.budget=params"])
-    s, dense_total, dense_ppl, timings = _start(cfg, output, progress, dense_ppl, need_stats=False)
+    # metric-ordered channel blocks are formed from the Wanda-sp statistics, exactly as for the search
+    s, dense_total, dense_ppl, timings = _start(cfg, output, progress, dense_ppl,
+                                                need_stats=cfg.mask.block_order == "metric")
     t = time.perf_counter()
     blocks = s.calib.first(min(cfg.search.init_blocks, len(s.calib)))
     mask = baseline_mask(method, s.adapter, s.space, blocks, cfg.search.sparsity, seed=cfg.seed,
-                         budget=cfg.search.budget)
+                         budget=cfg.search.budget, stats=s.stats)
     timings["baseline"] = time.perf_counter() - t
     label = f"{method}" + (" (uses gradients)" if method in USES_GRADIENTS else "")
     summary = finish(s, mask, output, t_start, timings, dense_ppl, dense_total, method_label=label)
