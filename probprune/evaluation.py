@@ -1,4 +1,4 @@
-"""Held-out perplexity (DESIGN §6).
+"""Held-out perplexity.
 
 Protocol: perplexity = exp(mean next-token cross-entropy) over non-overlapping windows of ``seq_len`` tokens taken
 from the start of the held-out token stream (full windows only). Each window predicts its ``seq_len - 1`` last

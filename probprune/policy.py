@@ -1,6 +1,6 @@
 """The search policy: keep probabilities s, mask sampling, the score-function gradient, and the update.
 
-One step (DESIGN §1): draw K masks m_j ~ Bernoulli(s), the caller measures their losses L_j with forward passes only,
+One step: draw K masks m_j ~ Bernoulli(s), the caller measures their losses L_j with forward passes only,
 then
 
     score_j = (m_j − s) / √(s(1−s) + 1e-7)            ("sqrt", the paper's code)   or
@@ -105,7 +105,7 @@ def _zscore(x: np.ndarray) -> np.ndarray:
 
 
 def scores_to_probs(space: MaskSpace, scores: np.ndarray, keep_ratio: float) -> np.ndarray:
-    """Wanda-sp-style initial probabilities from importance scores (DESIGN §1).
+    """Wanda-sp-style initial probabilities from importance scores.
 
     For each unit type separately: z-score the scores per layer (over that type's units in the layer; layer units are
     z-scored across layers), squash with a sigmoid, shift so the type's mean equals ``keep_ratio``, clamp to [0, 1].
