@@ -53,8 +53,26 @@ def save_checkpoint(path: Path, policy: Policy, extra: dict[str, Any] | None = N
 
 
 def load_checkpoint(path: Path, policy: Policy, fingerprint: str | None = None) -> dict[str, Any]:
-    """Restore ``policy`` from a checkpoint; refuse one written for another search (different fingerprint)."""
-    state = torch.load(path, weights_only=False)
+    """Restore ``policy`` from a checkpoint; refuse one written for another search (different fingerprint).
+
+    The file is read with ``weights_only=True``: tensors, numbers, strings and containers only, so a checkpoint that
+    came from elsewhere cannot run code when it is loaded (a pickle that tries is refused, its payload never runs).
+
+    Raises:
+        UserError: the file is unreadable, corrupt, not a probprune checkpoint, or from another search.
+    """
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - corrupt, truncated, or a pickle with code in it
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(
+            f"--resume: cannot read the search checkpoint {path} ({type(err).__name__}: {first[:200]}); it is corrupt "
+            "or not a probprune checkpoint, and only tensors, numbers and strings are ever loaded from it. Delete it "
+            "to start the search over, or choose another --output"
+        ) from None
+    if not isinstance(state, dict) or not isinstance(state.get("policy"), dict):
+        raise UserError(f"--resume: {path} is not a probprune search checkpoint (no policy state in it); delete it to "
+                        "start the search over, or choose another --output")
     saved = state.get("extra", {}).get("fingerprint")
     if fingerprint is not None and saved is not None and saved != fingerprint:
         raise UserError(
@@ -65,11 +83,28 @@ def load_checkpoint(path: Path, policy: Policy, fingerprint: str | None = None) 
     return state.get("extra", {})
 
 
+def _metric_step(line: str) -> int | None:
+    """The step of one metrics line, or None for a torn or foreign line (e.g. the disk filled up mid-append)."""
+    try:
+        rec = json.loads(line)
+    except ValueError:
+        return None
+    return rec.get("step", 0) if isinstance(rec, dict) else None
+
+
 def _trim_metrics(path: Path, upto_step: int) -> None:
-    """Keep only metric lines of steps <= upto_step (a resumed run rewrites the steps after its checkpoint)."""
+    """Keep only metric lines of steps <= upto_step (a resumed run rewrites the steps after its checkpoint).
+
+    A line that is not a JSON object (a write torn by a full disk or a kill) is dropped with a warning, not fatal.
+    """
     if not path.exists():
         return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= upto_step]
+    lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    steps = [_metric_step(ln) for ln in lines]
+    torn = sum(st is None for st in steps)
+    if torn:
+        log.warning("metrics: dropped %d unreadable line(s) of %s (a write that did not finish)", torn, path)
+    keep = [ln for ln, st in zip(lines, steps) if st is not None and st <= upto_step]
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("".join(ln + "\n" for ln in keep))
     os.replace(tmp, path)

@@ -107,3 +107,42 @@ def test_search_loop_finds_the_optimum_of_a_known_objective():
     want = (w == -1.0).astype(np.float32)  # the optimum under the per-type budget; its loss is -100
     assert (res.final_mask != want).sum() <= 4  # 200 units, a few boundary swaps at most
     assert res.history[0]["loss_mean"] > -60 and res.history[-1]["loss_mean"] < -90
+
+
+def test_a_malicious_checkpoint_is_refused_and_its_payload_never_runs(tmp_path):
+    import pickle
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))  # would create the marker file if unpickled
+
+    out = tmp_path / "run"
+    out.mkdir()
+    with (out / CHECKPOINT_NAME).open("wb") as f:
+        pickle.dump({"policy": Payload(), "extra": {}}, f)
+    with pytest.raises(UserError, match=r"--resume: cannot read the search checkpoint .*corrupt or not a probprune"):
+        _run(out, resume=True)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("content", [b"", b"\x00garbage" * 10, b"PK\x03\x04 not a zip"])
+def test_a_corrupt_checkpoint_gives_one_clear_message(tmp_path, content):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / CHECKPOINT_NAME).write_bytes(content)
+    with pytest.raises(UserError, match="--resume: cannot read the search checkpoint"):
+        _run(out, resume=True)
+
+
+def test_a_torn_metrics_line_is_dropped_on_resume(tmp_path):
+    part = _run(tmp_path / "b", stop_after=4)
+    assert part.policy.step_count == 4
+    with (tmp_path / "b" / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 5, "loss_me')  # the disk filled up mid-append
+    resumed = _run(tmp_path / "b", resume=True)
+    full = _run(tmp_path / "a")
+    assert torch.equal(resumed.policy.probs, full.policy.probs)
+    lines = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == list(range(1, 9))
