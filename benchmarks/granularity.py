@@ -35,7 +35,7 @@ import sys
 import time
 from pathlib import Path
 
-from quality import ROOT, dense_reference, run_job, run_jobs
+from quality import dense_reference, run_job, run_jobs
 
 QUICKSTART = "configs/smollm2/135m_quickstart.yaml"
 PAPER = "configs/smollm2/135m_paper.yaml"

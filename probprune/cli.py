@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -134,15 +135,47 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse, letting ``key=value`` overrides stand anywhere (``--config X a=1 --output D b=2``).
+
+    argparse takes one run of positionals; overrides after a later option come back as unknown arguments and are
+    appended to ``overrides`` in order. Anything else unknown is an error, as usual.
+    """
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, turned into an exception so that a terminated run unwinds like Ctrl-C (actors closed, hint printed)."""
+
+
+_SIGTERM_RECEIVED: list[bool] = []  # set by the handler: Ray's blocking calls may re-raise it as a KeyboardInterrupt
+
+
+def _on_sigterm(signum, frame) -> None:
+    _SIGTERM_RECEIVED.append(True)
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = _parse(build_parser(), argv)
     _setup(getattr(args, "quiet", False))
+    signal.signal(signal.SIGTERM, _on_sigterm)  # kept across ray.init (probprune.ray_backend.connect restores it)
     try:
         return args.func(args)
     except UserError as e:
         print(f"probprune: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        if _SIGTERM_RECEIVED:
+            print("probprune: terminated (SIGTERM); a search resumes from its last checkpoint with --resume",
+                  file=sys.stderr)
+            return 143
         print("probprune: interrupted (a search resumes with --resume)", file=sys.stderr)
         return 130
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ import torch
 from torch import nn
 
 from .errors import UserError
+from .files import dir_mode, file_mode, make_temp_dir, publish_dir
 from .masks import MaskSpace
 from .models import modeling_probprune
 from .models.adapter import get_adapter
@@ -164,23 +164,29 @@ def count_params(model: nn.Module) -> int:
 def save_pruned(model: nn.Module, path: str | Path, tokenizer=None) -> Path:
     """Save a (compacted) model, its tokenizer and, for per-layer widths, the modeling file, atomically.
 
-    The folder is written under a temporary name next to ``path`` and renamed into place, so an interrupted save
-    never leaves a half-written model behind.
+    The folder is written under a temporary name next to ``path`` and then replaces ``path`` by renames
+    (:func:`probprune.files.publish_dir`), so an interrupted save never leaves a half-written model, nor a moment
+    with no model. Files and folders get the permissions of the user's umask.
+
+    Raises:
+        UserError: the disk is full, a file size limit is hit, or the folder cannot be written (nothing is left
+            behind; an existing ``path`` is untouched).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    tmp = make_temp_dir(path)
     try:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if getattr(model.config, "probprune_layout", None):
             shutil.copy(modeling_probprune.__file__, tmp / "modeling_probprune.py")
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
+        for p in tmp.rglob("*"):
+            os.chmod(p, dir_mode() if p.is_dir() else file_mode())
+        publish_dir(tmp, path)
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, OSError) or type(err).__name__ == "SafetensorError":
+            raise UserError(f"could not save the model to {path}: {err}") from None
         raise
     return path
 

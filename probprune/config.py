@@ -20,9 +20,7 @@ import dataclasses
 import difflib
 import functools
 import math
-import os
 import re
-import tempfile
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -95,7 +93,10 @@ def _device_map(v: Any) -> str | None:
 
 
 def _data_file(v: str) -> str | None:
-    return None if v.endswith((".txt", ".jsonl")) else "must be a .txt or .jsonl file"
+    """A .txt / .jsonl file, or a folder (its .txt / .jsonl files are read, recursively)."""
+    if v.endswith((".txt", ".jsonl")) or Path(v).expanduser().is_dir():
+        return None
+    return "must be a .txt or .jsonl file, or a folder of them"
 
 
 def _nonempty(v: Any) -> str | None:
@@ -649,6 +650,11 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         raise UserError(f"config path is a directory, not a YAML file: {path}")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise UserError(f"cannot read config file {path}: it is not UTF-8 text (byte {exc.start}: "
+                        f"{exc.object[exc.start:exc.start + 1]!r})") from None
+    except OSError as exc:
+        raise UserError(f"cannot read config file {path}: {exc.strerror or exc}") from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
@@ -693,19 +699,9 @@ def save_config(cfg: Config, path: str | Path) -> Path:
 
     ``load_config(save_config(cfg, p)) == cfg``.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from .files import write_text_atomic
+
     text = "# probprune config (written by save_config)\n" + yaml.safe_dump(
         config_to_dict(cfg), sort_keys=False, default_flow_style=None
     )
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_text_atomic(path, text)

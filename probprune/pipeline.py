@@ -144,21 +144,52 @@ def evaluate(model, s: Session, label: str) -> dict[str, float]:
     return {str(k): float(v) for k, v in res.items()}
 
 
-def _check_output(output: Path, resume: bool) -> None:
+def _check_output(output: Path, resume: bool) -> bool:
+    """Refuse an output folder that a run must not write into; return whether a search checkpoint will be resumed.
+
+    Without ``--resume`` the folder must be missing or empty. With ``--resume`` it must hold a search checkpoint (a
+    folder without one was not written by a search: nothing in it is touched); a missing or empty folder starts a
+    new search, and says so.
+    """
+    from .search import CHECKPOINT_NAME
+
     if output.exists() and not output.is_dir():
         raise UserError(f"--output {output} exists and is not a folder")
-    if output.exists() and any(output.iterdir()):
-        if (output / "summary.json").exists() and not resume:
+    has_files = output.exists() and any(output.iterdir())
+    if not resume:
+        if has_files and (output / "summary.json").exists():
             raise UserError(f"--output {output} already holds a finished run (summary.json); choose another folder")
-        if not resume:
+        if has_files:
             raise UserError(f"--output {output} is not empty; pass --resume to continue a search there, or choose "
                             "another folder")
+        return False
+    if (output / CHECKPOINT_NAME).exists():
+        return True
+    if has_files:
+        raise UserError(f"--resume: {output} holds no search checkpoint ({CHECKPOINT_NAME}), so there is nothing to "
+                        "resume and probprune will not write into a folder it did not create; choose an empty or new "
+                        "--output (without --resume)")
+    log.warning("--resume: %s holds no search checkpoint: nothing to resume, starting a new search", output)
+    return False
+
+
+def _check_resume_fingerprint(output: Path, cfg: Config, space: MaskSpace) -> None:
+    """Refuse to resume a checkpoint written for other settings, before anything is computed or written."""
+    from .search import CHECKPOINT_NAME, checkpoint_fingerprint
+
+    saved = checkpoint_fingerprint(output / CHECKPOINT_NAME)
+    if saved is not None and saved != fingerprint(cfg, space):
+        raise UserError(
+            f"--resume: the checkpoint in {output} belongs to a different search (model, data, mask space or search "
+            "settings differ from this command's); run it with the settings in its config.yaml, or choose another "
+            "--output and drop --resume"
+        )
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    from .files import write_text_atomic
+
+    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
 def _mask_record(space: MaskSpace, mask: np.ndarray, dense_total: int) -> dict[str, Any]:
@@ -168,18 +199,21 @@ def _mask_record(space: MaskSpace, mask: np.ndarray, dense_total: int) -> dict[s
             "pruned_total": dense_total - (space.prunable_params - kept)}
 
 
-def _start(cfg: Config, output: Path, progress: bool, dense_ppl: dict[str, float] | None, need_stats: bool):
-    """Load and check everything, then (and only then) create the output folder and measure the dense model."""
-    s = prepare(cfg, need_stats=need_stats)
-    s.progress = progress
+def _open_output(s: Session, output: Path, dense_ppl: dict[str, float] | None):
+    """Create the output folder (only once everything is loaded and checked), save the config, measure the dense
+    model. Leftovers of an interrupted model save in the folder are cleaned up first."""
+    from .files import dir_mode, recover_dir
+
     dense_total = count_params(s.model)
-    output.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, output / "config.yaml")
+    output.mkdir(parents=True, exist_ok=True, mode=dir_mode())
+    for line in recover_dir(output / "model"):
+        log.warning("%s: %s", output, line)
+    save_config(s.cfg, output / "config.yaml")
     timings: dict[str, float] = {}
     t = time.perf_counter()
     dense_ppl = dense_ppl or evaluate(s.model, s, "dense")
     timings["eval_dense"] = time.perf_counter() - t
-    return s, dense_total, dense_ppl, timings
+    return dense_total, dense_ppl, timings
 
 
 def prune(cfg: Config, output: str | Path, resume: bool = False, progress: bool = True,
@@ -195,13 +229,16 @@ def prune(cfg: Config, output: str | Path, resume: bool = False, progress: bool 
 
     t_start = time.perf_counter()
     output = Path(output)
-    _check_output(output, resume)
-    s, dense_total, dense_ppl, timings = _start(cfg, output, progress, dense_ppl, need_stats=True)
+    resuming = _check_output(output, resume)
+    s = prepare(cfg, need_stats=True)
+    s.progress = progress
     space, sc = s.space, cfg.search
-
+    if resuming:
+        _check_resume_fingerprint(output, cfg, space)
     search_data, check = (s.calib.hold_out(sc.check_blocks) if sc.check_blocks else (s.calib, None))
-    evaluator = build_evaluator(cfg, s.model, space)
+    evaluator = build_evaluator(cfg, s.model, space)  # Ray: every resource check happens here, before any write
     try:
+        dense_total, dense_ppl, timings = _open_output(s, output, dense_ppl)
         init_probs = initial_probs(s)
         init_mask = projection.final_mask(space, init_probs, sc.sparsity, sc.budget)
         if cfg.mask.align > 1:
@@ -232,7 +269,7 @@ def prune(cfg: Config, output: str | Path, resume: bool = False, progress: bool 
                                               num_samples=sc.num_samples))
         result = run_search(
             policy, evaluator, search_data, steps=sc.steps, num_samples=sc.num_samples, batch_size=sc.batch_size,
-            checkpoint_dir=output, checkpoint_every=sc.checkpoint_every, log_every=sc.log_every, resume=resume,
+            checkpoint_dir=output, checkpoint_every=sc.checkpoint_every, log_every=sc.log_every, resume=resuming,
             fingerprint=fingerprint(cfg, space), progress=progress, on_step=on_step, stop_after=stop_after,
         )
         timings["search"] = result.wall_seconds
@@ -362,8 +399,9 @@ def run_baseline(cfg: Config, method: str, output: str | Path, progress: bool = 
 
         cfg = apply_overrides(cfg, ["mask.layers=true", "search.budget=params"])
     # metric-ordered channel blocks are formed from the Wanda-sp statistics, exactly as for the search
-    s, dense_total, dense_ppl, timings = _start(cfg, output, progress, dense_ppl,
-                                                need_stats=cfg.mask.block_order == "metric")
+    s = prepare(cfg, need_stats=cfg.mask.block_order == "metric")
+    s.progress = progress
+    dense_total, dense_ppl, timings = _open_output(s, output, dense_ppl)
     t = time.perf_counter()
     blocks = s.calib.first(min(cfg.search.init_blocks, len(s.calib)))
     mask = baseline_mask(method, s.adapter, s.space, blocks, cfg.search.sparsity, seed=cfg.seed,

@@ -25,6 +25,8 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -85,7 +87,11 @@ def connect(address: str | None = None, **init_kwargs: Any) -> bool:
     if address == "local":
         kwargs["include_dashboard"] = False
     kwargs.update(init_kwargs)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if main_thread else None
     ray.init(address=address, **kwargs)
+    if callable(previous):  # ray.init makes SIGTERM sys.exit(15); keep the application's own handler (the CLI's)
+        signal.signal(signal.SIGTERM, previous)
     return True
 
 

@@ -52,14 +52,13 @@ def save_checkpoint(path: Path, policy: Policy, extra: dict[str, Any] | None = N
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: Path, policy: Policy, fingerprint: str | None = None) -> dict[str, Any]:
-    """Restore ``policy`` from a checkpoint; refuse one written for another search (different fingerprint).
-
-    The file is read with ``weights_only=True``: tensors, numbers, strings and containers only, so a checkpoint that
-    came from elsewhere cannot run code when it is loaded (a pickle that tries is refused, its payload never runs).
+def _read_checkpoint(path: Path) -> dict[str, Any]:
+    """The checkpoint's contents, read with ``weights_only=True``: tensors, numbers, strings and containers only, so
+    a checkpoint that came from elsewhere cannot run code when it is loaded (a pickle that tries is refused, its
+    payload never runs).
 
     Raises:
-        UserError: the file is unreadable, corrupt, not a probprune checkpoint, or from another search.
+        UserError: the file is unreadable, corrupt or not a probprune checkpoint.
     """
     try:
         state = torch.load(path, weights_only=True)
@@ -73,6 +72,23 @@ def load_checkpoint(path: Path, policy: Policy, fingerprint: str | None = None) 
     if not isinstance(state, dict) or not isinstance(state.get("policy"), dict):
         raise UserError(f"--resume: {path} is not a probprune search checkpoint (no policy state in it); delete it to "
                         "start the search over, or choose another --output")
+    return state
+
+
+def checkpoint_fingerprint(path: Path) -> str | None:
+    """The fingerprint a checkpoint was written with (None if it has none), read safely (:func:`_read_checkpoint`)."""
+    extra = _read_checkpoint(path).get("extra", {})
+    return extra.get("fingerprint") if isinstance(extra, dict) else None
+
+
+def load_checkpoint(path: Path, policy: Policy, fingerprint: str | None = None) -> dict[str, Any]:
+    """Restore ``policy`` from a checkpoint; refuse one written for another search (different fingerprint).
+
+    Raises:
+        UserError: the file is unreadable, corrupt, not a probprune checkpoint (:func:`_read_checkpoint`), or from
+            another search.
+    """
+    state = _read_checkpoint(path)
     saved = state.get("extra", {}).get("fingerprint")
     if fingerprint is not None and saved is not None and saved != fingerprint:
         raise UserError(

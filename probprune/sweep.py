@@ -25,7 +25,6 @@ from __future__ import annotations
 import itertools
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ import yaml
 
 from .config import Config, SweepConfig, config_from_dict, config_to_dict
 from .errors import UserError
+from .files import write_text_atomic
 
 __all__ = [
     "Grid",
@@ -251,18 +251,6 @@ def best_per_sparsity(df: pd.DataFrame, target: str = "sparsity", y: str = "ppl"
     return done.loc[idx.values]
 
 
-def _yaml_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def best_configs(df: pd.DataFrame, base: Config, param_keys: Sequence[str], folder: str | Path) -> dict[float, Path]:
     """Write the best trial's config for each sparsity target as ``folder/sparsity_<target>.yaml``.
 
@@ -284,7 +272,7 @@ def best_configs(df: pd.DataFrame, base: Config, param_keys: Sequence[str], fold
                   f"held-out PPL {row['ppl']:.4g} (prunable sparsity {row['prunable_sparsity']:.2%}).\n"
                   f"# Trial parameters: {settings}\n#\n# To rerun it (and keep the pruned model), run:\n"
                   f"#   probprune prune --config {shown_path(path)} --output runs/{base.name}-best-{target:.2f}\n\n")
-        _yaml_atomic(path, header + yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None))
+        write_text_atomic(path, header + yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None))
         out[target] = path
     return out
 
@@ -426,5 +414,5 @@ def write_results(df: pd.DataFrame, base: Config, param_keys: Sequence[str], out
                for t, p in best.items()]
         md.append("")
     markdown = out / "pareto.md"
-    _yaml_atomic(markdown, "\n".join(md))
+    write_text_atomic(markdown, "\n".join(md))
     return SweepOutputs(csv=csv, markdown=markdown, png=png, best=best, front=front)

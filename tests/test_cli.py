@@ -8,7 +8,6 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from probprune.cli import main
-from probprune.compaction import load_pruned
 
 ROOT = Path(__file__).parents[1]
 SMOKE = str(ROOT / "configs" / "tiny" / "smoke.yaml")

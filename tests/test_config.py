@@ -247,7 +247,7 @@ def test_bad_enum_lists_allowed_values(override: str, message: str):
         ("engine.threads=0", "engine.threads must be >= 1, got 0"),
         ("engine.max_retries=-1", "engine.max_retries must be >= 0, got -1"),
         ("engine.gpus_per_actor=-1", "engine.gpus_per_actor must be >= 0, got -1.0"),
-        ("data.paths=[a.csv]", "data.paths[0] must be a .txt or .jsonl file, got 'a.csv'"),
+        ("data.paths=[a.csv]", "data.paths[0] must be a .txt or .jsonl file, or a folder of them, got 'a.csv'"),
         ("sweep.sparsity=[0.3, 1]", "sweep.sparsity[1] must be in (0, 1), got 1.0"),
     ],
 )

@@ -203,21 +203,25 @@ def load_model(
     except ValueError as e:
         raise UserError(f"model.name_or_path: '{name_or_path}': {e}") from None
     arch = architecture_of(config)
-    if getattr(config, "probprune_layout", None) is not None:
-        from ..compaction import load_pruned
-
-        model = load_pruned(path, dtype=dtype, device=device)
-        tok = AutoTokenizer.from_pretrained(path)
-        return model, tok
-    check_supported(arch)
+    if getattr(config, "probprune_layout", None) is None:
+        check_supported(arch)
     kwargs = dict(dtype=torch_dtype, trust_remote_code=trust_remote_code, attn_implementation="sdpa")
     if device_map is not None:
         kwargs["device_map"] = device_map
     try:
+        if getattr(config, "probprune_layout", None) is not None:
+            from ..compaction import load_pruned
+
+            return load_pruned(path, dtype=dtype, device=device), AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         tok = AutoTokenizer.from_pretrained(path)
-    except OSError as e:
-        raise UserError(f"model.name_or_path: cannot load '{name_or_path}': {e}") from None
+    except Exception as e:  # noqa: BLE001 - truncated / corrupt weights come as OSError, SafetensorError, ...
+        if isinstance(e, UserError) or not (isinstance(e, (OSError, ValueError, EOFError))
+                                            or type(e).__name__ in ("SafetensorError", "HeaderTooLarge")):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"model.name_or_path: cannot load the weights of '{name_or_path}' ({type(e).__name__}: "
+                        f"{first[:300]}); the folder's files may be truncated or corrupt") from None
     if device_map is None:
         model = model.to(device)
     return model.eval(), tok

@@ -1,5 +1,4 @@
 import pytest
-import torch
 
 from probprune.errors import UnsupportedModelError
 from probprune.models import get_adapter, supported_architectures, tiny_model

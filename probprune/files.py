@@ -1,0 +1,99 @@
+"""Writing outputs safely: atomic replacement, permissions that follow the umask, recovery after a kill.
+
+Temporary files and folders from :mod:`tempfile` are created private (0600 / 0700); an output on a shared disk must
+be readable as the user's umask says, like any file ``cp`` or ``save_pretrained`` would write. Folders are replaced by
+renaming the old one aside first, so at every instant either the old or the new folder is complete under one of two
+known names, and :func:`recover_dir` puts things back at the next run.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """Mode of a new regular file under the current umask (0644 under umask 022)."""
+    return 0o666 & ~_umask()
+
+
+def dir_mode() -> int:
+    """Mode of a new folder under the current umask (0755 under umask 022)."""
+    return 0o777 & ~_umask()
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``; umask permissions."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, file_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def make_temp_dir(path: str | Path) -> Path:
+    """A new empty folder ``.<name>.tmp-XXXX`` next to ``path`` (same file system), with umask permissions."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    os.chmod(tmp, dir_mode())
+    return tmp
+
+
+def publish_dir(tmp: Path, path: str | Path) -> Path:
+    """Move the finished folder ``tmp`` to ``path``, replacing what is there without a moment where neither exists.
+
+    The old folder is first renamed to ``.<name>.old-<pid>``, then ``tmp`` takes its name, then the old one is
+    deleted. A kill between the two renames leaves both complete; :func:`recover_dir` restores the old one.
+    """
+    path = Path(path)
+    aside = path.with_name(f".{path.name}.old-{os.getpid()}")
+    if path.exists():
+        if aside.exists():
+            shutil.rmtree(aside)
+        os.replace(path, aside)
+    os.replace(tmp, path)
+    shutil.rmtree(aside, ignore_errors=True)
+    return path
+
+
+def recover_dir(path: str | Path) -> list[str]:
+    """Undo what a kill during :func:`make_temp_dir` / :func:`publish_dir` left next to ``path``.
+
+    If ``path`` is missing and an ``.<name>.old-*`` folder exists, the newest is renamed back (the old folder was
+    complete); every other ``.<name>.old-*`` and every ``.<name>.tmp-*`` (a write that never finished) is deleted.
+    Only names that these two functions create are touched.
+
+    Returns:
+        What was done, one line per item (empty if nothing).
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    done = []
+    olds = sorted(path.parent.glob(f".{path.name}.old-*"), key=lambda p: p.stat().st_mtime, reverse=True)
+    if olds and not path.exists():
+        os.replace(olds[0], path)
+        done.append(f"restored {path.name}/ from {olds[0].name} (a replacement was interrupted)")
+        olds = olds[1:]
+    for p in [*olds, *path.parent.glob(f".{path.name}.tmp-*")]:
+        shutil.rmtree(p, ignore_errors=True)
+        done.append(f"removed {p.name} (left by an interrupted write)")
+    return done
