@@ -602,6 +602,20 @@ class _TuneReporter:
         self.fresh = False
 
 
+def _remove_stale_checkpoint_dirs() -> None:
+    """Delete ``$TMPDIR/probprune-ckpt-<pid>-*`` folders whose process is gone (a trial killed while reporting)."""
+    for p in Path(tempfile.gettempdir()).glob("probprune-ckpt-*-*"):
+        pid = p.name.split("-")[2]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)  # alive (or not ours to signal): leave it
+        except ProcessLookupError:
+            shutil.rmtree(p, ignore_errors=True)
+        except PermissionError:
+            pass
+
+
 def _report(metrics: dict[str, Any], run_dir: Path | None) -> None:
     """``tune.report`` with, if ``run_dir`` is given, its small files as the checkpoint (Tune copies them to storage)."""
     from ray import tune
@@ -609,7 +623,8 @@ def _report(metrics: dict[str, Any], run_dir: Path | None) -> None:
     if run_dir is None:
         tune.report(metrics)
         return
-    with tempfile.TemporaryDirectory(prefix="probprune-ckpt-") as tmp:
+    _remove_stale_checkpoint_dirs()
+    with tempfile.TemporaryDirectory(prefix=f"probprune-ckpt-{os.getpid()}-") as tmp:
         for name in _CKPT_FILES:
             if (run_dir / name).exists():
                 shutil.copy2(run_dir / name, Path(tmp) / name)

@@ -206,9 +206,11 @@ def run_search(
             save_checkpoint(ckpt, policy, {"fingerprint": fingerprint, "step": stats["step"]})
         if on_step is not None:
             on_step(stats)
-        bar.set_postfix(
-            loss=f"{stats['loss_mean']:.3f}", base=f"{stats['baseline']:.3f}",
-            sparsity=f"{stats['expected_sparsity']:.3f}", refresh=False,
+        finite = [x for x in stats["losses"] if math.isfinite(x)]
+        spread = (max(finite) - min(finite)) if finite else float("nan")
+        bar.set_postfix(  # the spread of the step's losses: how differently the sampled masks do
+            loss=f"{stats['loss_mean']:.3f}", spread=f"{spread:.3f}", sparsity=f"{stats['expected_sparsity']:.3f}",
+            refresh=False,
         )
         bar.update(1)
     bar.close()

@@ -1,4 +1,5 @@
 import json
+import os
 
 import numpy as np
 import pytest
@@ -146,3 +147,21 @@ def test_a_torn_metrics_line_is_dropped_on_resume(tmp_path):
     assert torch.equal(resumed.policy.probs, full.policy.probs)
     lines = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == list(range(1, 9))
+
+
+def test_stale_tune_checkpoint_folders_of_dead_processes_are_removed(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+    import tempfile
+
+    from probprune.ray_backend import _remove_stale_checkpoint_dirs
+
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f"probprune-ckpt-{int(dead.stdout)}-abc"
+    alive = tmp_path / f"probprune-ckpt-{os.getppid()}-def"
+    other = tmp_path / "probprune-ckpt-notapid-x"
+    for d in (stale, alive, other):
+        d.mkdir()
+    _remove_stale_checkpoint_dirs()
+    assert not stale.exists() and alive.exists() and other.exists()
