@@ -273,3 +273,22 @@ def test_ray_job_smoke_test(ray_cluster, tmp_path, capsys):
     rc = job.main(["--smoke-test", "--output", str(tmp_path / "bad"), "search.lrr=1"])
     assert rc == 2
     assert capsys.readouterr().err.startswith("probprune: error: invalid config: unknown config key 'search.lrr'")
+
+
+@pytest.mark.ray
+def test_kl_objective_and_check_set_losses_on_actors_equal_local(ray_cluster, tiny):
+    from probprune.ray_backend import RayEvaluator
+
+    model, space, _ = tiny
+    masks = random_masks(space, 3, seed=2)
+    masks[0] = space.full_mask()
+    batch = torch.randint(0, 256, (B, 16), generator=torch.Generator().manual_seed(3))
+    local_kl = LocalEvaluator(model, space, fast_path=True, objective="kl")
+    with RayEvaluator(ModelConfig(name_or_path="tiny:llama"), space, engine(fast_path=True), objective="kl") as ev:
+        got = ev.losses(masks, batch)  # each actor computes the dense log-probs of the batch once
+        np.testing.assert_allclose(got, local_kl.losses(masks, batch), rtol=0, atol=1e-6)
+        assert got[0] == 0.0 and (got[1:] > 0).all()
+        # the check set is scored by cross-entropy whatever the search's objective
+        np.testing.assert_allclose(ev.losses(masks, batch, objective="ce"),
+                                   LocalEvaluator(model, space, fast_path=True).losses(masks, batch),
+                                   rtol=0, atol=1e-6)
