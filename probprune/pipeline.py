@@ -457,6 +457,14 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"{summary['seed']}; perplexity over non-overlapping windows, at most {summary['eval']['max_tokens']} "
             f"held-out tokens per length; ")
     if s:
-        foot += f"search {s['steps']} steps x {s['num_samples']} masks x {s['batch_size']} sequences; "
+        foot += (f"search {s['steps']} steps x {s['num_samples']} masks x {s['batch_size']} sequences"
+                 f" ({s.get('method', 'units')}, {s.get('objective', 'ce')} objective); ")
     foot += f"wall time {summary['wall_seconds']:.0f} s"
+    ws, chk = summary.get("warm_start"), summary.get("check")
+    if ws:
+        cands = ", ".join(f"{k} {v:.3f}" for k, v in sorted(ws["check_losses"].items(), key=lambda kv: kv[1]))
+        foot += f"\nwarm start: {ws['chosen']} (check-set cross-entropy: {cands})"
+    if chk:
+        foot += (f"\ncheck set ({chk['tokens']:,} held-out calibration tokens): search result {chk['search_loss']:.3f}, "
+                 f"start {chk['start_loss']:.3f}: returned the {chk['returned']}")
     return "\n".join(rows) + "\n\n" + foot
