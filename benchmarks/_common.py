@@ -148,3 +148,34 @@ class PeakMemory:
         base = self.reset()
         fn()
         return self.peak() - base
+
+
+def log_plot(path, series, dense: float, xlabel: str, ylabel: str, title: str, logx: bool = False) -> bool:
+    """One figure of perplexity curves on a log y axis with the dense model as a grey line; False without matplotlib.
+
+    Args:
+        path: the PNG to write.
+        series: ``[(label, xs, ys, matplotlib style)]``.
+        dense: the dense model's value (horizontal line).
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, xs, ys, style in series:
+        ax.plot(xs, ys, style, label=label)
+    ax.axhline(dense, color="grey", lw=0.8, label="dense")
+    ax.set_yscale("log")
+    if logx:
+        ax.set_xscale("log")
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True

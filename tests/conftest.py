@@ -48,3 +48,12 @@ def ray_cluster():
              runtime_env={"env_vars": env}, logging_level="WARNING")
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test (exact float comparisons stay independent of the thread count)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -16,12 +16,7 @@ FP32_TOL = 1e-5
 BF16_TOL = 5e-3
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def _space(adapter, channel_block, seed=0):

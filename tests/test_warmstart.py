@@ -23,12 +23,7 @@ from probprune.warmstart import candidate_masks, check_losses, choose_final, cho
 SMOKE = "configs/tiny/smoke.yaml"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")
