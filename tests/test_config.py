@@ -55,8 +55,9 @@ def test_quickstart_values():
     assert (cfg.mask.channel_block, cfg.mask.block_order) == (128, "metric")  # benchmarks/results/granularity
     s = cfg.search
     assert (s.sparsity, s.budget, s.steps, s.num_samples, s.batch_size, s.lr, s.baseline, s.init) == (
-        0.5, "per_type", 150, 4, 4, 0.02, "loo", "wanda"
+        0.5, "per_type", 150, 4, 4, 0.1, "loo", "best"
     )
+    assert (s.method, s.objective, s.check_blocks, s.init_mix) == ("allocation", "kl", 32, 0.25)  # quality benchmark
     assert (cfg.eval.seq_lens, cfg.eval.max_tokens) == ([128, 2048], 16384)
     assert cfg.sweep is None
 
