@@ -272,3 +272,70 @@ def test_a_folder_of_text_files_is_a_corpus(tmp_path):
     (tmp_path / "texts").mkdir()
     cfg = load_config(SMOKE, ["data.source=files", f"data.paths=[{tmp_path / 'texts'}]"])
     assert cfg.data.paths == [str(tmp_path / "texts")]
+
+
+# ------------------------------------------------------------------------------------------ the Ray engine
+RAY_CASES = [
+    ("ray-cpus-per-actor", ["engine.cpus_per_actor=16"], r"engine\.cpus_per_actor=16.*no node of the Ray cluster"),
+    ("ray-too-many-actors", ["engine.num_actors=4096"], r"engine\.num_actors=4096 x 1 CPU.*local Ray instance has \d+"),
+]
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("case_id, overrides, pattern", RAY_CASES, ids=[c[0] for c in RAY_CASES])
+def test_ray_engine_bad_input_is_refused_before_any_output(case_id, overrides, pattern, tmp_path):
+    """In a fresh process (its own local Ray instance with this machine's CPUs), as a user runs it."""
+    import re
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    cmd = [sys.executable, "-m", "probprune.cli", "prune", "--config", SMOKE, "--output", str(out), "--quiet",
+           "engine.kind=ray", "engine.threads=1", *overrides]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("probprune: error:")]
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert len(errors) == 1 and re.search(pattern, errors[0]), proc.stderr[-2000:]
+    assert not out.exists()
+
+
+def test_a_full_disk_while_saving_keeps_the_old_model_and_leaves_nothing(tmp_path, monkeypatch):
+    from probprune.compaction import save_pruned
+    from probprune.errors import UserError
+    from probprune.models import tiny_model
+
+    model = tiny_model("llama")
+    path = tmp_path / "model"
+    save_pruned(model, path)
+    before = _snapshot(path)
+
+    def disk_full(self, *args, **kwargs):
+        (Path(args[0]) / "model.safetensors").write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(type(model), "save_pretrained", disk_full)
+    with pytest.raises(UserError, match=r"could not save the model to .*No space left on device"):
+        save_pruned(model, path)
+    assert _snapshot(path) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temporary folder left
+
+
+def test_sigterm_stops_a_run_with_the_resume_hint(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "probprune.cli", "prune", "--config", SMOKE, "--output", str(out),
+                             "--quiet", "search.steps=100000", "search.checkpoint_every=5"],
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "search_checkpoint.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err[-2000:]
+    assert "terminated (SIGTERM); a search resumes from its last checkpoint with --resume" in err
+    assert "Traceback" not in err
