@@ -77,9 +77,13 @@ def test_ray_and_sweep_configs():
     assert (cfg.engine.kind, cfg.engine.num_actors, cfg.engine.gpus_per_actor, cfg.model.device_map) == (
         "ray", 4, 4.0, "auto"
     )
-    sweep = load_config(REPO / "configs/smollm2/135m_sweep.yaml").sweep
+    sweep_cfg = load_config(REPO / "configs/smollm2/135m_sweep.yaml")
+    sweep = sweep_cfg.sweep
     assert sweep is not None
-    assert (sweep.lr, sweep.sparsity) == ([0.005, 0.02, 0.05], [0.2, 0.3, 0.5])
+    assert (sweep.lr, sweep.sparsity) == ([0.03, 0.1, 0.3], [0.2, 0.3, 0.5])
+    for c in (cfg, load_config(REPO / "configs/llama2/13b_ray_8gpu.yaml"), sweep_cfg):  # the default search
+        assert (c.search.method, c.search.init, c.search.objective) == ("allocation", "best", "kl")
+        assert c.search.check_blocks > 0 and c.mask.channel_block == 128
 
 
 # -- defaults and round trip ----------------------------------------------------------------------------------------
