@@ -42,7 +42,7 @@ from .masks import MaskSpace
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RayEvaluator", "CostEstimate", "connect", "split_shares", "ACTOR_ENV"]
+__all__ = ["RayEvaluator", "CostEstimate", "connect", "split_shares", "split_work", "ACTOR_ENV"]
 
 # Environment of the driver before it starts or joins Ray (Ray 2.60).
 DRIVER_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
@@ -120,6 +120,27 @@ def split_shares(k: int, n: int) -> list[tuple[int, int]]:
     return shares
 
 
+def split_work(k: int, b: int, n: int) -> list[tuple[int, int, int, int]]:
+    """Shares ``(lo, hi, r0, r1)`` of one step's work — masks ``[lo, hi)`` on batch rows ``[r0, r1)`` — over ``n``
+    actors, so that every actor has work whenever there is enough of it.
+
+    With ``k >= n`` masks the masks are split (:func:`split_shares`) and every share takes the whole batch. With fewer
+    masks than actors each mask gets ``n // k`` actors (the first ``n % k`` masks one more) and its ``b`` rows are split
+    among them: the paper's K = 2 on 8 GPUs keeps all 8 busy instead of 2. A mask's loss is then the row-weighted mean
+    of its shares' losses, which is its loss on the whole batch (every loss here is a mean over sequences).
+
+    Examples:
+        >>> split_work(3, 4, 2)
+        [(0, 2, 0, 4), (2, 3, 0, 4)]
+        >>> split_work(2, 4, 4)
+        [(0, 1, 0, 2), (0, 1, 2, 4), (1, 2, 0, 2), (1, 2, 2, 4)]
+    """
+    if k >= n or b < 2:
+        return [(lo, hi, 0, b) for lo, hi in split_shares(k, n)]
+    base, extra = divmod(n, k)
+    return [(j, j + 1, r0, r1) for j in range(k) for r0, r1 in split_shares(b, base + (1 if j < extra else 0))]
+
+
 # ----------------------------------------------------------------------------------------------------- the actor
 class Replica:
     """One model replica and a :class:`LocalEvaluator` around it (runs inside a Ray actor).
@@ -165,15 +186,15 @@ class Replica:
         }
 
     def losses(self, masks: np.ndarray, batch: np.ndarray, lo: int, hi: int,
-               objective: str | None = None) -> tuple[np.ndarray, float]:
-        """Losses of ``masks[lo:hi]`` on ``batch`` (the replica's objective unless ``objective`` is given), and the
-        seconds spent computing them. With the ``kl`` objective the dense log-probabilities of the batch are computed
-        once on this actor and reused for its later shares of the same batch."""
+               objective: str | None = None, r0: int = 0, r1: int | None = None) -> tuple[np.ndarray, float]:
+        """Losses of ``masks[lo:hi]`` on rows ``[r0, r1)`` of ``batch`` (the replica's objective unless ``objective``
+        is given), and the seconds spent computing them. With the ``kl`` objective the dense log-probabilities of those
+        rows are computed once on this actor and reused for its later shares of the same rows."""
         if self.error is not None:
             raise self.error
         t0 = time.perf_counter()
         share = np.array(masks[lo:hi], dtype=np.float32)  # [k, N]; a copy: object-store arrays are read-only
-        ids = torch.from_numpy(np.array(batch, dtype=np.int64))  # [B, T]
+        ids = torch.from_numpy(np.array(batch[r0:r1], dtype=np.int64))  # [b, T]
         out = self.evaluator.losses(share, ids, objective=objective)  # [k]
         return out, time.perf_counter() - t0
 
@@ -215,6 +236,8 @@ def _hms(seconds: float) -> str:
 class _Share:
     lo: int
     hi: int
+    r0: int  # batch rows [r0, r1)
+    r1: int
     slot: int
     actor: Any  # the handle the share was sent to (the slot may have been refilled since)
     attempts: int = 0
@@ -239,7 +262,8 @@ class RayEvaluator:
         last_busy_seconds: per share, the compute time inside the actor.
         last_gather_seconds: the wait beyond the slowest share's compute: task dispatch, argument fetch, returning
             the losses (and any retries).
-        last_shares: the ``(lo, hi)`` shares the masks were split into.
+        last_shares: the ``(lo, hi, r0, r1)`` shares (masks ``[lo, hi)`` on batch rows ``[r0, r1)``) of the last call
+            (:func:`split_work`: fewer masks than actors split the batch rows too).
         busy_seconds: total compute time of all actors (all calls).
         retries / replacements: shares sent again / actors replaced since construction.
 
@@ -283,7 +307,7 @@ class RayEvaluator:
         self.replacements = 0
         self.last_wall_seconds = self.last_broadcast_seconds = self.last_gather_seconds = 0.0
         self.last_busy_seconds: list[float] = []
-        self.last_shares: list[tuple[int, int]] = []
+        self.last_shares: list[tuple[int, int, int, int]] = []
 
     # ---------------------------------------------------------------------------------------------- actors
     @staticmethod
@@ -421,23 +445,26 @@ class RayEvaluator:
         if masks.ndim != 2:
             raise ValueError(f"masks must be [K, N], got shape {masks.shape}")
         k = masks.shape[0]
+        batch_np = torch.as_tensor(batch).cpu().numpy()  # [B, T] int64
+        b = batch_np.shape[0]
         masks_ref = ray.put(masks)
-        batch_ref = ray.put(torch.as_tensor(batch).cpu().numpy())  # [B, T] int64
+        batch_ref = ray.put(batch_np)
         t1 = time.perf_counter()
 
         live = self._live_slots()
-        shares = split_shares(k, len(live))
+        shares = split_work(k, b, len(live))
         in_flight: dict[Any, _Share] = {}
         load = {slot: 0 for slot in range(len(self._actors))}
 
         def submit(share: _Share) -> None:
             share.actor = self._actors[share.slot]
             load[share.slot] += 1
-            in_flight[share.actor.losses.remote(masks_ref, batch_ref, share.lo, share.hi, objective)] = share
+            ref = share.actor.losses.remote(masks_ref, batch_ref, share.lo, share.hi, objective, share.r0, share.r1)
+            in_flight[ref] = share
 
-        for (lo, hi), slot in zip(shares, live):
-            submit(_Share(lo, hi, slot, None))
-        out = np.full(k, np.nan, dtype=np.float64)
+        for (lo, hi, r0, r1), slot in zip(shares, live):
+            submit(_Share(lo, hi, r0, r1, slot, None))
+        out = np.zeros(k, dtype=np.float64)
         busy: list[float] = [0.0] * len(shares)
         while in_flight:
             done, _ = ray.wait(list(in_flight), num_returns=1)
@@ -464,8 +491,8 @@ class RayEvaluator:
                 if isinstance(err.cause, UserError):
                     raise err.cause from None
                 raise
-            out[share.lo:share.hi] = values
-            busy[shares.index((share.lo, share.hi))] += seconds
+            out[share.lo:share.hi] += np.asarray(values) * ((share.r1 - share.r0) / b)  # row-weighted mean
+            busy[shares.index((share.lo, share.hi, share.r0, share.r1))] += seconds
         t2 = time.perf_counter()
         self.last_shares = shares
         self.last_busy_seconds = busy

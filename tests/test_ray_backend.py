@@ -100,6 +100,21 @@ class KillBeforeCall:
 
 
 # ------------------------------------------------------------------------------------------------ no cluster needed
+def test_split_work_keeps_every_actor_busy():
+    from probprune.ray_backend import split_work
+
+    assert split_work(8, 4, 4) == [(2 * i, 2 * i + 2, 0, 4) for i in range(4)]  # K >= actors: masks split
+    assert split_work(2, 8, 8) == [(j, j + 1, 2 * r, 2 * r + 2) for j in range(2) for r in range(4)]  # K=2 on 8
+    assert split_work(1, 4, 3) == [(0, 1, 0, 2), (0, 1, 2, 3), (0, 1, 3, 4)]
+    assert split_work(3, 2, 4) == [(0, 1, 0, 1), (0, 1, 1, 2), (1, 2, 0, 2), (2, 3, 0, 2)]
+    assert split_work(2, 1, 4) == [(0, 1, 0, 1), (1, 2, 0, 1)]  # one row: nothing to split
+    for k, b, n in [(1, 4, 3), (2, 8, 8), (3, 2, 4), (5, 3, 2)]:  # every (mask, row) pair covered exactly once
+        cover = np.zeros((k, b), dtype=int)
+        for lo, hi, r0, r1 in split_work(k, b, n):
+            cover[lo:hi, r0:r1] += 1
+        assert (cover == 1).all()
+
+
 def test_split_shares():
     from probprune.ray_backend import split_shares
 
@@ -175,16 +190,17 @@ def test_uneven_shares_keep_mask_order(ray_ev, local, tiny):
     batch = torch.randint(0, 256, (B, 16), generator=torch.Generator().manual_seed(1))
     want = local.losses(masks, batch)
     got = ray_ev.losses(masks, batch)
-    assert ray_ev.last_shares == [(0, 2), (2, 3)]
+    assert ray_ev.last_shares == [(0, 2, 0, B), (2, 3, 0, B)]
     assert len(ray_ev.last_busy_seconds) == 2 and min(ray_ev.last_busy_seconds) > 0
     assert ray_ev.last_broadcast_seconds >= 0 and ray_ev.last_gather_seconds >= 0
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
     assert len(set(np.round(want, 4))) == 3  # distinct losses, so order is really checked
     perm = [2, 0, 1]
     np.testing.assert_allclose(ray_ev.losses(masks[perm], batch), want[perm], rtol=0, atol=1e-6)
-    # fewer masks than actors: one share
+    # fewer masks than actors: the mask's batch rows are split over both actors, the loss is unchanged
     np.testing.assert_allclose(ray_ev.losses(masks[:1], batch), want[:1], rtol=0, atol=1e-6)
-    assert ray_ev.last_shares == [(0, 1)]
+    assert ray_ev.last_shares == [(0, 1, 0, 1), (0, 1, 1, 2)]
+    assert len(ray_ev.last_busy_seconds) == 2 and min(ray_ev.last_busy_seconds) > 0  # both actors worked
 
 
 @pytest.mark.ray
