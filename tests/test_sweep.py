@@ -235,7 +235,7 @@ def test_smoke_sweep_best_config_loads_and_runs(smoke_sweep, tmp_path):
 
 
 @pytest.mark.ray
-def test_interrupted_sweep_resumes_from_checkpoints(smoke_sweep, tmp_path):
+def test_interrupted_sweep_resumes_from_checkpoints(smoke_sweep, tmp_path, capfd):
     from probprune.ray_backend import run_sweep
 
     _, _, smoke_df = smoke_sweep
@@ -251,7 +251,10 @@ def test_interrupted_sweep_resumes_from_checkpoints(smoke_sweep, tmp_path):
     with pytest.raises(UserError, match="the config differs from the one this sweep started with"):
         run_sweep(load_config(SMOKE_SWEEP, [f"sweep.storage_path={tmp_path / 'tune'}", "sweep.lr=[0.05]",
                                             "sweep.sparsity=[0.5]", "search.steps=7"]), out, resume=True, smoke=True)
+    capfd.readouterr()
     resumed = run_sweep(cfg, out, resume=True, smoke=True)
+    printed = "".join(capfd.readouterr())
+    assert "FileNotFoundError" not in printed and "Traceback" not in printed, printed[-3000:]  # a clean resume
     assert resumed["status"].tolist() == ["finished"]
     summary = json.loads((Path(resumed["checkpoint"][0]) / "summary.json").read_text())
     assert summary["search"]["resumed_from_step"] == 3
