@@ -34,10 +34,17 @@ def _cmd_prune(args) -> int:
     from .pipeline import format_summary, prune
 
     cfg = load_config(args.config, args.overrides)
+    if args.export_gguf is not None and args.export_gguf.is_dir():
+        raise UserError(f"--export-gguf {args.export_gguf} is a folder; give the .gguf file to write")
     summary = prune(cfg, args.output, resume=args.resume, progress=not args.quiet)
     print(format_summary(summary))
     print(f"\nwrote {args.output}/model (load with probprune.load_pruned or AutoModelForCausalLM), summary.json, "
           "masks.pt, metrics.jsonl, config.yaml")
+    if args.export_gguf is not None:
+        from .export import export_gguf
+
+        res = export_gguf(Path(args.output) / "model", args.export_gguf)
+        print(f"wrote {res['path']} (llama.cpp architecture '{res['arch']}', f16)")
     return 0
 
 
@@ -66,6 +73,15 @@ def _cmd_eval(args) -> int:
     cfg = load_config(args.config, overrides)
     res = evaluate_folder(cfg, tasks=args.tasks, limit=args.limit)
     print(json.dumps(res, indent=2))
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from .export import export_gguf
+
+    res = export_gguf(args.model, args.output, outtype=args.outtype, pre_tokenizer=args.pre_tokenizer)
+    print(f"wrote {res['path']}: llama.cpp architecture '{res['arch']}', {res['layers']} layers, "
+          f"{res['bytes'] / 2**20:.1f} MiB ({args.outtype})")
     return 0
 
 
@@ -101,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--output", required=True, type=Path, help="output folder")
     pr.add_argument("--resume", action="store_true", help="continue the search checkpointed in --output")
     pr.add_argument("--quiet", action="store_true")
+    pr.add_argument("--export-gguf", type=Path, default=None, metavar="FILE",
+                    help="also write the pruned model as one GGUF file for llama.cpp (f16)")
     pr.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. search.lr=0.01")
     pr.set_defaults(func=_cmd_prune)
 
@@ -125,6 +143,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=int, default=None, help="lm-eval: examples per task")
     ev.add_argument("overrides", nargs="*")
     ev.set_defaults(func=_cmd_eval)
+
+    ex = sub.add_parser("export", help="write a model folder as one GGUF file that llama.cpp runs")
+    ex.add_argument("--model", required=True, help="model folder (e.g. runs/X/model) or embedded:smollm2-135m")
+    ex.add_argument("--format", default="gguf", choices=["gguf"])
+    ex.add_argument("--output", required=True, type=Path, help="the .gguf file to write")
+    ex.add_argument("--outtype", default="f16", choices=["f32", "f16", "bf16", "q8_0"])
+    ex.add_argument("--pre-tokenizer", default=None, help="llama.cpp pre-tokenizer name (default: detected)")
+    ex.set_defaults(func=_cmd_export)
 
     inf = sub.add_parser("info", help="print a model's prunable units and their parameter costs")
     inf.add_argument("--model", required=True)

@@ -1,0 +1,313 @@
+"""Export a (pruned) model folder to one GGUF file that llama.cpp runs without the Hugging Face folder.
+
+Shapes: a model whose decoder layers all have the same query heads, KV heads and MLP width is written as llama.cpp's
+plain ``llama`` architecture. Otherwise it is written as ``deci`` (the architecture llama.cpp uses for Nemotron-NAS
+models), which reads the query-head count, the KV-head count and the MLP width **per layer** from the arrays
+``deci.attention.head_count``, ``deci.attention.head_count_kv`` and ``deci.feed_forward_length``:
+
+- a layer with no heads left is attention-free (0 / 0 heads): llama.cpp passes its input straight to the MLP;
+- a layer with no MLP channels left *and* heads left is written with a one-channel MLP whose down-projection is zero
+  (it adds exactly 0): llama.cpp's ``deci`` graph skips the rest of a layer whose MLP width is 0, attention output
+  included, so a width of 0 is only right for a layer with neither heads nor channels;
+- a layer with neither is written as 0 / 0 / 0 (llama.cpp treats it as the identity); layers removed whole by a
+  search are simply not there.
+
+Tensors follow llama.cpp's names (``blk.N.attn_q.weight`` …); the query and key rows of each head are permuted from
+Hugging Face's rotate-half RoPE layout to llama.cpp's interleaved one, as llama.cpp's own converter does. Norms stay
+float32; matrices are written as ``--outtype`` (f32, f16, bf16 or q8_0). The tokenizer (GPT-2-style byte-level BPE:
+tokens, token types, merges, special tokens) and the chat template come from the folder's tokenizer files.
+
+Supported: LLaMA-architecture models (``LlamaForCausalLM``, and ``MistralForCausalLM`` without a sliding window)
+with no RoPE scaling or ``llama3`` scaling, and byte-level BPE tokenizers. Anything else is refused with a message
+naming what is not supported.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM")
+# llama.cpp's pre-tokenizer name for a byte-level BPE tokenizer, keyed by the sha256 of the ids it gives PROBE_TEXT.
+# Only tokenizers checked against llama.cpp are listed; others get "default" and a warning (token ids, and so
+# perplexity from ids, are unaffected; text tokenised by llama.cpp may differ slightly).
+PROBE_TEXT = "Hello World! 3.14 and 1234567 -- \u00e9t\u00e9,\tnew\nlines   spaces 'll 's \U0001f600"
+PRE_TOKENIZERS: dict[str, str] = {
+    "f804ca638777578d39313e9fe136ec4f6fdedfec08d678dce14692bb109c9c89": "smollm",  # SmolLM2 (GPT-2 regex, ByteLevel)
+}
+
+
+def _permute_rope_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Rows of q_proj / k_proj ([n_head·d, …]) from rotate-half order to llama.cpp's interleaved pairs, per head."""
+    if n_head == 0:
+        return w
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def unpermute_rope_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+    """The inverse of the export's q/k row permutation (for reading a GGUF back)."""
+    if n_head == 0:
+        return w
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def layer_shapes(model: torch.nn.Module) -> list[dict[str, int]]:
+    """Per decoder layer: ``n_head`` (query heads), ``n_head_kv`` and ``n_ff`` (MLP width), 0 for an empty sublayer."""
+    from .models.modeling_probprune import EmptyAttention, EmptyMLP
+
+    out = []
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        if isinstance(attn, EmptyAttention):
+            n_head = n_kv = 0
+        else:
+            n_head = attn.q_proj.out_features // attn.head_dim
+            n_kv = attn.k_proj.out_features // attn.head_dim
+        n_ff = 0 if isinstance(mlp, EmptyMLP) else mlp.gate_proj.out_features
+        out.append({"n_head": n_head, "n_head_kv": n_kv, "n_ff": n_ff})
+    return out
+
+
+def _check_supported(model: torch.nn.Module) -> None:
+    from .models.modeling_probprune import EmptyAttention, EmptyMLP
+
+    cfg = model.config
+    arch = (getattr(cfg, "probprune_base_architecture", None) or (cfg.architectures or [type(model).__name__])[0])
+    if arch not in SUPPORTED:
+        raise UserError(f"GGUF export supports {', '.join(SUPPORTED)}; this model is {arch}")
+    if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
+        raise UserError(f"GGUF export: sliding-window attention (sliding_window={cfg.sliding_window}) is not supported")
+    rope = getattr(cfg, "rope_scaling", None) or {}
+    kind = rope.get("rope_type", rope.get("type")) if isinstance(rope, dict) else None
+    if kind not in (None, "default", "llama3"):
+        raise UserError(f"GGUF export: RoPE scaling {kind!r} is not supported (none or 'llama3')")
+    for i, layer in enumerate(model.model.layers):
+        a, m = layer.self_attn, layer.mlp
+        if isinstance(a, EmptyAttention) and a.o_bias is not None:
+            raise UserError(f"GGUF export: layer {i} has no heads but an o_proj bias, which llama.cpp would drop")
+        if isinstance(m, EmptyMLP) and m.down_bias is not None:
+            raise UserError(f"GGUF export: layer {i} has no MLP channels but a down_proj bias")
+        if not isinstance(a, EmptyAttention) and any(p.bias is not None for p in (a.q_proj, a.k_proj, a.v_proj)):
+            raise UserError(f"GGUF export: layer {i} has q/k/v biases, which this export does not write")
+
+
+def _rope_theta(cfg) -> float:
+    params = getattr(cfg, "rope_parameters", None) or {}
+    theta = params.get("rope_theta") if isinstance(params, dict) else None
+    return float(theta if theta is not None else getattr(cfg, "rope_theta", 10000.0))
+
+
+def _llama3_rope_factors(cfg, head_dim: int) -> np.ndarray | None:
+    rope = getattr(cfg, "rope_scaling", None) or {}
+    if not isinstance(rope, dict) or rope.get("rope_type", rope.get("type")) != "llama3":
+        return None
+    base = _rope_theta(cfg)
+    freqs = 1.0 / (base ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    factor, lo, hi = rope.get("factor", 8.0), rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
+    old = rope.get("original_max_position_embeddings", 8192)
+    out = []
+    for f in freqs:  # the llama3 schedule: long wavelengths scaled by `factor`, short ones kept, a ramp between
+        wavelen = 2 * math.pi / f
+        if wavelen < old / hi:
+            out.append(1.0)
+        elif wavelen > old / lo:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - lo) / (hi - lo)
+            out.append(1.0 / ((1 - smooth) / factor + smooth))
+    return np.asarray(out, dtype=np.float32)
+
+
+# ------------------------------------------------------------------------------------------------ tokenizer
+def tokenizer_fingerprint(tokenizer) -> str:
+    ids = tokenizer.encode(PROBE_TEXT, add_special_tokens=False)
+    return hashlib.sha256(str(list(ids)).encode()).hexdigest()
+
+
+def _write_tokenizer(writer, folder: Path, tokenizer, vocab_size: int, pre_tokenizer: str | None) -> None:
+    import gguf
+
+    tj = folder / "tokenizer.json"
+    if not tj.exists():
+        raise UserError(f"GGUF export: {folder} has no tokenizer.json (a fast tokenizer is needed)")
+    spec = json.loads(tj.read_text(encoding="utf-8"))
+    if (spec.get("model") or {}).get("type") != "BPE" or "ByteLevel" not in json.dumps(spec.get("pre_tokenizer")):
+        raise UserError("GGUF export supports byte-level BPE tokenizers (GPT-2 style); this tokenizer is "
+                        f"{(spec.get('model') or {}).get('type')!r}")
+    vocab = tokenizer.get_vocab()  # token -> id, added tokens included
+    by_id = {i: t for t, i in vocab.items()}
+    added = {a["content"]: a for a in spec.get("added_tokens", [])}
+    tokens, types = [], []
+    for i in range(vocab_size):
+        tok = by_id.get(i)
+        if tok is None:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        elif tok in added:
+            tokens.append(tok)
+            types.append(gguf.TokenType.CONTROL if added[tok].get("special") else gguf.TokenType.USER_DEFINED)
+        else:
+            tokens.append(tok)
+            types.append(gguf.TokenType.NORMAL)
+    if pre_tokenizer is None:
+        pre_tokenizer = PRE_TOKENIZERS.get(tokenizer_fingerprint(tokenizer))
+        if pre_tokenizer is None:
+            log.warning("GGUF export: unknown byte-level BPE pre-tokenizer; writing 'default' (pass "
+                        "--pre-tokenizer NAME with llama.cpp's name for it if text generation in llama.cpp matters)")
+            pre_tokenizer = "default"
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre_tokenizer)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    special = gguf.SpecialVocab(folder, load_merges=True, n_vocab=vocab_size)
+    special.add_to_gguf(writer)
+
+
+# ----------------------------------------------------------------------------------------------------- export
+def _tensor(writer, name: str, t: torch.Tensor, outtype: str) -> None:
+    import gguf
+
+    data = t.detach().to(torch.float32).cpu().numpy()
+    if data.ndim == 1 or outtype == "f32":
+        writer.add_tensor(name, np.ascontiguousarray(data, dtype=np.float32))
+        return
+    kind = {"f16": gguf.GGMLQuantizationType.F16, "bf16": gguf.GGMLQuantizationType.BF16,
+            "q8_0": gguf.GGMLQuantizationType.Q8_0}[outtype]
+    if kind == gguf.GGMLQuantizationType.F16:
+        writer.add_tensor(name, data.astype(np.float16))
+        return
+    if kind == gguf.GGMLQuantizationType.Q8_0 and data.shape[-1] % 32:
+        writer.add_tensor(name, data.astype(np.float16))  # q8_0 needs rows in blocks of 32: this one stays f16
+        return
+    q = gguf.quants.quantize(data, kind)
+    writer.add_tensor(name, q, raw_shape=q.shape, raw_dtype=kind)
+
+
+def export_gguf(model_dir: str | Path, output: str | Path, outtype: str = "f16",
+                pre_tokenizer: str | None = None) -> dict[str, Any]:
+    """Write ``model_dir`` (a folder ``probprune prune`` wrote, or any supported model) as one GGUF file.
+
+    Args:
+        model_dir: a model folder (or ``embedded:smollm2-135m``).
+        output: the ``.gguf`` file to write (written to a temporary name, then renamed; umask permissions).
+        outtype: ``f32``, ``f16``, ``bf16`` or ``q8_0`` for the matrices (norms stay float32).
+        pre_tokenizer: llama.cpp's pre-tokenizer name; None detects the known ones (SmolLM2: ``smollm``).
+
+    Returns:
+        ``{"path", "arch", "layers", "bytes", "shapes"}``.
+
+    Raises:
+        UserError: unsupported architecture, RoPE scaling, biases or tokenizer; unknown ``outtype``; a missing folder
+            or an unwritable output.
+    """
+    import gguf
+
+    from .files import file_mode
+    from .models.loading import load_model, resolve_model_path
+
+    if outtype not in OUTTYPES:
+        raise UserError(f"--outtype must be one of {', '.join(OUTTYPES)}, got {outtype!r}")
+    output = Path(output)
+    if output.exists() and output.is_dir():
+        raise UserError(f"--output {output} is a folder; give the .gguf file to write")
+    model, tokenizer = load_model(str(model_dir), dtype="float32")
+    _check_supported(model)
+    if str(model_dir).startswith("tiny:"):
+        raise UserError("GGUF export reads the tokenizer files of a model folder; save the model first")
+    folder = Path(resolve_model_path(str(model_dir)))
+    cfg = model.config
+    shapes = layer_shapes(model)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    written = []  # per layer (n_head, n_head_kv, n_ff) as written (see the module docstring for n_ff = 1)
+    for s in shapes:
+        n_ff = 1 if (s["n_ff"] == 0 and s["n_head"] > 0) else s["n_ff"]
+        written.append((s["n_head"], s["n_head_kv"], n_ff))
+    uniform = len(set(written)) == 1 and all(v > 0 for v in written[0]) and written[0][2] == shapes[0]["n_ff"]
+    arch = "llama" if uniform else "deci"
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
+    writer = gguf.GGUFWriter(str(tmp), arch)
+    try:
+        writer.add_name(folder.name)
+        writer.add_block_count(len(shapes))
+        writer.add_context_length(int(cfg.max_position_embeddings))
+        writer.add_embedding_length(int(cfg.hidden_size))
+        if uniform:
+            writer.add_head_count(written[0][0])
+            writer.add_head_count_kv(written[0][1])
+            writer.add_feed_forward_length(written[0][2])
+        else:
+            writer.add_head_count([w[0] for w in written])
+            writer.add_head_count_kv([w[1] for w in written])
+            writer.add_feed_forward_length([w[2] for w in written])
+        writer.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
+        writer.add_rope_freq_base(_rope_theta(cfg))
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+        writer.add_rope_dimension_count(head_dim)
+        writer.add_vocab_size(int(cfg.vocab_size))
+        writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                              "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype])
+        _write_tokenizer(writer, folder, tokenizer, int(cfg.vocab_size), pre_tokenizer)
+
+        base = model.model
+        _tensor(writer, "token_embd.weight", base.embed_tokens.weight, outtype)
+        factors = _llama3_rope_factors(cfg, head_dim)
+        if factors is not None:
+            writer.add_tensor("rope_freqs.weight", factors)
+        for i, (layer, (n_head, n_kv, n_ff)) in enumerate(zip(base.layers, written)):
+            if n_head > 0:
+                a = layer.self_attn
+                _tensor(writer, f"blk.{i}.attn_norm.weight", layer.input_layernorm.weight, outtype)
+                _tensor(writer, f"blk.{i}.attn_q.weight", _permute_rope_rows(a.q_proj.weight, n_head), outtype)
+                _tensor(writer, f"blk.{i}.attn_k.weight", _permute_rope_rows(a.k_proj.weight, n_kv), outtype)
+                _tensor(writer, f"blk.{i}.attn_v.weight", a.v_proj.weight, outtype)
+                _tensor(writer, f"blk.{i}.attn_output.weight", a.o_proj.weight, outtype)
+                if a.o_proj.bias is not None:
+                    _tensor(writer, f"blk.{i}.attn_output.bias", a.o_proj.bias, outtype)
+            if n_ff > 0:
+                m = layer.mlp
+                _tensor(writer, f"blk.{i}.ffn_norm.weight", layer.post_attention_layernorm.weight, outtype)
+                if shapes[i]["n_ff"] == 0:  # attention-only layer: a one-channel MLP that adds exactly 0
+                    zeros_in = torch.zeros(1, cfg.hidden_size)
+                    _tensor(writer, f"blk.{i}.ffn_gate.weight", zeros_in, outtype)
+                    _tensor(writer, f"blk.{i}.ffn_up.weight", zeros_in, outtype)
+                    _tensor(writer, f"blk.{i}.ffn_down.weight", torch.zeros(cfg.hidden_size, 1), outtype)
+                else:
+                    _tensor(writer, f"blk.{i}.ffn_gate.weight", m.gate_proj.weight, outtype)
+                    _tensor(writer, f"blk.{i}.ffn_up.weight", m.up_proj.weight, outtype)
+                    _tensor(writer, f"blk.{i}.ffn_down.weight", m.down_proj.weight, outtype)
+                    for name, proj in (("ffn_gate", m.gate_proj), ("ffn_up", m.up_proj), ("ffn_down", m.down_proj)):
+                        if proj.bias is not None:
+                            _tensor(writer, f"blk.{i}.{name}.bias", proj.bias, outtype)
+        _tensor(writer, "output_norm.weight", base.norm.weight, outtype)
+        if not getattr(cfg, "tie_word_embeddings", False):
+            _tensor(writer, "output.weight", model.lm_head.weight, outtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.chmod(tmp, file_mode())
+        os.replace(tmp, output)
+    except BaseException as err:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise UserError(f"could not write {output}: {err}") from None
+        raise
+    return {"path": str(output), "arch": arch, "layers": len(shapes), "bytes": output.stat().st_size,
+            "shapes": [{"n_head": w[0], "n_head_kv": w[1], "n_ff": w[2]} for w in written]}
