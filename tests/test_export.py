@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from probprune.compaction import compact, save_pruned
 from probprune.errors import UserError
@@ -96,7 +95,7 @@ def test_heterogeneous_model_exports_as_deci_with_exact_tensors(hetero, tmp_path
             assert not any(k.startswith(f"blk.{i}.attn") for k in t)
         np.testing.assert_array_equal(t[f"blk.{i}.ffn_norm.weight"], sd[p + "post_attention_layernorm.weight"])
         if i == 2:
-            assert not t[f"blk.2.ffn_down.weight"].any() and t["blk.2.ffn_down.weight"].shape == (cfg.hidden_size, 1)
+            assert not t["blk.2.ffn_down.weight"].any() and t["blk.2.ffn_down.weight"].shape == (cfg.hidden_size, 1)
         else:
             for name, proj in (("ffn_gate", "gate_proj"), ("ffn_up", "up_proj"), ("ffn_down", "down_proj")):
                 np.testing.assert_array_equal(t[f"blk.{i}.{name}.weight"], sd[p + f"mlp.{proj}.weight"])
