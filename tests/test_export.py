@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from probprune.compaction import compact, save_pruned
 from probprune.errors import UserError
@@ -155,3 +156,21 @@ def test_smollm2_export_carries_tokenizer_and_chat_template(tmp_path):
     assert "<|im_start|>" in _field(reader, "tokenizer.chat_template")
     assert _field(reader, "llama.attention.head_count") == 9 and _field(reader, "llama.attention.head_count_kv") == 3
     assert _field(reader, "llama.rope.freq_base") == pytest.approx(100000.0)
+
+
+def test_load_pruned_runs_no_code_from_the_folder(hetero, tmp_path):
+    """The folder's modeling_probprune.py is only for trust_remote_code users; probprune's loader never imports it."""
+    import shutil
+
+    from probprune.compaction import load_pruned
+
+    pruned, folder = hetero
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    (copy / "modeling_probprune.py").write_text("raise RuntimeError('folder code was executed')\n")
+    x = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = pruned(x).logits
+        torch.testing.assert_close(load_pruned(copy)(x).logits, want, rtol=0, atol=0)
+        (copy / "modeling_probprune.py").unlink()  # and with no Python file at all
+        torch.testing.assert_close(load_pruned(copy)(x).logits, want, rtol=0, atol=0)
