@@ -155,6 +155,9 @@ class MaskConfig:
     channel_block: int = _opt(1, check=_at_least(1))  # channels per channel unit
     block_order: str = _opt("index", check=_one_of("index", "metric"))  # how channel blocks are formed in a layer
     align: int = _opt(1, check=_at_least(1))  # round kept widths to a multiple of this (1 = off)
+    # "uniform": every layer keeps the same number of head groups and the same MLP width (the search still learns
+    # which ones): the pruned model is a stock checkpoint. "free": per-layer widths (the search's default).
+    shape: str = _opt("free", check=_one_of("free", "uniform"))
 
 
 @dataclass
@@ -490,6 +493,16 @@ def _cross_field(cfg: Config, bad: set[str]) -> list[str]:
                       f"data.calib_blocks ({d.calib_blocks})")
     if ok("search.init_blocks", "data.calib_blocks") and s.init_blocks > d.calib_blocks:
         errors.append(f"search.init_blocks ({s.init_blocks}) must be <= data.calib_blocks ({d.calib_blocks})")
+    if ok("mask.shape", "search.method") and m.shape == "uniform" and s.method != "units":
+        errors.append("mask.shape='uniform' learns which units each layer keeps, not how many: it requires "
+                      f"search.method='units', got {s.method!r}")
+    if ok("mask.shape", "search.init") and m.shape == "uniform" and s.init == "best":
+        errors.append("mask.shape='uniform' starts from the Wanda-sp ranking: search.init='best' may pick a "
+                      "non-uniform baseline; use search.init='wanda', 'uniform' or 'random'")
+    if ok("mask.shape", "mask.layers", "search.budget") and m.shape == "uniform" and (m.layers or s.budget != "per_type"):
+        errors.append("mask.shape='uniform' requires mask.layers=false and search.budget='per_type'")
+    if ok("mask.shape", "mask.align") and m.shape == "uniform" and m.align > 1:
+        errors.append(f"mask.shape='uniform' already gives every layer one width: mask.align={m.align} must be 1")
     if ok("mask.align", "mask.channel_block") and m.align > 1 and m.align % m.channel_block:
         errors.append(f"mask.align ({m.align}) must be a multiple of mask.channel_block ({m.channel_block})")
     if ok("mask.align", "mask.channels") and m.align > 1 and not m.channels:

@@ -128,6 +128,14 @@ def initial_probs(s: Session) -> np.ndarray:
                               fill=True).numpy()  # on the budget: with layer units ρ everywhere keeps only ≈ ρ²
 
 
+def final_mask(cfg: Config, space: MaskSpace, probs: np.ndarray | torch.Tensor) -> np.ndarray:
+    """The deterministic mask of unit probabilities under ``cfg``: the budget's top units, or, with
+    ``mask.shape=uniform``, the same count of top units in every layer (a stock-shaped model)."""
+    if cfg.mask.shape == "uniform":
+        return projection.uniform_final_mask(space, probs, cfg.search.sparsity)
+    return projection.final_mask(space, probs, cfg.search.sparsity, cfg.search.budget)
+
+
 def fingerprint(cfg: Config, space: MaskSpace) -> str:
     d = config_to_dict(cfg)
     d.pop("eval", None)
@@ -240,7 +248,7 @@ def prune(cfg: Config, output: str | Path, resume: bool = False, progress: bool 
     try:
         dense_total, dense_ppl, timings = _open_output(s, output, dense_ppl)
         init_probs = initial_probs(s)
-        init_mask = projection.final_mask(space, init_probs, sc.sparsity, sc.budget)
+        init_mask = final_mask(cfg, space, init_probs)
         if cfg.mask.align > 1:
             from .align import align_mask
 
@@ -276,8 +284,8 @@ def prune(cfg: Config, output: str | Path, resume: bool = False, progress: bool 
         if stop_after is not None and policy.step_count < sc.steps:
             return {"interrupted_at_step": policy.step_count}
 
-        final = result.final_mask
         unit_probs = policy.unit_probs() if sc.method == "allocation" else policy.probs  # [N] either way
+        final = final_mask(cfg, space, unit_probs) if cfg.mask.shape == "uniform" else result.final_mask
         if cfg.mask.align > 1:
             from .align import align_mask
 

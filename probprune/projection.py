@@ -222,6 +222,39 @@ def final_mask(space: MaskSpace, s: torch.Tensor | np.ndarray, sparsity: float, 
     return _final_mask_params(space, probs, keep)[0]
 
 
+def uniform_final_mask(space: MaskSpace, s: torch.Tensor | np.ndarray, sparsity: float) -> np.ndarray:
+    """Deterministic final mask with **the same shape in every layer**: for each unit type, every layer keeps its
+    top ``round(ρ·n)`` units by s (n = that layer's units of the type, equal in every layer; halves round up).
+
+    The compacted model then has one head count and one MLP width, i.e. it is a stock checkpoint (plain
+    ``from_pretrained``, any runtime that loads the architecture). The budget is met to within rounding per layer.
+
+    Raises:
+        UserError: the space has layer units, or a type's unit count differs between layers (e.g. a last channel
+            block narrower than the others), so equal counts would not give equal widths.
+    """
+    _check_sparsity(sparsity)
+    probs = _as_probs(space, s)
+    if space.include_layers:
+        raise UserError("mask.shape='uniform' keeps every layer: set mask.layers=false")
+    keep = 1.0 - float(sparsity)
+    mask = np.zeros(space.num_units, dtype=np.float32)
+    for t in (HEAD, CHANNEL):
+        groups = [np.flatnonzero((space.unit_type == t) & (space.unit_layer == li)) for li in range(space.num_layers)]
+        groups = [g for g in groups if g.size]
+        if not groups:
+            continue
+        sizes = {g.size for g in groups}
+        widths = {tuple(space.cost[g]) for g in groups}
+        if len(sizes) != 1 or len(widths) != 1 or len(set(space.cost[groups[0]])) != 1:
+            raise UserError("mask.shape='uniform' needs the same units in every layer, all of one size (MLP width a "
+                            f"multiple of mask.channel_block={space.channel_block})")
+        k = min(groups[0].size, _round_half_up(keep * groups[0].size))
+        for g in groups:
+            mask[g[np.argsort(-probs[g], kind="stable")[:k]]] = 1.0
+    return mask
+
+
 def _final_mask_params(space: MaskSpace, probs: np.ndarray, keep: float) -> tuple[np.ndarray, int]:
     """Greedy removal in ascending s until kept prunable params <= keep·prunable. Returns (mask, kept params)."""
     probs = _as_probs(space, probs)

@@ -174,3 +174,48 @@ def test_load_pruned_runs_no_code_from_the_folder(hetero, tmp_path):
         torch.testing.assert_close(load_pruned(copy)(x).logits, want, rtol=0, atol=0)
         (copy / "modeling_probprune.py").unlink()  # and with no Python file at all
         torch.testing.assert_close(load_pruned(copy)(x).logits, want, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------------ stock shapes
+def test_uniform_shape_search_gives_a_stock_checkpoint(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from probprune.compaction import load_pruned
+    from probprune.config import load_config
+    from probprune.pipeline import prune
+
+    cfg = load_config("configs/tiny/smoke.yaml", ["mask.shape=uniform", "mask.channel_block=8", "search.steps=4"])
+    summary = prune(cfg, tmp_path / "run", progress=False)
+    folder = tmp_path / "run" / "model"
+    assert not (folder / "modeling_probprune.py").exists()
+    stock = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=False)
+    assert type(stock).__name__ == "LlamaForCausalLM" and not getattr(stock.config, "probprune_layout", None)
+    widths = {layer.mlp.gate_proj.out_features for layer in stock.model.layers}
+    heads = {layer.self_attn.k_proj.out_features for layer in stock.model.layers}
+    assert len(widths) == 1 and len(heads) == 1  # one shape for every layer
+    assert summary["sparsity"]["prunable"] == pytest.approx(0.5, abs=0.01)
+    x = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(stock(x).logits, load_pruned(folder)(x).logits, rtol=0, atol=0)
+    masks = torch.load(tmp_path / "run" / "masks.pt", weights_only=True)
+    probs, final = masks["probs"].numpy(), masks["final_mask"].numpy()
+    space = get_adapter(tiny_model("llama")).mask_space(channel_block=8)
+    for li in range(space.num_layers):  # each layer keeps its own top units by probability: the search chose them
+        for t in (HEAD, CHANNEL):
+            g = np.flatnonzero((space.unit_type == t) & (space.unit_layer == li))
+            kept, dropped = g[final[g] == 1], g[final[g] == 0]
+            assert probs[kept].min() >= probs[dropped].max()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["mask.shape=uniform", "search.method=allocation"], "mask.shape='uniform'.*requires search.method='units'"),
+    (["mask.shape=uniform", "search.init=best", "search.check_blocks=4"], "mask.shape='uniform'.*search.init='best'"),
+    (["mask.shape=uniform", "mask.layers=true", "search.budget=params"], "requires mask.layers=false"),
+    (["mask.shape=round"], "mask.shape.*'free', 'uniform'"),
+])
+def test_uniform_shape_settings_are_checked(overrides, message):
+    from probprune.config import load_config
+    from probprune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        load_config("configs/tiny/smoke.yaml", overrides)
