@@ -33,6 +33,9 @@ PRESETS = {  # search presets: label -> (config file, overrides)
     # thin only: the same allocation search from the Wanda-sp init, no warm start and no check set
     "probprune-thin-only": (BASE_CONFIG, ["search.init=wanda", "search.check_blocks=0"]),
     "probprune-paper": ("configs/smollm2/135m_paper.yaml", []),
+    # stock shapes: every layer keeps the same heads and MLP width (unit search, its lr; Wanda-sp start)
+    "probprune-uniform": (BASE_CONFIG, ["mask.shape=uniform", "search.method=units", "search.init=wanda",
+                                        "search.lr=0.02"]),
 }
 PINNED_STEPS = {"probprune-paper"}  # presets that take --steps; the others keep their config's step count
 # Equal calibration budget: the paper preset scores 2 masks x 8 x 128 tokens per step, ours 4 masks x 4 x 128, so
