@@ -14,13 +14,12 @@ at ``--reference`` forwards (or that it did not within the longest run).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import BASE_CONFIG, dense_reference, finished, run_job, run_jobs  # noqa: E402
+from quality import BASE_CONFIG, dense_reference, finished, parse_or_run_job, run_jobs  # noqa: E402
 
 PRESETS = {  # label -> (config, masks per step, tokens per forward)
     "probprune-ours": (BASE_CONFIG, 4, 4 * 128),
@@ -43,12 +42,10 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=16384, help="held-out tokens per window length")
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--job", help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.job:
-        run_job(json.loads(args.job))
+    args = parse_or_run_job(ap)
+    if args is None:
         return 0
-    out = args.out.resolve()
-    (out / "runs").mkdir(parents=True, exist_ok=True)
+    out = args.out
     common = [f"eval.max_tokens={args.max_tokens}", f"search.sparsity={args.sparsity}"]
     t0 = time.perf_counter()
     dense = dense_reference(out, [f"eval.max_tokens={args.max_tokens}"], max(args.threads, 2))

@@ -35,7 +35,7 @@ import sys
 import time
 from pathlib import Path
 
-from quality import dense_reference, run_job, run_jobs
+from quality import dense_reference, parse_or_run_job, run_jobs
 
 QUICKSTART = "configs/smollm2/135m_quickstart.yaml"
 PAPER = "configs/smollm2/135m_paper.yaml"
@@ -137,12 +137,10 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="search seeds (each variant runs once per seed)")
     ap.add_argument("--job", help=argparse.SUPPRESS)
     ap.add_argument("overrides", nargs="*", help="extra config overrides for every job")
-    args = ap.parse_args()
-    if args.job:
-        run_job(json.loads(args.job))
+    args = parse_or_run_job(ap)
+    if args is None:
         return 0
-    out = args.out.resolve()
-    (out / "runs").mkdir(parents=True, exist_ok=True)
+    out = args.out
     common = [f"eval.max_tokens={args.max_tokens}", "search.sparsity=0.5", *args.overrides]
     t0 = time.perf_counter()
     dense = dense_reference(out, common, max(args.threads, 2))

@@ -70,6 +70,18 @@ def run_job(spec: dict) -> None:
         run_baseline(cfg, spec["baseline"], out, progress=False, dense_ppl=spec.get("dense_ppl"))
 
 
+def parse_or_run_job(ap: argparse.ArgumentParser) -> argparse.Namespace | None:
+    """The benchmark's arguments; in a job process (``--job SPEC``, started by :func:`run_jobs`) run that one job
+    and return None. Otherwise ``OUT/runs`` is created and ``args.out`` made absolute."""
+    args = ap.parse_args()
+    if args.job:
+        run_job(json.loads(args.job))
+        return None
+    args.out = args.out.resolve()
+    (args.out / "runs").mkdir(parents=True, exist_ok=True)
+    return args
+
+
 def run_jobs(script: str, out: Path, jobs: list[tuple[str, dict]], workers: int, threads: int) -> dict[str, str]:
     """Run each (name, spec) job as ``python SCRIPT --out OUT --job SPEC`` in its own process, ``workers`` at a time.
 
@@ -127,15 +139,13 @@ def main() -> int:
     ap.add_argument("--report-only", action="store_true", help="rebuild csv/md/png from the finished jobs; run nothing")
     ap.add_argument("--job", help=argparse.SUPPRESS)
     ap.add_argument("overrides", nargs="*", help="extra config overrides for every job")
-    args = ap.parse_args()
-    if args.job:
-        run_job(json.loads(args.job))
+    args = parse_or_run_job(ap)
+    if args is None:
         return 0
     if args.quick:
         args.sparsities, args.seeds, args.max_tokens = [0.5], [0], 2048
         args.steps = 20
-    out = args.out.resolve()
-    (out / "runs").mkdir(parents=True, exist_ok=True)
+    out = args.out
     common = [f"eval.max_tokens={args.max_tokens}", *args.overrides]
     search_common = [f"search.steps={args.steps}"]
     t0 = time.perf_counter()
