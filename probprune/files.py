@@ -49,7 +49,7 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
 
 
 def make_temp_dir(path: str | Path) -> Path:
-    """A new empty folder ``.<name>.tmp-XXXX`` next to ``path`` (same file system), with umask permissions."""
+    """A new empty folder ``.<name>.tmp-<random>`` next to ``path`` (same file system), with umask permissions."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
