@@ -174,6 +174,8 @@ def _write_tokenizer(writer, folder: Path, tokenizer, vocab_size: int, pre_token
     writer.add_token_types(types)
     special = gguf.SpecialVocab(folder, load_merges=True, n_vocab=vocab_size)
     special.add_to_gguf(writer)
+    if not special.merges:
+        log.warning("GGUF export: the tokenizer has no BPE merges; llama.cpp refuses such a vocabulary")
 
 
 # ----------------------------------------------------------------------------------------------------- export

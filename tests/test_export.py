@@ -219,3 +219,37 @@ def test_uniform_shape_settings_are_checked(overrides, message):
 
     with pytest.raises(ConfigError, match=message):
         load_config("configs/tiny/smoke.yaml", overrides)
+
+
+def test_llama_cpp_runs_the_exported_model_with_the_same_logits(hetero, tmp_path):
+    """The real runtime: llama.cpp's logits of the exported heterogeneous model equal the compacted model's."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        pytest.skip("llama_cpp is not installed (pip install 'probprune[llamacpp]' builds it); the GGUF tensors and "
+                    "shapes are still checked exactly by the tests above")
+    import shutil
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    pruned, folder = hetero
+    # llama.cpp needs at least one BPE merge: the same byte vocabulary plus one merged token
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {ch: i for i, ch in enumerate(alphabet)} | {"<eos>": 256, "ab": 257}
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[("a", "b")]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tk.decoder = decoders.ByteLevel()
+    copy = tmp_path / "model"
+    shutil.copytree(folder, copy)
+    PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>").save_pretrained(copy)
+    path = tmp_path / "m.gguf"
+    assert export_gguf(copy, path, outtype="f32")["arch"] == "deci"
+    ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(2))
+    llm = Llama(model_path=str(path), n_ctx=16, n_batch=16, logits_all=True, n_threads=1, verbose=False,
+                type_k=0, type_v=0)  # an f32 KV cache (the default f16 one rounds keys and values)
+    llm.eval([int(t) for t in ids[0]])
+    got = np.asarray(llm.scores[:12], dtype=np.float32)  # [T, V]
+    with torch.no_grad():
+        want = pruned(ids).logits[0].float().numpy()  # [T, V]
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-3 * max(1.0, float(np.abs(want).max())))

@@ -1,0 +1,143 @@
+"""Serving check: export models to GGUF, run them in llama.cpp, compare with probprune's own perplexity and time them.
+
+    pip install "probprune[llamacpp]"          # llama-cpp-python, built from source (≈ 12 CPU-minutes, once)
+    python benchmarks/serving.py --models embedded:smollm2-135m RUN/model ... --out benchmarks/results/serving
+
+For every model folder: ``probprune export`` to GGUF (each ``--outtypes``), then, on the same held-out Brown token
+windows (non-overlapping, ``--seq-len`` tokens, at most ``--max-tokens``):
+
+- perplexity from llama.cpp's logits ÷ probprune's perplexity of the same folder (float32 in PyTorch), per outtype;
+- llama.cpp prefill tokens/s (one ``--prefill`` -token prompt) and decode tokens/s (``--decode`` greedy tokens),
+  each ÷ the first model's (the dense one), with the parameter ratio next to it. Decode feeds held-out tokens one at
+  a time (the cost of a decode step does not depend on the token).
+
+Writes ``OUT/serving.json`` and ``OUT/serving.md``. One process, ``--threads`` threads for both runtimes; run it
+alone on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def llama_cpp_ppl(path: Path, tokens: np.ndarray, seq_len: int, threads: int) -> float:
+    """exp(mean next-token cross-entropy) of a GGUF in llama.cpp over non-overlapping windows of ``tokens``."""
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(path), n_ctx=seq_len, n_batch=seq_len, logits_all=True, n_threads=threads,
+                verbose=False)
+    nll, count = 0.0, 0
+    for lo in range(0, len(tokens) - seq_len + 1, seq_len):
+        window = [int(t) for t in tokens[lo : lo + seq_len]]
+        llm.reset()
+        llm.eval(window)
+        logits = np.asarray(llm.scores[: seq_len - 1], dtype=np.float64)  # [T-1, V]
+        logz = logits.max(1) + np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1))
+        nll += float((logz - logits[np.arange(seq_len - 1), window[1:]]).sum())
+        count += seq_len - 1
+    return math.exp(nll / count)
+
+
+def llama_cpp_speed(path: Path, prompt: list[int], decode: int, threads: int, repeats: int = 3) -> dict:
+    """Median prefill and decode tokens/s of a GGUF in llama.cpp (after one warm-up round)."""
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(path), n_ctx=len(prompt) + decode + 8, n_batch=len(prompt), n_threads=threads,
+                verbose=False)
+    pre, dec = [], []
+    for _ in range(repeats + 1):  # the first round warms up
+        llm.reset()
+        t = time.perf_counter()
+        llm.eval(prompt)
+        pre.append(len(prompt) / (time.perf_counter() - t))
+        t = time.perf_counter()
+        for j in range(decode):  # one token per eval; which token does not change the cost, so feed held-out ones
+            llm.eval([prompt[j % len(prompt)]])
+        dec.append(decode / (time.perf_counter() - t))
+    return {"prefill_tok_s": float(np.median(pre[1:])), "decode_tok_s": float(np.median(dec[1:]))}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", required=True, help="model folders; the first is the reference (dense)")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--outtypes", nargs="+", default=["f32", "f16", "q8_0"])
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--max-tokens", type=int, default=16384)
+    ap.add_argument("--prefill", type=int, default=512)
+    ap.add_argument("--decode", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        print("llama_cpp is not installed: pip install 'probprune[llamacpp]' (builds llama.cpp from source)")
+        return 2
+    import torch
+
+    from probprune.compaction import count_params
+    from probprune.config import load_config
+    from probprune.data import load_corpus, test_stream
+    from probprune.evaluation import evaluate_ppl
+    from probprune.export import export_gguf
+    from probprune.models.loading import load_model
+
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    cfg = load_config(None)
+    rows = []
+    for i, name in enumerate(args.models):
+        model, tok = load_model(name, dtype="float32")
+        tokens = test_stream(tok, load_corpus(cfg.data, seed=cfg.data.split_seed))[: args.max_tokens]
+        ref = float(evaluate_ppl(model, tokens, [args.seq_len], max_tokens=args.max_tokens, batch_size=4,
+                                 progress=False)[args.seq_len])
+        row = {"model": name, "params": count_params(model), "ppl_probprune": ref}
+        del model
+        for outtype in args.outtypes:
+            path = args.out / f"model{i}_{outtype}.gguf"
+            t = time.perf_counter()
+            res = export_gguf(name, path, outtype=outtype)
+            row[f"export_s_{outtype}"] = time.perf_counter() - t
+            row["arch"] = res["arch"]
+            ppl = llama_cpp_ppl(path, tokens.numpy(), args.seq_len, args.threads)
+            row[f"ppl_llamacpp_{outtype}"] = ppl
+            row[f"ratio_{outtype}"] = ppl / ref
+            if outtype == "f16":
+                prompt = [int(x) for x in tokens[: args.prefill]]
+                row.update(llama_cpp_speed(path, prompt, args.decode, args.threads))
+            path.unlink()
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    dense = rows[0]
+    for r in rows:
+        r["params_ratio"] = dense["params"] / r["params"]
+        if "prefill_tok_s" in r:
+            r["prefill_speedup"] = r["prefill_tok_s"] / dense["prefill_tok_s"]
+            r["decode_speedup"] = r["decode_tok_s"] / dense["decode_tok_s"]
+    (args.out / "serving.json").write_text(json.dumps(rows, indent=2) + "\n")
+    cols = [f"ratio_{o}" for o in args.outtypes]
+    lines = [f"llama.cpp vs probprune, held-out Brown, PPL@{args.seq_len} over {args.max_tokens} tokens, "
+             f"{args.threads} threads", "",
+             "| model | arch | params | PPL (probprune, fp32) | " + " | ".join(f"llama.cpp ÷ probprune ({o})"
+                                                                     for o in args.outtypes)
+             + " | prefill ÷ dense | decode ÷ dense | params ratio |",
+             "|---|---|---:|---:|" + "---:|" * len(cols) + "---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['arch']} | {r['params'] / 1e6:.1f}M | {r['ppl_probprune']:.2f} | "
+                     + " | ".join(f"{r[c]:.4f}" for c in cols)
+                     + f" | {r.get('prefill_speedup', float('nan')):.2f} | {r.get('decode_speedup', float('nan')):.2f}"
+                     f" | {r['params_ratio']:.2f} |")
+    (args.out / "serving.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
