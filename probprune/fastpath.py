@@ -139,6 +139,17 @@ def chunked_sequence_nll(adapter: LlamaAdapter, hidden: torch.Tensor, input_ids:
     return _chunked_sequence_loss(adapter, hidden, input_ids, None)
 
 
+def _next_token_logits(adapter: LlamaAdapter, hidden: torch.Tensor):
+    """Yield ``(rows, logits)``: the float32 ``lm_head`` logits ``[n, V]`` of the positions that predict a next token
+    (0..T−2 of every sequence, flattened to ``B·(T−1)`` rows), a few positions at a time (``LOGIT_ELEMENTS``)."""
+    b, t, h = hidden.shape
+    head = adapter.lm_head
+    x = hidden[:, :-1].reshape(b * (t - 1), h)  # [B(T-1), H]
+    step = max(1, LOGIT_ELEMENTS // head.out_features)
+    for s in range(0, x.shape[0], step):
+        yield slice(s, s + step), head(x[s : s + step]).float()  # [n, V]
+
+
 def teacher_logprobs(adapter: LlamaAdapter, hidden: torch.Tensor) -> torch.Tensor:
     """Next-token log-probabilities of a (dense) model from its final hidden states, for the ``kl`` objective.
 
@@ -149,13 +160,10 @@ def teacher_logprobs(adapter: LlamaAdapter, hidden: torch.Tensor) -> torch.Tenso
     Returns:
         ``[B·(T−1), V]`` float32 log-softmax of the logits at positions 0..T−2 (those that predict a next token).
     """
-    b, t, h = hidden.shape
-    head = adapter.lm_head
-    x = hidden[:, :-1].reshape(b * (t - 1), h)  # [B(T-1), H]
-    out = torch.empty(b * (t - 1), head.out_features, dtype=torch.float32, device=hidden.device)
-    step = max(1, LOGIT_ELEMENTS // head.out_features)
-    for s in range(0, x.shape[0], step):
-        out[s : s + step] = F.log_softmax(head(x[s : s + step]).float(), dim=-1)  # [n, V]
+    b, t, _ = hidden.shape
+    out = torch.empty(b * (t - 1), adapter.lm_head.out_features, dtype=torch.float32, device=hidden.device)
+    for rows, logits in _next_token_logits(adapter, hidden):
+        out[rows] = F.log_softmax(logits, dim=-1)
     return out
 
 
@@ -167,20 +175,15 @@ def _chunked_sequence_loss(
     KL(p ‖ q) = Σ_v p_v (log p_v − log q_v) per position, with p = exp(``teacher``) ([B·(T−1), V] log-probs) and q the
     model's softmax; only a few positions' logits exist at a time (``LOGIT_ELEMENTS``).
     """
-    b, t, h = hidden.shape
-    head = adapter.lm_head
-    x = hidden[:, :-1].reshape(b * (t - 1), h)  # [B(T-1), H]
+    b, t, _ = hidden.shape
     targets = input_ids[:, 1:].reshape(-1).to(hidden.device)  # [B(T-1)]
-    step = max(1, LOGIT_ELEMENTS // head.out_features)
     loss = torch.empty(b * (t - 1), dtype=torch.float32, device=hidden.device)
-    for s in range(0, x.shape[0], step):
-        logits = head(x[s : s + step]).float()  # [n, V]
+    for rows, logits in _next_token_logits(adapter, hidden):
         if teacher is None:
-            loss[s : s + step] = F.cross_entropy(logits, targets[s : s + step], reduction="none")
+            loss[rows] = F.cross_entropy(logits, targets[rows], reduction="none")
         else:
-            p_log = teacher[s : s + step].to(logits.device)  # [n, V]
-            q_log = F.log_softmax(logits, dim=-1)  # [n, V]
-            loss[s : s + step] = (p_log.exp() * (p_log - q_log)).sum(dim=-1)
+            p_log = teacher[rows].to(logits.device)  # [n, V]
+            loss[rows] = (p_log.exp() * (p_log - F.log_softmax(logits, dim=-1))).sum(dim=-1)
     return loss.view(b, t - 1).mean(dim=1).cpu()
 
 
