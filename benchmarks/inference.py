@@ -120,7 +120,7 @@ def saved_row(folder: Path, args: argparse.Namespace, device: torch.device) -> d
     """A row for a model folder written by ``probprune prune`` (``RUN/model``; its ``RUN/summary.json`` names it)."""
     import json as _json
 
-    from probprune.compaction import load_pruned
+    from probprune.models.loading import load_pruned
 
     small = load_pruned(folder, dtype=args.dtype, device=str(device))
     widths = [getattr(getattr(layer.mlp, "down_proj", None), "in_features", 0) for layer in get_adapter(small).layers]

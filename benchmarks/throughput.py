@@ -86,7 +86,7 @@ def child(args: argparse.Namespace) -> dict:
         run_search(policy, evaluator, CalibrationData(blocks, seed=args.seed), steps=args.search_steps,
                    num_samples=2, batch_size=args.mem_batch, progress=False)
     peak = pm.peak()
-    from probprune.fastpath import LOGIT_ELEMENTS
+    from probprune.losses import LOGIT_ELEMENTS
 
     return {"kind": args.child, "method": pm.method, "base_mib": base, "peak_mib": peak, "extra_mib": peak - base,
             "ru_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

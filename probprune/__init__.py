@@ -21,11 +21,11 @@ def __getattr__(name):  # lazy: importing probprune stays cheap and needs neithe
         from .pipeline import prune
 
         return prune
-    if name in ("load_pruned", "compact", "save_pruned"):
+    if name in ("compact", "save_pruned"):
         from . import compaction
 
         return getattr(compaction, name)
-    if name in ("get_adapter", "load_model"):
+    if name in ("get_adapter", "load_model", "load_pruned"):
         from . import models
 
         return getattr(models, name)

@@ -29,7 +29,7 @@ from torch import nn
 
 from .errors import UserError
 from .masks import CHANNEL, HEAD, LAYER, MaskSpace
-from .models.adapter import LlamaAdapter
+from .models.base import FamilyAdapter
 from .models.modeling_probprune import EmptyAttention, EmptyMLP
 from .projection import BUDGETS, _round_half_up, final_mask
 from .scoring import (
@@ -164,7 +164,7 @@ def shortgpt_mask(space: MaskSpace, influence: np.ndarray, sparsity: float) -> n
 # ------------------------------------------------------------------------------------------------ baselines
 def baseline_mask(
     method: str,
-    adapter: LlamaAdapter,
+    adapter: FamilyAdapter,
     space: MaskSpace,
     blocks: torch.Tensor | None,
     sparsity: float,
@@ -219,7 +219,7 @@ def baseline_mask(
 # --------------------------------------------------------------------------------- FLAP bias compensation
 @torch.no_grad()
 def flap_bias_compensation(
-    adapter: LlamaAdapter, space: MaskSpace, mask: np.ndarray, stats: dict
+    adapter: FamilyAdapter, space: MaskSpace, mask: np.ndarray, stats: dict
 ) -> dict[int, dict[str, torch.Tensor]]:
     """FLAP's bias compensation: the mean contribution of the removed input columns, per surviving layer.
 
@@ -237,39 +237,38 @@ def flap_bias_compensation(
         ``{layer: {"o_proj": [H] float32, "down_proj": [H] float32}}`` keyed by original layer index; a key is
         present only where something was removed.
     """
-    e = space.expand(np.asarray(mask, dtype=np.float32))
-    gd = adapter.group_size * adapter.head_dim
+    d = adapter.head_dim
     out: dict[int, dict[str, torch.Tensor]] = {}
-    for li, ls in enumerate(space.layers):
-        if e["layers"][li] < 0.5:
+    for li, (ls, keep) in enumerate(zip(space.layers, space.plan(np.asarray(mask, dtype=np.float32)))):
+        if keep is None:
             continue
         comp = {}
-        gone = np.flatnonzero(e["heads"][li, : ls.num_kv_heads].numpy() < 0.5)
+        gone = np.setdiff1d(np.arange(ls.num_query_heads), keep.q_heads.numpy())  # removed query heads
         if gone.size:
-            cols = (gone[:, None] * gd + np.arange(gd)[None]).ravel()  # [n_gone * gs * d]
-            w = adapter.attention(li).o_proj.weight.detach().double().cpu().numpy()  # [H, C]
+            cols = (gone[:, None] * d + np.arange(d)[None]).ravel()  # [n_gone * d]
+            w = adapter.attn_out(li).weight.detach().double().cpu().numpy()  # [H, C]
             comp["o_proj"] = torch.from_numpy(w[:, cols] @ column_mean(stats["o_proj"][li])[cols]).float()
-        gone = np.flatnonzero(e["channels"][li, : ls.intermediate_size].numpy() < 0.5)
+        gone = np.setdiff1d(np.arange(ls.intermediate_size), keep.channels.numpy())
         if gone.size:
-            w = adapter.mlp(li).down_proj.weight.detach().double().cpu().numpy()  # [H, I]
+            w = adapter.mlp_out(li).weight.detach().double().cpu().numpy()  # [H, I]
             comp["down_proj"] = torch.from_numpy(w[:, gone] @ column_mean(stats["down_proj"][li])[gone]).float()
         if comp:
             out[li] = comp
     return out
 
 
-def _bias_slot(module: nn.Module, which: str) -> tuple[nn.Module, str]:
-    """(module, attribute) that holds the output bias of a sublayer's o_proj / down_proj."""
-    if isinstance(module, EmptyAttention):
-        return module, "o_bias"
-    if isinstance(module, EmptyMLP):
-        return module, "down_bias"
-    return getattr(module, which), "bias"
+def _bias_slot(adapter: FamilyAdapter, layer: int, which: str) -> tuple[nn.Module, str]:
+    """(module, attribute) that holds the output bias of a layer's attention (``o_proj``) or MLP (``down_proj``)."""
+    if which == "o_proj":
+        attn = adapter.attention(layer)
+        return (attn, "o_bias") if isinstance(attn, EmptyAttention) else (adapter.attn_out(layer), "bias")
+    mlp = adapter.mlp(layer)
+    return (mlp, "down_bias") if isinstance(mlp, EmptyMLP) else (adapter.mlp_out(layer), "bias")
 
 
 @torch.no_grad()
 def apply_bias_compensation(
-    model: nn.Module, adapter: LlamaAdapter, comp: dict[int, dict[str, torch.Tensor]], in_memory_only: bool = False
+    model: nn.Module, adapter: FamilyAdapter, comp: dict[int, dict[str, torch.Tensor]], in_memory_only: bool = False
 ) -> nn.Module:
     """Add FLAP compensation vectors to the output biases of a compacted model's ``o_proj`` / ``down_proj``, in place.
 
@@ -299,8 +298,7 @@ def apply_bias_compensation(
             raise UserError(f"layer {src} was removed by compaction; its flap bias compensation cannot be applied")
         li = source[src]
         for which, vec in parts.items():
-            owner = adapter.attention(li) if which == "o_proj" else adapter.mlp(li)
-            module, attr = _bias_slot(owner, which)
+            module, attr = _bias_slot(adapter, li, which)
             bias = getattr(module, attr)
             if bias is None:
                 if not in_memory_only:

@@ -90,21 +90,28 @@ def _cmd_info(args) -> int:
     from .models.loading import load_model
 
     model, _ = load_model(args.model, args.dtype)
-    space = get_adapter(model).mask_space(layers=True, channel_block=args.channel_block)
+    adapter = get_adapter(model)
+    try:
+        space = adapter.mask_space(layers=True, channel_block=args.channel_block, query_heads=args.head_unit == "query")
+    except ValueError as e:
+        raise UserError(f"--head-unit {args.head_unit}: {e}") from None
     counts = space.type_counts()
-    print(f"model {args.model}: {type(model).__name__}, {space.num_layers} decoder layers, "
+    print(f"model {args.model}: {type(model).__name__} ({adapter.family} family), {space.num_layers} decoder layers, "
           f"{space.total_params:,} parameters ({space.prunable_params:,} prunable)")
     print("| unit | count | parameters per unit | all units |")
     print("|---|---|---|---|")
-    for t, name in ((0, "head group"), (1, f"channel block ({args.channel_block})"), (2, "layer")):
+    head_name = "query head" if space.query_heads else "head group"
+    for t, name in ((0, head_name), (1, f"channel block ({args.channel_block})"), (2, "layer")):
         c = space.cost[space.unit_type == t]
+        if c.size == 0:
+            continue
         per = f"{c.min():,}" if c.min() == c.max() else f"{c.min():,}–{c.max():,}"
         print(f"| {name} | {counts[('head', 'channel', 'layer')[t]]:,} | {per} | {int(c.sum()):,} |")
     if args.layers:
         print("\n| layer | KV groups | query heads | channels |")
         print("|---|---|---|---|")
         for i, ls in enumerate(space.layers):
-            print(f"| {i} | {ls.num_kv_heads} | {ls.num_kv_heads * ls.group_size} | {ls.intermediate_size} |")
+            print(f"| {i} | {ls.num_kv_heads} | {ls.num_query_heads} | {ls.intermediate_size} |")
     return 0
 
 
@@ -156,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument("--model", required=True)
     inf.add_argument("--dtype", default="float32")
     inf.add_argument("--channel-block", type=int, default=1)
+    inf.add_argument("--head-unit", choices=("group", "query"), default="group",
+                     help="head units: KV groups, or query heads (models with one KV head per layer)")
     inf.add_argument("--layers", action="store_true", help="also print per-layer widths")
     inf.set_defaults(func=_cmd_info)
     return p

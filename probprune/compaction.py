@@ -18,35 +18,36 @@ from torch import nn
 
 from .errors import UserError
 from .files import dir_mode, file_mode, make_temp_dir, publish_dir
-from .masks import MaskSpace
+from .masks import LayerKeep, MaskSpace
 from .models import modeling_probprune
 from .models.adapter import get_adapter
-from .models.modeling_probprune import PRUNED_CLASSES, EmptyAttention, EmptyMLP, resize_decoder_layer
+from .models.modeling_probprune import PRUNED_CLASSES, resize_decoder_layer
 
 
-def _take(dst: nn.Linear, src: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> None:
-    w = src.weight.data
-    if rows is not None:
-        w = w.index_select(0, rows.to(w.device))
-    if cols is not None:
-        w = w.index_select(1, cols.to(w.device))
-    dst.weight.data = w.contiguous().clone()
-    if src.bias is not None:
-        b = src.bias.data
-        dst.bias.data = (b.index_select(0, rows.to(b.device)) if rows is not None else b).clone()
+def _rows(t: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor | None:
+    return None if t is None else t.detach().index_select(0, idx.to(t.device)).clone()
 
 
-def layer_plan(space: MaskSpace, mask: np.ndarray) -> list[dict]:
-    """Per original layer: kept KV groups, kept channels (ascending), and whether the layer survives."""
-    e = space.expand(np.asarray(mask, dtype=np.float32))
-    plan = []
-    for li, ls in enumerate(space.layers):
-        keep_layer = bool(e["layers"][li] > 0.5)
-        groups = torch.nonzero(e["heads"][li, : ls.num_kv_heads] > 0.5).flatten() if keep_layer else torch.zeros(0, dtype=torch.long)
-        chans = torch.nonzero(e["channels"][li, : ls.intermediate_size] > 0.5).flatten() if keep_layer else torch.zeros(0, dtype=torch.long)
-        if keep_layer and groups.numel() == 0 and chans.numel() == 0 and not ls.o_bias and not ls.mlp_bias:
-            keep_layer = False  # both sublayers add nothing: the layer is the identity
-        plan.append({"layer": li, "keep": keep_layer, "groups": groups, "channels": chans})
+def _head_rows(heads: torch.Tensor, d: int) -> torch.Tensor:
+    return (heads[:, None] * d + torch.arange(d)[None]).flatten()
+
+
+def _fill(parts: dict, values: dict) -> None:
+    """Write sliced ``(weight, bias)`` values into the (fresh) projections ``parts`` of the resized layer."""
+    for role, part in parts.items():
+        w, b = values[role]
+        part.weight.data[part.rows] = w.to(part.weight.dtype)
+        if part.bias is not None:
+            part.bias.data[part.rows] = b.to(part.bias.dtype)
+
+
+def surviving_layers(space: MaskSpace, mask: np.ndarray) -> list[LayerKeep | None]:
+    """:meth:`MaskSpace.plan` of ``mask``, with layers that would add nothing (no heads, no channels and no output
+    biases) marked removed (None) as well: such a layer is the identity."""
+    plan = space.plan(np.asarray(mask, dtype=np.float32))
+    for li, (ls, keep) in enumerate(zip(space.layers, plan)):
+        if keep is not None and keep.empty and not ls.o_bias and not ls.mlp_bias:
+            plan[li] = None
     return plan
 
 
@@ -71,49 +72,41 @@ def compact(model: nn.Module, space: MaskSpace, mask: np.ndarray, inplace: bool 
     adapter = get_adapter(model)
     config = model.config
     base_arch = getattr(config, "probprune_base_architecture", None) or type(model).__name__.removeprefix("ProbPruned")
-    d, group = adapter.head_dim, adapter.group_size
-    plan = layer_plan(space, mask)
+    d = adapter.head_dim
     old_layers = list(adapter.layers)
     new_layers, layout = [], []
-    for p in plan:
-        if not p["keep"]:
+    for li, keep in enumerate(surviving_layers(space, mask)):
+        if keep is None:
             continue
-        layer = old_layers[p["layer"]]
-        old_attn, old_mlp = layer.self_attn, layer.mlp
-        # resize_decoder_layer swaps the projections inside these modules: keep the old ones to slice from
-        old = {n: getattr(old_attn, n, None) for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
-        old.update({n: getattr(old_mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")})
-        groups, chans = p["groups"], p["channels"]
+        layer = old_layers[li]
+        # slice what is kept before resize_decoder_layer swaps the projections for fresh ones
+        attn_vals = mlp_vals = None
+        attn_bias, mlp_bias = adapter.attn_out_bias(layer), adapter.mlp_out_bias(layer)
+        if keep.kv_heads.numel():
+            q_rows, kv_rows = _head_rows(keep.q_heads, d), _head_rows(keep.kv_heads, d)
+            attn_vals = {r: (_rows(p.w, q_rows if r == "q" else kv_rows), _rows(p.b, q_rows if r == "q" else kv_rows))
+                         for r, p in adapter.attn_in(layer).items()}
+            o_w = adapter.attn_out(layer).weight.detach().index_select(1, q_rows).clone()
+        if keep.channels.numel():
+            mlp_vals = {r: (_rows(p.w, keep.channels), _rows(p.b, keep.channels))
+                        for r, p in adapter.mlp_in(layer).items()}
+            down_w = adapter.mlp_out(layer).weight.detach().index_select(1, keep.channels).clone()
         spec = {
-            "num_key_value_heads": int(groups.numel()),
-            "num_attention_heads": int(groups.numel()) * group,
-            "intermediate_size": int(chans.numel()),
-            "source_layer": int(getattr(old_attn, "probprune_source_layer", p["layer"])),
+            "num_key_value_heads": int(keep.kv_heads.numel()),
+            "num_attention_heads": int(keep.q_heads.numel()),
+            "intermediate_size": int(keep.channels.numel()),
+            "source_layer": int(getattr(adapter.attention(layer), "probprune_source_layer", li)),
         }
-        new_idx = len(new_layers)
-        resize_decoder_layer(layer, config, spec, new_idx)
-        attn, mlp = layer.self_attn, layer.mlp
-        if isinstance(attn, EmptyAttention):
-            if attn.o_bias is not None:
-                src_bias = old_attn.o_bias if isinstance(old_attn, EmptyAttention) else old["o_proj"].bias
-                attn.o_bias.data = src_bias.data.clone()
-        else:
-            # query heads of kept KV groups, in order: group g owns heads g*group .. (g+1)*group-1
-            q_heads = (groups[:, None] * group + torch.arange(group)[None]).flatten()  # [n_kv' * group]
-            q_rows = (q_heads[:, None] * d + torch.arange(d)[None]).flatten()
-            kv_rows = (groups[:, None] * d + torch.arange(d)[None]).flatten()
-            _take(attn.q_proj, old['q_proj'], rows=q_rows)
-            _take(attn.k_proj, old['k_proj'], rows=kv_rows)
-            _take(attn.v_proj, old['v_proj'], rows=kv_rows)
-            _take(attn.o_proj, old['o_proj'], cols=q_rows)
-        if isinstance(mlp, EmptyMLP):
-            if mlp.down_bias is not None:
-                src_bias = old_mlp.down_bias if isinstance(old_mlp, EmptyMLP) else old["down_proj"].bias
-                mlp.down_bias.data = src_bias.data.clone()
-        else:
-            _take(mlp.gate_proj, old['gate_proj'], rows=chans)
-            _take(mlp.up_proj, old['up_proj'], rows=chans)
-            _take(mlp.down_proj, old['down_proj'], cols=chans)
+        resize_decoder_layer(layer, config, spec, len(new_layers))
+        if attn_vals is not None:
+            _fill(adapter.attn_in(layer), attn_vals)
+            adapter.attn_out(layer).weight.data = o_w
+        if mlp_vals is not None:
+            _fill(adapter.mlp_in(layer), mlp_vals)
+            adapter.mlp_out(layer).weight.data = down_w
+        for new_bias, old_bias in ((adapter.attn_out_bias(layer), attn_bias), (adapter.mlp_out_bias(layer), mlp_bias)):
+            if new_bias is not None:
+                new_bias.data = old_bias.detach().clone()
         new_layers.append(layer)
         layout.append(spec)
     if not new_layers:
@@ -128,8 +121,8 @@ def compact(model: nn.Module, space: MaskSpace, mask: np.ndarray, inplace: bool 
     config.head_dim = d
     config.probprune_base_architecture = base_arch
     config.probprune_source_layers = kept_src
-    uniform = len({(s["num_key_value_heads"], s["intermediate_size"]) for s in layout}) == 1
-    uniform = uniform and layout[0]["num_key_value_heads"] > 0 and layout[0]["intermediate_size"] > 0
+    shapes = {(s["num_key_value_heads"], s["num_attention_heads"], s["intermediate_size"]) for s in layout}
+    uniform = len(shapes) == 1 and layout[0]["num_key_value_heads"] > 0 and layout[0]["intermediate_size"] > 0
     # stock configs insist that hidden_size is a multiple of the head count, even with an explicit head_dim
     uniform = uniform and config.hidden_size % layout[0]["num_attention_heads"] == 0
     if uniform:
@@ -137,7 +130,7 @@ def compact(model: nn.Module, space: MaskSpace, mask: np.ndarray, inplace: bool 
         config.num_attention_heads = layout[0]["num_attention_heads"]
         config.intermediate_size = layout[0]["intermediate_size"]
         config.probprune_layout = None
-        model.__class__ = _stock_class(base_arch)
+        model.__class__ = adapter.stock_class(base_arch)
         config.architectures = [base_arch]
         if hasattr(config, "auto_map"):
             del config.auto_map
@@ -147,14 +140,8 @@ def compact(model: nn.Module, space: MaskSpace, mask: np.ndarray, inplace: bool 
         config.architectures = [model.__class__.__name__]
         config.auto_map = {"AutoModelForCausalLM": f"modeling_probprune.{model.__class__.__name__}"}
     for li, layer in enumerate(new_layers):
-        layer.self_attn.probprune_source_layer = kept_src[li]
+        adapter.attention(layer).probprune_source_layer = kept_src[li]
     return model
-
-
-def _stock_class(arch: str):
-    import transformers
-
-    return getattr(transformers, arch)
 
 
 def count_params(model: nn.Module) -> int:
@@ -189,26 +176,3 @@ def save_pruned(model: nn.Module, path: str | Path, tokenizer=None) -> Path:
             raise UserError(f"could not save the model to {path}: {err}") from None
         raise
     return path
-
-
-def load_pruned(path: str | Path, dtype: str = "float32", device: str = "cpu") -> nn.Module:
-    """Load a folder written by :func:`save_pruned` (no remote code needed: the classes come from probprune).
-
-    Raises:
-        UserError: the folder does not exist or has no config.json.
-    """
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from .models.loading import DTYPES
-
-    path = Path(path)
-    if not (path / "config.json").exists():
-        raise UserError(f"model path not found or not a model folder: {path}")
-    config = AutoConfig.from_pretrained(path)
-    kwargs = dict(dtype=DTYPES[dtype], attn_implementation="sdpa")
-    if getattr(config, "probprune_layout", None):
-        base = config.probprune_base_architecture
-        model = PRUNED_CLASSES[base].from_pretrained(path, **kwargs)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    return model.to(device).eval()

@@ -150,6 +150,9 @@ class MaskConfig:
     """Which units are prunable and how channels are grouped."""
 
     heads: bool = True
+    # "group": a head unit is one KV group with its query heads; "query": one query head (models with one KV head per
+    # layer, e.g. small Gemma 3, where a KV group is the layer's whole attention)
+    head_unit: str = _opt("group", check=_one_of("group", "query"))
     channels: bool = True
     layers: bool = False
     channel_block: int = _opt(1, check=_at_least(1))  # channels per channel unit

@@ -13,7 +13,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from .fastpath import OBJECTIVES
+from .losses import OBJECTIVES
 from .masks import MaskSpace
 from .models.adapter import get_adapter
 

@@ -2,8 +2,8 @@
 
 :func:`probprune.masked.masked_losses` (the reference) multiplies masks into a dense forward: every mask costs a full
 forward. Here each mask is turned into index lists (kept KV groups and channels per layer, dropped layers), only
-those weight slices are gathered, and the decoder runs on them (:mod:`probprune.models.functional` holds the family
-knowledge). The result equals the reference up to floating-point summation order.
+those weight slices are gathered (:mod:`probprune.models.functional`), and the decoder runs on them with the
+family's own layer forward (:meth:`probprune.models.base.FamilyAdapter.layer_forward`). The result equals the reference up to floating-point summation order.
 
 Cost per mask: one copy of the kept weights (~3 % of a 4 x 128-token forward on CPU) plus ``2 * P_kept * tokens``
 FLOPs, plus the mask-independent embedding and ``lm_head`` (not pruned, so it bounds the speed-up: on SmolLM2-135M
@@ -23,14 +23,12 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .heap import release_freed_heap
-from .masks import MaskSpace
+from .losses import sequence_losses, teacher_logprobs
+from .masks import LayerKeep, MaskSpace
 from .models import functional as fn
-from .models.adapter import LlamaAdapter
-
-LOGIT_ELEMENTS = 1 << 22  # at most this many logits (16 MiB in fp32) exist at once in the loss
+from .models.base import FamilyAdapter
 
 
 def _check_binary(masks: torch.Tensor) -> None:
@@ -57,139 +55,43 @@ def _check_batch(batch: torch.Tensor, min_len: int) -> None:
         raise ValueError(f"batch must be [B, T] token ids with T >= {min_len}, got shape {tuple(batch.shape)}")
 
 
-Plan = list[tuple[torch.Tensor, torch.Tensor] | None]  # per layer: (kept KV groups, kept channels) or None
-
-
-def layer_plan(space: MaskSpace, expanded: dict[str, torch.Tensor], k: int) -> Plan:
-    """Index lists of one mask: per decoder layer ``(kept KV groups, kept channels)``, or ``None`` if dropped.
-
-    Args:
-        space: the mask space.
-        expanded: :meth:`MaskSpace.expand` of K masks: ``heads`` [K, L, G], ``channels`` [K, L, I], ``layers`` [K, L].
-        k: which of the K masks.
-
-    Returns:
-        One entry per layer: ``None`` for a dropped layer, else two sorted CPU long tensors (possibly empty).
-    """
-    plan: Plan = []
-    for li, ls in enumerate(space.layers):
-        if expanded["layers"][k, li] < 0.5:
-            plan.append(None)
-            continue
-        groups = (expanded["heads"][k, li, : ls.num_kv_heads] > 0.5).nonzero().flatten()  # [g]
-        chans = (expanded["channels"][k, li, : ls.intermediate_size] > 0.5).nonzero().flatten()  # [c]
-        plan.append((groups, chans))
-    return plan
-
-
 class _Inputs:
-    """Mask-independent state of one call: embeddings and RoPE tables (per device, for split models)."""
+    """Mask-independent state of one call: embeddings and rotary tables (per device, for split models)."""
 
-    def __init__(self, adapter: LlamaAdapter, input_ids: torch.Tensor):
-        base = adapter.base_model
-        emb = base.embed_tokens
+    def __init__(self, adapter: FamilyAdapter, input_ids: torch.Tensor):
+        emb = adapter.embed_tokens
         ids = input_ids.to(emb.weight.device)
-        self.embeds = emb(ids)  # [B, T, H]
-        t = ids.shape[1]
-        pos = torch.arange(t, device=ids.device)[None]  # [1, T]
-        self._pe = {self.embeds.device: base.rotary_emb(self.embeds, pos)}  # (cos, sin): [1, T, d] each
+        self.embeds = adapter.embed(ids)  # [B, T, H]
+        pos = torch.arange(ids.shape[1], device=ids.device)[None]  # [1, T]
+        self._rot = {self.embeds.device: adapter.rotary(self.embeds, pos)}  # type -> (cos, sin), [1, T, d] each
 
-    def position_embeddings(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        if device not in self._pe:
-            cos, sin = next(iter(self._pe.values()))
-            self._pe[device] = (cos.to(device), sin.to(device))
-        return self._pe[device]
+    def rotary(self, device: torch.device, layer_type: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if device not in self._rot:
+            first = next(iter(self._rot.values()))
+            self._rot[device] = {lt: (cos.to(device), sin.to(device)) for lt, (cos, sin) in first.items()}
+        return self._rot[device][layer_type]
 
 
-def _forward_plan(
-    adapter: LlamaAdapter,
-    inputs: _Inputs,
-    plan: Plan,
-    ws: fn.Workspace,
-) -> torch.Tensor:
-    """Decoder stack + final norm under one mask's plan. Returns ``[B, T, H]``."""
+def _forward_plan(adapter: FamilyAdapter, inputs: _Inputs, plan: list[LayerKeep | None],
+                  ws: fn.Workspace) -> torch.Tensor:
+    """Decoder stack + final norm under one mask's plan (:meth:`MaskSpace.plan`). Returns ``[B, T, H]``."""
     h = inputs.embeds  # [B, T, H]
-    for layer, entry in zip(adapter.layers, plan):
-        if entry is None:  # dropped layer: identity on the residual stream
+    for li, (layer, keep) in enumerate(zip(adapter.layers, plan)):
+        if keep is None:  # dropped layer: identity on the residual stream
             continue
-        dev = layer.input_layernorm.weight.device
+        dev = adapter.layer_device(layer)
         if h.device != dev:
             h = h.to(dev)
-        groups, chans = entry
-        attn, mlp = fn.slice_layer(layer, groups.to(dev), chans.to(dev), ws)
-        h = fn.decoder_layer_forward(layer, h, inputs.position_embeddings(dev), attn, mlp)  # [B, T, H]
-    norm = adapter.base_model.norm
-    return norm(h.to(norm.weight.device))
-
-
-OBJECTIVES = ("ce", "kl")
-
-
-def chunked_sequence_nll(adapter: LlamaAdapter, hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy per sequence from final hidden states, a few tokens' logits at a time.
-
-    Args:
-        adapter: the model's adapter (its ``lm_head`` is used).
-        hidden: ``[B, T, H]`` after the final norm.
-        input_ids: ``[B, T]`` the tokens (targets are ``input_ids[:, 1:]``).
-
-    Returns:
-        ``[B]`` float32 on CPU, as :func:`probprune.masked.sequence_nll`.
-    """
-    return _chunked_sequence_loss(adapter, hidden, input_ids, None)
-
-
-def _next_token_logits(adapter: LlamaAdapter, hidden: torch.Tensor):
-    """Yield ``(rows, logits)``: the float32 ``lm_head`` logits ``[n, V]`` of the positions that predict a next token
-    (0..T−2 of every sequence, flattened to ``B·(T−1)`` rows), a few positions at a time (``LOGIT_ELEMENTS``)."""
-    b, t, h = hidden.shape
-    head = adapter.lm_head
-    x = hidden[:, :-1].reshape(b * (t - 1), h)  # [B(T-1), H]
-    step = max(1, LOGIT_ELEMENTS // head.out_features)
-    for s in range(0, x.shape[0], step):
-        yield slice(s, s + step), head(x[s : s + step]).float()  # [n, V]
-
-
-def teacher_logprobs(adapter: LlamaAdapter, hidden: torch.Tensor) -> torch.Tensor:
-    """Next-token log-probabilities of a (dense) model from its final hidden states, for the ``kl`` objective.
-
-    Args:
-        adapter: the model's adapter (its ``lm_head`` is used).
-        hidden: ``[B, T, H]`` after the final norm.
-
-    Returns:
-        ``[B·(T−1), V]`` float32 log-softmax of the logits at positions 0..T−2 (those that predict a next token).
-    """
-    b, t, _ = hidden.shape
-    out = torch.empty(b * (t - 1), adapter.lm_head.out_features, dtype=torch.float32, device=hidden.device)
-    for rows, logits in _next_token_logits(adapter, hidden):
-        out[rows] = F.log_softmax(logits, dim=-1)
-    return out
-
-
-def _chunked_sequence_loss(
-    adapter: LlamaAdapter, hidden: torch.Tensor, input_ids: torch.Tensor, teacher: torch.Tensor | None
-) -> torch.Tensor:
-    """Per-sequence mean over next-token positions of CE (``teacher`` None) or KL(teacher ‖ model). ``[B]`` on CPU.
-
-    KL(p ‖ q) = Σ_v p_v (log p_v − log q_v) per position, with p = exp(``teacher``) ([B·(T−1), V] log-probs) and q the
-    model's softmax; only a few positions' logits exist at a time (``LOGIT_ELEMENTS``).
-    """
-    b, t, _ = hidden.shape
-    targets = input_ids[:, 1:].reshape(-1).to(hidden.device)  # [B(T-1)]
-    loss = torch.empty(b * (t - 1), dtype=torch.float32, device=hidden.device)
-    for rows, logits in _next_token_logits(adapter, hidden):
-        if teacher is None:
-            loss[rows] = F.cross_entropy(logits, targets[rows], reduction="none")
-        else:
-            p_log = teacher[rows].to(logits.device)  # [n, V]
-            loss[rows] = (p_log.exp() * (p_log - F.log_softmax(logits, dim=-1))).sum(dim=-1)
-    return loss.view(b, t - 1).mean(dim=1).cpu()
+        keep = LayerKeep(keep.kv_heads.to(dev), keep.q_heads.to(dev), keep.channels.to(dev))
+        attn, mlp = fn.slice_layer(adapter, layer, keep, ws)
+        h = adapter.layer_forward(layer, h, inputs.rotary(dev, adapter.layer_type(li)), attn, mlp)  # [B, T, H]
+    norm = adapter.final_norm
+    return norm(h.to(next(norm.parameters()).device))
 
 
 @torch.no_grad()
 def fast_forward_hidden(
-    adapter: LlamaAdapter, space: MaskSpace, mask: np.ndarray | torch.Tensor, input_ids: torch.Tensor
+    adapter: FamilyAdapter, space: MaskSpace, mask: np.ndarray | torch.Tensor, input_ids: torch.Tensor
 ) -> torch.Tensor:
     """Final hidden states (after the last norm, as ``last_hidden_state``) of the model under one mask.
 
@@ -209,13 +111,13 @@ def fast_forward_hidden(
     if m.shape[0] != 1:
         raise ValueError(f"fast_forward_hidden takes one mask [N], got {m.shape[0]} masks")
     _check_batch(input_ids, 1)
-    plan = layer_plan(space, space.expand(m), 0)
+    plan = space.plan(m, 0)
     return _forward_plan(adapter, _Inputs(adapter, input_ids), plan, fn.Workspace())
 
 
 @torch.no_grad()
 def gathered_losses(
-    adapter: LlamaAdapter,
+    adapter: FamilyAdapter,
     space: MaskSpace,
     masks: np.ndarray | torch.Tensor,
     batch: torch.Tensor,
@@ -257,8 +159,8 @@ def gathered_losses(
     ws = fn.Workspace()  # gathered weights of the current layer, reused by every layer and mask
     out = np.empty(uniq.shape[0], dtype=np.float64)
     for k in range(uniq.shape[0]):
-        hidden = _forward_plan(adapter, inputs, layer_plan(space, expanded, k), ws)  # [B, T, H]
-        per_seq = _chunked_sequence_loss(adapter, hidden, batch, teacher)  # [B]
+        hidden = _forward_plan(adapter, inputs, space.plan(expanded, k), ws)  # [B, T, H]
+        per_seq = sequence_losses(adapter, hidden, batch, teacher)  # [B]
         out[k] = float(per_seq.double().mean())
         if hidden.device.type == "cpu":
             del hidden
@@ -267,7 +169,7 @@ def gathered_losses(
 
 
 @torch.no_grad()
-def dense_teacher(adapter: LlamaAdapter, space: MaskSpace, batch: torch.Tensor) -> torch.Tensor:
+def dense_teacher(adapter: FamilyAdapter, space: MaskSpace, batch: torch.Tensor) -> torch.Tensor:
     """The dense model's next-token log-probabilities on ``batch``, computed once and reused for every mask.
 
     It runs the all-keep mask through the same gathered path as the masks, so the ``kl`` objective of the all-keep

@@ -1,7 +1,7 @@
 """Masked forward: run a model under a batch of masks without copying or changing its weights.
 
-A head mask multiplies the attention output before ``o_proj`` (per KV group), a channel mask multiplies
-``act(gate) * up`` before ``down_proj``, and a layer mask multiplies both sublayer outputs, so a dropped layer is the
+A head mask multiplies the attention output before the output projection (per query head; a KV group's mask covers
+its query heads), a channel mask multiplies the gated activation before the MLP's output projection, and a layer mask multiplies both sublayer outputs, so a dropped layer is the
 identity on the residual stream. Every row of the input batch may carry its own mask, so K masks x B sequences are
 scored in one forward. Leaving the context restores the exact original model.
 """
@@ -13,11 +13,11 @@ from typing import Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from .losses import sequence_losses
 from .masks import MaskSpace
-from .models.adapter import LlamaAdapter, model_device
-from .models.modeling_probprune import EmptyAttention, EmptyMLP
+from .models.adapter import model_device
+from .models.base import FamilyAdapter
 
 
 def _scale_rows(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
@@ -26,43 +26,43 @@ def _scale_rows(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
 
 
 @contextmanager
-def masks_applied(adapter: LlamaAdapter, expanded: dict[str, torch.Tensor]) -> Iterator[None]:
+def masks_applied(adapter: FamilyAdapter, expanded: dict[str, torch.Tensor]) -> Iterator[None]:
     """Apply per-row masks while the context is open.
 
     Args:
         adapter: the model's adapter.
         expanded: output of :meth:`MaskSpace.expand` for R rows (or 1 row shared by the whole batch):
-            ``heads`` [R, L, G], ``channels`` [R, L, I], ``layers`` [R, L]. The input batch given to the model
+            ``qheads`` [R, L, Q], ``channels`` [R, L, I], ``layers`` [R, L]. The input batch given to the model
             inside the context must have R rows (or any number when R == 1).
     """
     dtype = next(adapter.model.parameters()).dtype
     handles = []
     try:
         for li, layer in enumerate(adapter.layers):
-            attn, mlp = layer.self_attn, layer.mlp
-            dev = next(layer.parameters()).device
-            heads = expanded["heads"][:, li].to(dev, dtype)  # [R, G_max]
+            dev = adapter.layer_device(layer)
+            qheads = expanded["qheads"][:, li].to(dev, dtype)  # [R, Q_max]
             chans = expanded["channels"][:, li].to(dev, dtype)  # [R, I_max]
             lay = expanded["layers"][:, li].to(dev, dtype)  # [R]
-            if not isinstance(attn, EmptyAttention):
-                n_kv = attn.k_proj.out_features // attn.head_dim
-                h = heads[:, :n_kv]
+            if adapter.num_kv_heads(layer):
+                n_q = adapter.attn_out(layer).in_features // adapter.head_dim
+                h = qheads[:, :n_q]
                 if bool((h != 1).any()):
-                    def pre_o(mod, args, h=h, n_kv=n_kv):
-                        (x,) = args  # x: [R, T, H_q * d]
+                    def pre_o(mod, args, h=h, n_q=n_q):
+                        (x,) = args  # x: [R, T, n_q * d]
                         r, t, width = x.shape
-                        x = x.view(r, t, n_kv, width // n_kv) * h.view(h.shape[0], 1, n_kv, 1)
+                        x = x.view(r, t, n_q, width // n_q) * h.view(h.shape[0], 1, n_q, 1)
                         return (x.view(r, t, width),)
 
-                    handles.append(attn.o_proj.register_forward_pre_hook(pre_o))
-            if not isinstance(mlp, EmptyMLP):
-                c = chans[:, : mlp.down_proj.in_features]
+                    handles.append(adapter.attn_out(layer).register_forward_pre_hook(pre_o))
+            n_ch = adapter.num_channels(layer)
+            if n_ch:
+                c = chans[:, :n_ch]
                 if bool((c != 1).any()):
                     def pre_down(mod, args, c=c):
                         (x,) = args  # x: [R, T, I]
                         return (x * c[:, None, :],)
 
-                    handles.append(mlp.down_proj.register_forward_pre_hook(pre_down))
+                    handles.append(adapter.mlp_out(layer).register_forward_pre_hook(pre_down))
             if bool((lay != 1).any()):
                 def post_attn(mod, args, out, lay=lay):
                     return (_scale_rows(out[0], lay), *out[1:])
@@ -70,16 +70,16 @@ def masks_applied(adapter: LlamaAdapter, expanded: dict[str, torch.Tensor]) -> I
                 def post_mlp(mod, args, out, lay=lay):
                     return _scale_rows(out, lay)
 
-                handles.append(attn.register_forward_hook(post_attn))
-                handles.append(mlp.register_forward_hook(post_mlp))
+                handles.append(adapter.attention(layer).register_forward_hook(post_attn))
+                handles.append(adapter.mlp(layer).register_forward_hook(post_mlp))
         yield
     finally:
         for hd in handles:
             hd.remove()
 
 
-def sequence_nll(adapter: LlamaAdapter, input_ids: torch.Tensor, row_chunk: int = 8) -> torch.Tensor:
-    """Mean next-token cross-entropy per row, without materialising all logits at once.
+def sequence_nll(adapter: FamilyAdapter, input_ids: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy per row of the model as it is (hooks included).
 
     Args:
         input_ids: ``[R, T]``.
@@ -88,19 +88,12 @@ def sequence_nll(adapter: LlamaAdapter, input_ids: torch.Tensor, row_chunk: int 
         ``[R]`` float32 (on CPU).
     """
     hidden = adapter.base_model(input_ids=input_ids, use_cache=False).last_hidden_state  # [R, T, H]
-    out = []
-    targets = input_ids[:, 1:]
-    for i in range(0, hidden.shape[0], row_chunk):
-        logits = adapter.lm_head(hidden[i : i + row_chunk, :-1]).float()  # [r, T-1, V]
-        tgt = targets[i : i + row_chunk].to(logits.device)
-        ce = F.cross_entropy(logits.transpose(1, 2), tgt, reduction="none")  # [r, T-1]
-        out.append(ce.mean(dim=1).cpu())
-    return torch.cat(out)
+    return sequence_losses(adapter, hidden, input_ids)
 
 
 @torch.no_grad()
 def masked_losses(
-    adapter: LlamaAdapter,
+    adapter: FamilyAdapter,
     space: MaskSpace,
     masks: np.ndarray | torch.Tensor,
     batch: torch.Tensor,
@@ -135,7 +128,7 @@ def masked_losses(
 
 
 @torch.no_grad()
-def masked_logits(adapter: LlamaAdapter, space: MaskSpace, mask: np.ndarray, input_ids: torch.Tensor) -> torch.Tensor:
+def masked_logits(adapter: FamilyAdapter, space: MaskSpace, mask: np.ndarray, input_ids: torch.Tensor) -> torch.Tensor:
     """Logits ``[B, T, V]`` of the model under one mask (for tests and checks)."""
     exp = space.expand(torch.as_tensor(mask, dtype=torch.float32)[None])
     with masks_applied(adapter, exp):

@@ -4,7 +4,9 @@ Units live in one flat vector of length N, ordered by type: head groups, then ML
 A mask is a ``[N]`` (or ``[K, N]``) array of 0/1; probabilities share the same layout.
 
 - head unit: one KV group with its query heads (GQA) or one head (MHA). Cost: its rows of q/k/v (and biases) plus
-  its columns of o_proj.
+  its columns of o_proj. With ``query_heads=True`` a head unit is one query head instead (for models with one KV
+  head per layer, where a KV group is the whole attention): it owns its q rows and o_proj columns, and its KV head,
+  kept while any of its query heads is, is charged to the group's query heads in equal shares.
 - channel unit: a block of ``channel_block`` MLP intermediate channels (1 = single channels, as in the paper).
   Cost: their rows of gate/up (and biases) plus their columns of down_proj.
 - layer unit: a whole decoder layer. Cost: everything in it (heads, channels, norms, biases), so a head inside a
@@ -35,14 +37,36 @@ class LayerShape:
     o_bias: bool = False
     mlp_bias: bool = False
     norm_params: int = 0  # parameters of the layer's norms (removed only with the layer)
+    attn_fixed: int = 0  # attention parameters no head owns (q/k norms): present while any head is kept
+
+    @property
+    def num_query_heads(self) -> int:
+        return self.num_kv_heads * self.group_size
+
+    def attn_params(self, n_q: int, n_kv: int) -> int:
+        """Parameters of ``n_q`` query heads over ``n_kv`` KV heads: q, k, v rows (and biases) + o_proj columns."""
+        d, h = self.head_dim, self.hidden_size
+        cost = (n_q + 2 * n_kv) * d * h + n_q * d * h
+        if self.qkv_bias:
+            cost += (n_q + 2 * n_kv) * d
+        return cost
+
+    def attn_total(self, n_q: int, n_kv: int) -> int:
+        """All attention parameters with ``n_q`` query heads over ``n_kv`` KV heads (shared ones included)."""
+        return self.attn_params(n_q, n_kv) + (self.attn_fixed if n_kv else 0)
 
     @property
     def head_unit_cost(self) -> int:
-        d, h, g = self.head_dim, self.hidden_size, self.group_size
-        cost = (g + 2) * d * h + g * d * h  # q, k, v rows + o_proj columns
-        if self.qkv_bias:
-            cost += (g + 2) * d
-        return cost
+        """Parameters of one KV group with its query heads."""
+        return self.attn_params(self.group_size, 1)
+
+    def query_unit_costs(self) -> list[int]:
+        """Per query head of one KV group: its own rows and columns plus an equal share of the KV head's (the
+        remainder of the share goes to the group's first head, so the group's costs sum to ``head_unit_cost``)."""
+        own = self.attn_params(1, 0)
+        kv = self.attn_params(0, 1)
+        share, rest = divmod(kv, self.group_size)
+        return [own + share + (rest if j == 0 else 0) for j in range(self.group_size)]
 
     @property
     def channel_cost(self) -> int:
@@ -50,13 +74,33 @@ class LayerShape:
 
     @property
     def layer_params(self) -> int:
-        total = self.num_kv_heads * self.head_unit_cost + self.intermediate_size * self.channel_cost
+        total = self.attn_total(self.num_query_heads, self.num_kv_heads) + self.intermediate_size * self.channel_cost
         total += self.norm_params
         if self.o_bias:
             total += self.hidden_size
         if self.mlp_bias:
             total += self.hidden_size
         return total
+
+
+@dataclass(frozen=True)
+class LayerKeep:
+    """What a mask keeps of one decoder layer (sorted CPU long tensors, possibly empty).
+
+    Attributes:
+        kv_heads: kept KV heads (= KV groups).
+        q_heads: kept query heads, all belonging to kept KV heads; with KV-group units these are every query head
+            of the kept groups (group ``j`` owns query heads ``j·group_size … (j+1)·group_size − 1``).
+        channels: kept MLP intermediate channels, in the model's channel order.
+    """
+
+    kv_heads: torch.Tensor
+    q_heads: torch.Tensor
+    channels: torch.Tensor
+
+    @property
+    def empty(self) -> bool:
+        return self.kv_heads.numel() == 0 and self.channels.numel() == 0
 
 
 @dataclass
@@ -68,7 +112,9 @@ class MaskSpace:
         channel_block: channels per channel unit (the last block of a layer may be smaller).
         unit_type: ``[N]`` int8, HEAD / CHANNEL / LAYER.
         unit_layer: ``[N]`` int32, decoder layer index of each unit.
-        unit_index: ``[N]`` int32, index of the unit inside its layer (KV group, channel block, 0 for layers).
+        unit_index: ``[N]`` int32, index of the unit inside its layer (KV group, or query head with
+            ``query_heads``; channel block; 0 for layers).
+        query_heads: head units are query heads (every layer must have at most one KV head), not KV groups.
         cost: ``[N]`` int64, parameters removed by the unit alone.
         channel_perm: per layer, an ``[I]`` permutation of channels; block b holds
             ``channel_perm[l][b*channel_block:(b+1)*channel_block]``. Identity unless blocks were formed by ranking.
@@ -82,6 +128,7 @@ class MaskSpace:
     channel_block: int = 1
     total_params: int = 0
     channel_perm: list[np.ndarray] | None = None
+    query_heads: bool = False
     unit_type: np.ndarray = field(init=False)
     unit_layer: np.ndarray = field(init=False)
     unit_index: np.ndarray = field(init=False)
@@ -92,9 +139,18 @@ class MaskSpace:
             raise ValueError(f"channel_block must be >= 1, got {self.channel_block}")
         if self.channel_perm is None:
             self.channel_perm = [np.arange(ls.intermediate_size) for ls in self.layers]
+        if self.query_heads and self.include_heads:
+            many = [li for li, ls in enumerate(self.layers) if ls.num_kv_heads > 1]
+            if many:
+                raise ValueError(f"query-head units need at most one KV head per layer; layer {many[0]} has "
+                                 f"{self.layers[many[0]].num_kv_heads} (use KV-group units)")
         types, lays, idx, cost = [], [], [], []
         if self.include_heads:
             for li, ls in enumerate(self.layers):
+                if self.query_heads:
+                    for j, c in enumerate(ls.query_unit_costs() * ls.num_kv_heads):
+                        types.append(HEAD), lays.append(li), idx.append(j), cost.append(c)
+                    continue
                 for g in range(ls.num_kv_heads):
                     types.append(HEAD), lays.append(li), idx.append(g), cost.append(ls.head_unit_cost)
         if self.include_channels:
@@ -153,10 +209,14 @@ class MaskSpace:
         """Parameters that some unit can remove (attention + MLP projections; norms too when layers are units)."""
         total = 0
         for ls in self.layers:
-            total += ls.num_kv_heads * ls.head_unit_cost + ls.intermediate_size * ls.channel_cost
+            total += self._sublayer_params(ls)
             if self.include_layers:
-                total += ls.layer_params - ls.num_kv_heads * ls.head_unit_cost - ls.intermediate_size * ls.channel_cost
+                total += ls.layer_params - self._sublayer_params(ls)
         return total
+
+    @staticmethod
+    def _sublayer_params(ls: LayerShape) -> int:
+        return ls.attn_total(ls.num_query_heads, ls.num_kv_heads) + ls.intermediate_size * ls.channel_cost
 
     # --------------------------------------------------------------------------------------------- mask algebra
     def full_mask(self) -> np.ndarray:
@@ -169,9 +229,11 @@ class MaskSpace:
             masks: ``[K, N]`` (or ``[N]``) 0/1 values (floats allowed for soft masks).
 
         Returns:
-            ``heads``: ``[K, L, G_max]`` (per KV group), ``channels``: ``[K, L, I_max]`` (per channel, in the model's
-            channel order), ``layers``: ``[K, L]``. Units not in the space are 1. Layers with fewer groups/channels
-            than the maximum are padded with 1.
+            ``heads``: ``[K, L, G_max]`` (per KV group), ``qheads``: ``[K, L, Q_max]`` (per query head),
+            ``channels``: ``[K, L, I_max]`` (per channel, in the model's channel order), ``layers``: ``[K, L]``.
+            Units not in the space are 1; layers with fewer heads/channels than the maximum are padded with 1.
+            With KV-group units a query head carries its group's value; with query-head units a KV group carries
+            the largest value of its query heads (a KV head is kept while any of its query heads is).
         """
         m = torch.as_tensor(masks, dtype=torch.float32)
         squeeze = m.dim() == 1
@@ -181,8 +243,10 @@ class MaskSpace:
             raise ValueError(f"mask has {m.shape[-1]} units, the mask space has {self.num_units}")
         k, n_layers = m.shape[0], self.num_layers
         g_max = max(ls.num_kv_heads for ls in self.layers)
+        q_max = max(ls.num_query_heads for ls in self.layers)
         i_max = max(ls.intermediate_size for ls in self.layers)
         heads = torch.ones(k, n_layers, g_max)
+        qheads = torch.ones(k, n_layers, q_max)
         channels = torch.ones(k, n_layers, i_max)
         layers = torch.ones(k, n_layers)
         ut = torch.as_tensor(self.unit_type)
@@ -190,7 +254,17 @@ class MaskSpace:
         ui = torch.as_tensor(self.unit_index, dtype=torch.long)
         hsel = ut == HEAD
         if hsel.any():
-            heads[:, ul[hsel], ui[hsel]] = m[:, hsel]
+            if self.query_heads:
+                qheads[:, ul[hsel], ui[hsel]] = m[:, hsel]
+                for li, ls in enumerate(self.layers):
+                    if ls.num_kv_heads:
+                        q = qheads[:, li, : ls.num_query_heads].view(k, ls.num_kv_heads, ls.group_size)
+                        heads[:, li, : ls.num_kv_heads] = q.amax(dim=2)
+            else:
+                heads[:, ul[hsel], ui[hsel]] = m[:, hsel]
+                for li, ls in enumerate(self.layers):
+                    qheads[:, li, : ls.num_query_heads] = heads[:, li, : ls.num_kv_heads].repeat_interleave(
+                        ls.group_size, dim=1)
         csel = ut == CHANNEL
         if csel.any():
             block_vals = m[:, csel]  # [K, n_blocks_total]
@@ -205,9 +279,36 @@ class MaskSpace:
         lsel_t = ut == LAYER
         if lsel_t.any():
             layers[:, ul[lsel_t]] = m[:, lsel_t]
-        out = {"heads": heads, "channels": channels, "layers": layers}
+        out = {"heads": heads, "qheads": qheads, "channels": channels, "layers": layers}
         if squeeze:
             out = {k_: v[0] for k_, v in out.items()}
+        return out
+
+    def plan(self, masks: torch.Tensor | np.ndarray | dict, k: int = 0) -> list[LayerKeep | None]:
+        """What one binary mask keeps, layer by layer: the single "mask → kept indices" map of probprune.
+
+        Args:
+            masks: a ``[N]`` or ``[K, N]`` mask, or the output of :meth:`expand` (to plan several masks from one
+                expansion).
+            k: which mask, when several are given.
+
+        Returns:
+            One entry per decoder layer: ``None`` where the layer unit is off (a dropped layer), else a
+            :class:`LayerKeep` of sorted CPU long tensors (possibly empty).
+        """
+        e = masks if isinstance(masks, dict) else self.expand(masks)
+        if e["layers"].dim() == 1:
+            e = {key: v[None] for key, v in e.items()}
+        out: list[LayerKeep | None] = []
+        for li, ls in enumerate(self.layers):
+            if e["layers"][k, li] < 0.5:
+                out.append(None)
+                continue
+            kv = (e["heads"][k, li, : ls.num_kv_heads] > 0.5).nonzero().flatten()  # [g]
+            q = (e["qheads"][k, li, : ls.num_query_heads] > 0.5).nonzero().flatten()  # [q]
+            q = q[torch.isin(q // max(ls.group_size, 1), kv)]  # query heads of kept KV heads only
+            chans = (e["channels"][k, li, : ls.intermediate_size] > 0.5).nonzero().flatten()  # [c]
+            out.append(LayerKeep(kv_heads=kv, q_heads=q, channels=chans))
         return out
 
     def kept_params(self, mask: np.ndarray) -> int:
@@ -215,16 +316,14 @@ class MaskSpace:
         mask = np.asarray(mask)
         if mask.shape != (self.num_units,):
             raise ValueError(f"mask must have shape ({self.num_units},), got {mask.shape}")
-        e = self.expand(mask)
         kept = 0
-        for li, ls in enumerate(self.layers):
-            if e["layers"][li] < 0.5:
+        for ls, keep in zip(self.layers, self.plan(mask)):
+            if keep is None:
                 continue
-            n_heads = int((e["heads"][li, : ls.num_kv_heads] > 0.5).sum())
-            n_ch = int((e["channels"][li, : ls.intermediate_size] > 0.5).sum())
-            kept += n_heads * ls.head_unit_cost + n_ch * ls.channel_cost
+            kept += ls.attn_total(int(keep.q_heads.numel()), int(keep.kv_heads.numel()))
+            kept += int(keep.channels.numel()) * ls.channel_cost
             if self.include_layers:
-                kept += ls.layer_params - ls.num_kv_heads * ls.head_unit_cost - ls.intermediate_size * ls.channel_cost
+                kept += ls.layer_params - self._sublayer_params(ls)
         return kept
 
     def sparsity(self, mask: np.ndarray) -> dict[str, float]:

@@ -26,7 +26,8 @@ from .data import CalibrationData, load_corpus, test_stream
 from .errors import UserError
 from .evaluation import evaluate_ppl
 from .masks import MaskSpace
-from .models.adapter import LlamaAdapter, get_adapter
+from .models.adapter import get_adapter
+from .models.base import FamilyAdapter
 from .models.loading import load_model
 from .policy import Policy, random_probs, scores_to_probs, uniform_probs
 
@@ -40,7 +41,7 @@ class Session:
     cfg: Config
     model: torch.nn.Module
     tokenizer: Any
-    adapter: LlamaAdapter
+    adapter: FamilyAdapter
     calib: CalibrationData
     test_tokens: torch.Tensor
     space: MaskSpace
@@ -74,20 +75,23 @@ def prepare(cfg: Config, need_stats: bool = True) -> Session:
     return Session(cfg, model, tok, adapter, calib, test_tokens, space, stats)
 
 
-def build_space(cfg: Config, adapter: LlamaAdapter, stats: dict | None) -> MaskSpace:
+def build_space(cfg: Config, adapter: FamilyAdapter, stats: dict | None) -> MaskSpace:
     """The mask space of ``cfg.mask``; metric-ordered channel blocks are formed from ``stats`` (Wanda-sp ranking)."""
     perm = None
     if cfg.mask.block_order == "metric" and cfg.mask.channel_block > 1 and stats is not None:
         from .scoring import rank_channels
 
         perm = rank_channels(adapter, stats)
-    return adapter.mask_space(
-        heads=cfg.mask.heads, channels=cfg.mask.channels, layers=cfg.mask.layers,
-        channel_block=cfg.mask.channel_block, channel_perm=perm,
-    )
+    try:
+        return adapter.mask_space(
+            heads=cfg.mask.heads, channels=cfg.mask.channels, layers=cfg.mask.layers,
+            channel_block=cfg.mask.channel_block, channel_perm=perm, query_heads=cfg.mask.head_unit == "query",
+        )
+    except ValueError as e:
+        raise UserError(f"mask.head_unit={cfg.mask.head_unit!r}: {e}") from None
 
 
-def build_policy(cfg: Config, space: MaskSpace, init_probs: np.ndarray, adapter: LlamaAdapter,
+def build_policy(cfg: Config, space: MaskSpace, init_probs: np.ndarray, adapter: FamilyAdapter,
                  stats: dict | None, calib: CalibrationData):
     """The search policy of ``cfg.search`` (unit :class:`Policy` or :class:`AllocationPolicy`), from ``init_probs``.
 

@@ -177,7 +177,7 @@ def _layer_base_params(space: MaskSpace) -> np.ndarray:
     """``[L]`` prunable parameters each layer holds when nothing is pruned (what ``kept_params`` counts for it)."""
     base = []
     for ls in space.layers:
-        heads, channels = ls.num_kv_heads * ls.head_unit_cost, ls.intermediate_size * ls.channel_cost
+        heads, channels = ls.attn_total(ls.num_query_heads, ls.num_kv_heads), ls.intermediate_size * ls.channel_cost
         base.append(ls.layer_params if space.include_layers else heads + channels)
     return np.asarray(base, dtype=np.int64)
 
@@ -285,13 +285,16 @@ def _final_mask_params(space: MaskSpace, probs: np.ndarray, keep: float) -> tupl
 # ------------------------------------------------------------------------------------------ expected budget
 def layer_fixed_params(space: MaskSpace) -> np.ndarray:
     """``[L]`` prunable parameters a layer holds that no head or channel unit of the space removes: heads / channels
-    that are not units, and (with layer units) the layer's norms and output biases — removed only with the layer."""
+    that are not units, shared attention parameters (q/k norms), and (with layer units) the layer's norms and output
+    biases — removed only with the layer."""
     fixed = np.zeros(space.num_layers)
     for li, ls in enumerate(space.layers):
-        heads, channels = ls.num_kv_heads * ls.head_unit_cost, ls.intermediate_size * ls.channel_cost
+        heads, channels = ls.attn_params(ls.num_query_heads, ls.num_kv_heads), ls.intermediate_size * ls.channel_cost
         fixed[li] = (0 if space.include_heads else heads) + (0 if space.include_channels else channels)
         if space.include_layers:
-            fixed[li] += ls.layer_params - heads - channels
+            fixed[li] += ls.layer_params - heads - channels  # norms, output biases, shared attention parameters
+        else:
+            fixed[li] += ls.attn_fixed  # q/k norms: removed only with every head of the layer
     return fixed
 
 

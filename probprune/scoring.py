@@ -10,9 +10,12 @@ Higher = more important (keep). Metrics and what they score:
 - ``taylor`` (LLM-Pruner-style first order, **uses gradients**): ``Σ_w |w·∂L/∂w|`` over a unit's weights.
 - ``block_influence`` (ShortGPT): ``1 − E_tokens cos(layer input, layer output)``, layer units only.
 
-Ownership (the same as the costs in :mod:`probprune.masks`): a head group owns its query heads' rows of ``q_proj``, its
-rows of ``k_proj``/``v_proj`` (and their biases) and its query heads' columns of ``o_proj``; a channel owns its rows of
-``gate_proj``/``up_proj`` (and their biases) and its column of ``down_proj``; a layer owns all its parameters.
+Ownership (the same as the costs in :mod:`probprune.masks`): a head group owns its query heads' q rows, its k/v rows
+(and their biases) and its query heads' columns of the attention output projection (a query-head unit: its own q rows
+and output columns and an equal share of its KV head's k/v rows); a channel owns its gate/up rows (and their biases)
+and its column of the MLP output projection; a layer owns all its parameters. The family adapter says where those
+rows and columns live (:class:`probprune.models.base.FamilyAdapter`, fused projections included); below, ``o_proj``
+and ``down_proj`` name the attention and MLP output projections whatever the family calls them.
 
 Calibration statistics come from :func:`collect_input_stats`, one forward pass over the blocks. Its ``stats`` dict::
 
@@ -35,13 +38,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import UserError
 from .masks import CHANNEL, HEAD, LAYER, MaskSpace
-from .models.adapter import LlamaAdapter, model_device
-from .models.modeling_probprune import EmptyAttention, EmptyMLP
+from .models.adapter import model_device
+from .models.base import FamilyAdapter
 
-METHODS = ("wanda", "magnitude", "flap", "taylor", "block_influence")
-USES_GRADIENTS = frozenset({"taylor"})
 
 
 # ------------------------------------------------------------------------------------------- calibration stats
@@ -54,7 +54,7 @@ def _hidden_out(output) -> torch.Tensor:
 
 
 @torch.no_grad()
-def collect_input_stats(adapter: LlamaAdapter, blocks: torch.Tensor, batch_size: int = 4) -> dict:
+def collect_input_stats(adapter: FamilyAdapter, blocks: torch.Tensor, batch_size: int = 4) -> dict:
     """Per-column input statistics of every ``o_proj`` / ``down_proj`` and per-layer input/output cosine.
 
     One forward pass over ``blocks`` with pre-hooks on the projections (float64 sums of squares, sums, token counts)
@@ -110,11 +110,10 @@ def collect_input_stats(adapter: LlamaAdapter, blocks: torch.Tensor, batch_size:
     handles = []
     try:
         for li, layer in enumerate(adapter.layers):
-            attn, mlp = adapter.attention(li), adapter.mlp(li)
-            if not isinstance(attn, EmptyAttention):
-                handles.append(attn.o_proj.register_forward_pre_hook(column_hook("o_proj", li)))
-            if not isinstance(mlp, EmptyMLP):
-                handles.append(mlp.down_proj.register_forward_pre_hook(column_hook("down_proj", li)))
+            if adapter.num_kv_heads(li):
+                handles.append(adapter.attn_out(li).register_forward_pre_hook(column_hook("o_proj", li)))
+            if adapter.num_channels(li):
+                handles.append(adapter.mlp_out(li).register_forward_pre_hook(column_hook("down_proj", li)))
             handles.append(layer.register_forward_hook(layer_hook(li), with_kwargs=True))
         dev = model_device(adapter.model)
         for s in tqdm(range(0, blocks.shape[0], batch_size), desc="calibration stats", leave=False):
@@ -153,7 +152,7 @@ def column_var(entry: dict) -> np.ndarray:
     return np.maximum(np.asarray(entry["sumsq"], dtype=np.float64) / n - mean * mean, 0.0)
 
 
-def _check_stats(adapter: LlamaAdapter, stats: dict) -> None:
+def _check_stats(adapter: FamilyAdapter, stats: dict) -> None:
     n_layers = len(adapter.layers)
     for key in ("o_proj", "down_proj"):
         if key not in stats or len(stats[key]) != n_layers:
@@ -165,41 +164,38 @@ def _weight(linear: nn.Linear) -> np.ndarray:
     return linear.weight.detach().to(torch.float64).cpu().numpy()
 
 
-def _head_groups(adapter: LlamaAdapter, li: int) -> int:
-    attn = adapter.attention(li)
-    return 0 if isinstance(attn, EmptyAttention) else attn.k_proj.out_features // adapter.head_dim
-
-
 def _column_scores(
-    adapter: LlamaAdapter, stats: dict, per_column: Callable[[np.ndarray, dict], np.ndarray]
+    adapter: FamilyAdapter, stats: dict, per_column: Callable[[np.ndarray, dict], np.ndarray], heads_per_unit: int
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Per layer: head-group scores ``[G_l]`` and channel scores ``[I_l]`` from a per-input-column metric.
+    """Per layer: head-unit scores ``[U_l]`` and channel scores ``[I_l]`` from a per-input-column metric.
 
-    ``per_column(W, entry)`` maps a weight ``[out, C]`` and its input stats to ``[C]`` column scores; a head group's
-    score is the sum over its query heads' columns of ``o_proj``.
+    ``per_column(W, entry)`` maps a weight ``[out, C]`` and its input stats to ``[C]`` column scores; a head unit's
+    score is the sum over the output-projection columns of its ``heads_per_unit`` query heads.
     """
     _check_stats(adapter, stats)
     heads, chans = [], []
-    gd = adapter.group_size * adapter.head_dim  # o_proj columns per KV group
+    width = heads_per_unit * adapter.head_dim  # output-projection columns per head unit
     for li in range(len(adapter.layers)):
-        g = _head_groups(adapter, li)
-        if g:
+        if adapter.num_kv_heads(li):
             entry = stats["o_proj"][li]
             if entry is None:
-                raise ValueError(f"stats have no o_proj statistics for layer {li}")
-            col = per_column(_weight(adapter.attention(li).o_proj), entry)  # [G * gs * d]
-            heads.append(col.reshape(g, gd).sum(1))
+                raise ValueError(f"stats have no attention-output statistics for layer {li}")
+            col = per_column(_weight(adapter.attn_out(li)), entry)  # [n_q * d]
+            heads.append(col.reshape(-1, width).sum(1))
         else:
             heads.append(np.zeros(0))
-        mlp = adapter.mlp(li)
-        if isinstance(mlp, EmptyMLP):
-            chans.append(np.zeros(0))
-        else:
+        if adapter.num_channels(li):
             entry = stats["down_proj"][li]
             if entry is None:
-                raise ValueError(f"stats have no down_proj statistics for layer {li}")
-            chans.append(per_column(_weight(mlp.down_proj), entry))  # [I]
+                raise ValueError(f"stats have no MLP-output statistics for layer {li}")
+            chans.append(per_column(_weight(adapter.mlp_out(li)), entry))  # [I]
+        else:
+            chans.append(np.zeros(0))
     return heads, chans
+
+
+def _heads_per_unit(adapter: FamilyAdapter, space: MaskSpace) -> int:
+    return 1 if space.query_heads else adapter.group_size
 
 
 def _wanda_column(w: np.ndarray, entry: dict) -> np.ndarray:
@@ -211,12 +207,15 @@ def _flap_column(w: np.ndarray, entry: dict) -> np.ndarray:
 
 
 def _owned_sums(
-    adapter: LlamaAdapter, value: Callable[[nn.Parameter], torch.Tensor]
+    adapter: FamilyAdapter, value: Callable[[nn.Parameter], torch.Tensor], query_heads: bool = False
 ) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
     """Sum an element-wise ``value(param)`` (same shape as the param) over what each unit owns.
 
+    A head unit is a KV group (its query heads' q rows and output columns, its k/v rows) or, with ``query_heads``,
+    one query head (its q rows and output columns, and an equal share of its KV head's k/v rows).
+
     Returns:
-        per layer head-group sums ``[G_l]``, per layer channel sums ``[I_l]``, and ``[L]`` sums over each whole layer.
+        per layer head-unit sums ``[U_l]``, per layer channel sums ``[I_l]``, and ``[L]`` sums over each whole layer.
     """
     d, gs = adapter.head_dim, adapter.group_size
     heads, chans, layers = [], [], []
@@ -224,27 +223,39 @@ def _owned_sums(
     def v(p: torch.Tensor) -> torch.Tensor:
         return value(p).detach().to(torch.float64)  # on the parameter's device; only sums move to the CPU
 
+    def rows(part) -> torch.Tensor:
+        return v(part.weight)[part.rows]
+
     for li, layer in enumerate(adapter.layers):
-        attn, mlp = adapter.attention(li), adapter.mlp(li)
-        g = _head_groups(adapter, li)
+        g = adapter.num_kv_heads(li)
         if g:
-            h = v(attn.q_proj.weight).sum(1).view(g, gs * d).sum(1)  # [G]
-            h += v(attn.o_proj.weight).sum(0).view(g, gs * d).sum(1)
-            h += v(attn.k_proj.weight).sum(1).view(g, d).sum(1) + v(attn.v_proj.weight).sum(1).view(g, d).sum(1)
-            for proj, width in ((attn.q_proj, gs * d), (attn.k_proj, d), (attn.v_proj, d)):
-                if proj.bias is not None:
-                    h += v(proj.bias).view(g, width).sum(1)
+            parts, o = adapter.attn_in(li), adapter.attn_out(li)
+            per = 1 if query_heads else gs  # query heads per unit
+            n = g * gs // per  # head units in the layer
+            h = rows(parts["q"]).sum(1).view(n, per * d).sum(1)  # [n]
+            h += v(o.weight).sum(0).view(n, per * d).sum(1)
+            kv = rows(parts["k"]).sum(1).view(g, d).sum(1) + rows(parts["v"]).sum(1).view(g, d).sum(1)  # [g]
+            for role, width in (("q", per * d), ("k", d), ("v", d)):
+                part = parts[role]
+                if part.bias is not None:
+                    b = v(part.bias)[part.rows].view(-1, width).sum(1)
+                    if role == "q":
+                        h += b
+                    else:
+                        kv = kv + b
+            h += kv.repeat_interleave(gs) / gs if query_heads else kv
             heads.append(h.cpu().numpy())
         else:
             heads.append(np.zeros(0))
-        if isinstance(mlp, EmptyMLP):
-            chans.append(np.zeros(0))
-        else:
-            c = v(mlp.gate_proj.weight).sum(1) + v(mlp.up_proj.weight).sum(1) + v(mlp.down_proj.weight).sum(0)  # [I]
-            for proj in (mlp.gate_proj, mlp.up_proj):
-                if proj.bias is not None:
-                    c += v(proj.bias)
+        if adapter.num_channels(li):
+            parts = adapter.mlp_in(li)
+            c = rows(parts["gate"]).sum(1) + rows(parts["up"]).sum(1) + v(adapter.mlp_out(li).weight).sum(0)  # [I]
+            for part in parts.values():
+                if part.bias is not None:
+                    c += v(part.bias)[part.rows]
             chans.append(c.cpu().numpy())
+        else:
+            chans.append(np.zeros(0))
         layers.append(sum(float(v(p).sum()) for p in layer.parameters()))
     return heads, chans, np.asarray(layers, dtype=np.float64)
 
@@ -263,10 +274,9 @@ def _to_space(
     for li, ls in enumerate(space.layers):
         sel = np.flatnonzero((ut == HEAD) & (ul == li))
         if sel.size:
-            if heads[li].shape != (ls.num_kv_heads,):
-                raise ValueError(
-                    f"layer {li}: {heads[li].shape[0]} head groups scored, the space has {ls.num_kv_heads}"
-                )
+            n_units = ls.num_query_heads if space.query_heads else ls.num_kv_heads
+            if heads[li].shape != (n_units,):
+                raise ValueError(f"layer {li}: {heads[li].shape[0]} head units scored, the space has {n_units}")
             out[sel] = heads[li][ui[sel]]
         sel = np.flatnonzero((ut == CHANNEL) & (ul == li))
         if sel.size:
@@ -284,7 +294,7 @@ def _to_space(
 
 
 # ------------------------------------------------------------------------------------------------- metrics
-def wanda_sp_scores(adapter: LlamaAdapter, space: MaskSpace, stats: dict) -> np.ndarray:
+def wanda_sp_scores(adapter: FamilyAdapter, space: MaskSpace, stats: dict) -> np.ndarray:
     """Wanda-sp scores (the paper's init): ``Σ_j Σ_i |W[i, j]|·‖X_j‖₂`` over a unit's input columns.
 
     Head group: the columns of ``o_proj`` that its query heads feed; channel: its column of ``down_proj``; a channel
@@ -301,12 +311,12 @@ def wanda_sp_scores(adapter: LlamaAdapter, space: MaskSpace, stats: dict) -> np.
     Raises:
         ValueError: ``stats`` or ``space`` do not match the model.
     """
-    heads, chans = _column_scores(adapter, stats, _wanda_column)
+    heads, chans = _column_scores(adapter, stats, _wanda_column, _heads_per_unit(adapter, space))
     layers = np.asarray([h.sum() + c.sum() for h, c in zip(heads, chans)])
     return _to_space(space, heads, chans, layers)
 
 
-def magnitude_scores(adapter: LlamaAdapter, space: MaskSpace) -> np.ndarray:
+def magnitude_scores(adapter: FamilyAdapter, space: MaskSpace) -> np.ndarray:
     """L2 norm of all the weights (and biases) a unit owns; channel blocks and layers: sqrt of the summed squares.
 
     Args:
@@ -317,7 +327,7 @@ def magnitude_scores(adapter: LlamaAdapter, space: MaskSpace) -> np.ndarray:
         ``[N]`` float64 scores, higher = more important.
     """
     with torch.no_grad():
-        heads, chans, layers = _owned_sums(adapter, lambda p: p.detach().double() ** 2)
+        heads, chans, layers = _owned_sums(adapter, lambda p: p.detach().double() ** 2, space.query_heads)
     return np.sqrt(_to_space(space, heads, chans, layers))
 
 
@@ -332,7 +342,7 @@ def _standardise_per_type(space: MaskSpace, x: np.ndarray) -> np.ndarray:
     return out
 
 
-def flap_scores(adapter: LlamaAdapter, space: MaskSpace, stats: dict) -> np.ndarray:
+def flap_scores(adapter: FamilyAdapter, space: MaskSpace, stats: dict) -> np.ndarray:
     """FLAP fluctuation scores, standardised per unit type across all layers (FLAP's adaptive structure search).
 
     Per input column j: ``Var_tokens(X_j)·‖W[:, j]‖₂²`` (``o_proj`` for head groups, summed over the group's columns;
@@ -351,7 +361,7 @@ def flap_scores(adapter: LlamaAdapter, space: MaskSpace, stats: dict) -> np.ndar
     Raises:
         ValueError: ``stats`` or ``space`` do not match the model.
     """
-    heads, chans = _column_scores(adapter, stats, _flap_column)
+    heads, chans = _column_scores(adapter, stats, _flap_column, _heads_per_unit(adapter, space))
     layers = np.asarray([h.sum() + c.sum() for h, c in zip(heads, chans)])
     return _standardise_per_type(space, _to_space(space, heads, chans, layers))
 
@@ -380,7 +390,7 @@ def block_influence_scores(space: MaskSpace, stats: dict) -> np.ndarray:
     return out
 
 
-def taylor_scores(adapter: LlamaAdapter, space: MaskSpace, blocks: torch.Tensor, batch_size: int = 4) -> np.ndarray:
+def taylor_scores(adapter: FamilyAdapter, space: MaskSpace, blocks: torch.Tensor, batch_size: int = 4) -> np.ndarray:
     """LLM-Pruner-style first-order Taylor scores. **Uses gradients** (one backward pass per batch).
 
     L = mean next-token cross-entropy over all ``blocks``; a unit's score is ``Σ_w |w·∂L/∂w|`` over the weights it
@@ -429,53 +439,17 @@ def taylor_scores(adapter: LlamaAdapter, space: MaskSpace, blocks: torch.Tensor,
     by_param = {id(p): g for p, g in zip(params, grads)}
     with torch.no_grad():
         heads, chans, layers = _owned_sums(
-            adapter, lambda p: (p.detach().double() * by_param[id(p)].double()).abs()
+            adapter, lambda p: (p.detach().double() * by_param[id(p)].double()).abs(), space.query_heads
         )
-    del grads, by_param
     return _to_space(space, heads, chans, layers)
 
 
-def unit_scores(
-    method: str, adapter: LlamaAdapter, space: MaskSpace, blocks: torch.Tensor | None, batch_size: int = 4
-) -> np.ndarray:
-    """Scores of one metric over the space (collects the calibration statistics it needs).
-
-    Args:
-        method: one of :data:`METHODS` (``taylor`` uses gradients; ``block_influence`` scores only layer units and
-            gives the others ``+inf``).
-        adapter: the model's adapter.
-        space: the mask space.
-        blocks: ``[n, T]`` calibration token ids (unused by ``magnitude``; may then be None).
-        batch_size: sequences per forward.
-
-    Returns:
-        ``[N]`` float64 scores, higher = more important.
-
-    Raises:
-        UserError: unknown method (the message lists the valid ones), or a data-driven method without blocks.
-    """
-    if method not in METHODS:
-        raise UserError(f"unknown scoring method {method!r}: valid methods are {', '.join(METHODS)}")
-    if method == "magnitude":
-        return magnitude_scores(adapter, space)
-    if blocks is None:
-        raise UserError(f"scoring method {method!r} needs calibration blocks")
-    if method == "taylor":
-        return taylor_scores(adapter, space, blocks, batch_size)
-    stats = collect_input_stats(adapter, blocks, batch_size)
-    if method == "wanda":
-        return wanda_sp_scores(adapter, space, stats)
-    if method == "flap":
-        return flap_scores(adapter, space, stats)
-    return block_influence_scores(space, stats)
-
-
-def channel_wanda_scores(adapter: LlamaAdapter, stats: dict) -> list[np.ndarray]:
+def channel_wanda_scores(adapter: FamilyAdapter, stats: dict) -> list[np.ndarray]:
     """Per layer, ``[I_l]`` single-channel Wanda-sp scores ``Σ_i |W_down[i, c]|·‖X_c‖₂`` (empty for an empty MLP)."""
-    return _column_scores(adapter, stats, _wanda_column)[1]
+    return _column_scores(adapter, stats, _wanda_column, adapter.group_size)[1]
 
 
-def rank_channels(adapter: LlamaAdapter, stats_or_scores: dict | Sequence[np.ndarray]) -> list[np.ndarray]:
+def rank_channels(adapter: FamilyAdapter, stats_or_scores: dict | Sequence[np.ndarray]) -> list[np.ndarray]:
     """Per layer, the channels sorted by descending importance (ties: lower index first).
 
     Pass the result as ``channel_perm`` to ``adapter.mask_space(channel_block=..., channel_perm=...)`` so that each
@@ -499,8 +473,7 @@ def rank_channels(adapter: LlamaAdapter, stats_or_scores: dict | Sequence[np.nda
         if len(scores) != len(adapter.layers):
             raise ValueError(f"got channel scores for {len(scores)} layers, the model has {len(adapter.layers)}")
         for li, s in enumerate(scores):
-            mlp = adapter.mlp(li)
-            width = 0 if isinstance(mlp, EmptyMLP) else mlp.down_proj.in_features
+            width = adapter.num_channels(li)
             if s.shape != (width,):
                 raise ValueError(f"layer {li}: got {s.shape[0]} channel scores, the layer has {width} channels")
     return [np.argsort(-s, kind="stable").astype(np.int64) for s in scores]

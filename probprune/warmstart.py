@@ -30,7 +30,7 @@ from . import projection
 from .errors import UserError
 from .evaluators import Evaluator
 from .masks import MaskSpace
-from .models.adapter import LlamaAdapter
+from .models.base import FamilyAdapter
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ class WarmStart:
 
 
 def candidate_masks(
-    adapter: LlamaAdapter,
+    adapter: FamilyAdapter,
     space: MaskSpace,
     blocks: torch.Tensor,
     stats: dict,

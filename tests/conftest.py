@@ -15,7 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
-TINY_KINDS = ["llama", "llama-mha", "qwen2", "mistral"]
+TINY_KINDS = ["llama", "llama-mha", "qwen2", "mistral", "qwen3", "gemma3", "gemma3-mqa", "phi3"]
 
 
 @pytest.fixture(params=TINY_KINDS)

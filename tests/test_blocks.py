@@ -7,7 +7,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from probprune.compaction import compact, count_params, load_pruned, save_pruned
+from probprune.compaction import compact, count_params, save_pruned
+from probprune.models.loading import load_pruned
 from probprune.masked import masked_logits
 from probprune.masks import CHANNEL, HEAD
 from probprune.models import get_adapter, tiny_model

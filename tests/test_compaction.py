@@ -5,7 +5,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from probprune.compaction import compact, count_params, load_pruned, save_pruned
+from probprune.compaction import compact, count_params, save_pruned
+from probprune.models.loading import load_pruned
 from probprune.masked import masked_logits
 from probprune.masks import CHANNEL, HEAD, LAYER
 from probprune.models import get_adapter, tiny_model
@@ -44,7 +45,7 @@ def test_masked_equals_compacted_equals_reloaded(tiny_kind, tmp_path):
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     assert [(s["num_key_value_heads"], s["intermediate_size"]) for s in cfg["probprune_layout"]] == [
         (int(mask[space.type_slice(HEAD)][li * space.layers[0].num_kv_heads:(li + 1) * space.layers[0].num_kv_heads].sum()),
-         int(mask[space.type_slice(CHANNEL)][li * 96:(li + 1) * 96].sum())) for li in range(2)]
+         int(mask[space.type_slice(CHANNEL)][li * 96:(li + 1) * 96].sum())) for li in range(space.num_layers)]
 
 
 def test_original_model_untouched_by_compaction():

@@ -162,7 +162,7 @@ def test_load_pruned_runs_no_code_from_the_folder(hetero, tmp_path):
     """The folder's modeling_probprune.py is only for trust_remote_code users; probprune's loader never imports it."""
     import shutil
 
-    from probprune.compaction import load_pruned
+    from probprune.models.loading import load_pruned
 
     pruned, folder = hetero
     copy = tmp_path / "copy"
@@ -180,7 +180,7 @@ def test_load_pruned_runs_no_code_from_the_folder(hetero, tmp_path):
 def test_uniform_shape_search_gives_a_stock_checkpoint(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from probprune.compaction import load_pruned
+    from probprune.models.loading import load_pruned
     from probprune.config import load_config
     from probprune.pipeline import prune
 

@@ -8,11 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from probprune.errors import UserError
 from probprune.masks import CHANNEL, HEAD, LAYER
 from probprune.models import get_adapter, tiny_model
 from probprune.scoring import (
-    METHODS,
     block_influence_scores,
     channel_wanda_scores,
     collect_input_stats,
@@ -20,7 +18,6 @@ from probprune.scoring import (
     magnitude_scores,
     rank_channels,
     taylor_scores,
-    unit_scores,
     wanda_sp_scores,
 )
 
@@ -187,7 +184,6 @@ def test_block_influence_identity_layer_is_least_important() -> None:
     assert lay[1] == pytest.approx(0.0, abs=1e-6)  # output == input: cos = 1
     assert lay[0] > 0.05 and lay[2] > 0.05
     assert np.all(np.isinf(s[space.unit_type != LAYER]))
-    np.testing.assert_array_equal(unit_scores("block_influence", adapter, space, blocks_for()), s)
 
 
 # ------------------------------------------------------------------------------------------------- taylor
@@ -234,20 +230,3 @@ def test_taylor_equals_manual_autograd_and_leaves_model_untouched(kind: str) -> 
         assert p.grad is None, n
         assert p.requires_grad == flags[n], n
     assert flags["model.embed_tokens.weight"] is False and flags["lm_head.weight"] is True
-
-
-# ---------------------------------------------------------------------------------------------- dispatcher
-def test_unit_scores_dispatch_and_unknown_method() -> None:
-    model = tiny_model("llama")
-    adapter = get_adapter(model)
-    space = adapter.mask_space(channel_block=16)
-    x = blocks_for()
-    stats = collect_input_stats(adapter, x)
-    np.testing.assert_allclose(unit_scores("wanda", adapter, space, x), wanda_sp_scores(adapter, space, stats))
-    np.testing.assert_allclose(unit_scores("flap", adapter, space, x), flap_scores(adapter, space, stats))
-    np.testing.assert_array_equal(unit_scores("magnitude", adapter, space, None), magnitude_scores(adapter, space))
-    assert set(METHODS) == {"wanda", "magnitude", "flap", "taylor", "block_influence"}
-    with pytest.raises(UserError, match="'obd': valid methods are wanda, magnitude, flap, taylor, block_influence"):
-        unit_scores("obd", adapter, space, x)
-    with pytest.raises(UserError, match="needs calibration blocks"):
-        unit_scores("wanda", adapter, space, None)

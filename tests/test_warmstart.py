@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from probprune.allocation import AllocationPolicy
 from probprune.baselines import baseline_mask
-from probprune.compaction import compact, load_pruned, save_pruned
+from probprune.compaction import compact, save_pruned
+from probprune.models.loading import load_pruned
 from probprune.config import load_config
 from probprune.errors import ConfigError
 from probprune.evaluators import LocalEvaluator

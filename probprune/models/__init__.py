@@ -1,6 +1,9 @@
-"""Model adapters (family registry) and loading."""
+"""Model families (one adapter file each), the family registry, and loading."""
 
-from .adapter import LlamaAdapter, get_adapter, supported_architectures
-from .loading import load_model, tiny_model
+from .adapter import FAMILIES, get_adapter, supported_architectures
+from .base import FamilyAdapter
+from .llama import LlamaAdapter
+from .loading import load_model, load_pruned, tiny_model
 
-__all__ = ["LlamaAdapter", "get_adapter", "supported_architectures", "load_model", "tiny_model"]
+__all__ = ["FAMILIES", "FamilyAdapter", "LlamaAdapter", "get_adapter", "supported_architectures", "load_model",
+           "load_pruned", "tiny_model"]

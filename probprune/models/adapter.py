@@ -1,116 +1,39 @@
-"""Model-family adapters: the only place that knows where a family keeps its heads, channels and layers."""
+"""The family registry: which adapter serves which architecture, and precise refusals for the rest."""
 
 from __future__ import annotations
 
-from typing import Callable
-
-import numpy as np
 import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from ..masks import LayerShape, MaskSpace
-from .modeling_probprune import EmptyAttention, EmptyMLP
+from .base import FamilyAdapter
+from .gemma3 import Gemma3Adapter
+from .llama import LlamaAdapter
+from .phi3 import Phi3Adapter
+from .qwen3 import Qwen3Adapter
 
+FAMILIES: tuple[type[FamilyAdapter], ...] = (LlamaAdapter, Qwen3Adapter, Gemma3Adapter, Phi3Adapter)
 
-class LlamaAdapter:
-    """LLaMA module layout: ``model.model.layers[i].self_attn.{q,k,v,o}_proj`` and ``.mlp.{gate,up,down}_proj``.
+ADAPTERS: dict[str, type[FamilyAdapter]] = {}
+for _family in FAMILIES:
+    for _arch in _family.architectures:
+        ADAPTERS[_arch] = _family
+        ADAPTERS[f"ProbPruned{_arch}"] = _family
 
-    Covers LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM (q/k/v biases) and their pruned variants.
-    """
-
-    architectures = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-        self.config = model.config
-
-    # ------------------------------------------------------------------------------------------------ modules
-    @property
-    def base_model(self) -> nn.Module:
-        return self.model.model
-
-    @property
-    def lm_head(self) -> nn.Module:
-        return self.model.lm_head
-
-    @property
-    def layers(self) -> nn.ModuleList:
-        return self.model.model.layers
-
-    def attention(self, i: int) -> nn.Module:
-        return self.layers[i].self_attn
-
-    def mlp(self, i: int) -> nn.Module:
-        return self.layers[i].mlp
-
-    @property
-    def head_dim(self) -> int:
-        hd = getattr(self.config, "head_dim", None)
-        return int(hd) if hd else self.config.hidden_size // self.config.num_attention_heads
-
-    @property
-    def group_size(self) -> int:
-        return self.config.num_attention_heads // self.config.num_key_value_heads
-
-    # ------------------------------------------------------------------------------------------------- shapes
-    def layer_shape(self, i: int) -> LayerShape:
-        layer, attn, mlp = self.layers[i], self.attention(i), self.mlp(i)
-        hidden, d = self.config.hidden_size, self.head_dim
-        if isinstance(attn, EmptyAttention):
-            n_kv, qkv_bias, o_bias = 0, False, attn.o_bias is not None
-        else:
-            n_kv = attn.k_proj.out_features // d
-            qkv_bias, o_bias = attn.q_proj.bias is not None, attn.o_proj.bias is not None
-        if isinstance(mlp, EmptyMLP):
-            inter, mlp_bias = 0, mlp.down_bias is not None
-        else:
-            inter, mlp_bias = mlp.down_proj.in_features, mlp.down_proj.bias is not None
-        norm_params = sum(p.numel() for n, p in layer.named_parameters() if "norm" in n)
-        return LayerShape(
-            num_kv_heads=n_kv,
-            group_size=self.group_size,
-            head_dim=d,
-            hidden_size=hidden,
-            intermediate_size=inter,
-            qkv_bias=qkv_bias,
-            o_bias=o_bias,
-            mlp_bias=mlp_bias,
-            norm_params=norm_params,
-        )
-
-    def layer_shapes(self) -> list[LayerShape]:
-        return [self.layer_shape(i) for i in range(len(self.layers))]
-
-    def mask_space(
-        self,
-        heads: bool = True,
-        channels: bool = True,
-        layers: bool = False,
-        channel_block: int = 1,
-        channel_perm: list[np.ndarray] | None = None,
-    ) -> MaskSpace:
-        """Build the mask space of this model (see :class:`probprune.masks.MaskSpace`)."""
-        total = sum(p.numel() for p in self.model.parameters())  # tied weights are counted once
-        return MaskSpace(
-            layers=self.layer_shapes(),
-            include_heads=heads,
-            include_channels=channels,
-            include_layers=layers,
-            channel_block=channel_block,
-            channel_perm=channel_perm,
-            total_params=total,
-        )
-
-
-ADAPTERS: dict[str, Callable[[nn.Module], LlamaAdapter]] = {}
-for _arch in LlamaAdapter.architectures:
-    ADAPTERS[_arch] = LlamaAdapter
-    ADAPTERS[f"ProbPruned{_arch}"] = LlamaAdapter
+# Features no adapter handles, recognised from the config: attribute -> the feature's name.
+_UNSUPPORTED_CONFIG = {
+    "num_local_experts": "mixture-of-experts MLP",
+    "num_experts": "mixture-of-experts MLP",
+    "moe_intermediate_size": "mixture-of-experts MLP",
+    "cross_attention_layers": "cross-attention layers",
+    "vision_config": "a vision encoder (multimodal model)",
+    "audio_config": "an audio encoder (multimodal model)",
+    "is_encoder_decoder": "an encoder-decoder architecture",
+}
 
 
 def supported_architectures() -> list[str]:
-    return list(LlamaAdapter.architectures)
+    return [arch for family in FAMILIES for arch in family.architectures]
 
 
 def architecture_of(model_or_config) -> str:
@@ -121,21 +44,45 @@ def architecture_of(model_or_config) -> str:
     return archs[0] if archs else type(config).__name__
 
 
-def check_supported(arch: str) -> None:
+def unsupported_features(config) -> list[str]:
+    """Features of ``config`` that probprune cannot prune correctly (empty when it can)."""
+    found = []
+    for attr, name in _UNSUPPORTED_CONFIG.items():
+        value = getattr(config, attr, None)
+        if value and name not in found:
+            found.append(name)
+    family = ADAPTERS.get(architecture_of(config))
+    if family is not None:
+        found += family.unsupported_features(config)
+    return found
+
+
+def check_supported(arch: str, config=None) -> None:
+    """Refuse, before any work, an architecture without an adapter or a config with features none handles.
+
+    Raises:
+        UnsupportedModelError: naming the feature (when the config shows one) or listing the supported architectures.
+    """
+    features = unsupported_features(config) if config is not None else []
+    if features:
+        raise UnsupportedModelError(
+            f"unsupported model '{arch}': probprune cannot prune a model with {', '.join(features)}; it supports "
+            f"decoder-only {', '.join(supported_architectures())} without those features"
+        )
     if arch not in ADAPTERS:
         raise UnsupportedModelError(
             f"unsupported architecture '{arch}': probprune supports {', '.join(supported_architectures())}"
         )
 
 
-def get_adapter(model: nn.Module) -> LlamaAdapter:
+def get_adapter(model: nn.Module) -> FamilyAdapter:
     """Return the adapter for ``model``.
 
     Raises:
-        UnsupportedModelError: the model's class has no adapter; the message lists the supported ones.
+        UnsupportedModelError: the model's class has no adapter, or its config has a feature no adapter handles.
     """
     arch = type(model).__name__
-    check_supported(arch)
+    check_supported(arch, getattr(model, "config", None))
     return ADAPTERS[arch](model)
 
 

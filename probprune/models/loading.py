@@ -15,6 +15,7 @@ from torch import nn
 from ..data import cache_dir
 from ..errors import UserError
 from .adapter import architecture_of, check_supported
+from .modeling_probprune import PRUNED_CLASSES
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,10 @@ EMBEDDED = {
         "folder": "smollm2-135m-instruct",
     }
 }
-TINY = ("llama", "llama-mha", "mistral", "qwen2")
+TINY = ("llama", "llama-mha", "mistral", "qwen2", "qwen3", "gemma3", "gemma3-mqa", "phi3")
+TINY_ARCHITECTURES = {"llama": "LlamaForCausalLM", "llama-mha": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                      "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "gemma3": "Gemma3ForCausalLM",
+                      "gemma3-mqa": "Gemma3ForCausalLM", "phi3": "Phi3ForCausalLM"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -94,8 +98,15 @@ def byte_tokenizer():
 
 
 def tiny_config(kind: str = "llama", **overrides):
-    """Config of a tiny random model: 2 layers, hidden 64, 8 query heads over 4 KV heads (GQA), MLP 96."""
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    """Config of a tiny random model, built from the family's real config class: 2 layers (3 for Gemma 3, so that
+    both layer types occur), hidden 64, 8 query heads over 4 KV heads (GQA), MLP 96.
+
+    Kinds: ``llama``, ``llama-mha`` (8 KV heads), ``mistral``, ``qwen2`` (q/k/v biases), ``qwen3`` (q/k norms),
+    ``gemma3`` (sandwich norms, q/k norms, two rotary tables, a sliding window of 4 on local layers, final-logit
+    soft-capping), ``gemma3-mqa`` (the same with one KV head, as small Gemma 3 models) and ``phi3`` (fused
+    projections, rotary on half of each head).
+    """
+    from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
 
     if kind not in TINY:
         raise UserError(f"model.name_or_path: unknown tiny model 'tiny:{kind}' (known: {', '.join(TINY)})")
@@ -115,12 +126,19 @@ def tiny_config(kind: str = "llama", **overrides):
     )
     if kind == "llama-mha":
         common["num_key_value_heads"] = 8
+    if kind.startswith("gemma3"):
+        common.update(num_hidden_layers=3, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                      sliding_window=4, query_pre_attn_scalar=8, final_logit_softcapping=30.0)
+        if kind == "gemma3-mqa":
+            common.update(num_attention_heads=4, num_key_value_heads=1, head_dim=16)
+    if kind == "phi3":
+        common.update(rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5})
     common.update(overrides)
+    classes = {"mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config, "gemma3": Gemma3TextConfig,
+               "gemma3-mqa": Gemma3TextConfig, "phi3": Phi3Config}
     if kind == "mistral":
-        return MistralConfig(**{"sliding_window": None, **common})
-    if kind == "qwen2":
-        return Qwen2Config(**common)
-    return LlamaConfig(**common)
+        common = {"sliding_window": None, **common}
+    return classes.get(kind, LlamaConfig)(**common)
 
 
 def tiny_model(kind: str = "llama", seed: int = 0, **overrides) -> nn.Module:
@@ -128,8 +146,7 @@ def tiny_model(kind: str = "llama", seed: int = 0, **overrides) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     cfg = tiny_config(kind, **overrides)
-    cfg.architectures = [{"llama": "LlamaForCausalLM", "llama-mha": "LlamaForCausalLM",
-                          "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}[kind]]
+    cfg.architectures = [TINY_ARCHITECTURES[kind]]
     gen = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -210,8 +227,6 @@ def load_model(
         kwargs["device_map"] = device_map
     try:
         if getattr(config, "probprune_layout", None) is not None:
-            from ..compaction import load_pruned
-
             return load_pruned(path, dtype=dtype, device=device), AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         tok = AutoTokenizer.from_pretrained(path)
@@ -225,3 +240,28 @@ def load_model(
     if device_map is None:
         model = model.to(device)
     return model.eval(), tok
+
+
+def load_pruned(path: str | Path, dtype: str = "float32", device: str = "cpu") -> nn.Module:
+    """Load a folder written by :func:`probprune.compaction.save_pruned`.
+
+    Per-layer widths are built by probprune's own classes from ``config.json`` and the weights: no Python file of the
+    folder is imported or run (``trust_remote_code=True`` would execute the folder's ``modeling_probprune.py``).
+
+    Raises:
+        UserError: the folder does not exist or has no config.json; an unknown dtype.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if dtype not in DTYPES:
+        raise UserError(f"dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise UserError(f"model path not found or not a model folder: {path}")
+    config = AutoConfig.from_pretrained(path)
+    kwargs = dict(dtype=DTYPES[dtype], attn_implementation="sdpa")
+    if getattr(config, "probprune_layout", None):
+        model = PRUNED_CLASSES[config.probprune_base_architecture].from_pretrained(path, **kwargs)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    return model.to(device).eval()

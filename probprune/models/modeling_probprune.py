@@ -1,11 +1,13 @@
-"""Pruned LLaMA-family models with per-layer widths.
+"""Pruned models with per-layer widths (LLaMA, Mistral, Qwen2, Qwen3, Gemma 3 text, Phi-3).
 
 This file is self-contained on purpose: ``probprune`` copies it next to every pruned checkpoint whose layers are not
 all the same shape, and ``config.json`` points ``auto_map`` at it, so the folder loads with stock
 ``AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`` and without probprune installed.
 
 The layout lives in ``config.probprune_layout``: one entry per kept decoder layer,
-``{"num_key_value_heads": int, "num_attention_heads": int, "intermediate_size": int, "source_layer": int}``.
+``{"num_key_value_heads": int, "num_attention_heads": int, "intermediate_size": int, "source_layer": int}``
+(``num_attention_heads`` is a multiple of ``num_key_value_heads``; it is the group size times it unless query heads
+were pruned inside a single KV group).
 A sublayer with zero heads or zero channels becomes an empty module that adds only its output bias (if any).
 """
 
@@ -15,7 +17,14 @@ import copy
 
 import torch
 from torch import nn
-from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
+from transformers import (
+    Gemma3ForCausalLM,
+    LlamaForCausalLM,
+    MistralForCausalLM,
+    Phi3ForCausalLM,
+    Qwen2ForCausalLM,
+    Qwen3ForCausalLM,
+)
 
 
 class EmptyAttention(nn.Module):
@@ -65,35 +74,44 @@ def _linear_like(old: nn.Linear, in_features: int, out_features: int) -> nn.Line
 
 
 def resize_decoder_layer(layer: nn.Module, config, spec: dict, layer_idx: int) -> None:
-    """Give one decoder layer the widths in ``spec`` (fresh weights: callers copy or load them afterwards)."""
+    """Give one decoder layer the widths in ``spec`` (fresh weights: callers copy or load them afterwards).
+
+    Handles separate projections (``q/k/v_proj``, ``gate/up_proj``) and fused ones (``qkv_proj``, ``gate_up_proj``).
+    An attention module that reads its head counts from its config gets a copy of the config with this layer's.
+    """
     attn, mlp = layer.self_attn, layer.mlp
     head_dim = attn.head_dim
     hidden = config.hidden_size
     n_kv, n_q, inter = spec["num_key_value_heads"], spec["num_attention_heads"], spec["intermediate_size"]
     if n_kv == 0:
-        layer.self_attn = EmptyAttention(hidden, head_dim, layer_idx, bias=attn.o_proj.bias is not None)
+        bias = attn.o_bias is not None if isinstance(attn, EmptyAttention) else attn.o_proj.bias is not None
+        layer.self_attn = EmptyAttention(hidden, head_dim, layer_idx, bias=bias)
     else:
         attn.layer_idx = layer_idx
-        attn.q_proj = _linear_like(attn.q_proj, hidden, n_q * head_dim)
-        attn.k_proj = _linear_like(attn.k_proj, hidden, n_kv * head_dim)
-        attn.v_proj = _linear_like(attn.v_proj, hidden, n_kv * head_dim)
+        if hasattr(attn, "qkv_proj"):
+            attn.qkv_proj = _linear_like(attn.qkv_proj, hidden, (n_q + 2 * n_kv) * head_dim)
+        else:
+            attn.q_proj = _linear_like(attn.q_proj, hidden, n_q * head_dim)
+            attn.k_proj = _linear_like(attn.k_proj, hidden, n_kv * head_dim)
+            attn.v_proj = _linear_like(attn.v_proj, hidden, n_kv * head_dim)
         attn.o_proj = _linear_like(attn.o_proj, n_q * head_dim, hidden)
+        attn.num_key_value_groups = n_q // n_kv
+        if hasattr(attn, "num_key_value_heads"):
+            attn.num_key_value_heads = n_kv
+        if getattr(attn, "config", None) is not None:
+            attn.config = copy.copy(attn.config)
+            attn.config.num_attention_heads, attn.config.num_key_value_heads = n_q, n_kv
     if inter == 0:
-        layer.mlp = EmptyMLP(hidden, bias=mlp.down_proj.bias is not None)
+        bias = mlp.down_bias is not None if isinstance(mlp, EmptyMLP) else mlp.down_proj.bias is not None
+        layer.mlp = EmptyMLP(hidden, bias=bias)
     else:
         mlp.intermediate_size = inter
-        mlp.gate_proj = _linear_like(mlp.gate_proj, hidden, inter)
-        mlp.up_proj = _linear_like(mlp.up_proj, hidden, inter)
+        if hasattr(mlp, "gate_up_proj"):
+            mlp.gate_up_proj = _linear_like(mlp.gate_up_proj, hidden, 2 * inter)
+        else:
+            mlp.gate_proj = _linear_like(mlp.gate_proj, hidden, inter)
+            mlp.up_proj = _linear_like(mlp.up_proj, hidden, inter)
         mlp.down_proj = _linear_like(mlp.down_proj, inter, hidden)
-
-
-def base_config(config):
-    """The config the stock class is built from: widest layer shapes, so every module can be narrowed from it."""
-    cfg = copy.deepcopy(config)
-    layout = getattr(config, "probprune_layout", None) or []
-    if layout:
-        cfg.num_hidden_layers = len(layout)
-    return cfg
 
 
 class _ProbPrunedMixin:
@@ -108,26 +126,21 @@ class _ProbPrunedMixin:
             resize_decoder_layer(layer, config, spec, i)
 
 
-class ProbPrunedLlamaForCausalLM(_ProbPrunedMixin, LlamaForCausalLM):
+def _pruned_class(base: type) -> type:
     def __init__(self, config):
-        super().__init__(config)
+        base.__init__(self, config)
         self._apply_probprune_layout(config)
 
-
-class ProbPrunedMistralForCausalLM(_ProbPrunedMixin, MistralForCausalLM):
-    def __init__(self, config):
-        super().__init__(config)
-        self._apply_probprune_layout(config)
+    return type(f"ProbPruned{base.__name__}", (_ProbPrunedMixin, base), {"__init__": __init__})
 
 
-class ProbPrunedQwen2ForCausalLM(_ProbPrunedMixin, Qwen2ForCausalLM):
-    def __init__(self, config):
-        super().__init__(config)
-        self._apply_probprune_layout(config)
+ProbPrunedLlamaForCausalLM = _pruned_class(LlamaForCausalLM)
+ProbPrunedMistralForCausalLM = _pruned_class(MistralForCausalLM)
+ProbPrunedQwen2ForCausalLM = _pruned_class(Qwen2ForCausalLM)
+ProbPrunedQwen3ForCausalLM = _pruned_class(Qwen3ForCausalLM)
+ProbPrunedGemma3ForCausalLM = _pruned_class(Gemma3ForCausalLM)
+ProbPrunedPhi3ForCausalLM = _pruned_class(Phi3ForCausalLM)
 
-
-PRUNED_CLASSES = {
-    "LlamaForCausalLM": ProbPrunedLlamaForCausalLM,
-    "MistralForCausalLM": ProbPrunedMistralForCausalLM,
-    "Qwen2ForCausalLM": ProbPrunedQwen2ForCausalLM,
-}
+PRUNED_CLASSES = {cls.__name__.removeprefix("ProbPruned"): cls for cls in (
+    ProbPrunedLlamaForCausalLM, ProbPrunedMistralForCausalLM, ProbPrunedQwen2ForCausalLM,
+    ProbPrunedQwen3ForCausalLM, ProbPrunedGemma3ForCausalLM, ProbPrunedPhi3ForCausalLM)}

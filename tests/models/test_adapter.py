@@ -7,13 +7,17 @@ from probprune.models import get_adapter, supported_architectures, tiny_model
 def test_tiny_unit_counts_and_costs(tiny_kind):
     model = tiny_model(tiny_kind)
     space = get_adapter(model).mask_space(layers=True)
-    n_kv = 8 if tiny_kind == "llama-mha" else 4
-    group = 8 // n_kv
-    assert space.type_counts() == {"head": 2 * n_kv, "channel": 2 * 96, "layer": 2}
-    bias = (group + 2) * 8 if tiny_kind == "qwen2" else 0
-    assert space.cost[0] == (2 * group + 2) * 8 * 64 + bias
-    assert space.cost[2 * n_kv] == 3 * 64
+    cfg = model.config
+    n_layers, n_kv, d = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
+    group = cfg.num_attention_heads // n_kv
+    assert space.type_counts() == {"head": n_layers * n_kv, "channel": n_layers * 96, "layer": n_layers}
+    bias = (group + 2) * d if tiny_kind == "qwen2" else 0
+    assert space.cost[0] == (2 * group + 2) * d * 64 + bias
+    assert space.cost[n_layers * n_kv] == 3 * 64
     assert space.total_params == sum(p.numel() for p in model.parameters())
+    # the whole model's parameters: every layer's (prunable, norms and shared q/k norms) + embeddings, head, final norm
+    outside = sum(p.numel() for n, p in model.named_parameters() if ".layers." not in n)
+    assert space.total_params == outside + sum(ls.layer_params for ls in space.layers)
 
 
 def test_unsupported_architecture_names_it_and_lists_supported():
@@ -21,9 +25,11 @@ def test_unsupported_architecture_names_it_and_lists_supported():
 
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32))
     with pytest.raises(UnsupportedModelError, match="unsupported architecture 'GPT2LMHeadModel': probprune supports "
-                       "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM"):
+                       "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Gemma3ForCausalLM, "
+                       "Phi3ForCausalLM"):
         get_adapter(model)
-    assert supported_architectures() == ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"]
+    assert supported_architectures() == ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
+                                         "Qwen3ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM"]
 
 
 @pytest.mark.slow
