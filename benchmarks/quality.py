@@ -31,10 +31,10 @@ PRESETS = {  # search presets: label -> (config file, overrides)
     # the default with cross-entropy instead of the KL objective
     "probprune-ours-ce": (BASE_CONFIG, ["search.objective=ce"]),
     # thin only: the same allocation search from the Wanda-sp init, no warm start and no check set
-    "probprune-thin-only": (BASE_CONFIG, ["search.init=wanda", "search.check_blocks=0"]),
+    "probprune-thin-only": (BASE_CONFIG, ["search.init=wanda-sp", "search.check_blocks=0"]),
     "probprune-paper": ("configs/smollm2/135m_paper.yaml", []),
     # stock shapes: every layer keeps the same heads and MLP width (unit search, its lr; Wanda-sp start)
-    "probprune-uniform": (BASE_CONFIG, ["mask.shape=uniform", "search.method=units", "search.init=wanda",
+    "probprune-uniform": (BASE_CONFIG, ["mask.shape=uniform", "search.method=units", "search.init=wanda-sp",
                                         "search.lr=0.02"]),
 }
 PINNED_STEPS = {"probprune-paper"}  # presets that take --steps; the others keep their config's step count

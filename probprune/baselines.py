@@ -32,17 +32,13 @@ from .masks import CHANNEL, HEAD, LAYER, MaskSpace
 from .models.base import FamilyAdapter
 from .models.modeling_probprune import EmptyAttention, EmptyMLP
 from .projection import BUDGETS, _round_half_up, final_mask
-from .scoring import (
-    collect_input_stats,
-    column_mean,
-    flap_scores,
-    magnitude_scores,
-    taylor_scores,
-    wanda_sp_scores,
-)
+from .scoring import CRITERIA, collect_input_stats, column_mean, criterion_scores
 
-BASELINES = ("magnitude", "wanda-sp", "flap", "random", "shortgpt", "taylor")
-USES_GRADIENTS = {"taylor"}
+# baseline -> the importance criterion it ranks units by (None: random); how it selects is in baseline_mask
+CRITERION = {"magnitude": "magnitude", "wanda-sp": "wanda-sp", "flap": "flap", "random": None,
+             "shortgpt": "block-influence", "taylor": "taylor"}
+BASELINES = tuple(CRITERION)
+USES_GRADIENTS = {b for b, c in CRITERION.items() if c is not None and CRITERIA[c].needs == "gradients"}
 _TYPES = (HEAD, CHANNEL, LAYER)
 
 
@@ -200,20 +196,17 @@ def baseline_mask(
     _check_args(method, sparsity, budget)
     if method == "random":
         return final_mask(space, np.random.default_rng(seed).random(space.num_units), sparsity, budget)
-    if method == "magnitude":
-        return _uniform(space, magnitude_scores(adapter, space), sparsity, budget)
-    if blocks is None:
+    needs = CRITERIA[CRITERION[method]].needs
+    if needs != "weights" and blocks is None:
         raise UserError(f"baseline {method!r} needs calibration blocks")
-    if method == "taylor":
-        return _uniform(space, taylor_scores(adapter, space, blocks, batch_size), sparsity, budget)
-    if stats is None:
+    if needs == "stats" and stats is None:
         stats = collect_input_stats(adapter, blocks, batch_size)
-    if method == "wanda-sp":
-        return _uniform(space, wanda_sp_scores(adapter, space, stats), sparsity, budget)
+    scores = criterion_scores(CRITERION[method], adapter, space, stats, blocks, batch_size)  # [N]
     if method == "flap":
-        ranks = _quantiles(flap_scores(adapter, space, stats))  # monotone map of the standardised scores to (0, 1)
-        return final_mask(space, ranks, sparsity, budget)
-    return shortgpt_mask(space, 1.0 - np.asarray(stats["cos"], dtype=np.float64), sparsity)  # [L] block influence
+        return final_mask(space, _quantiles(scores), sparsity, budget)  # global: standardised scores -> (0, 1)
+    if method == "shortgpt":
+        return shortgpt_mask(space, 1.0 - np.asarray(stats["cos"], dtype=np.float64), sparsity)  # [L] influence
+    return _uniform(space, scores, sparsity, budget)
 
 
 # --------------------------------------------------------------------------------- FLAP bias compensation

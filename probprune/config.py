@@ -179,7 +179,7 @@ class SearchConfig:
     ema_window: int = _opt(5, check=_at_least(1))
     score_scaling: str = _opt("sqrt", check=_one_of("sqrt", "exact"))
     sampling: str = _opt("independent", check=_one_of("independent", "antithetic"))
-    init: str = _opt("wanda", check=_one_of("wanda", "uniform", "random", "best"))
+    init: str = _opt("wanda-sp", check=_one_of("wanda-sp", "uniform", "random", "best"))  # "wanda" = old name
     init_blocks: int = _opt(32, check=_at_least(1))
     # "best": start from the forward-only baseline mask (or Wanda-sp init) with the lowest check-set loss, pulled
     # toward it as probs = (1 - init_mix) * mask + init_mix * (1 - sparsity)
@@ -501,7 +501,7 @@ def _cross_field(cfg: Config, bad: set[str]) -> list[str]:
                       f"search.method='units', got {s.method!r}")
     if ok("mask.shape", "search.init") and m.shape == "uniform" and s.init == "best":
         errors.append("mask.shape='uniform' starts from the Wanda-sp ranking: search.init='best' may pick a "
-                      "non-uniform baseline; use search.init='wanda', 'uniform' or 'random'")
+                      "non-uniform baseline; use search.init='wanda-sp', 'uniform' or 'random'")
     if ok("mask.shape", "mask.layers", "search.budget") and m.shape == "uniform" and (m.layers or s.budget != "per_type"):
         errors.append("mask.shape='uniform' requires mask.layers=false and search.budget='per_type'")
     if ok("mask.shape", "mask.align") and m.shape == "uniform" and m.align > 1:
@@ -559,11 +559,26 @@ def config_from_dict(data: Mapping[str, Any] | None) -> Config:
     """
     errors: list[str] = []
     bad: set[str] = set()
-    cfg = _build(Config, data, "", errors, bad)
+    cfg = _build(Config, _renamed(data), "", errors, bad)
     errors.extend(_cross_field(cfg, bad))
     if errors:
         raise ConfigError(errors)
     return cfg
+
+
+# Values renamed since configs were first written: the old spelling still loads, as the new one.
+_RENAMED_VALUES = {("search", "init"): {"wanda": "wanda-sp"}}
+
+
+def _renamed(data: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
+    if not isinstance(data, Mapping):
+        return data
+    out = dict(data)
+    for (section, key), names in _RENAMED_VALUES.items():
+        sec = out.get(section)
+        if isinstance(sec, Mapping) and isinstance(sec.get(key), str) and sec[key] in names:
+            out[section] = {**sec, key: names[sec[key]]}
+    return out
 
 
 def validate_config(cfg: Config) -> None:

@@ -12,43 +12,17 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from probprune.errors import UserError
+from .errors import UserError
+from .losses import token_losses
 
 
 def _row_nll_sums(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     """Summed next-token cross-entropy per row, float32: logits ``[B, T, V]``, ids ``[B, T]`` -> ``[B]``."""
     B, T, V = logits.shape
-    pred = logits[:, :-1].float()  # [B, T-1, V]
-    target = input_ids[:, 1:].to(logits.device)  # [B, T-1]
-    nll = F.cross_entropy(pred.reshape(-1, V), target.reshape(-1), reduction="none")  # [B*(T-1)]
-    return nll.view(B, T - 1).sum(dim=1)  # [B]
-
-
-def sequence_losses(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy of each row.
-
-    Position ``t`` of ``logits`` predicts token ``t + 1`` of ``input_ids``; the loss of a row is the mean over its
-    ``T - 1`` predictions. Logits are cast to float32 before the softmax, whatever the model's dtype.
-
-    Args:
-        logits: ``[B, T, V]`` model outputs (any float dtype).
-        input_ids: ``[B, T]`` the tokens that produced them.
-
-    Returns:
-        ``[B]`` float32 losses (nats per token).
-
-    Raises:
-        ValueError: mismatched shapes or ``T < 2``.
-    """
-    if logits.dim() != 3 or input_ids.shape != logits.shape[:2] or logits.shape[1] < 2:
-        raise ValueError(
-            f"need logits [B, T, V] and input_ids [B, T] with T >= 2, got {tuple(logits.shape)} and "
-            f"{tuple(input_ids.shape)}"
-        )
-    return _row_nll_sums(logits, input_ids) / (logits.shape[1] - 1)
+    pred = logits[:, :-1].float().reshape(-1, V)  # [B*(T-1), V]
+    return token_losses(pred, input_ids[:, 1:].reshape(-1)).view(B, T - 1).sum(dim=1)  # [B]
 
 
 def _max_context(model: Any) -> int | None:

@@ -66,7 +66,7 @@ def prepare(cfg: Config, need_stats: bool = True) -> Session:
     )
     test_tokens = test_stream(tok, corpus)
     stats = None
-    if need_stats and (cfg.search.init in ("wanda", "best") or cfg.mask.block_order == "metric"):
+    if need_stats and (cfg.search.init in ("wanda-sp", "best") or cfg.mask.block_order == "metric"):
         from .scoring import collect_input_stats
 
         stats = collect_input_stats(adapter, calib.first(min(cfg.search.init_blocks, len(calib))))
@@ -120,7 +120,7 @@ def initial_probs(s: Session) -> np.ndarray:
     """Keep probabilities of ``search.init`` (``best`` starts from the Wanda-sp ones), projected onto the budget."""
     cfg = s.cfg.search
     keep = 1.0 - cfg.sparsity
-    if cfg.init in ("wanda", "best"):
+    if cfg.init in ("wanda-sp", "best"):
         from .scoring import wanda_sp_scores
 
         probs = scores_to_probs(s.space, wanda_sp_scores(s.adapter, s.space, s.stats), keep)

@@ -1,14 +1,15 @@
 """Importance scores of prunable units: one function per metric, each a ``[N]`` array over a :class:`MaskSpace`.
 
-Higher = more important (keep). Metrics and what they score:
+Higher = more important (keep). The criteria (:data:`CRITERIA`, one name each, used by the baselines, the search's
+initialisation and the warm start) and what they score:
 
-- ``wanda`` (Wanda-sp, the paper's init): ``Σ_j Σ_i |W[i, j]|·‖X_j‖₂`` over the input columns j of ``o_proj`` (head
+- ``wanda-sp`` (Wanda-sp, the paper's init): ``Σ_j Σ_i |W[i, j]|·‖X_j‖₂`` over the input columns j of ``o_proj`` (head
   groups) or ``down_proj`` (channels) a unit owns.
 - ``magnitude``: L2 norm of every weight a unit owns.
 - ``flap`` (FLAP, An et al. 2024): fluctuation ``Var_tokens(X_j)·‖W[:, j]‖₂²``, standardised per unit type across all
   layers.
 - ``taylor`` (LLM-Pruner-style first order, **uses gradients**): ``Σ_w |w·∂L/∂w|`` over a unit's weights.
-- ``block_influence`` (ShortGPT): ``1 − E_tokens cos(layer input, layer output)``, layer units only.
+- ``block-influence`` (ShortGPT): ``1 − E_tokens cos(layer input, layer output)``, layer units only.
 
 Ownership (the same as the costs in :mod:`probprune.masks`): a head group owns its query heads' q rows, its k/v rows
 (and their biases) and its query heads' columns of the attention output projection (a query-head unit: its own q rows
@@ -31,6 +32,7 @@ Calibration statistics come from :func:`collect_input_stats`, one forward pass o
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
@@ -38,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import UserError
 from .masks import CHANNEL, HEAD, LAYER, MaskSpace
 from .models.adapter import model_device
 from .models.base import FamilyAdapter
@@ -442,6 +445,64 @@ def taylor_scores(adapter: FamilyAdapter, space: MaskSpace, blocks: torch.Tensor
             adapter, lambda p: (p.detach().double() * by_param[id(p)].double()).abs(), space.query_heads
         )
     return _to_space(space, heads, chans, layers)
+
+
+# -------------------------------------------------------------------------------------------------- registry
+@dataclass(frozen=True)
+class Criterion:
+    """One importance criterion: its name everywhere in probprune, what it needs, and how it scores a space."""
+
+    name: str
+    needs: str  # "weights" (no data), "stats" (one calibration forward), "gradients" (forward + backward)
+    summary: str
+
+
+CRITERIA: dict[str, Criterion] = {c.name: c for c in (
+    Criterion("wanda-sp", "stats", "Σ |W|·‖X‖ over the output-projection columns a unit feeds"),
+    Criterion("magnitude", "weights", "L2 norm of the weights a unit owns"),
+    Criterion("flap", "stats", "Var(X)·‖W‖² fluctuation, standardised per unit type across layers"),
+    Criterion("taylor", "gradients", "Σ |w·∂L/∂w| over the weights a unit owns"),
+    Criterion("block-influence", "stats", "1 − cos(layer input, layer output); layer units only"),
+)}
+
+
+def criterion_scores(
+    name: str,
+    adapter: FamilyAdapter,
+    space: MaskSpace,
+    stats: dict | None = None,
+    blocks: torch.Tensor | None = None,
+    batch_size: int = 4,
+) -> np.ndarray:
+    """``[N]`` scores of criterion ``name`` (a key of :data:`CRITERIA`); higher = keep.
+
+    Args:
+        name: the criterion.
+        adapter: the model's adapter.
+        space: the mask space.
+        stats: :func:`collect_input_stats` on ``blocks``, if already collected (collected here otherwise).
+        blocks: ``[n, T]`` calibration token ids (criteria that need data).
+        batch_size: sequences per calibration forward.
+
+    Raises:
+        UserError: unknown name (lists the criteria), or a data-driven criterion without blocks or stats.
+    """
+    if name not in CRITERIA:
+        raise UserError(f"unknown importance criterion {name!r}: valid criteria are {', '.join(CRITERIA)}")
+    needs = CRITERIA[name].needs
+    if needs == "weights":
+        return magnitude_scores(adapter, space)
+    if blocks is None and (needs == "gradients" or stats is None):
+        raise UserError(f"importance criterion {name!r} needs calibration blocks")
+    if needs == "gradients":
+        return taylor_scores(adapter, space, blocks, batch_size)
+    if stats is None:
+        stats = collect_input_stats(adapter, blocks, batch_size)
+    if name == "wanda-sp":
+        return wanda_sp_scores(adapter, space, stats)
+    if name == "flap":
+        return flap_scores(adapter, space, stats)
+    return block_influence_scores(space, stats)
 
 
 def channel_wanda_scores(adapter: FamilyAdapter, stats: dict) -> list[np.ndarray]:

@@ -42,7 +42,7 @@ class WarmStart:
     """The start a search was given and how it was chosen.
 
     Attributes:
-        name: the chosen candidate (a baseline name or ``"wanda"``).
+        name: the chosen candidate (a baseline name, or ``"init"`` for the search's own Wanda-sp initialisation).
         mask: ``[N]`` its binary mask.
         probs: ``[N]`` the keep probabilities the search starts from (already on the budget).
         check_losses: every candidate's check-set cross-entropy.
@@ -76,12 +76,12 @@ def candidate_masks(
         init_mask: ``[N]`` the Wanda-sp init's final mask.
 
     Returns:
-        ``{name: [N] float32 mask}``, ``"wanda"`` first; a baseline the space cannot express (e.g. ShortGPT on a
+        ``{name: [N] float32 mask}``, ``"init"`` (the search's own Wanda-sp initial mask) first; a baseline the space cannot express (e.g. ShortGPT on a
         heads-only space) is left out.
     """
     from .baselines import baseline_mask
 
-    out = {"wanda": np.asarray(init_mask, dtype=np.float32)}
+    out = {"init": np.asarray(init_mask, dtype=np.float32)}
     for method in CANDIDATES:
         try:
             out[method] = baseline_mask(method, adapter, space, blocks, sparsity, budget=budget, stats=stats)

@@ -17,7 +17,7 @@ def test_prune_writes_every_output_and_the_model_reloads(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["prune", "--config", SMOKE, "--output", str(out), "--quiet"]) == 0
     printed = capsys.readouterr().out
-    assert "| dense |" in printed and "| init only (wanda) |" in printed and "| probprune search |" in printed
+    assert "| dense |" in printed and "| init only (wanda-sp) |" in printed and "| probprune search |" in printed
     for name in ("model/config.json", "masks.pt", "metrics.jsonl", "config.yaml", "summary.json"):
         assert (out / name).exists(), name
     s = json.loads((out / "summary.json").read_text())

@@ -232,7 +232,7 @@ def test_wrong_type(override: str, message: str):
         ("model.device=gpu", "model.device must be one of 'cpu', 'cuda', 'cuda:N', 'auto', got 'gpu'"),
         ("model.device_map=everywhere", "model.device_map must be one of 'auto', 'balanced', 'balanced_low_0', "
          "'sequential', got 'everywhere'"),
-        ("search.init=zeros", "search.init must be one of 'wanda', 'uniform', 'random', 'best', got 'zeros'"),
+        ("search.init=zeros", "search.init must be one of 'wanda-sp', 'uniform', 'random', 'best', got 'zeros'"),
     ],
 )
 def test_bad_enum_lists_allowed_values(override: str, message: str):

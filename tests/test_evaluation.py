@@ -6,10 +6,9 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from probprune.errors import UserError
-from probprune.evaluation import evaluate_ppl, perplexity, sequence_losses
+from probprune.evaluation import evaluate_ppl, perplexity
 
 torch.set_num_threads(1)
 
@@ -95,18 +94,3 @@ def test_evaluate_ppl(model, tokens):
     assert list(out) == [16, 32, 128]
     for seq_len, ppl in out.items():
         assert ppl == pytest.approx(perplexity(model, long, seq_len, progress=False)["ppl"], rel=1e-6)
-
-
-def test_sequence_losses():
-    g = torch.Generator().manual_seed(0)
-    logits = torch.randn(3, 6, 10, generator=g)
-    ids = torch.randint(0, 10, (3, 6), generator=g)
-    expected = torch.stack([F.cross_entropy(logits[b, :-1], ids[b, 1:]) for b in range(3)])
-    got = sequence_losses(logits, ids)
-    assert got.shape == (3,) and got.dtype == torch.float32
-    assert torch.allclose(got, expected, atol=1e-6)
-    half = sequence_losses(logits.bfloat16(), ids)
-    assert half.dtype == torch.float32
-    assert torch.allclose(half, expected, atol=0.05)
-    with pytest.raises(ValueError, match="T >= 2"):
-        sequence_losses(logits[:, :1], ids[:, :1])

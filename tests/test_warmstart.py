@@ -72,7 +72,7 @@ def test_warm_start_begins_at_the_best_candidate_mask(tiny) -> None:
     stats = collect_input_stats(adapter, blocks)
     init_mask = baseline_mask("wanda-sp", adapter, space, blocks, 0.5, stats=stats)
     cands = candidate_masks(adapter, space, blocks, stats, 0.5, "per_type", init_mask)
-    assert list(cands) == ["wanda", "shortgpt", "wanda-sp", "flap", "magnitude"]
+    assert list(cands) == ["init", "shortgpt", "wanda-sp", "flap", "magnitude"]
     ev = LocalEvaluator(model, space)
     warm = choose_start(ev, cands, check, 2, space, mix=0.25, sparsity=0.5, budget="per_type")
     losses = check_losses(ev, np.stack(list(cands.values())), check, batch_size=3)  # other chunking, same value
@@ -192,7 +192,7 @@ def test_the_default_on_smollm2_starts_at_shortgpt_and_never_returns_worse(tmp_p
                       ["search.steps=3", "search.check_blocks=8", "eval.max_tokens=2048", "eval.seq_lens=[128]"])
     summary = prune(cfg, tmp_path / "run", progress=False)
     losses = summary["warm_start"]["check_losses"]
-    assert set(losses) == {"wanda", "shortgpt", "wanda-sp", "flap", "magnitude"}
+    assert set(losses) == {"init", "shortgpt", "wanda-sp", "flap", "magnitude"}
     # at 50 % dropping the least influential layers is by far the best start (measured: 6.3 vs >= 8.2 nats)
     assert summary["warm_start"]["chosen"] == "shortgpt"
     assert losses["shortgpt"] < min(v for k, v in losses.items() if k != "shortgpt") - 0.5

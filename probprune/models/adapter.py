@@ -49,8 +49,8 @@ def unsupported_features(config) -> list[str]:
     found = []
     for attr, name in _UNSUPPORTED_CONFIG.items():
         value = getattr(config, attr, None)
-        if value and name not in found:
-            found.append(name)
+        if value and not any(f.startswith(name) for f in found):
+            found.append(f"{name} (config.{attr})")
     family = ADAPTERS.get(architecture_of(config))
     if family is not None:
         found += family.unsupported_features(config)

@@ -221,7 +221,7 @@ def load_model(
         raise UserError(f"model.name_or_path: '{name_or_path}': {e}") from None
     arch = architecture_of(config)
     if getattr(config, "probprune_layout", None) is None:
-        check_supported(arch)
+        check_supported(arch, config)
     kwargs = dict(dtype=torch_dtype, trust_remote_code=trust_remote_code, attn_implementation="sdpa")
     if device_map is not None:
         kwargs["device_map"] = device_map
