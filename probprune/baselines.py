@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .errors import UserError
+from .compaction import layout_entry
 from .masks import CHANNEL, HEAD, LAYER, MaskSpace
 from .models.base import FamilyAdapter
 from .models.modeling_probprune import EmptyAttention, EmptyMLP
@@ -261,27 +262,25 @@ def _bias_slot(adapter: FamilyAdapter, layer: int, which: str) -> tuple[nn.Modul
 
 @torch.no_grad()
 def apply_bias_compensation(
-    model: nn.Module, adapter: FamilyAdapter, comp: dict[int, dict[str, torch.Tensor]], in_memory_only: bool = False
+    model: nn.Module, adapter: FamilyAdapter, comp: dict[int, dict[str, torch.Tensor]]
 ) -> nn.Module:
-    """Add FLAP compensation vectors to the output biases of a compacted model's ``o_proj`` / ``down_proj``, in place.
+    """Add FLAP compensation vectors to the output biases of a compacted model's attention / MLP, in place.
 
-    Saving is supported only where the bias already exists (the loaders build bias-less projections for LLaMA-family
-    configs, and ``attention_bias`` / ``mlp_bias`` would also add q/k/v / gate/up biases). Where a projection has no
-    bias, this raises unless ``in_memory_only=True``: then a bias is created for in-process evaluation and the model is
-    marked ``model.probprune_unsaveable`` (a saved folder would silently drop those biases).
+    Where an output projection has no bias, one is created and the layer's entry in ``config.probprune_layout``
+    records it (``"o_bias"`` / ``"down_bias"``), so the saved folder rebuilds it: a stock-shaped model becomes a
+    per-layer-layout model for this (stock configs cannot hold an output bias without also adding q/k/v and gate/up
+    biases).
 
     Args:
         model: the compacted model (layers may have been renumbered; ``probprune_source_layer`` maps them back).
         adapter: its adapter.
         comp: from :func:`flap_bias_compensation` on the unpruned model.
-        in_memory_only: create missing biases (the model can then not be saved faithfully).
 
     Returns:
         ``model``.
 
     Raises:
-        UserError: a projection has no bias and ``in_memory_only`` is False ("flap bias compensation is not supported
-            for saving yet"), or a compensated layer no longer exists in ``model``.
+        UserError: a compensated layer no longer exists in ``model``.
     """
     source = {}
     for li in range(len(adapter.layers)):
@@ -294,14 +293,9 @@ def apply_bias_compensation(
             module, attr = _bias_slot(adapter, li, which)
             bias = getattr(module, attr)
             if bias is None:
-                if not in_memory_only:
-                    raise UserError(
-                        f"flap bias compensation is not supported for saving yet: {which} of layer {src} has no bias "
-                        "(pass in_memory_only=True to add one for in-process evaluation only)"
-                    )
                 ref = next(model.parameters())
                 setattr(module, attr, nn.Parameter(torch.zeros(vec.numel(), dtype=ref.dtype, device=ref.device)))
                 bias = getattr(module, attr)
-                model.probprune_unsaveable = "flap bias compensation added biases that the saved folder would drop"
+                layout_entry(model, li)["o_bias" if which == "o_proj" else "down_bias"] = True
             bias.add_(vec.to(bias.device, bias.dtype))
     return model

@@ -74,6 +74,7 @@ def compact(model: nn.Module, space: MaskSpace, mask: np.ndarray, inplace: bool 
     base_arch = getattr(config, "probprune_base_architecture", None) or type(model).__name__.removeprefix("ProbPruned")
     d = adapter.head_dim
     old_layers = list(adapter.layers)
+    old_layout = getattr(config, "probprune_layout", None) or [{} for _ in old_layers]
     new_layers, layout = [], []
     for li, keep in enumerate(surviving_layers(space, mask)):
         if keep is None:
@@ -97,6 +98,7 @@ def compact(model: nn.Module, space: MaskSpace, mask: np.ndarray, inplace: bool 
             "intermediate_size": int(keep.channels.numel()),
             "source_layer": int(getattr(adapter.attention(layer), "probprune_source_layer", li)),
         }
+        spec.update({k: True for k in ("o_bias", "down_bias") if old_layout[li].get(k)})  # added output biases
         resize_decoder_layer(layer, config, spec, len(new_layers))
         if attn_vals is not None:
             _fill(adapter.attn_in(layer), attn_vals)
@@ -125,6 +127,7 @@ def compact(model: nn.Module, space: MaskSpace, mask: np.ndarray, inplace: bool 
     uniform = len(shapes) == 1 and layout[0]["num_key_value_heads"] > 0 and layout[0]["intermediate_size"] > 0
     # stock configs insist that hidden_size is a multiple of the head count, even with an explicit head_dim
     uniform = uniform and config.hidden_size % layout[0]["num_attention_heads"] == 0
+    uniform = uniform and not any(s.get("o_bias") or s.get("down_bias") for s in layout)
     if uniform:
         config.num_key_value_heads = layout[0]["num_key_value_heads"]
         config.num_attention_heads = layout[0]["num_attention_heads"]
@@ -142,6 +145,26 @@ def compact(model: nn.Module, space: MaskSpace, mask: np.ndarray, inplace: bool 
     for li, layer in enumerate(new_layers):
         adapter.attention(layer).probprune_source_layer = kept_src[li]
     return model
+
+
+def layout_entry(model: nn.Module, li: int) -> dict:
+    """The ``config.probprune_layout`` entry of decoder layer ``li`` of a compacted model, to record a change to its
+    shape; a stock-shaped model is switched to the per-layer-layout class first (same weights, same outputs)."""
+    config = model.config
+    if not getattr(config, "probprune_layout", None):
+        adapter = get_adapter(model)
+        config.probprune_layout = [{
+            "num_key_value_heads": adapter.num_kv_heads(i),
+            "num_attention_heads": adapter.attn_out(i).in_features // adapter.head_dim if adapter.num_kv_heads(i) else 0,
+            "intermediate_size": adapter.num_channels(i),
+            "source_layer": int(getattr(adapter.attention(i), "probprune_source_layer", i)),
+        } for i in range(len(adapter.layers))]
+        base = getattr(config, "probprune_base_architecture", None) or type(model).__name__.removeprefix("ProbPruned")
+        config.probprune_base_architecture = base
+        model.__class__ = PRUNED_CLASSES[base]
+        config.architectures = [model.__class__.__name__]
+        config.auto_map = {"AutoModelForCausalLM": f"modeling_probprune.{model.__class__.__name__}"}
+    return config.probprune_layout[li]
 
 
 def count_params(model: nn.Module) -> int:

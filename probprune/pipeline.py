@@ -14,7 +14,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -337,11 +337,15 @@ def finish(
     probs: torch.Tensor | None = None,
     init: tuple | None = None,
     method_label: str = "probprune search",
+    adjust: Callable[[torch.nn.Module], Any] | None = None,
 ) -> dict[str, Any]:
-    """Compact the final mask, evaluate, save model + masks, and build the summary (not yet written)."""
+    """Compact the final mask (then ``adjust`` the compacted model in place, if given), evaluate, save model + masks,
+    and build the summary (not yet written)."""
     space, cfg = s.space, s.cfg
     t = time.perf_counter()
     pruned = compact(s.model, space, final)
+    if adjust is not None:
+        adjust(pruned)
     timings["compact"] = time.perf_counter() - t
     t = time.perf_counter()
     pruned_ppl = evaluate(pruned, s, method_label)
@@ -416,11 +420,22 @@ def run_baseline(cfg: Config, method: str, output: str | Path, progress: bool = 
     dense_total, dense_ppl, timings = _open_output(s, output, dense_ppl)
     t = time.perf_counter()
     blocks = s.calib.first(min(cfg.search.init_blocks, len(s.calib)))
+    stats = s.stats
+    if method == "flap" and stats is None:
+        from .scoring import collect_input_stats
+
+        stats = collect_input_stats(s.adapter, blocks)
     mask = baseline_mask(method, s.adapter, s.space, blocks, cfg.search.sparsity, seed=cfg.seed,
-                         budget=cfg.search.budget, stats=s.stats)
+                         budget=cfg.search.budget, stats=stats)
+    adjust = None
+    if method == "flap":  # FLAP adds the removed columns' mean contribution to the output biases
+        from .baselines import apply_bias_compensation, flap_bias_compensation
+
+        comp = flap_bias_compensation(s.adapter, s.space, mask, stats)
+        adjust = lambda pruned: apply_bias_compensation(pruned, get_adapter(pruned), comp)  # noqa: E731
     timings["baseline"] = time.perf_counter() - t
     label = f"{method}" + (" (uses gradients)" if method in USES_GRADIENTS else "")
-    summary = finish(s, mask, output, t_start, timings, dense_ppl, dense_total, method_label=label)
+    summary = finish(s, mask, output, t_start, timings, dense_ppl, dense_total, method_label=label, adjust=adjust)
     summary["method"] = method
     summary["wall_seconds"] = round(time.perf_counter() - t_start, 2)
     _write_json(output / "summary.json", summary)

@@ -15,11 +15,17 @@ from probprune.baselines import (
     shortgpt_mask,
     uniform_per_layer_mask,
 )
-from probprune.compaction import compact
+from probprune.compaction import compact, save_pruned
 from probprune.errors import UserError
 from probprune.masks import CHANNEL, HEAD, LAYER, LayerShape, MaskSpace
 from probprune.models import get_adapter, tiny_model
-from probprune.scoring import collect_input_stats, flap_scores, magnitude_scores, wanda_sp_scores
+from probprune.models.loading import load_pruned
+from probprune.scoring import (
+    collect_input_stats,
+    flap_scores,
+    magnitude_scores,
+    wanda_sp_scores,
+)
 
 torch.set_num_threads(1)
 
@@ -182,7 +188,7 @@ def test_shortgpt_without_layer_units_drops_the_same_layers_with_the_same_functi
 
 
 # ------------------------------------------------------------------------------------- bias compensation
-def test_flap_bias_compensation_keeps_removed_columns_mean() -> None:
+def test_flap_bias_compensation_keeps_removed_columns_mean(tmp_path) -> None:
     model = tiny_model("llama")
     adapter = get_adapter(model)
     space = adapter.mask_space(channel_block=8)
@@ -219,12 +225,19 @@ def test_flap_bias_compensation_keeps_removed_columns_mean() -> None:
         h.remove()
 
     small = compact(model, space, mask)
-    with pytest.raises(UserError, match="flap bias compensation is not supported for saving yet"):
-        apply_bias_compensation(small, get_adapter(small), comp)
-    apply_bias_compensation(small, get_adapter(small), comp, in_memory_only=True)
-    assert small.probprune_unsaveable
+    apply_bias_compensation(small, get_adapter(small), comp)
     with torch.no_grad():
         got = small(input_ids=x).logits
         plain = compact(model, space, mask)(input_ids=x).logits
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert (plain - want).abs().max() > 1e-2  # the compensation made a difference
+    # the added biases are recorded in the layout: saved and reloaded (probprune's loader, no folder code), and
+    # compacting the compensated model again keeps them
+    assert all(e.get("o_bias") and e.get("down_bias") for e in small.config.probprune_layout)
+    save_pruned(small, tmp_path / "m")
+    with torch.no_grad():
+        torch.testing.assert_close(load_pruned(tmp_path / "m")(input_ids=x).logits, got, rtol=0, atol=0)
+        space2 = get_adapter(small).mask_space()
+        again = compact(small, space2, space2.full_mask())
+        torch.testing.assert_close(again(input_ids=x).logits, got, rtol=0, atol=0)
+    assert all(e.get("o_bias") and e.get("down_bias") for e in again.config.probprune_layout)

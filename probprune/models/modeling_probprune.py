@@ -7,7 +7,8 @@ all the same shape, and ``config.json`` points ``auto_map`` at it, so the folder
 The layout lives in ``config.probprune_layout``: one entry per kept decoder layer,
 ``{"num_key_value_heads": int, "num_attention_heads": int, "intermediate_size": int, "source_layer": int}``
 (``num_attention_heads`` is a multiple of ``num_key_value_heads``; it is the group size times it unless query heads
-were pruned inside a single KV group).
+were pruned inside a single KV group), and optionally ``"o_bias": true`` / ``"down_bias": true`` where an output
+bias was added to a model that had none (FLAP's bias compensation).
 A sublayer with zero heads or zero channels becomes an empty module that adds only its output bias (if any).
 """
 
@@ -67,9 +68,9 @@ class EmptyMLP(nn.Module):
         return out
 
 
-def _linear_like(old: nn.Linear, in_features: int, out_features: int) -> nn.Linear:
+def _linear_like(old: nn.Linear, in_features: int, out_features: int, bias: bool = False) -> nn.Linear:
     return nn.Linear(
-        in_features, out_features, bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype
+        in_features, out_features, bias=bias or old.bias is not None, device=old.weight.device, dtype=old.weight.dtype
     )
 
 
@@ -85,7 +86,7 @@ def resize_decoder_layer(layer: nn.Module, config, spec: dict, layer_idx: int) -
     n_kv, n_q, inter = spec["num_key_value_heads"], spec["num_attention_heads"], spec["intermediate_size"]
     if n_kv == 0:
         bias = attn.o_bias is not None if isinstance(attn, EmptyAttention) else attn.o_proj.bias is not None
-        layer.self_attn = EmptyAttention(hidden, head_dim, layer_idx, bias=bias)
+        layer.self_attn = EmptyAttention(hidden, head_dim, layer_idx, bias=bias or spec.get("o_bias", False))
     else:
         attn.layer_idx = layer_idx
         if hasattr(attn, "qkv_proj"):
@@ -94,7 +95,7 @@ def resize_decoder_layer(layer: nn.Module, config, spec: dict, layer_idx: int) -
             attn.q_proj = _linear_like(attn.q_proj, hidden, n_q * head_dim)
             attn.k_proj = _linear_like(attn.k_proj, hidden, n_kv * head_dim)
             attn.v_proj = _linear_like(attn.v_proj, hidden, n_kv * head_dim)
-        attn.o_proj = _linear_like(attn.o_proj, n_q * head_dim, hidden)
+        attn.o_proj = _linear_like(attn.o_proj, n_q * head_dim, hidden, bias=spec.get("o_bias", False))
         attn.num_key_value_groups = n_q // n_kv
         if hasattr(attn, "num_key_value_heads"):
             attn.num_key_value_heads = n_kv
@@ -103,7 +104,7 @@ def resize_decoder_layer(layer: nn.Module, config, spec: dict, layer_idx: int) -
             attn.config.num_attention_heads, attn.config.num_key_value_heads = n_q, n_kv
     if inter == 0:
         bias = mlp.down_bias is not None if isinstance(mlp, EmptyMLP) else mlp.down_proj.bias is not None
-        layer.mlp = EmptyMLP(hidden, bias=bias)
+        layer.mlp = EmptyMLP(hidden, bias=bias or spec.get("down_bias", False))
     else:
         mlp.intermediate_size = inter
         if hasattr(mlp, "gate_up_proj"):
@@ -111,7 +112,7 @@ def resize_decoder_layer(layer: nn.Module, config, spec: dict, layer_idx: int) -
         else:
             mlp.gate_proj = _linear_like(mlp.gate_proj, hidden, inter)
             mlp.up_proj = _linear_like(mlp.up_proj, hidden, inter)
-        mlp.down_proj = _linear_like(mlp.down_proj, inter, hidden)
+        mlp.down_proj = _linear_like(mlp.down_proj, inter, hidden, bias=spec.get("down_bias", False))
 
 
 class _ProbPrunedMixin:
