@@ -56,7 +56,7 @@ import torch
 from probprune import projection
 from probprune.errors import UserError
 from probprune.masks import CHANNEL, HEAD, LAYER, TYPE_NAMES, MaskSpace
-from probprune.policy import SCORE_EPS, ScoreFunctionPolicy
+from probprune.policy import SCORE_EPS, ScoreFunctionPolicy, _check_k
 
 STATE_KIND = "allocation"
 
@@ -73,17 +73,12 @@ class AllocationPolicy(ScoreFunctionPolicy):
         space: the mask space.
         scores: ``[N]`` unit importance scores (higher = keep first), e.g. Wanda-sp; they fix the order in which a
             group's units are kept. Ties: lower unit index first.
-        lr: base learning rate (a step moves a fraction a_g, not a unit probability).
-        total_steps: planned steps (the cosine schedule reaches 0 there).
-        sparsity: fraction to remove, in [0, 1].
         probs: ``[N]`` unit keep probabilities to initialise from (each group gets the mean of its units), or None
             for a = ρ = 1 − sparsity everywhere. Projected onto the budget either way.
-        lr_schedule: ``"cosine"`` or ``"constant"``.
-        baseline: ``"ema"`` or ``"loo"`` (leave-one-out), as in :class:`~probprune.policy.Policy`.
-        ema_window: EMA window w, λ = 1/w.
-        score_scaling: ``"sqrt"`` (count z-score, default) or ``"exact"`` (see the module docstring).
-        budget: ``"per_type"`` or ``"params"``.
-        seed: seed of the policy's own generator.
+        **options: the settings of :class:`~probprune.policy.ScoreFunctionPolicy`: ``lr`` (base learning rate; a
+            step moves a fraction a_g, not a unit probability), ``total_steps``, ``sparsity``, ``lr_schedule``,
+            ``baseline`` (``"ema"`` or ``"loo"``), ``ema_window``, ``score_scaling`` (``"sqrt"``, the count z-score,
+            or ``"exact"``; see the module docstring), ``budget`` and ``seed``.
 
     Attributes:
         probs: ``[G]`` float64 keep fractions a_g, groups ordered by type (heads, channels, layers), then layer.
@@ -111,21 +106,10 @@ class AllocationPolicy(ScoreFunctionPolicy):
         space: MaskSpace,
         scores: torch.Tensor | np.ndarray,
         *,
-        lr: float,
-        total_steps: int,
-        sparsity: float,
         probs: torch.Tensor | np.ndarray | None = None,
-        lr_schedule: str = "cosine",
-        baseline: str = "ema",
-        ema_window: float = 5,
-        score_scaling: str = "sqrt",
-        budget: str = "per_type",
-        seed: int = 0,
+        **options: Any,
     ) -> None:
-        super().__init__(
-            space, lr=lr, total_steps=total_steps, sparsity=sparsity, lr_schedule=lr_schedule, baseline=baseline,
-            ema_window=ema_window, score_scaling=score_scaling, budget=budget, seed=seed,
-        )
+        super().__init__(space, **options)
         n_units = space.num_units
         sc = _finite_vector(scores, n_units, "scores")
 
@@ -198,19 +182,9 @@ class AllocationPolicy(ScoreFunctionPolicy):
 
     # ----------------------------------------------------------------------------------------------- sampling
     def sample(self, k: int) -> torch.Tensor:
-        """Draw K masks: per group a count k ~ Binomial(n, a) (n coin flips), then the top-k units by score.
-
-        Args:
-            k: number of masks, ≥ 1.
-
-        Returns:
-            ``[K, N]`` float32 tensor of 0/1.
-
-        Raises:
-            ValueError: ``k`` < 1.
-        """
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
+        """Draw K ≥ 1 masks ``[K, N]`` (float32 0/1): per group a count k ~ Binomial(n, a) (n coin flips), then the
+        top-k units by score."""
+        _check_k(k)
         u = torch.rand(k, self.space.num_units, generator=self.generator, dtype=torch.float64)  # [K, N]
         hits = (u < self.probs[self._unit_group_t]).to(torch.int32)  # [K, N] one Bernoulli(a_g) per slot
         return self._masks_from_counts(self._group_sums(hits))  # [K, N]

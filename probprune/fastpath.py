@@ -1,22 +1,22 @@
 """Fast mask scoring: run each mask at its pruned width, so a forward costs what the pruned model costs.
 
 :func:`probprune.masked.masked_losses` (the reference) multiplies masks into a dense forward: every mask costs a full
-forward. Here each mask is turned into index lists (kept KV groups and channels per layer, dropped layers), only
-those weight slices are gathered (:mod:`probprune.models.functional`), and the decoder runs on them with the
-family's own layer forward (:meth:`probprune.models.base.FamilyAdapter.layer_forward`). The result equals the reference up to floating-point summation order.
+forward. Here each mask is turned into index lists (:meth:`probprune.masks.MaskSpace.plan`: kept heads and channels
+per layer, dropped layers), only those weight slices are gathered (:mod:`probprune.models.functional`), and the
+decoder runs on them with the family's own layer forward (:meth:`probprune.models.base.FamilyAdapter.layer_forward`).
+The result equals the reference up to floating-point summation order.
 
-Cost per mask: one copy of the kept weights (~3 % of a 4 x 128-token forward on CPU) plus ``2 * P_kept * tokens``
-FLOPs, plus the mask-independent embedding and ``lm_head`` (not pruned, so it bounds the speed-up: on SmolLM2-135M
-the tied head is 21 % of a dense forward and a 50 % mask can be at most 1.65x faster). Identical masks in one call are
-scored once; the embedding and the rotary tables are computed once per call and shared by all masks. On CPU the heap
-freed by each mask's forward is handed back to the OS before the next mask (:func:`probprune.heap.release_freed_heap`),
-which keeps a search's peak memory at ~1.1x dense inference instead of growing with heap fragmentation.
+Cost per mask: one copy of the kept weights plus ``2 * P_kept * tokens`` FLOPs, plus the mask-independent embedding
+and ``lm_head`` (not pruned, so they bound the speed-up; ``benchmarks/fastpath.py`` measures it). Identical masks in
+one call are scored once; the embedding and the rotary tables are computed once per call and shared by all masks. On
+CPU the heap freed by each mask's forward is handed back to the OS before the next mask
+(:func:`probprune.heap.release_freed_heap`), so a search's peak memory stays near dense inference instead of growing
+with heap fragmentation.
 
-One mask per forward: stacking several masks into one forward could share only the per-mask Python dispatch (the
-whole fixed cost per mask, gather and a 1-token ``lm_head`` included, is 7-10 % of a gathered call on CPU) while each
-mask still needs its own gathered weights and matmuls, and padding every layer to the widest stacked mask adds ~6 %
-matmul FLOPs for random 50 % masks (``benchmarks/fastpath.py`` prints both). It does not pay on CPU, so it is not done.
-On a GPU, where one mask's matmuls may not fill the device, it might; that is not measured.
+One mask per forward: stacking several masks into one forward could share only the per-mask Python dispatch, while
+each mask still needs its own gathered weights and matmuls and padding every layer to the widest stacked mask adds
+FLOPs (``benchmarks/fastpath.py`` prints both costs). On CPU that does not pay, so it is not done; on a GPU, where one
+mask's matmuls may not fill the device, it might.
 """
 
 from __future__ import annotations

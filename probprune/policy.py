@@ -135,6 +135,11 @@ def scores_to_probs(space: MaskSpace, scores: np.ndarray, keep_ratio: float) -> 
     return _shift_to_mean(1.0 / (1.0 + np.exp(-z)), space, keep_ratio)
 
 
+def _check_k(k: int) -> None:
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+
+
 def uniform_probs(space: MaskSpace, keep_ratio: float) -> np.ndarray:
     """Every unit at ``keep_ratio``.
 
@@ -218,12 +223,12 @@ class ScoreFunctionPolicy(ABC):
         lr: float,
         total_steps: int,
         sparsity: float,
-        lr_schedule: str,
-        baseline: str,
-        ema_window: float,
-        score_scaling: str,
-        budget: str,
-        seed: int,
+        lr_schedule: str = "cosine",
+        baseline: str = "ema",
+        ema_window: float = 5,
+        score_scaling: str = "sqrt",
+        budget: str = "per_type",
+        seed: int = 0,
         extra_choices: tuple[tuple[str, Any, tuple[str, ...]], ...] = (),
     ) -> None:
         errors = []
@@ -437,16 +442,13 @@ class Policy(ScoreFunctionPolicy):
     Args:
         space: the mask space.
         probs: ``[N]`` initial keep probabilities (clamped to [0, 1]; not projected — start from a feasible init).
-        lr: base learning rate.
-        total_steps: planned steps (the cosine schedule reaches 0 there).
-        sparsity: fraction to remove, in [0, 1].
-        lr_schedule: ``"cosine"`` (paper) or ``"constant"``.
-        baseline: ``"ema"`` (paper) or ``"loo"`` (leave-one-out).
-        ema_window: EMA window w, λ = 1/w (paper: 5).
-        score_scaling: ``"sqrt"`` (paper code) or ``"exact"``.
         sampling: ``"independent"`` or ``"antithetic"`` (pairs u and 1 − u).
-        budget: ``"per_type"`` (paper) or ``"params"``.
-        seed: seed of the policy's own mask generator.
+        **options: the settings of :class:`ScoreFunctionPolicy`: ``lr`` (base learning rate), ``total_steps`` (the
+            cosine schedule reaches 0 there), ``sparsity`` (fraction to remove, in [0, 1]), ``lr_schedule``
+            (``"cosine"``, the paper's, or ``"constant"``), ``baseline`` (``"ema"``, the paper's, or ``"loo"``,
+            leave-one-out), ``ema_window`` (w, λ = 1/w; paper: 5), ``score_scaling`` (``"sqrt"``, the paper code's,
+            or ``"exact"``), ``budget`` (``"per_type"``, the paper's, or ``"params"``) and ``seed`` (of the policy's
+            own mask generator).
 
     Raises:
         ConfigError: every invalid setting, listed together.
@@ -463,22 +465,10 @@ class Policy(ScoreFunctionPolicy):
         space: MaskSpace,
         probs: torch.Tensor | np.ndarray,
         *,
-        lr: float,
-        total_steps: int,
-        sparsity: float,
-        lr_schedule: str = "cosine",
-        baseline: str = "ema",
-        ema_window: float = 5,
-        score_scaling: str = "sqrt",
         sampling: str = "independent",
-        budget: str = "per_type",
-        seed: int = 0,
+        **options: Any,
     ) -> None:
-        super().__init__(
-            space, lr=lr, total_steps=total_steps, sparsity=sparsity, lr_schedule=lr_schedule, baseline=baseline,
-            ema_window=ema_window, score_scaling=score_scaling, budget=budget, seed=seed,
-            extra_choices=(("sampling", sampling, SAMPLINGS),),
-        )
+        super().__init__(space, extra_choices=(("sampling", sampling, SAMPLINGS),), **options)
         p = torch.as_tensor(probs, dtype=torch.float64).detach().clone()  # [N]
         if tuple(p.shape) != (space.num_units,):
             raise ValueError(f"probs must have shape ({space.num_units},), got {tuple(p.shape)}")
@@ -503,8 +493,7 @@ class Policy(ScoreFunctionPolicy):
         Raises:
             ValueError: ``k`` < 1.
         """
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
+        _check_k(k)
         n = self.space.num_units
         if self.sampling == "independent":
             u = torch.rand(k, n, generator=self.generator, dtype=torch.float64)  # [K, N]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import Callable, ClassVar
 
 import numpy as np
@@ -65,6 +66,10 @@ def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, si
     return q_out, k_out
 
 
+def _module(path: str) -> property:
+    return property(attrgetter(path), doc=f"``adapter.{path}``")
+
+
 class FamilyAdapter:
     """Adapter of one loaded model (see the module docstring). Subclasses set :attr:`architectures`."""
 
@@ -89,25 +94,12 @@ class FamilyAdapter:
         return out
 
     # ------------------------------------------------------------------------------------------------- modules
-    @property
-    def base_model(self) -> nn.Module:
-        return self.model.model
-
-    @property
-    def lm_head(self) -> nn.Module:
-        return self.model.lm_head
-
-    @property
-    def layers(self) -> nn.ModuleList:
-        return self.base_model.layers
-
-    @property
-    def embed_tokens(self) -> nn.Module:
-        return self.base_model.embed_tokens
-
-    @property
-    def final_norm(self) -> nn.Module:
-        return self.base_model.norm
+    # where the modules live, as attribute paths from the adapter (a family with another layout overrides them)
+    base_model = _module("model.model")
+    lm_head = _module("model.lm_head")
+    layers = _module("model.model.layers")
+    embed_tokens = _module("model.model.embed_tokens")
+    final_norm = _module("model.model.norm")
 
     def layer(self, layer: int | nn.Module) -> nn.Module:
         return self.layers[layer] if isinstance(layer, int) else layer

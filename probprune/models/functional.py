@@ -63,8 +63,8 @@ class MLPSlice:
 class Workspace:
     """Reusable buffers for gathered weights.
 
-    On CPU a fresh multi-megabyte tensor costs page faults on first touch, which made gathering into new tensors
-    ~10x slower than the copy itself; slices are therefore written into buffers that live as long as the workspace.
+    On CPU a fresh multi-megabyte tensor costs page faults on first touch, which can cost far more than the copy
+    itself; slices are therefore written into buffers that live as long as the workspace.
     A slice returned by :func:`slice_layer` is valid until the next call with the same workspace.
     """
 
@@ -104,7 +104,8 @@ def _gather_rows(
 def _gather_cols(w: torch.Tensor, idx: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """``w[:, idx]`` into ``out`` (``[rows, len(idx)]``).
 
-    On CPU ``index_select`` along dim 1 is fast for 4-byte types only; for bf16/fp16 ``gather`` is ~2.5x faster.
+    On CPU ``index_select`` along dim 1 is fast for 4-byte types only; for bf16/fp16 ``gather`` is faster
+    (``benchmarks/fastpath.py``).
     """
     if w.element_size() == 4 or w.device.type != "cpu":
         return torch.index_select(w, 1, idx, out=out)
