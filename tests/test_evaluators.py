@@ -1,0 +1,63 @@
+"""The local evaluator: fast path = reference, the KL objective and its cached teacher, the factory."""
+
+import numpy as np
+import pytest
+import torch
+
+from probprune.config import load_config
+from probprune.evaluators import Evaluator, LocalEvaluator, build_evaluator
+from probprune.models import get_adapter, tiny_model
+
+
+def _setup(kind="llama"):
+    model = tiny_model(kind)
+    space = get_adapter(model).mask_space(channel_block=8)
+    g = np.random.default_rng(0)
+    masks = (g.random((3, space.num_units)) < 0.6).astype(np.float32)
+    masks[0] = 1.0
+    batch = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(0))
+    return model, space, masks, batch
+
+
+@pytest.mark.parametrize("kind", ["llama", "phi3"])
+def test_fast_path_and_reference_give_the_same_losses(kind):
+    model, space, masks, batch = _setup(kind)
+    fast = LocalEvaluator(model, space, fast_path=True).losses(masks, batch)
+    ref = LocalEvaluator(model, space, fast_path=False, max_rows=2).losses(masks, batch)
+    assert fast.dtype == np.float64 and fast.shape == (3,)
+    np.testing.assert_allclose(fast, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_kl_objective_is_zero_for_the_dense_mask_and_its_teacher_is_cached_per_batch():
+    model, space, masks, batch = _setup()
+    ev = LocalEvaluator(model, space, objective="kl")
+    kl = ev.losses(masks, batch)
+    assert kl[0] == pytest.approx(0.0, abs=1e-6) and np.all(kl[1:] > 1e-4)
+    first = ev.teacher(batch)
+    assert ev.teacher(batch) is first  # the same batch: computed once
+    assert ev.teacher(batch[:, :8]) is not first  # another batch: recomputed
+    ce = ev.losses(masks, batch, objective="ce")  # a per-call override
+    np.testing.assert_allclose(ce, LocalEvaluator(model, space).losses(masks, batch), rtol=0, atol=0)
+    ev.close()
+    assert ev._teacher is None
+
+
+def test_bad_objectives_are_refused():
+    model, space, masks, batch = _setup()
+    with pytest.raises(ValueError, match="objective must be one of 'ce', 'kl', got 'mse'"):
+        LocalEvaluator(model, space, objective="mse")
+    with pytest.raises(ValueError, match="fast path"):
+        LocalEvaluator(model, space, fast_path=False, objective="kl")
+    with pytest.raises(ValueError, match="fast path"):
+        LocalEvaluator(model, space, fast_path=False).losses(masks, batch, objective="kl")
+
+
+def test_build_evaluator_follows_the_engine_config():
+    cfg = load_config("configs/tiny/smoke.yaml")
+    model, space, masks, batch = _setup()
+    ev = build_evaluator(cfg, model, space)
+    assert isinstance(ev, LocalEvaluator) and isinstance(ev, Evaluator)
+    assert ev.fast_path is cfg.engine.fast_path and ev.objective == cfg.search.objective
+    assert ev.busy_seconds == 0.0
+    ev.losses(masks, batch)
+    assert ev.busy_seconds > 0.0

@@ -1,0 +1,73 @@
+"""The pipeline's pieces on a tiny model: session, mask space from the config, policies, init, final mask, summary."""
+
+import numpy as np
+import pytest
+import torch
+
+from probprune import pipeline
+from probprune.allocation import AllocationPolicy
+from probprune.config import apply_overrides, load_config
+from probprune.errors import UserError
+from probprune.masks import HEAD
+from probprune.policy import Policy
+
+SMOKE = "configs/tiny/smoke.yaml"
+
+
+def _cfg(*overrides):
+    return apply_overrides(load_config(SMOKE), list(overrides))
+
+
+def test_prepare_builds_the_session_the_config_asks_for():
+    s = pipeline.prepare(_cfg("mask.channel_block=8", "mask.block_order=metric"))
+    assert s.space.channel_block == 8 and s.stats is not None
+    assert len(s.calib) > 0 and s.test_tokens.numel() > 0
+    # metric blocks: each layer's channels ranked by single-channel Wanda-sp
+    assert any(not np.array_equal(p, np.arange(p.size)) for p in s.space.channel_perm)
+
+
+def test_query_head_units_come_from_the_config_and_are_refused_with_the_field_named():
+    s = pipeline.prepare(_cfg("model.name_or_path=tiny:gemma3-mqa", "mask.head_unit=query"), need_stats=False)
+    assert s.space.query_heads and s.space.type_counts()["head"] == 12
+    with pytest.raises(UserError, match="mask.head_unit='query': query-head units need at most one KV head"):
+        pipeline.prepare(_cfg("mask.head_unit=query"), need_stats=False)
+
+
+@pytest.mark.parametrize("method,cls", [("units", Policy), ("allocation", AllocationPolicy)])
+def test_initial_probs_meet_the_budget_and_build_the_policy(method, cls):
+    cfg = _cfg(f"search.method={method}")
+    s = pipeline.prepare(cfg)
+    probs = pipeline.initial_probs(s)
+    for t in np.unique(s.space.unit_type):
+        sel = s.space.unit_type == t
+        assert probs[sel].sum() == pytest.approx(0.5 * sel.sum(), rel=1e-6)
+    policy = pipeline.build_policy(cfg, s.space, probs, s.adapter, s.stats, s.calib)
+    assert isinstance(policy, cls)
+    mask = pipeline.final_mask(cfg, s.space, policy.probs if method == "units" else probs)
+    for t in np.unique(s.space.unit_type):
+        assert mask[s.space.unit_type == t].sum() == round(0.5 * (s.space.unit_type == t).sum())
+
+
+def test_uniform_shape_final_mask_keeps_the_same_units_per_layer():
+    cfg = _cfg("mask.shape=uniform")
+    s = pipeline.prepare(cfg)
+    probs = torch.rand(s.space.num_units, generator=torch.Generator().manual_seed(0)).double()
+    mask = pipeline.final_mask(cfg, s.space, probs)
+    per_layer = {(int(t), int(li)): int(mask[(s.space.unit_type == t) & (s.space.unit_layer == li)].sum())
+                 for t in (HEAD, 1) for li in range(s.space.num_layers)}
+    assert len({v for (t, _), v in per_layer.items() if t == HEAD}) == 1
+    assert len({v for (t, _), v in per_layer.items() if t == 1}) == 1
+
+
+def test_the_fingerprint_changes_with_what_changes_the_search():
+    s = pipeline.prepare(_cfg(), need_stats=False)
+    a = pipeline.fingerprint(_cfg(), s.space)
+    assert a == pipeline.fingerprint(_cfg("eval.max_tokens=1024"), s.space)  # evaluation only: same search
+    assert a != pipeline.fingerprint(_cfg("search.lr=0.5"), s.space)
+
+
+def test_the_results_table_has_a_row_per_model(tmp_path):
+    summary = pipeline.run_baseline(_cfg("eval.max_tokens=512"), "magnitude", tmp_path / "b", progress=False)
+    table = pipeline.format_summary(summary)
+    assert table.splitlines()[0].startswith("| model | params |") and "| dense |" in table
+    assert "| magnitude |" in table and "PPL@32" in table
