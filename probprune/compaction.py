@@ -11,6 +11,7 @@ import copy
 import os
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -64,22 +65,37 @@ def compact(model: nn.Module, space: MaskSpace, mask: np.ndarray, inplace: bool 
     Returns:
         The compacted model. ``config.probprune_layout`` lists the per-layer widths when they differ across layers.
     """
+    if not inplace:
+        model = copy.deepcopy(model)
+    return _compact(model, space, mask)
+
+
+def _compact(
+    model: nn.Module,
+    space: MaskSpace,
+    mask: np.ndarray,
+    load: Callable[[int, nn.Module], None] | None = None,
+    emit: Callable[[int, nn.Module], None] | None = None,
+) -> nn.Module:
+    """:func:`compact` in place; ``load(i, layer)`` fills a surviving layer's weights just before it is sliced and
+    ``emit(new_i, layer)`` receives it right after (streamed compaction: one layer in memory at a time)."""
     mask = np.asarray(mask, dtype=np.float32)
     if mask.shape != (space.num_units,):
         raise ValueError(f"mask must have shape ({space.num_units},), got {mask.shape}")
-    if not inplace:
-        model = copy.deepcopy(model)
     adapter = get_adapter(model)
     config = model.config
     base_arch = getattr(config, "probprune_base_architecture", None) or type(model).__name__.removeprefix("ProbPruned")
     d = adapter.head_dim
     old_layers = list(adapter.layers)
     old_layout = getattr(config, "probprune_layout", None) or [{} for _ in old_layers]
+    old_src = [int(x) for x in (getattr(config, "probprune_source_layers", None) or range(len(old_layers)))]
     new_layers, layout = [], []
     for li, keep in enumerate(surviving_layers(space, mask)):
         if keep is None:
             continue
         layer = old_layers[li]
+        if load is not None:
+            load(li, layer)
         # slice what is kept before resize_decoder_layer swaps the projections for fresh ones
         attn_vals = mlp_vals = None
         attn_bias, mlp_bias = adapter.attn_out_bias(layer), adapter.mlp_out_bias(layer)
@@ -96,7 +112,7 @@ def compact(model: nn.Module, space: MaskSpace, mask: np.ndarray, inplace: bool 
             "num_key_value_heads": int(keep.kv_heads.numel()),
             "num_attention_heads": int(keep.q_heads.numel()),
             "intermediate_size": int(keep.channels.numel()),
-            "source_layer": int(getattr(adapter.attention(layer), "probprune_source_layer", li)),
+            "source_layer": int(getattr(adapter.attention(layer), "probprune_source_layer", old_src[li])),
         }
         spec.update({k: True for k in ("o_bias", "down_bias") if old_layout[li].get(k)})  # added output biases
         resize_decoder_layer(layer, config, spec, len(new_layers))
@@ -109,13 +125,14 @@ def compact(model: nn.Module, space: MaskSpace, mask: np.ndarray, inplace: bool 
         for new_bias, old_bias in ((adapter.attn_out_bias(layer), attn_bias), (adapter.mlp_out_bias(layer), mlp_bias)):
             if new_bias is not None:
                 new_bias.data = old_bias.detach().clone()
+        if emit is not None:
+            emit(len(new_layers), layer)
         new_layers.append(layer)
         layout.append(spec)
     if not new_layers:
         raise UserError("the mask removes every decoder layer; nothing would be left to save")
     adapter.base_model.layers = nn.ModuleList(new_layers)
     kept_src = [s["source_layer"] for s in layout]
-    old_src = [int(x) for x in (getattr(config, "probprune_source_layers", None) or range(len(old_layers)))]
     layer_types = getattr(config, "layer_types", None)
     if layer_types is not None:
         config.layer_types = [layer_types[old_src.index(s)] for s in kept_src]
@@ -199,3 +216,145 @@ def save_pruned(model: nn.Module, path: str | Path, tokenizer=None) -> Path:
             raise UserError(f"could not save the model to {path}: {err}") from None
         raise
     return path
+
+
+# ------------------------------------------------------------------------------------------ streamed compaction
+class _ShardWriter:
+    """Writes tensors into safetensors shards of at most ``max_bytes`` each, then the index that maps them."""
+
+    def __init__(self, folder: Path, max_bytes: int):
+        self.folder, self.max_bytes = folder, max_bytes
+        self.buffer: dict[str, torch.Tensor] = {}
+        self.size = 0
+        self.files: list[tuple[str, list[str]]] = []
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.buffer and self.size + nbytes > self.max_bytes:
+            self.flush()
+        self.buffer[name] = tensor.detach().contiguous()
+        self.size += nbytes
+
+    def flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if not self.buffer:
+            return
+        fname = f"model-{len(self.files) + 1:05d}.safetensors"
+        save_file(self.buffer, str(self.folder / fname), metadata={"format": "pt"})
+        self.files.append((fname, list(self.buffer)))
+        self.buffer, self.size = {}, 0
+
+    def finish(self) -> None:
+        import json
+
+        self.flush()
+        if len(self.files) == 1:  # one shard: the usual single-file name
+            os.replace(self.folder / self.files[0][0], self.folder / "model.safetensors")
+            return
+        total = sum((self.folder / f).stat().st_size for f, _ in self.files)
+        index = {"metadata": {"total_size": total},
+                 "weight_map": {n: f for f, names in self.files for n in names}}
+        (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def _checkpoint_tensors(folder: Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file of ``folder`` that holds it."""
+    import json
+
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        return {n: folder / f for n, f in json.loads(index.read_text())["weight_map"].items()}
+    single = folder / "model.safetensors"
+    if not single.exists():
+        raise UserError(f"streamed compaction reads safetensors checkpoints: {folder} has neither "
+                        "model.safetensors nor model.safetensors.index.json")
+    from safetensors import safe_open
+
+    with safe_open(str(single), "pt") as f:
+        return {n: single for n in f.keys()}
+
+
+def _read(files: dict[str, Path], name: str) -> torch.Tensor:
+    from safetensors import safe_open
+
+    with safe_open(str(files[name]), "pt") as f:
+        return f.get_tensor(name)
+
+
+def _put_parameter(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    owner_path, _, leaf = name.rpartition(".")
+    owner = module.get_submodule(owner_path) if owner_path else module
+    owner._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+
+
+@torch.no_grad()
+def compact_checkpoint(src: str | Path, space: MaskSpace, mask: np.ndarray, dst: str | Path,
+                       max_shard_bytes: int = 2 << 30) -> Path:
+    """Compact a saved model folder into ``dst`` without ever holding the model: one decoder layer at a time.
+
+    The model is built on the ``meta`` device (no memory); each surviving layer's tensors are read from the source
+    safetensors shards, sliced exactly as :func:`compact` slices them, written to the output shards and dropped;
+    the embeddings, final norm and head are copied tensor by tensor. Peak memory is one layer plus one output shard
+    (``max_shard_bytes``), whatever the model's size. The folder is written next to ``dst`` and published by renames
+    (as :func:`save_pruned`); tokenizer and generation files are copied.
+
+    Args:
+        src: a folder with ``config.json`` and safetensors weights (a stock checkpoint or a probprune output).
+        space: the mask space of that model (from its adapter; shapes only).
+        mask: ``[N]`` binary mask.
+        dst: the output folder.
+        max_shard_bytes: size limit of one output shard.
+
+    Returns:
+        ``dst``; it loads with :func:`probprune.models.load_pruned` and equals ``save_pruned(compact(model, ...))``.
+
+    Raises:
+        UserError: no safetensors weights in ``src``, or the mask removes every layer.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    src, dst = Path(src), Path(dst)
+    files = _checkpoint_tensors(src)
+    config = AutoConfig.from_pretrained(src)
+    with torch.device("meta"):
+        if getattr(config, "probprune_layout", None):
+            model = PRUNED_CLASSES[config.probprune_base_architecture](config)
+        else:
+            model = AutoModelForCausalLM.from_config(config)
+    adapter = get_adapter(model)
+    prefix = next(n for n, m in model.named_modules() if m is adapter.layers) + "."  # "model.layers."
+    tmp = make_temp_dir(dst)
+    try:
+        writer = _ShardWriter(tmp, max_shard_bytes)
+
+        def load(li: int, layer: nn.Module) -> None:
+            for name, _ in list(layer.named_parameters()):
+                _put_parameter(layer, name, _read(files, f"{prefix}{li}.{name}"))
+
+        def emit(new_li: int, layer: nn.Module) -> None:
+            for name, t in layer.state_dict().items():
+                writer.add(f"{prefix}{new_li}.{name}", t)
+            layer.to("meta")  # drop this layer's weights
+
+        _compact(model, space, mask, load=load, emit=emit)
+        for name in files:
+            if not name.startswith(prefix):
+                writer.add(name, _read(files, name))  # embeddings, final norm, head
+        writer.finish()
+        model.config.save_pretrained(tmp)
+        for extra in src.iterdir():
+            if extra.is_file() and extra.name.startswith(("tokenizer", "special_tokens", "generation_config",
+                                                          "chat_template", "vocab", "merges")):
+                shutil.copy(extra, tmp / extra.name)
+        if getattr(model.config, "probprune_layout", None):
+            shutil.copy(modeling_probprune.__file__, tmp / "modeling_probprune.py")
+        for p in tmp.rglob("*"):
+            os.chmod(p, dir_mode() if p.is_dir() else file_mode())
+        publish_dir(tmp, dst)
+    except BaseException as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, OSError):
+            raise UserError(f"could not write the compacted model to {dst}: {err}") from None
+        raise
+    return dst

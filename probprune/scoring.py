@@ -173,13 +173,14 @@ def _column_scores(
     """Per layer: head-unit scores ``[U_l]`` and channel scores ``[I_l]`` from a per-input-column metric.
 
     ``per_column(W, entry)`` maps a weight ``[out, C]`` and its input stats to ``[C]`` column scores; a head unit's
-    score is the sum over the output-projection columns of its ``heads_per_unit`` query heads.
+    score is the sum over the output-projection columns of its ``heads_per_unit`` query heads (0: a whole KV group).
     """
     _check_stats(adapter, stats)
     heads, chans = [], []
-    width = heads_per_unit * adapter.head_dim  # output-projection columns per head unit
     for li in range(len(adapter.layers)):
         if adapter.num_kv_heads(li):
+            per = heads_per_unit or adapter.layer_group_size(li)
+            width = per * adapter.head_dim  # output-projection columns per head unit
             entry = stats["o_proj"][li]
             if entry is None:
                 raise ValueError(f"stats have no attention-output statistics for layer {li}")
@@ -198,7 +199,8 @@ def _column_scores(
 
 
 def _heads_per_unit(adapter: FamilyAdapter, space: MaskSpace) -> int:
-    return 1 if space.query_heads else adapter.group_size
+    """Query heads per head unit: 1 for query-head units, 0 for KV groups (each layer's own group size)."""
+    return 1 if space.query_heads else 0
 
 
 def _wanda_column(w: np.ndarray, entry: dict) -> np.ndarray:
@@ -220,7 +222,7 @@ def _owned_sums(
     Returns:
         per layer head-unit sums ``[U_l]``, per layer channel sums ``[I_l]``, and ``[L]`` sums over each whole layer.
     """
-    d, gs = adapter.head_dim, adapter.group_size
+    d = adapter.head_dim
     heads, chans, layers = [], [], []
 
     def v(p: torch.Tensor) -> torch.Tensor:
@@ -232,6 +234,7 @@ def _owned_sums(
     for li, layer in enumerate(adapter.layers):
         g = adapter.num_kv_heads(li)
         if g:
+            gs = adapter.layer_group_size(li)
             parts, o = adapter.attn_in(li), adapter.attn_out(li)
             per = 1 if query_heads else gs  # query heads per unit
             n = g * gs // per  # head units in the layer
@@ -507,7 +510,7 @@ def criterion_scores(
 
 def channel_wanda_scores(adapter: FamilyAdapter, stats: dict) -> list[np.ndarray]:
     """Per layer, ``[I_l]`` single-channel Wanda-sp scores ``Σ_i |W_down[i, c]|·‖X_c‖₂`` (empty for an empty MLP)."""
-    return _column_scores(adapter, stats, _wanda_column, adapter.group_size)[1]
+    return _column_scores(adapter, stats, _wanda_column, 0)[1]
 
 
 def rank_channels(adapter: FamilyAdapter, stats_or_scores: dict | Sequence[np.ndarray]) -> list[np.ndarray]:

@@ -137,3 +137,44 @@ def test_smollm2_half_mask_roundtrip(smollm2, tmp_path):
     stock = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
     torch.testing.assert_close(stock(input_ids=x).logits, got, rtol=0, atol=0)
     assert (path / "tokenizer.json").exists() or (path / "tokenizer_config.json").exists()
+
+
+@pytest.mark.parametrize("kind", ["llama", "phi3", "gemma3-mqa"])
+def test_streamed_compaction_of_a_sharded_checkpoint_equals_compact_then_save(kind, tmp_path):
+    from probprune.compaction import compact_checkpoint
+
+    model = tiny_model(kind)
+    adapter = get_adapter(model)
+    space = adapter.mask_space(layers=True, channel_block=8, query_heads=kind == "gemma3-mqa")
+    mask = _random_mask(space, 3, p=0.6)
+    mask[np.flatnonzero(space.unit_type == LAYER)[:2]] = [1, 0]  # the first layer stays, the second is dropped
+    model.save_pretrained(tmp_path / "src", max_shard_size="60KB")  # several source shards
+    assert (tmp_path / "src" / "model.safetensors.index.json").exists()
+    out = compact_checkpoint(tmp_path / "src", space, mask, tmp_path / "out", max_shard_bytes=40_000)
+    assert (out / "model.safetensors.index.json").exists()  # several output shards
+    want = compact(model, space, mask)
+    x = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
+    got = load_pruned(out)
+    assert [tuple(p.shape) for p in got.parameters()] == [tuple(p.shape) for p in want.parameters()]
+    torch.testing.assert_close(got(input_ids=x).logits, want(input_ids=x).logits, rtol=0, atol=0)
+    # again from the pruned folder: layouts, renumbered layers and source indices carry over
+    space2 = get_adapter(got).mask_space(channel_block=4)
+    mask2 = _random_mask(space2, 4, p=0.7)
+    again = compact_checkpoint(out, space2, mask2, tmp_path / "again")
+    torch.testing.assert_close(load_pruned(again)(input_ids=x).logits, compact(got, space2, mask2)(input_ids=x).logits,
+                               rtol=0, atol=0)
+    assert json.loads((again / "config.json").read_text())["probprune_source_layers"] == \
+        compact(got, space2, mask2).config.probprune_source_layers
+
+
+def test_streamed_compaction_needs_safetensors(tmp_path):
+    from probprune.compaction import compact_checkpoint
+    from probprune.errors import UserError
+
+    model = tiny_model("llama")
+    space = get_adapter(model).mask_space()
+    model.save_pretrained(tmp_path / "src")
+    (tmp_path / "src" / "model.safetensors").unlink()
+    with pytest.raises(UserError, match="neither model.safetensors nor model.safetensors.index.json"):
+        compact_checkpoint(tmp_path / "src", space, space.full_mask(), tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -145,6 +145,16 @@ class FamilyAdapter:
             return 0
         return self.attn_in(layer)["k"].w.shape[0] // self.head_dim
 
+    def num_query_heads(self, layer: int | nn.Module) -> int:
+        """Query heads of one layer (0 for an attention sublayer pruned away)."""
+        return self.attn_out(layer).in_features // self.head_dim if self.num_kv_heads(layer) else 0
+
+    def layer_group_size(self, layer: int | nn.Module) -> int:
+        """Query heads per KV head in one layer: :attr:`group_size`, unless query heads were pruned inside a single
+        KV head."""
+        n_kv = self.num_kv_heads(layer)
+        return self.num_query_heads(layer) // n_kv if n_kv else self.group_size
+
     def num_channels(self, layer: int | nn.Module) -> int:
         """MLP channels of one layer (0 for an MLP sublayer pruned away)."""
         return 0 if isinstance(self.mlp(layer), EmptyMLP) else self.mlp_out(layer).in_features
@@ -218,7 +228,7 @@ class FamilyAdapter:
         attn_fixed = sum(p.numel() for n, p in attn.named_parameters() if "norm" in n)
         return LayerShape(
             num_kv_heads=n_kv,
-            group_size=self.group_size,
+            group_size=self.layer_group_size(i),
             head_dim=d,
             hidden_size=hidden,
             intermediate_size=n_ch,

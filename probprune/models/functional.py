@@ -194,7 +194,7 @@ def slice_layer(
     n_kv, n_q, n_ch = int(keep.kv_heads.numel()), int(keep.q_heads.numel()), int(keep.channels.numel())
     a = m = None
     if n_kv > 0:
-        every = n_kv == adapter.num_kv_heads(layer) and n_q == n_kv * adapter.group_size
+        every = n_kv == adapter.num_kv_heads(layer) and n_q == adapter.num_query_heads(layer)
         a = gather_attention(adapter, layer, None if every else keep.kv_heads, None if every else keep.q_heads, ws)
     if n_ch > 0:
         m = gather_mlp(adapter, layer, None if n_ch == adapter.num_channels(layer) else keep.channels, ws)
