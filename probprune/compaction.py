@@ -289,7 +289,7 @@ def _put_parameter(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def compact_checkpoint(src: str | Path, space: MaskSpace, mask: np.ndarray, dst: str | Path,
+def compact_checkpoint(src: str | Path, space: MaskSpace, mask: np.ndarray, dst: str | Path, tokenizer=None,
                        max_shard_bytes: int = 2 << 30) -> Path:
     """Compact a saved model folder into ``dst`` without ever holding the model: one decoder layer at a time.
 
@@ -304,6 +304,7 @@ def compact_checkpoint(src: str | Path, space: MaskSpace, mask: np.ndarray, dst:
         space: the mask space of that model (from its adapter; shapes only).
         mask: ``[N]`` binary mask.
         dst: the output folder.
+        tokenizer: saved into ``dst`` if given (else ``src``'s tokenizer files are copied).
         max_shard_bytes: size limit of one output shard.
 
     Returns:
@@ -343,9 +344,12 @@ def compact_checkpoint(src: str | Path, space: MaskSpace, mask: np.ndarray, dst:
                 writer.add(name, _read(files, name))  # embeddings, final norm, head
         writer.finish()
         model.config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
         for extra in src.iterdir():
-            if extra.is_file() and extra.name.startswith(("tokenizer", "special_tokens", "generation_config",
-                                                          "chat_template", "vocab", "merges")):
+            names = ("generation_config",) if tokenizer is not None else (
+                "tokenizer", "special_tokens", "generation_config", "chat_template", "vocab", "merges")
+            if extra.is_file() and extra.name.startswith(names):
                 shutil.copy(extra, tmp / extra.name)
         if getattr(model.config, "probprune_layout", None):
             shutil.copy(modeling_probprune.__file__, tmp / "modeling_probprune.py")

@@ -249,9 +249,9 @@ class MaskSpace:
         qheads = torch.ones(k, n_layers, q_max)
         channels = torch.ones(k, n_layers, i_max)
         layers = torch.ones(k, n_layers)
-        ut = torch.as_tensor(self.unit_type)
-        ul = torch.as_tensor(self.unit_layer, dtype=torch.long)
-        ui = torch.as_tensor(self.unit_index, dtype=torch.long)
+        ut = torch.tensor(self.unit_type)  # copies: a space received from Ray's object store holds read-only arrays
+        ul = torch.tensor(self.unit_layer, dtype=torch.long)
+        ui = torch.tensor(self.unit_index, dtype=torch.long)
         hsel = ut == HEAD
         if hsel.any():
             if self.query_heads:

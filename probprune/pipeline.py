@@ -10,6 +10,7 @@ import gc
 import hashlib
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 
 from . import projection
-from .compaction import compact, count_params, save_pruned
+from .compaction import compact, compact_checkpoint, count_params, save_pruned
 from .config import Config, config_to_dict, save_config
 from .data import CalibrationData, load_corpus, test_stream
 from .errors import UserError
@@ -28,8 +29,18 @@ from .evaluation import evaluate_ppl
 from .masks import MaskSpace
 from .models.adapter import get_adapter
 from .models.base import FamilyAdapter
-from .models.loading import load_model
+from .models.loading import load_model, load_skeleton, model_folder
 from .policy import Policy, random_probs, scores_to_probs, uniform_probs
+from .replica_tasks import (
+    LocalReplicas,
+    channel_ranking,
+    criterion_scores,
+    input_stats,
+    merge_stats,
+    row_shares,
+    warm_start_candidates,
+    window_nll,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,41 +58,76 @@ class Session:
     space: MaskSpace
     stats: dict | None  # activation statistics from the init blocks (None if not needed)
     progress: bool = True  # progress bars on long loops
+    # where work that reads the weights runs: this process (LocalReplicas) or, with engine.kind=ray, the actors (the
+    # RayEvaluator, then also ``evaluator``); with Ray ``model`` is a weightless skeleton on the meta device
+    replicas: Any = None
+    evaluator: Any = None
+
+    @property
+    def driverless(self) -> bool:
+        return self.evaluator is not None
 
 
 def _max_context(model) -> int | None:
     return getattr(model.config, "max_position_embeddings", None)
 
 
-def prepare(cfg: Config, need_stats: bool = True) -> Session:
-    """Load model, data and mask space; every bad input raises :class:`UserError` here."""
+def prepare(cfg: Config, need_stats: bool = True, remote: bool = False) -> Session:
+    """Load model, data and mask space; every bad input raises :class:`UserError` here.
+
+    With ``remote`` (``probprune prune`` with ``engine.kind: ray``) the driver loads no weights: it builds the model
+    on the ``meta`` device (shapes only), starts the actors (each loads its replica), and has them collect the
+    calibration statistics, one share of the blocks each; everything else that reads weights also runs on them
+    (:mod:`probprune.replica_tasks`).
+    """
     t0 = time.perf_counter()
-    model, tok = load_model(
-        cfg.model.name_or_path, cfg.model.dtype, cfg.model.device, cfg.model.device_map, cfg.model.trust_remote_code
-    )
+    driverless = remote and cfg.engine.kind == "ray"
+    if driverless:
+        model, tok = load_skeleton(cfg.model.name_or_path, cfg.model.dtype, cfg.model.trust_remote_code)
+    else:
+        model, tok = load_model(cfg.model.name_or_path, cfg.model.dtype, cfg.model.device, cfg.model.device_map,
+                                cfg.model.trust_remote_code)
     adapter = get_adapter(model)
     corpus = load_corpus(cfg.data, seed=cfg.data.split_seed)
     calib = CalibrationData.from_corpus(
         tok, corpus, cfg.data.block_len, cfg.data.calib_blocks, seed=cfg.seed, max_context=_max_context(model)
     )
     test_tokens = test_stream(tok, corpus)
-    stats = None
-    if need_stats and (cfg.search.init in ("wanda-sp", "best") or cfg.mask.block_order == "metric"):
-        from .scoring import collect_input_stats
+    replicas, evaluator = LocalReplicas(model, adapter), None
+    if driverless:
+        from .evaluators import build_evaluator
 
-        stats = collect_input_stats(adapter, calib.first(min(cfg.search.init_blocks, len(calib))))
-    space = build_space(cfg, adapter, stats)
+        evaluator = replicas = build_evaluator(cfg, model, build_space(cfg, adapter, None))  # final space below
+    try:
+        space, stats = _space_and_stats(cfg, adapter, calib, replicas, need_stats, driverless)
+    except BaseException:
+        if evaluator is not None:
+            evaluator.close()
+        raise
+    if evaluator is not None:
+        evaluator.set_space(space)
     log.info("prepared model, data and mask space in %.1f s", time.perf_counter() - t0)
-    return Session(cfg, model, tok, adapter, calib, test_tokens, space, stats)
+    return Session(cfg, model, tok, adapter, calib, test_tokens, space, stats, replicas=replicas, evaluator=evaluator)
 
 
-def build_space(cfg: Config, adapter: FamilyAdapter, stats: dict | None) -> MaskSpace:
-    """The mask space of ``cfg.mask``; metric-ordered channel blocks are formed from ``stats`` (Wanda-sp ranking)."""
+def _space_and_stats(cfg: Config, adapter: FamilyAdapter, calib: CalibrationData, replicas, need_stats: bool,
+                     driverless: bool) -> tuple[MaskSpace, dict | None]:
+    stats = None
+    wants_stats = cfg.search.init in ("wanda-sp", "best") or cfg.mask.block_order == "metric"
+    if need_stats and (wants_stats or (driverless and cfg.search.method == "allocation")):
+        blocks = calib.first(min(cfg.search.init_blocks, len(calib)))
+        shares = [(blocks[lo:hi],) for lo, hi in row_shares(blocks.shape[0], replicas.num_replicas)]
+        stats = merge_stats(replicas.map(input_stats, shares))
+    return build_space(cfg, adapter, stats, replicas), stats
+
+
+def build_space(cfg: Config, adapter: FamilyAdapter, stats: dict | None, replicas=None) -> MaskSpace:
+    """The mask space of ``cfg.mask``; metric-ordered channel blocks are formed from ``stats`` (Wanda-sp ranking,
+    computed where the weights are: ``replicas``, or ``adapter``'s model)."""
     perm = None
     if cfg.mask.block_order == "metric" and cfg.mask.channel_block > 1 and stats is not None:
-        from .scoring import rank_channels
-
-        perm = rank_channels(adapter, stats)
+        replicas = replicas or LocalReplicas(adapter.model, adapter)
+        perm = replicas.run(channel_ranking, stats)
     try:
         return adapter.mask_space(
             heads=cfg.mask.heads, channels=cfg.mask.channels, layers=cfg.mask.layers,
@@ -92,21 +138,22 @@ def build_space(cfg: Config, adapter: FamilyAdapter, stats: dict | None) -> Mask
 
 
 def build_policy(cfg: Config, space: MaskSpace, init_probs: np.ndarray, adapter: FamilyAdapter,
-                 stats: dict | None, calib: CalibrationData):
+                 stats: dict | None, calib: CalibrationData, replicas=None):
     """The search policy of ``cfg.search`` (unit :class:`Policy` or :class:`AllocationPolicy`), from ``init_probs``.
 
-    The allocation policy ranks units inside each group by Wanda-sp; ``stats`` are collected from ``calib`` if None.
+    The allocation policy ranks units inside each group by Wanda-sp (computed on ``replicas``, or ``adapter``'s
+    model); ``stats`` are collected from ``calib`` if None.
     """
     sc = cfg.search
     if sc.method == "allocation":
         from .allocation import AllocationPolicy
-        from .scoring import collect_input_stats, wanda_sp_scores
 
+        replicas = replicas or LocalReplicas(adapter.model, adapter)
         if stats is None:
-            stats = collect_input_stats(adapter, calib.first(min(sc.init_blocks, len(calib))))
+            stats = replicas.run(input_stats, calib.first(min(sc.init_blocks, len(calib))))
         return AllocationPolicy(
-            space, wanda_sp_scores(adapter, space, stats), probs=init_probs, lr=sc.lr, total_steps=sc.steps,
-            sparsity=sc.sparsity, lr_schedule=sc.lr_schedule, baseline=sc.baseline, ema_window=sc.ema_window,
+            space, replicas.run(criterion_scores, "wanda-sp", space, stats, None), probs=init_probs, lr=sc.lr,
+            total_steps=sc.steps, sparsity=sc.sparsity, lr_schedule=sc.lr_schedule, baseline=sc.baseline, ema_window=sc.ema_window,
             score_scaling=sc.score_scaling, budget=sc.budget, seed=cfg.seed,
         )
     return Policy(
@@ -121,9 +168,7 @@ def initial_probs(s: Session) -> np.ndarray:
     cfg = s.cfg.search
     keep = 1.0 - cfg.sparsity
     if cfg.init in ("wanda-sp", "best"):
-        from .scoring import wanda_sp_scores
-
-        probs = scores_to_probs(s.space, wanda_sp_scores(s.adapter, s.space, s.stats), keep)
+        probs = scores_to_probs(s.space, s.replicas.run(criterion_scores, "wanda-sp", s.space, s.stats, None), keep)
     elif cfg.init == "uniform":
         probs = uniform_probs(s.space, keep)
     else:
@@ -154,6 +199,39 @@ def evaluate(model, s: Session, label: str) -> dict[str, float]:
                        progress=s.progress)
     log.info("%s perplexity: %s", label, res)
     return {str(k): float(v) for k, v in res.items()}
+
+
+def evaluate_mask(s: Session, mask: np.ndarray | None, label: str) -> dict[str, float]:
+    """Held-out perplexity of the model under ``mask`` (None: dense), by the protocol of
+    :func:`probprune.evaluation.perplexity`: locally the compacted model is evaluated; with a driver that holds no
+    model the actors evaluate the masked model on the fast path, the windows split among them."""
+    if not s.driverless:
+        if mask is None:
+            return evaluate(s.model, s, label)
+        model = compact(s.model, s.space, mask)
+        try:
+            return evaluate(model, s, label)
+        finally:
+            del model
+            gc.collect()
+    e, out = s.cfg.eval, {}
+    limit = _max_context(s.model)
+    for seq_len in e.seq_lens:
+        eff = min(int(seq_len), limit) if limit else int(seq_len)
+        if str(eff) in out:
+            continue
+        n = s.test_tokens.numel() // eff
+        if e.max_tokens is not None:
+            n = min(n, int(e.max_tokens) // eff)
+        if n == 0:
+            raise UserError(f"no full window of seq_len={eff} fits in the held-out split "
+                            f"({s.test_tokens.numel()} tokens, eval.max_tokens={e.max_tokens})")
+        windows = s.test_tokens.reshape(-1)[: n * eff].view(n, eff)  # [W, T]
+        shares = [(s.space, mask, windows[lo:hi], e.batch_size) for lo, hi in row_shares(n, s.replicas.num_replicas)]
+        parts = s.replicas.map(window_nll, shares)
+        out[str(eff)] = math.exp(sum(p[0] for p in parts) / sum(p[1] for p in parts))
+    log.info("%s perplexity (on the actors): %s", label, out)
+    return out
 
 
 def _check_output(output: Path, resume: bool) -> bool:
@@ -223,7 +301,7 @@ def _open_output(s: Session, output: Path, dense_ppl: dict[str, float] | None):
     save_config(s.cfg, output / "config.yaml")
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    dense_ppl = dense_ppl or evaluate(s.model, s, "dense")
+    dense_ppl = dense_ppl or evaluate_mask(s, None, "dense")
     timings["eval_dense"] = time.perf_counter() - t
     return dense_total, dense_ppl, timings
 
@@ -242,13 +320,18 @@ def prune(cfg: Config, output: str | Path, resume: bool = False, progress: bool 
     t_start = time.perf_counter()
     output = Path(output)
     resuming = _check_output(output, resume)
-    s = prepare(cfg, need_stats=True)
+    s = prepare(cfg, need_stats=True, remote=True)  # engine.kind=ray: the actors start here, the driver loads no model
     s.progress = progress
     space, sc = s.space, cfg.search
-    if resuming:
-        _check_resume_fingerprint(output, cfg, space)
-    search_data, check = (s.calib.hold_out(sc.check_blocks) if sc.check_blocks else (s.calib, None))
-    evaluator = build_evaluator(cfg, s.model, space)  # Ray: every resource check happens here, before any write
+    try:
+        if resuming:
+            _check_resume_fingerprint(output, cfg, space)
+        search_data, check = (s.calib.hold_out(sc.check_blocks) if sc.check_blocks else (s.calib, None))
+    except BaseException:
+        if s.evaluator is not None:
+            s.evaluator.close()
+        raise
+    evaluator = s.evaluator or build_evaluator(cfg, s.model, space)  # every resource check happens before any write
     try:
         dense_total, dense_ppl, timings = _open_output(s, output, dense_ppl)
         init_probs = initial_probs(s)
@@ -259,23 +342,21 @@ def prune(cfg: Config, output: str | Path, resume: bool = False, progress: bool 
             init_mask = align_mask(space, init_mask, init_probs, cfg.mask.align, sc.sparsity, sc.budget)
         init_name, warm = sc.init, None
         if sc.init == "best":
-            from .warmstart import candidate_masks, choose_start
+            from .warmstart import choose_start
 
             t = time.perf_counter()
             blocks = s.calib.first(min(sc.init_blocks, len(s.calib)))
-            candidates = candidate_masks(s.adapter, space, blocks, s.stats, sc.sparsity, sc.budget, init_mask)
+            candidates = s.replicas.run(warm_start_candidates, space, blocks, s.stats, sc.sparsity, sc.budget,
+                                        init_mask)
             warm = choose_start(evaluator, candidates, check, sc.batch_size, space, sc.init_mix, sc.sparsity,
                                 sc.budget)
             init_probs, init_mask, init_name = warm.probs, warm.mask, f"best: {warm.name}"
             timings["warm_start"] = time.perf_counter() - t
         t = time.perf_counter()
-        init_model = compact(s.model, space, init_mask)
-        init_ppl = evaluate(init_model, s, f"init-only ({init_name})")
-        del init_model
-        gc.collect()
+        init_ppl = evaluate_mask(s, init_mask, f"init-only ({init_name})")
         timings["eval_init"] = time.perf_counter() - t
 
-        policy = build_policy(cfg, space, init_probs, s.adapter, s.stats, s.calib)
+        policy = build_policy(cfg, space, init_probs, s.adapter, s.stats, s.calib, s.replicas)
         if hasattr(evaluator, "estimate") and sc.steps > 20:  # a cluster run: say what it will cost before it starts
             log.info("%s", evaluator.estimate(search_data.batch(0, sc.batch_size), steps=sc.steps,
                                               num_samples=sc.num_samples))
@@ -301,12 +382,14 @@ def prune(cfg: Config, output: str | Path, resume: bool = False, progress: bool 
             t = time.perf_counter()
             final, check_record = choose_final(evaluator, final, init_mask, check, sc.batch_size)
             timings["check"] = time.perf_counter() - t
+        if not s.driverless:  # the actors also evaluate and compact the final model: they stay until then
+            evaluator.close()
+        summary = finish(
+            s, final, output, t_start, timings, dense_ppl, dense_total,
+            probs=unit_probs, init=(init_name, init_mask, init_probs, init_ppl),
+        )
     finally:
         evaluator.close()
-    summary = finish(
-        s, final, output, t_start, timings, dense_ppl, dense_total,
-        probs=unit_probs, init=(init_name, init_mask, init_probs, init_ppl),
-    )
     if warm is not None:
         summary["warm_start"] = {"chosen": warm.name, "mix": sc.init_mix, "check_losses": warm.check_losses}
     if check_record is not None:
@@ -343,26 +426,30 @@ def finish(
     and build the summary (not yet written)."""
     space, cfg = s.space, s.cfg
     t = time.perf_counter()
-    pruned = compact(s.model, space, final)
+    pruned = compact(s.model, space, final)  # with a driver that holds no model: the meta skeleton (shapes only)
     if adjust is not None:
         adjust(pruned)
     timings["compact"] = time.perf_counter() - t
     t = time.perf_counter()
-    pruned_ppl = evaluate(pruned, s, method_label)
+    pruned_ppl = evaluate_mask(s, final, method_label) if s.driverless else evaluate(pruned, s, method_label)
     timings["eval_pruned"] = time.perf_counter() - t
     t = time.perf_counter()
-    save_pruned(pruned, output / "model", s.tokenizer)
+    if s.driverless:  # stream the weights from the checkpoint, one layer at a time
+        compact_checkpoint(model_folder(cfg.model.name_or_path), space, final, output / "model", s.tokenizer)
+    else:
+        save_pruned(pruned, output / "model", s.tokenizer)
     timings["save"] = time.perf_counter() - t
     record = {
         "final_mask": torch.as_tensor(final),
         "unit_type": torch.as_tensor(space.unit_type), "unit_layer": torch.as_tensor(space.unit_layer),
         "unit_index": torch.as_tensor(space.unit_index), "cost": torch.as_tensor(space.cost),
-        "channel_block": space.channel_block, "channel_perm": [torch.as_tensor(p) for p in space.channel_perm],
+        "channel_block": space.channel_block,
+        "channel_perm": [torch.from_numpy(np.array(p)) for p in space.channel_perm],
     }
     if probs is not None:
         record["probs"] = torch.as_tensor(probs).clone()
     if init is not None:
-        record["init_mask"], record["init_probs"] = torch.as_tensor(init[1]), torch.as_tensor(init[2])
+        record["init_mask"], record["init_probs"] = (torch.from_numpy(np.array(x)) for x in init[1:3])  # copies
     tmp = output / ".masks.pt.tmp"
     torch.save(record, tmp)
     os.replace(tmp, output / "masks.pt")

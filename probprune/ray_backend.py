@@ -198,6 +198,18 @@ class Replica:
         out = self.evaluator.losses(share, ids, objective=objective)  # [k]
         return out, time.perf_counter() - t0
 
+    def set_space(self, space: MaskSpace) -> None:
+        """Score later masks in ``space`` (the driver's final mask space, once metric-ordered blocks are formed)."""
+        if self.error is not None:
+            raise self.error
+        self.evaluator.space = copy.deepcopy(space)
+
+    def call(self, task: Any, args: tuple) -> Any:
+        """``task(model, adapter, *args)`` on this replica (:mod:`probprune.replica_tasks`)."""
+        if self.error is not None:
+            raise self.error
+        return task(self.evaluator.model, self.evaluator.adapter, *args)
+
 
 _RemoteReplica = ray.remote(Replica)
 
@@ -423,6 +435,59 @@ class RayEvaluator:
     @property
     def num_actors(self) -> int:
         return len(self._actors)
+
+    # ------------------------------------------------------------------------------ work that reads the weights
+    @property
+    def num_replicas(self) -> int:
+        """Replicas that have loaded the model (what :meth:`map` spreads its shares over)."""
+        return len(self._live_slots())
+
+    def set_space(self, space: MaskSpace) -> None:
+        """Make ``space`` the mask space of every replica (and of replacements started later)."""
+        self.space = space
+        ray.get([self._actors[i].set_space.remote(space) for i in self._live_slots()])
+
+    def run(self, task: Any, *args: Any) -> Any:
+        """``task(model, adapter, *args)`` on one replica; see :meth:`map`."""
+        return self.map(task, [args])[0]
+
+    def map(self, task: Any, shares: list[tuple]) -> list[Any]:
+        """``task(model, adapter, *share)`` for every share, spread round-robin over the live replicas; the results in
+        share order. A share whose actor dies is retried on another (the dead one is replaced), up to
+        ``engine.max_retries`` times; an error the task raises is re-raised as its own type."""
+        live = self._live_slots()
+        results: list[Any] = [None] * len(shares)
+        attempts = [0] * len(shares)
+        in_flight: dict[Any, tuple[int, int, Any]] = {}
+
+        def submit(i: int, slot: int) -> None:
+            actor = self._actors[slot]
+            in_flight[actor.call.remote(task, tuple(shares[i]))] = (i, slot, actor)
+
+        for i in range(len(shares)):
+            submit(i, live[i % len(live)])
+        while in_flight:
+            done, _ = ray.wait(list(in_flight), num_returns=1)
+            i, slot, actor = in_flight.pop(done[0])
+            try:
+                results[i] = ray.get(done[0])
+            except RETRYABLE as err:
+                attempts[i] += 1
+                self._replace(slot, actor)
+                if attempts[i] > self.max_retries:
+                    raise RuntimeError(f"{getattr(task, '__name__', task)} share {i} failed {attempts[i]} time(s), "
+                                       f"each on an actor that died (engine.max_retries={self.max_retries}); "
+                                       f"last error: {err}") from err
+                self.retries += 1
+                others = [s for s in self._live_slots() if s != slot] or [slot]
+                log.warning("retrying %s share %d on actor %d: %s", getattr(task, "__name__", task), i,
+                            others[0], type(err).__name__)
+                submit(i, others[0])
+            except ray.exceptions.RayTaskError as err:
+                if isinstance(err.cause, UserError):
+                    raise err.cause from None
+                raise
+        return results
 
     # ---------------------------------------------------------------------------------------------- scoring
     def losses(self, masks: np.ndarray, batch: torch.Tensor, objective: str | None = None) -> np.ndarray:

@@ -308,3 +308,41 @@ def test_kl_objective_and_check_set_losses_on_actors_equal_local(ray_cluster, ti
         np.testing.assert_allclose(ev.losses(masks, batch, objective="ce"),
                                    LocalEvaluator(model, space, fast_path=True).losses(masks, batch),
                                    rtol=0, atol=1e-6)
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("overrides", [
+    ["search.init=best", "mask.layers=true", "search.budget=params", "search.check_blocks=4"],
+    ["search.method=allocation", "mask.channel_block=4", "mask.block_order=metric"],
+], ids=["best-start-layers", "allocation-metric-blocks"])
+def test_prune_on_actors_loads_no_model_on_the_driver(ray_cluster, tmp_path, monkeypatch, overrides):
+    """``probprune prune`` with engine.kind=ray: the driver holds only a meta-device skeleton (loading a model on it is
+    an error here), the actors compute the statistics, the warm start, every perplexity and the search, and the output
+    folder is compacted layer by layer from the checkpoint. Everything equals the same run in one process."""
+    from probprune import pipeline
+    from probprune.config import apply_overrides
+    from probprune.models.loading import load_pruned
+
+    base = apply_overrides(load_config(ROOT / "configs" / "tiny" / "smoke.yaml"), overrides)
+    local_summary = pipeline.prune(base, tmp_path / "local", progress=False)
+
+    def no_weights_on_the_driver(*args, **kwargs):
+        raise AssertionError("the driver loaded a model")
+
+    monkeypatch.setattr(pipeline, "load_model", no_weights_on_the_driver)
+    ray_cfg = apply_overrides(base, ["engine.kind=ray", "engine.num_actors=2", "engine.cpus_per_actor=0.5",
+                                     "engine.threads=1"])
+    ray_summary = pipeline.prune(ray_cfg, tmp_path / "ray", progress=False)
+
+    local_masks = torch.load(tmp_path / "local" / "masks.pt")
+    ray_masks = torch.load(tmp_path / "ray" / "masks.pt")
+    assert torch.equal(local_masks["final_mask"], ray_masks["final_mask"])
+    for key in ("dense_ppl", "init_ppl", "pruned_ppl"):  # compacted model here, masked fast path on the actors
+        for seq_len, value in local_summary[key].items():
+            assert ray_summary[key][seq_len] == pytest.approx(value, rel=1e-5), (key, seq_len)
+    assert ray_summary["params"] == local_summary["params"]
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want = load_pruned(tmp_path / "local" / "model")(ids).logits
+        got = load_pruned(tmp_path / "ray" / "model")(ids).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -159,6 +159,73 @@ def tiny_model(kind: str = "llama", seed: int = 0, **overrides) -> nn.Module:
     return model.eval()
 
 
+# ----------------------------------------------------------------------------------- a driver that holds no model
+def model_folder(name_or_path: str) -> Path:
+    """A folder with the model's ``config.json`` and safetensors weights, for reading tensors one at a time.
+
+    ``embedded:``: the cached converted folder; ``tiny:``: the tiny model saved once into the cache; a local folder: as
+    is; a hub id: its snapshot in the Hugging Face cache (downloaded if needed; on disk, never in memory).
+    """
+    if name_or_path.startswith("tiny:"):
+        kind = name_or_path.split(":", 1)[1]
+        target = cache_dir() / "models" / f"tiny-{kind}"
+        if not (target / "config.json").exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+            try:
+                tiny_model(kind).save_pretrained(tmp)
+                byte_tokenizer().save_pretrained(tmp)
+                os.replace(tmp, target) if not target.exists() else shutil.rmtree(tmp)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+        return target
+    path = resolve_model_path(name_or_path)
+    if Path(path).exists():
+        return Path(path)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
+    except Exception as e:  # noqa: BLE001 - offline, gated, unknown id: one message
+        raise UserError(f"model.name_or_path: cannot fetch '{name_or_path}' from the hub ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+
+
+def load_skeleton(name_or_path: str, dtype: str = "float32", trust_remote_code: bool = False):
+    """The model built on the ``meta`` device (its shapes, no weights, no memory) and its tokenizer.
+
+    Enough for the mask space, the search and compaction plans; every computation that reads weights runs where a
+    replica is loaded (the Ray actors).
+
+    Raises:
+        UserError: as :func:`load_model` (missing path, unsupported architecture, unknown dtype).
+    """
+    if dtype not in DTYPES:
+        raise UserError(f"model.dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if name_or_path.startswith("tiny:"):
+        config, tok = tiny_config(name_or_path.split(":", 1)[1]), byte_tokenizer()
+        config.architectures = [TINY_ARCHITECTURES[name_or_path.split(":", 1)[1]]]
+    else:
+        path = resolve_model_path(name_or_path)
+        try:
+            config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+            tok = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError) as e:
+            raise UserError(f"model.name_or_path: cannot load a config from '{name_or_path}': {e}") from None
+    if getattr(config, "probprune_layout", None) is None:
+        check_supported(architecture_of(config), config)
+    with torch.device("meta"):
+        if getattr(config, "probprune_layout", None):
+            model = PRUNED_CLASSES[config.probprune_base_architecture](config)
+        else:
+            model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype],
+                                                     trust_remote_code=trust_remote_code)
+    return model.eval(), tok
+
+
 # ------------------------------------------------------------------------------------------------- main entry
 def resolve_model_path(name_or_path: str) -> str:
     """Turn ``embedded:NAME`` into its cached folder; check local paths exist. Hub ids are returned as is."""
