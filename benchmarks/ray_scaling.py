@@ -57,7 +57,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    from probprune import ray_backend
+    from probprune import distributed
 
     load_before = os.getloadavg()
     torch.set_num_threads(2)
@@ -71,15 +71,15 @@ def main() -> None:
                     seed=args.seed)
     work = [(policy.sample(args.masks).numpy(), data.batch(r, args.batch)) for r in range(args.repeats + 1)]
 
-    ray_backend.connect("local", num_cpus=3, object_store_memory=200 * 1024**2)  # 3 logical CPUs: 1 + 2 actors
+    distributed.connect("local", num_cpus=3, object_store_memory=200 * 1024**2)  # 3 logical CPUs: 1 + 2 actors
     model_cfg = ModelConfig(name_or_path=args.model, dtype=args.dtype)
 
     def ray_engine(n: int) -> EngineConfig:
         return EngineConfig(kind="ray", num_actors=n, cpus_per_actor=1, threads=1, fast_path=args.fast_path)
 
     local = LocalEvaluator(model, space, fast_path=args.fast_path)
-    ray1 = ray_backend.RayEvaluator(model_cfg, space, ray_engine(1))
-    ray2 = ray_backend.RayEvaluator(model_cfg, space, ray_engine(2))
+    ray1 = distributed.RayEvaluator(model_cfg, space, ray_engine(1))
+    ray2 = distributed.RayEvaluator(model_cfg, space, ray_engine(2))
 
     def local_threads(n: int):
         def run(masks, batch):

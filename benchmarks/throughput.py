@@ -132,13 +132,13 @@ def scoring(model, adapter, space, batch, masks, args, device) -> list[dict]:
 
 
 def evaluators(model, space, batch, masks, dtype, args, device) -> dict:
-    from probprune import ray_backend
+    from probprune import distributed
     from probprune.config import EngineConfig, ModelConfig
     from probprune.evaluators import LocalEvaluator
 
     cuda = device.type == "cuda"
     # 3 actors live at once (1 + 2); on CUDA the GPU shares are scheduling labels: every actor sees the whole GPU
-    ray_backend.connect("local", num_cpus=3 * args.threads, object_store_memory=200 * 1024**2)
+    distributed.connect("local", num_cpus=3 * args.threads, object_store_memory=200 * 1024**2)
     model_cfg = ModelConfig(name_or_path=args.model, dtype=dtype, device="cuda" if cuda else "cpu")
 
     def engine(n: int) -> EngineConfig:
@@ -146,7 +146,7 @@ def evaluators(model, space, batch, masks, dtype, args, device) -> dict:
                             gpus_per_actor=(0.5 / n if cuda else 0.0), fast_path=True)
 
     local = LocalEvaluator(model, space, fast_path=True)
-    rays = {n: ray_backend.RayEvaluator(model_cfg, space, engine(n)) for n in (1, 2)}
+    rays = {n: distributed.RayEvaluator(model_cfg, space, engine(n)) for n in (1, 2)}
     rows = {"local": lambda: local.losses(masks, batch.cpu()),
             "ray 1 actor": lambda: rays[1].losses(masks, batch.cpu()),
             "ray 2 actors": lambda: rays[2].losses(masks, batch.cpu())}

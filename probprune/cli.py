@@ -200,7 +200,7 @@ def _on_sigterm(signum, frame) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parse(build_parser(), argv)
     _setup(getattr(args, "quiet", False))
-    signal.signal(signal.SIGTERM, _on_sigterm)  # kept across ray.init (probprune.ray_backend.connect restores it)
+    signal.signal(signal.SIGTERM, _on_sigterm)  # kept across ray.init (probprune.distributed.connect restores it)
     try:
         return args.func(args)
     except UserError as e:

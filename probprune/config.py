@@ -204,6 +204,8 @@ class EngineConfig:
     address: str | None = None  # Ray address, e.g. "auto"
     fast_path: bool = True  # score masks with gathered weights (compute only kept units)
     max_retries: int = _opt(3, check=_at_least(0))
+    # how Ray places the actors: "default" (Ray's: fills a node before the next) or "spread" (one node after another)
+    placement: str = _opt("default", check=_one_of("default", "spread"))
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Evaluators turn a batch of masks into losses. The search loop only ever sees this interface.
 
 ``LocalEvaluator`` runs in this process on one device (cpu or cuda, or one replica split by a device map): the
-single-GPU fallback. The Ray evaluator (``probprune.ray_backend``) spreads the same work over actors.
+single-GPU fallback. The Ray evaluator (``probprune.distributed``) spreads the same work over actors.
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ def build_evaluator(cfg, model: torch.nn.Module, space: MaskSpace) -> Evaluator:
     """
     if cfg.engine.kind == "ray":
         try:
-            from .ray_backend import RayEvaluator
+            from .distributed.actors import RayEvaluator
         except ImportError as e:
             from .errors import UserError
 

@@ -154,7 +154,7 @@ def test_stale_tune_checkpoint_folders_of_dead_processes_are_removed(tmp_path, m
     import sys
     import tempfile
 
-    from probprune.ray_backend import _remove_stale_checkpoint_dirs
+    from probprune.distributed.tune import _remove_stale_checkpoint_dirs
 
     monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path))
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)

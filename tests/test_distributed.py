@@ -10,6 +10,7 @@ import ast
 import importlib
 import importlib.util
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -55,7 +56,7 @@ def local(tiny):
 
 @pytest.fixture(scope="module")
 def ray_ev(ray_cluster, tiny):
-    from probprune.ray_backend import RayEvaluator
+    from probprune.distributed import RayEvaluator
 
     _, space, _ = tiny
     ev = RayEvaluator(ModelConfig(name_or_path="tiny:llama"), space, engine())
@@ -101,7 +102,7 @@ class KillBeforeCall:
 
 # ------------------------------------------------------------------------------------------------ no cluster needed
 def test_split_work_keeps_every_actor_busy():
-    from probprune.ray_backend import split_work
+    from probprune.distributed import split_work
 
     assert split_work(8, 4, 4) == [(2 * i, 2 * i + 2, 0, 4) for i in range(4)]  # K >= actors: masks split
     assert split_work(2, 8, 8) == [(j, j + 1, 2 * r, 2 * r + 2) for j in range(2) for r in range(4)]  # K=2 on 8
@@ -116,7 +117,7 @@ def test_split_work_keeps_every_actor_busy():
 
 
 def test_split_shares():
-    from probprune.ray_backend import split_shares
+    from probprune.distributed import split_shares
 
     assert split_shares(3, 2) == [(0, 2), (2, 3)]
     assert split_shares(8, 3) == [(0, 3), (3, 6), (6, 8)]
@@ -127,9 +128,10 @@ def test_split_shares():
 def test_missing_ray_gives_clear_message(monkeypatch, tiny):
     model, space, _ = tiny
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError
-    monkeypatch.delitem(sys.modules, "probprune.ray_backend", raising=False)
+    for name in ("probprune.distributed", "probprune.distributed.actors", "probprune.distributed.tune"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
     with pytest.raises(ImportError):
-        importlib.import_module("probprune.ray_backend")
+        importlib.import_module("probprune.distributed")
     cfg = load_config(None, ["engine.kind=ray"])
     with pytest.raises(UserError, match=r"engine.kind=ray needs Ray: pip install 'probprune\[ray\]'.*engine.kind=local"):
         build_evaluator(cfg, model, space)
@@ -138,10 +140,10 @@ def test_missing_ray_gives_clear_message(monkeypatch, tiny):
     assert isinstance(build_evaluator(cfg, model, space), LocalEvaluator)
 
 
-def test_only_ray_backend_imports_ray():
+def test_only_the_distributed_package_imports_ray():
     offenders = []
     for path in sorted((ROOT / "probprune").rglob("*.py")):
-        if path.name == "ray_backend.py":
+        if path.parent.name == "distributed":
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
@@ -149,6 +151,15 @@ def test_only_ray_backend_imports_ray():
             if any(n == "ray" or n.startswith("ray.") for n in names):
                 offenders.append(str(path.relative_to(ROOT)))
     assert offenders == []
+
+
+def test_actors_do_not_import_the_pipeline_or_tune():
+    """The actor pool is the bottom layer: importing it loads neither the pipeline nor Tune (no import cycle)."""
+    code = ("import sys, probprune.distributed.actors; "
+            "print(sorted(m for m in sys.modules if m in ('probprune.pipeline', 'probprune.distributed.tune', "
+            "'ray.tune')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]"
 
 
 def test_device_map_replica_local(tiny, local):
@@ -174,7 +185,7 @@ def test_cpu_actors_see_no_gpu_and_use_their_threads(ray_ev):
 
 @pytest.mark.ray
 def test_gpu_request_on_cpu_cluster_is_rejected(ray_cluster, tiny):
-    from probprune.ray_backend import RayEvaluator
+    from probprune.distributed import RayEvaluator
 
     _, space, _ = tiny
     with pytest.raises(UserError, match=r"engine.gpus_per_actor=1: no node of the Ray cluster has that much"):
@@ -242,7 +253,7 @@ def test_retries_are_bounded(ray_ev, local, tiny):
 
 @pytest.mark.ray
 def test_device_map_replica_on_actor(ray_cluster, tiny, local):
-    from probprune.ray_backend import RayEvaluator
+    from probprune.distributed import RayEvaluator
 
     _, space, _ = tiny
     masks = random_masks(space, 3, seed=4)
@@ -259,7 +270,7 @@ def test_device_map_replica_on_actor(ray_cluster, tiny, local):
 
 @pytest.mark.ray
 def test_bad_model_path_on_actor_is_a_user_error(ray_cluster, tiny):
-    from probprune.ray_backend import RayEvaluator
+    from probprune.distributed import RayEvaluator
 
     _, space, _ = tiny
     with pytest.raises(UserError, match="model.name_or_path: unknown tiny model 'tiny:nope'"):
@@ -293,7 +304,7 @@ def test_ray_job_smoke_test(ray_cluster, tmp_path, capsys):
 
 @pytest.mark.ray
 def test_kl_objective_and_check_set_losses_on_actors_equal_local(ray_cluster, tiny):
-    from probprune.ray_backend import RayEvaluator
+    from probprune.distributed import RayEvaluator
 
     model, space, _ = tiny
     masks = random_masks(space, 3, seed=2)

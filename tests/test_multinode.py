@@ -1,0 +1,95 @@
+"""A simulated multi-node Ray cluster on one machine (``ray.cluster_utils.Cluster``): actors spread over two worker
+nodes, one node removed in the middle of ``probprune prune``, and the run ends with the mask of an undisturbed run.
+
+The cluster runs in a child process (its own Ray session; the other Ray tests share one local instance).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+LOSE_AT_STEP = 3
+
+
+@pytest.mark.ray
+def test_prune_survives_losing_a_node(tmp_path):
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, __file__, str(tmp_path)], capture_output=True, text=True, env=env,
+                          cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(res["actor_nodes"]) == 2 and len(set(res["actor_nodes"])) == 2  # engine.placement=spread
+    assert res["lost_node"] in res["actor_nodes"]
+    assert res["retries"] >= 1 and res["replacements"] >= 1  # the lost actor's share ran again elsewhere
+    assert res["same_final_mask"], "the final mask differs from the undisturbed run's"
+    assert res["steps"] == res["expected_steps"]
+    for key, rel in res["ppl_rel_diff"].items():
+        assert rel < 1e-5, key
+
+
+def main(out: Path) -> int:
+    """Undisturbed local run, then the same run on a 3-node cluster (a head without CPUs for the driver, two 2-CPU
+    workers) whose second worker is removed after step ``LOSE_AT_STEP``; prints one JSON line of findings."""
+    import ray
+    import torch
+    from ray.cluster_utils import Cluster
+
+    from probprune import pipeline
+    from probprune.config import apply_overrides, load_config
+    from probprune.distributed import actors
+
+    torch.set_num_threads(1)
+    base = apply_overrides(load_config(ROOT / "configs" / "tiny" / "smoke.yaml"),
+                           ["search.steps=8", "search.num_samples=4", "engine.threads=1"])
+    local = pipeline.prune(base, out / "local", progress=False)
+
+    cluster = Cluster(initialize_head=True, connect=True,
+                      head_node_args={"num_cpus": 0, "object_store_memory": 80 * 1024**2})
+    workers = [cluster.add_node(num_cpus=2, object_store_memory=80 * 1024**2) for _ in range(2)]
+    cluster.wait_for_nodes()
+    evaluators = []
+    init = actors.RayEvaluator.__init__
+
+    def remember(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        evaluators.append(self)
+
+    actors.RayEvaluator.__init__ = remember
+    found: dict = {}
+
+    def lose_a_node(stats):
+        if stats["step"] == LOSE_AT_STEP:
+            ev = evaluators[-1]
+            found["actor_nodes"] = [info["node"] for info in ev._info]
+            victim = workers[1]
+            found["lost_node"] = victim.node_id
+            cluster.remove_node(victim)
+
+    cfg = apply_overrides(base, ["engine.kind=ray", "engine.num_actors=2", "engine.cpus_per_actor=1",
+                                 "engine.placement=spread", "engine.max_retries=3"])
+    disturbed = pipeline.prune(cfg, out / "ray", progress=False, on_step=lose_a_node)
+    ev = evaluators[-1]
+    final_local = torch.load(out / "local" / "masks.pt")["final_mask"]
+    final_ray = torch.load(out / "ray" / "masks.pt")["final_mask"]
+    found.update(
+        retries=ev.retries, replacements=ev.replacements, same_final_mask=bool(torch.equal(final_local, final_ray)),
+        steps=disturbed["search"]["steps"], expected_steps=base.search.steps,
+        ppl_rel_diff={f"{k}@{n}": abs(disturbed[k][n] / local[k][n] - 1) for k in ("dense_ppl", "pruned_ppl")
+                      for n in local[k]},
+    )
+    ray.shutdown()
+    cluster.shutdown()
+    print(json.dumps(found))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(Path(sys.argv[1])))
