@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# GPU benchmarks in one command (about 5 minutes, at most 10): scoring throughput and memory (bf16, cuda),
-# inference of compacted models (cuda), and the cost model for 7B/13B/70B searches from the measured numbers.
+# GPU benchmarks in one command (about 5 minutes, at most 10): scoring throughput and memory (bf16, cuda), a
+# 1B-size search's steps/s, inference of compacted models (cuda), and the cost model for 7B/13B/70B searches from
+# the measured numbers.
 #
-#   bash benchmarks/gpu.sh                      # writes benchmarks/results/gpu/{throughput,inference,cost_model}.*
+#   bash benchmarks/gpu.sh                      # writes benchmarks/results/gpu/{throughput,scaling,inference,cost_model}.*
 #   OUT=/tmp/gpu GPU_TFLOPS=989 bash benchmarks/gpu.sh
 #
 # GPU_TFLOPS: the GPU's peak dense bf16 TFLOP/s for the cost model's FLOP-rate table (989: H100/H200 SXM).
@@ -33,14 +34,18 @@ failed=()
 $PY -c "import torch; print('GPU:', torch.cuda.get_device_name(0), '| torch', torch.__version__)" | tee "$OUT/device.txt"
 
 # 1. scoring speed (dense / masked / gathered 30 % and 50 %), local vs Ray evaluators, search vs inference memory
-timeout 330 $PY benchmarks/throughput.py --dtype bfloat16 --device cuda --batch 8 --masks 8 --repeats 10 \
+timeout 300 $PY benchmarks/throughput.py --dtype bfloat16 --device cuda --batch 8 --masks 8 --repeats 10 \
     --out "$OUT/throughput.json" 2>&1 | tee "$OUT/throughput.log" || failed+=(throughput)
 
-# 2. inference of the compacted models (speed does not depend on which units go: magnitude masks, no corpus needed)
-timeout 200 $PY benchmarks/inference.py --dtype bfloat16 --device cuda --mask-method magnitude --align 64 \
+# 2. a 1B-size search: steps/s (K = 2 masks of 8 x 128 tokens at 50 %) and search ÷ inference memory
+timeout 120 $PY benchmarks/scaling.py --sizes 1B --device cuda --parts bench --batch 8 --masks 2 --repeats 5 \
+    --out "$OUT/scaling" 2>&1 | tee "$OUT/scaling.log" || failed+=(scaling)
+
+# 3. inference of the compacted models (speed does not depend on which units go: magnitude masks, no corpus needed)
+timeout 150 $PY benchmarks/inference.py --dtype bfloat16 --device cuda --mask-method magnitude --align 64 \
     --out "$OUT/inference.json" 2>&1 | tee "$OUT/inference.log" || failed+=(inference)
 
-# 3. hours for 7B / 13B / 70B at the paper's budget on 1, 8, 64 GPUs, from the measured throughput
+# 4. hours for 7B / 13B / 70B at the paper's budget on 1, 8, 64 GPUs, from the measured throughput
 if [[ -f "$OUT/throughput.json" && ! " ${failed[*]} " =~ " throughput " ]]; then
     $PY benchmarks/cost_model.py --from "$OUT/throughput.json" --gpu-tflops "$GPU_TFLOPS" \
         --out "$OUT/cost_model.json" 2>&1 | tee "$OUT/cost_model.log" || failed+=(cost_model)

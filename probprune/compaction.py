@@ -188,6 +188,18 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _publish(model: nn.Module, tokenizer, tmp: Path, dst: Path) -> None:
+    """Finish the model folder ``tmp`` (tokenizer; the pruned-model classes next to per-layer shapes; umask
+    permissions) and move it to ``dst``."""
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    if getattr(model.config, "probprune_layout", None):
+        shutil.copy(modeling_probprune.__file__, tmp / "modeling_probprune.py")
+    for p in tmp.rglob("*"):
+        os.chmod(p, dir_mode() if p.is_dir() else file_mode())
+    publish_dir(tmp, dst)
+
+
 def save_pruned(model: nn.Module, path: str | Path, tokenizer=None) -> Path:
     """Save a (compacted) model, its tokenizer and, for per-layer widths, the modeling file, atomically.
 
@@ -203,13 +215,7 @@ def save_pruned(model: nn.Module, path: str | Path, tokenizer=None) -> Path:
     tmp = make_temp_dir(path)
     try:
         model.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if getattr(model.config, "probprune_layout", None):
-            shutil.copy(modeling_probprune.__file__, tmp / "modeling_probprune.py")
-        for p in tmp.rglob("*"):
-            os.chmod(p, dir_mode() if p.is_dir() else file_mode())
-        publish_dir(tmp, path)
+        _publish(model, tokenizer, tmp, path)
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(err, OSError) or type(err).__name__ == "SafetensorError":
@@ -344,18 +350,12 @@ def compact_checkpoint(src: str | Path, space: MaskSpace, mask: np.ndarray, dst:
                 writer.add(name, _read(files, name))  # embeddings, final norm, head
         writer.finish()
         model.config.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
         for extra in src.iterdir():
             names = ("generation_config",) if tokenizer is not None else (
                 "tokenizer", "special_tokens", "generation_config", "chat_template", "vocab", "merges")
             if extra.is_file() and extra.name.startswith(names):
                 shutil.copy(extra, tmp / extra.name)
-        if getattr(model.config, "probprune_layout", None):
-            shutil.copy(modeling_probprune.__file__, tmp / "modeling_probprune.py")
-        for p in tmp.rglob("*"):
-            os.chmod(p, dir_mode() if p.is_dir() else file_mode())
-        publish_dir(tmp, dst)
+        _publish(model, tokenizer, tmp, dst)
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(err, OSError):

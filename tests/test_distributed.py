@@ -69,6 +69,12 @@ def random_masks(space, k: int, seed: int, p: float = 0.6) -> np.ndarray:
     return (torch.rand(k, space.num_units, generator=g) < p).float().numpy()  # [K, N]
 
 
+def masks_and_batch(space, k: int, seed: int) -> tuple[np.ndarray, torch.Tensor]:
+    """``k`` random masks and a random [B, 16] batch, both from ``seed``."""
+    batch = torch.randint(0, 256, (B, 16), generator=torch.Generator().manual_seed(seed))  # [B, T]
+    return random_masks(space, k, seed=seed), batch
+
+
 def search(evaluator, tiny) -> Policy:
     _, space, data = tiny
     policy = Policy(space, uniform_probs(space, 0.5), lr=0.05, total_steps=STEPS, sparsity=0.5, seed=0)
@@ -197,8 +203,7 @@ def test_gpu_request_on_cpu_cluster_is_rejected(ray_cluster, tiny):
 @pytest.mark.ray
 def test_uneven_shares_keep_mask_order(ray_ev, local, tiny):
     _, space, _ = tiny
-    masks = random_masks(space, 3, seed=1)
-    batch = torch.randint(0, 256, (B, 16), generator=torch.Generator().manual_seed(1))
+    masks, batch = masks_and_batch(space, 3, seed=1)
     want = local.losses(masks, batch)
     got = ray_ev.losses(masks, batch)
     assert ray_ev.last_shares == [(0, 2, 0, B), (2, 3, 0, B)]
@@ -235,8 +240,7 @@ def test_retries_are_bounded(ray_ev, local, tiny):
     import ray
 
     _, space, _ = tiny
-    masks = random_masks(space, 2, seed=2)
-    batch = torch.randint(0, 256, (B, 16), generator=torch.Generator().manual_seed(2))
+    masks, batch = masks_and_batch(space, 2, seed=2)
     want = local.losses(masks, batch)
     ray_ev.max_retries = 0
     try:

@@ -271,7 +271,6 @@ def run_sweep(cfg: Config, output_dir: str | Path, address: str | None = None, s
     """
     from ray import tune
 
-
     sw = sweeps._require(cfg.sweep)
     output_dir = Path(output_dir).resolve()
     base = sweeps.absolute_paths(cfg)
