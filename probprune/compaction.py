@@ -20,6 +20,7 @@ from torch import nn
 from .errors import UserError
 from .files import dir_mode, file_mode, make_temp_dir, publish_dir
 from .masks import LayerKeep, MaskSpace
+from .shards import ShardReader, ShardWriter, release_free_memory
 from .models import modeling_probprune
 from .models.adapter import get_adapter
 from .models.modeling_probprune import PRUNED_CLASSES, resize_decoder_layer
@@ -225,69 +226,6 @@ def save_pruned(model: nn.Module, path: str | Path, tokenizer=None) -> Path:
 
 
 # ------------------------------------------------------------------------------------------ streamed compaction
-class _ShardWriter:
-    """Writes tensors into safetensors shards of at most ``max_bytes`` each, then the index that maps them."""
-
-    def __init__(self, folder: Path, max_bytes: int):
-        self.folder, self.max_bytes = folder, max_bytes
-        self.buffer: dict[str, torch.Tensor] = {}
-        self.size = 0
-        self.files: list[tuple[str, list[str]]] = []
-
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        nbytes = tensor.numel() * tensor.element_size()
-        if self.buffer and self.size + nbytes > self.max_bytes:
-            self.flush()
-        self.buffer[name] = tensor.detach().contiguous()
-        self.size += nbytes
-
-    def flush(self) -> None:
-        from safetensors.torch import save_file
-
-        if not self.buffer:
-            return
-        fname = f"model-{len(self.files) + 1:05d}.safetensors"
-        save_file(self.buffer, str(self.folder / fname), metadata={"format": "pt"})
-        self.files.append((fname, list(self.buffer)))
-        self.buffer, self.size = {}, 0
-
-    def finish(self) -> None:
-        import json
-
-        self.flush()
-        if len(self.files) == 1:  # one shard: the usual single-file name
-            os.replace(self.folder / self.files[0][0], self.folder / "model.safetensors")
-            return
-        total = sum((self.folder / f).stat().st_size for f, _ in self.files)
-        index = {"metadata": {"total_size": total},
-                 "weight_map": {n: f for f, names in self.files for n in names}}
-        (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-
-
-def _checkpoint_tensors(folder: Path) -> dict[str, Path]:
-    """Tensor name -> the safetensors file of ``folder`` that holds it."""
-    import json
-
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        return {n: folder / f for n, f in json.loads(index.read_text())["weight_map"].items()}
-    single = folder / "model.safetensors"
-    if not single.exists():
-        raise UserError(f"streamed compaction reads safetensors checkpoints: {folder} has neither "
-                        "model.safetensors nor model.safetensors.index.json")
-    from safetensors import safe_open
-
-    with safe_open(str(single), "pt") as f:
-        return {n: single for n in f.keys()}
-
-
-def _read(files: dict[str, Path], name: str) -> torch.Tensor:
-    from safetensors import safe_open
-
-    with safe_open(str(files[name]), "pt") as f:
-        return f.get_tensor(name)
-
-
 def _put_parameter(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
     owner_path, _, leaf = name.rpartition(".")
     owner = module.get_submodule(owner_path) if owner_path else module
@@ -301,8 +239,9 @@ def compact_checkpoint(src: str | Path, space: MaskSpace, mask: np.ndarray, dst:
 
     The model is built on the ``meta`` device (no memory); each surviving layer's tensors are read from the source
     safetensors shards, sliced exactly as :func:`compact` slices them, written to the output shards and dropped;
-    the embeddings, final norm and head are copied tensor by tensor. Peak memory is one layer plus one output shard
-    (``max_shard_bytes``), whatever the model's size. The folder is written next to ``dst`` and published by renames
+    the embeddings, final norm and head are copied in 64 MB chunks. Tensors are read with plain file reads (no
+    memory map) and go to disk as soon as they are sliced, so peak memory is about one decoder layer, whatever the
+    number of layers. The folder is written next to ``dst`` and published by renames
     (as :func:`save_pruned`); tokenizer and generation files are copied.
 
     Args:
@@ -322,7 +261,7 @@ def compact_checkpoint(src: str | Path, space: MaskSpace, mask: np.ndarray, dst:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     src, dst = Path(src), Path(dst)
-    files = _checkpoint_tensors(src)
+    reader = ShardReader(src)
     config = AutoConfig.from_pretrained(src)
     with torch.device("meta"):
         if getattr(config, "probprune_layout", None):
@@ -333,21 +272,22 @@ def compact_checkpoint(src: str | Path, space: MaskSpace, mask: np.ndarray, dst:
     prefix = next(n for n, m in model.named_modules() if m is adapter.layers) + "."  # "model.layers."
     tmp = make_temp_dir(dst)
     try:
-        writer = _ShardWriter(tmp, max_shard_bytes)
+        writer = ShardWriter(tmp, max_shard_bytes)
 
         def load(li: int, layer: nn.Module) -> None:
             for name, _ in list(layer.named_parameters()):
-                _put_parameter(layer, name, _read(files, f"{prefix}{li}.{name}"))
+                _put_parameter(layer, name, reader.read(f"{prefix}{li}.{name}"))
 
         def emit(new_li: int, layer: nn.Module) -> None:
             for name, t in layer.state_dict().items():
                 writer.add(f"{prefix}{new_li}.{name}", t)
             layer.to("meta")  # drop this layer's weights
+            release_free_memory()
 
         _compact(model, space, mask, load=load, emit=emit)
-        for name in files:
+        for name in reader.names():
             if not name.startswith(prefix):
-                writer.add(name, _read(files, name))  # embeddings, final norm, head
+                reader.copy(name, writer)  # embeddings, final norm, head: bytes copied in chunks
         writer.finish()
         model.config.save_pretrained(tmp)
         for extra in src.iterdir():
