@@ -35,6 +35,83 @@ def test_prune_survives_losing_a_node(tmp_path):
         assert rel < 1e-5, key
 
 
+@pytest.mark.ray
+def test_sweep_losing_a_node_keeps_its_finished_trials(tmp_path):
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, __file__, str(tmp_path), "sweep"], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["finished_before_loss"], "no trial had finished when the node was removed"
+    assert len(res["running_at_loss"]) == 2
+    for tid, ppl in res["finished_before_loss"].items():  # kept as they were, not run again
+        assert res["after_loss"][tid] == ["finished", ppl], tid
+    assert [res["after_loss"][t][0] for t in res["running_at_loss"]].count("error") == 1  # the one on the lost node
+    assert res["after_resume_statuses"] == ["finished"] * 4  # --resume reruns only what the node loss cut short
+    for tid, ppl in res["finished_before_loss"].items():
+        assert res["after_resume"][tid] == ppl, tid
+
+
+def sweep_main(out: Path) -> int:
+    """The 4-trial smoke sweep on a cluster of a CPU-less head and two 1-CPU workers (one trial per node); the second
+    worker is removed as soon as a trial has finished; then the sweep is resumed. Prints one JSON line."""
+    import threading
+
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from probprune.config import load_config
+    from probprune.distributed.tune import run_sweep
+
+    cluster = Cluster(initialize_head=True, connect=True,
+                      head_node_args={"num_cpus": 0, "object_store_memory": 80 * 1024**2})
+    workers = [cluster.add_node(num_cpus=1, object_store_memory=80 * 1024**2) for _ in range(2)]
+    cluster.wait_for_nodes()
+    storage = out / "tune"
+    cfg = load_config(ROOT / "configs" / "tiny" / "smoke_sweep.yaml",
+                      [f"sweep.storage_path={storage}", "search.steps=600", "search.checkpoint_every=50",
+                       "sweep.report_every=50"])
+    found: dict = {"finished_before_loss": {}}
+
+    def trials() -> tuple[dict[str, float], set[str]]:
+        """Finished trials (id -> final ppl) and the ids of trials that reported but have not finished."""
+        done, started = {}, set()
+        for result in (storage / "out").glob("*/result.json"):
+            for line in result.read_text().splitlines():
+                row = json.loads(line)
+                started.add(row["trial_id"])
+                if row.get("final"):
+                    done[row["trial_id"]] = row["ppl"]
+        return done, started - set(done)
+
+    def lose_a_node_while_a_later_trial_runs():
+        # trials 0 and 1 run first, one per worker; once one has finished and both workers run a trial again
+        # (two trials reported but unfinished), removing a worker kills a running trial
+        while True:
+            done, running = trials()
+            if done and len(running) == 2:
+                break
+            threading.Event().wait(0.05)
+        found["finished_before_loss"], found["running_at_loss"] = done, sorted(running)
+        cluster.remove_node(workers[1])
+
+    watcher = threading.Thread(target=lose_a_node_while_a_later_trial_runs, daemon=True)
+    watcher.start()
+    df = run_sweep(cfg, out / "out", smoke=True)
+    watcher.join(timeout=60)
+    found["after_loss"] = {r.trial_id: (r.status, r.ppl if r.status == "finished" else None) for r in df.itertuples()}
+    cluster.add_node(num_cpus=1, object_store_memory=80 * 1024**2)  # a replacement node for the resumed sweep
+    cluster.wait_for_nodes()
+    df = run_sweep(cfg, out / "out", smoke=True, resume=True)
+    found["after_resume_statuses"] = sorted(df["status"])
+    found["after_resume"] = {r.trial_id: r.ppl for r in df.itertuples()}
+    ray.shutdown()
+    cluster.shutdown()
+    print(json.dumps(found))
+    return 0
+
+
 def main(out: Path) -> int:
     """Undisturbed local run, then the same run on a 3-node cluster (a head without CPUs for the driver, two 2-CPU
     workers) whose second worker is removed after step ``LOSE_AT_STEP``; prints one JSON line of findings."""
@@ -92,4 +169,4 @@ def main(out: Path) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(Path(sys.argv[1])))
+    sys.exit(sweep_main(Path(sys.argv[1])) if sys.argv[2:] == ["sweep"] else main(Path(sys.argv[1])))
