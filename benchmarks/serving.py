@@ -1,7 +1,8 @@
 """Serving check: export models to GGUF, run them in llama.cpp, compare with probprune's own perplexity and time them.
 
     pip install "probprune[llamacpp]"          # llama-cpp-python, built from source (≈ 12 CPU-minutes, once)
-    python benchmarks/serving.py --models embedded:smollm2-135m RUN/model ... --out benchmarks/results/serving
+    python benchmarks/serving.py --models embedded:smollm2-135m RUN/model ... [--labels dense NAME ...] \
+        --out benchmarks/results/serving
 
 For every model folder: ``probprune export`` to GGUF (each ``--outtypes``), then, on the same held-out Brown token
 windows (non-overlapping, ``--seq-len`` tokens, at most ``--max-tokens``):
@@ -67,6 +68,7 @@ def llama_cpp_speed(path: Path, prompt: list[int], decode: int, threads: int, re
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", required=True, help="model folders; the first is the reference (dense)")
+    ap.add_argument("--labels", nargs="+", help="a name per model for the table (default: the folder paths)")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--outtypes", nargs="+", default=["f32", "f16", "q8_0"])
     ap.add_argument("--seq-len", type=int, default=128)
@@ -75,6 +77,9 @@ def main() -> int:
     ap.add_argument("--decode", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
+    labels = args.labels or args.models
+    if len(labels) != len(args.models):
+        ap.error(f"--labels: {len(labels)} names for {len(args.models)} models")
     try:
         import llama_cpp  # noqa: F401
     except ImportError:
@@ -98,7 +103,7 @@ def main() -> int:
         tokens = test_stream(tok, load_corpus(cfg.data, seed=cfg.data.split_seed))[: args.max_tokens]
         ref = float(evaluate_ppl(model, tokens, [args.seq_len], max_tokens=args.max_tokens, batch_size=4,
                                  progress=False)[args.seq_len])
-        row = {"model": name, "params": count_params(model), "ppl_probprune": ref}
+        row = {"model": labels[i], "path": name, "params": count_params(model), "ppl_probprune": ref}
         del model
         for outtype in args.outtypes:
             path = args.out / f"model{i}_{outtype}.gguf"
