@@ -235,6 +235,8 @@ class MaskSpace:
             With KV-group units a query head carries its group's value; with query-head units a KV group carries
             the largest value of its query heads (a KV head is kept while any of its query heads is).
         """
+        if isinstance(masks, np.ndarray) and not masks.flags.writeable:  # e.g. from Ray's object store
+            masks = masks.copy()
         m = torch.as_tensor(masks, dtype=torch.float32)
         squeeze = m.dim() == 1
         if squeeze:
@@ -274,7 +276,7 @@ class MaskSpace:
                     continue
                 width = self.layers[li].intermediate_size
                 per_channel = block_vals[:, lsel].repeat_interleave(self.channel_block, dim=1)[:, :width]
-                perm = torch.as_tensor(self.channel_perm[li], dtype=torch.long)
+                perm = torch.tensor(self.channel_perm[li], dtype=torch.long)  # copies (read-only after Ray)
                 channels[:, li, perm] = per_channel
         lsel_t = ut == LAYER
         if lsel_t.any():
