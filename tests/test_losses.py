@@ -22,6 +22,7 @@ def test_token_losses_cross_entropy_and_kl_by_hand():
 
 
 @pytest.mark.parametrize("kind", ["llama", "gemma3"])  # gemma3: final-logit soft-capping goes through the adapter
+@torch.no_grad()
 def test_sequence_losses_equal_the_model_logits_in_small_chunks(kind, monkeypatch):
     model = tiny_model(kind)
     adapter = get_adapter(model)
