@@ -30,6 +30,10 @@ def _rows(t: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor | None:
     return None if t is None else t.detach().index_select(0, idx.to(t.device)).clone()
 
 
+def _cols(w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    return w.detach().index_select(1, idx.to(w.device)).clone()
+
+
 def _head_rows(heads: torch.Tensor, d: int) -> torch.Tensor:
     return (heads[:, None] * d + torch.arange(d)[None]).flatten()
 
@@ -104,11 +108,11 @@ def _compact(
             q_rows, kv_rows = _head_rows(keep.q_heads, d), _head_rows(keep.kv_heads, d)
             attn_vals = {r: (_rows(p.w, q_rows if r == "q" else kv_rows), _rows(p.b, q_rows if r == "q" else kv_rows))
                          for r, p in adapter.attn_in(layer).items()}
-            o_w = adapter.attn_out(layer).weight.detach().index_select(1, q_rows).clone()
+            o_w = _cols(adapter.attn_out(layer).weight, q_rows)
         if keep.channels.numel():
             mlp_vals = {r: (_rows(p.w, keep.channels), _rows(p.b, keep.channels))
                         for r, p in adapter.mlp_in(layer).items()}
-            down_w = adapter.mlp_out(layer).weight.detach().index_select(1, keep.channels).clone()
+            down_w = _cols(adapter.mlp_out(layer).weight, keep.channels)
         spec = {
             "num_key_value_heads": int(keep.kv_heads.numel()),
             "num_attention_heads": int(keep.q_heads.numel()),
