@@ -72,17 +72,41 @@ class _Inputs:
         return self._rot[device][layer_type]
 
 
+def _plan_on_devices(adapter: FamilyAdapter, plan: list[LayerKeep | None]) -> list[LayerKeep | None]:
+    """The plan's index tensors on their layers' devices, in one host-to-device copy per device.
+
+    Copying them layer by layer costs a synchronising copy each (three per layer): the host then waits for the
+    device to drain before launching the next layer, and a masked forward on a GPU ran 2.8x slower than a dense one.
+    """
+    by_device: dict[torch.device, list[int]] = {}
+    for li, keep in enumerate(plan):
+        if keep is not None:
+            dev = adapter.layer_device(adapter.layers[li])
+            if dev.type != "cpu":
+                by_device.setdefault(dev, []).append(li)
+    out = list(plan)
+    for dev, lis in by_device.items():
+        parts = [t for li in lis for t in (plan[li].kv_heads, plan[li].q_heads, plan[li].channels)]
+        flat = torch.cat(parts)
+        if dev.type == "cuda":
+            flat = flat.pin_memory()  # an asynchronous copy needs page-locked memory
+        flat = flat.to(dev, non_blocking=True)
+        pieces = iter(flat.split([t.numel() for t in parts]))
+        for li in lis:
+            out[li] = LayerKeep(next(pieces), next(pieces), next(pieces))
+    return out
+
+
 def _forward_plan(adapter: FamilyAdapter, inputs: _Inputs, plan: list[LayerKeep | None],
                   ws: fn.Workspace) -> torch.Tensor:
     """Decoder stack + final norm under one mask's plan (:meth:`MaskSpace.plan`). Returns ``[B, T, H]``."""
     h = inputs.embeds  # [B, T, H]
-    for li, (layer, keep) in enumerate(zip(adapter.layers, plan)):
+    for li, (layer, keep) in enumerate(zip(adapter.layers, _plan_on_devices(adapter, plan))):
         if keep is None:  # dropped layer: identity on the residual stream
             continue
         dev = adapter.layer_device(layer)
         if h.device != dev:
             h = h.to(dev)
-        keep = LayerKeep(keep.kv_heads.to(dev), keep.q_heads.to(dev), keep.channels.to(dev))
         attn, mlp = fn.slice_layer(adapter, layer, keep, ws)
         h = adapter.layer_forward(layer, h, inputs.rotary(dev, adapter.layer_type(li)), attn, mlp)  # [B, T, H]
     norm = adapter.final_norm

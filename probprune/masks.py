@@ -267,17 +267,9 @@ class MaskSpace:
                 for li, ls in enumerate(self.layers):
                     qheads[:, li, : ls.num_query_heads] = heads[:, li, : ls.num_kv_heads].repeat_interleave(
                         ls.group_size, dim=1)
-        csel = ut == CHANNEL
-        if csel.any():
-            block_vals = m[:, csel]  # [K, n_blocks_total]
-            for li in range(n_layers):
-                lsel = (ul[csel] == li).nonzero().flatten()
-                if lsel.numel() == 0:
-                    continue
-                width = self.layers[li].intermediate_size
-                per_channel = block_vals[:, lsel].repeat_interleave(self.channel_block, dim=1)[:, :width]
-                perm = torch.tensor(self.channel_perm[li], dtype=torch.long)  # copies (read-only after Ray)
-                channels[:, li, perm] = per_channel
+        src, dst = self._channel_scatter(i_max)
+        if src.numel():
+            channels.view(k, -1)[:, dst] = m[:, src]  # every channel takes its block's value, in one indexing op
         lsel_t = ut == LAYER
         if lsel_t.any():
             layers[:, ul[lsel_t]] = m[:, lsel_t]
@@ -285,6 +277,27 @@ class MaskSpace:
         if squeeze:
             out = {k_: v[0] for k_, v in out.items()}
         return out
+
+    def _channel_scatter(self, i_max: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(src, dst)``: channel ``dst`` (flat in ``[L, i_max]``, the model's channel order) takes the value of unit
+        ``src`` (its block). Built once per space: per-layer indexing cost more than the forward on a GPU."""
+        cached = self.__dict__.get("_scatter")
+        if cached is not None and cached[0] == i_max:
+            return cached[1], cached[2]
+        ul = np.asarray(self.unit_layer)
+        chan_units = np.flatnonzero(np.asarray(self.unit_type) == CHANNEL)
+        src, dst = [], []
+        for li in range(self.num_layers):
+            units = chan_units[ul[chan_units] == li]  # this layer's blocks, in unit order
+            if units.size == 0:
+                continue
+            width = self.layers[li].intermediate_size
+            src.append(np.repeat(units, self.channel_block)[:width])
+            dst.append(li * i_max + np.asarray(self.channel_perm[li], dtype=np.int64))
+        src_t = torch.from_numpy(np.concatenate(src).astype(np.int64)) if src else torch.empty(0, dtype=torch.long)
+        dst_t = torch.from_numpy(np.concatenate(dst)) if dst else torch.empty(0, dtype=torch.long)
+        self.__dict__["_scatter"] = (i_max, src_t, dst_t)
+        return src_t, dst_t
 
     def plan(self, masks: torch.Tensor | np.ndarray | dict, k: int = 0) -> list[LayerKeep | None]:
         """What one binary mask keeps, layer by layer: the single "mask → kept indices" map of probprune.
@@ -301,16 +314,19 @@ class MaskSpace:
         e = masks if isinstance(masks, dict) else self.expand(masks)
         if e["layers"].dim() == 1:
             e = {key: v[None] for key, v in e.items()}
+        # numpy: a few microseconds per small op where torch takes tens (this runs per mask and layer)
+        keep_layer, heads, qheads, channels = (e[key][k].detach().cpu().numpy() > 0.5
+                                               for key in ("layers", "heads", "qheads", "channels"))
         out: list[LayerKeep | None] = []
         for li, ls in enumerate(self.layers):
-            if e["layers"][k, li] < 0.5:
+            if not keep_layer[li]:
                 out.append(None)
                 continue
-            kv = (e["heads"][k, li, : ls.num_kv_heads] > 0.5).nonzero().flatten()  # [g]
-            q = (e["qheads"][k, li, : ls.num_query_heads] > 0.5).nonzero().flatten()  # [q]
-            q = q[torch.isin(q // max(ls.group_size, 1), kv)]  # query heads of kept KV heads only
-            chans = (e["channels"][k, li, : ls.intermediate_size] > 0.5).nonzero().flatten()  # [c]
-            out.append(LayerKeep(kv_heads=kv, q_heads=q, channels=chans))
+            kv = np.flatnonzero(heads[li, : ls.num_kv_heads])  # [g]
+            q = np.flatnonzero(qheads[li, : ls.num_query_heads])  # [q]
+            q = q[np.isin(q // max(ls.group_size, 1), kv)]  # query heads of kept KV heads only
+            chans = np.flatnonzero(channels[li, : ls.intermediate_size])  # [c]
+            out.append(LayerKeep(*(torch.from_numpy(a.astype(np.int64, copy=False)) for a in (kv, q, chans))))
         return out
 
     def kept_params(self, mask: np.ndarray) -> int:
