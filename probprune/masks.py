@@ -278,6 +278,9 @@ class MaskSpace:
             out = {k_: v[0] for k_, v in out.items()}
         return out
 
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_scatter"}  # a cache: rebuilt where it is needed
+
     def _channel_scatter(self, i_max: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(src, dst)``: channel ``dst`` (flat in ``[L, i_max]``, the model's channel order) takes the value of unit
         ``src`` (its block). Built once per space: per-layer indexing cost more than the forward on a GPU."""

@@ -51,3 +51,23 @@ def test_bad_mask_shape():
     sp = MaskSpace([SHAPE])
     with pytest.raises(ValueError, match="mask has 3 units, the mask space has 12"):
         sp.expand(torch.ones(3))
+
+
+def test_expand_scatters_each_block_to_its_permuted_channels_and_pickles_without_its_cache():
+    import pickle
+
+    wide = LayerShape(num_kv_heads=2, group_size=3, head_dim=4, hidden_size=8, intermediate_size=12, norm_params=16)
+    perm = [np.array([3, 0, 7, 1, 9, 2, 4, 8, 5, 6]), np.random.default_rng(1).permutation(12)]
+    sp = MaskSpace([SHAPE, wide], channel_block=4, channel_perm=perm)
+    blocks = np.flatnonzero(sp.unit_type == CHANNEL)  # layer 0: 3 blocks (4, 4, 2 channels), layer 1: 3 blocks
+    mask = sp.full_mask()
+    mask[blocks[[1, 3]]] = 0  # layer 0's second block, layer 1's first block
+    ch = sp.expand(mask)["channels"]  # [L, 12], padded with 1
+    want0, want1 = np.ones(12), np.ones(12)
+    want0[perm[0][4:8]] = 0
+    want1[perm[1][0:4]] = 0
+    assert ch[0].tolist() == want0.tolist() and ch[1].tolist() == want1.tolist()
+    assert sp.plan(mask)[0].channels.tolist() == sorted(set(range(10)) - set(perm[0][4:8].tolist()))
+    again = pickle.loads(pickle.dumps(sp))
+    assert "_scatter" not in again.__dict__
+    assert torch.equal(again.expand(mask)["channels"], ch)
