@@ -67,11 +67,9 @@ def build(size: str, device: str = "cpu"):
 
 def job_bench(size: str, args) -> dict:
     import torch
-    from _common import PeakMemory, exact_mask
+    from _common import PeakMemory, exact_mask, sync
 
     from probprune.evaluators import LocalEvaluator
-
-    from _common import sync
 
     torch.set_num_threads(1)
     model, space = build(size, args.device)

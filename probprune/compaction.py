@@ -20,7 +20,8 @@ from torch import nn
 from .errors import UserError
 from .files import dir_mode, file_mode, make_temp_dir, publish_dir
 from .masks import LayerKeep, MaskSpace
-from .shards import ShardReader, ShardWriter, release_free_memory
+from .heap import release_freed_heap
+from .shards import ShardReader, ShardWriter
 from .models import modeling_probprune
 from .models.adapter import get_adapter
 from .models.modeling_probprune import PRUNED_CLASSES, resize_decoder_layer
@@ -286,7 +287,7 @@ def compact_checkpoint(src: str | Path, space: MaskSpace, mask: np.ndarray, dst:
             for name, t in layer.state_dict().items():
                 writer.add(f"{prefix}{new_li}.{name}", t)
             layer.to("meta")  # drop this layer's weights
-            release_free_memory()
+            release_freed_heap()  # else freed slices stay resident: +740 MB over a 1B model's layers
 
         _compact(model, space, mask, load=load, emit=emit)
         for name in reader.names():

@@ -1,4 +1,5 @@
-"""Returning freed heap memory to the OS after each scored mask (glibc only), so a search's peak memory stays flat."""
+"""Returning freed heap memory to the OS (glibc only) after each scored mask and each streamed-compaction layer, so
+peak memory stays at one mask (one layer) instead of growing."""
 
 from __future__ import annotations
 

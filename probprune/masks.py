@@ -267,7 +267,7 @@ class MaskSpace:
                 for li, ls in enumerate(self.layers):
                     qheads[:, li, : ls.num_query_heads] = heads[:, li, : ls.num_kv_heads].repeat_interleave(
                         ls.group_size, dim=1)
-        src, dst = self._channel_scatter(i_max)
+        src, dst = self._channel_scatter()
         if src.numel():
             channels.view(k, -1)[:, dst] = m[:, src]  # every channel takes its block's value, in one indexing op
         lsel_t = ut == LAYER
@@ -281,12 +281,13 @@ class MaskSpace:
     def __getstate__(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k != "_scatter"}  # a cache: rebuilt where it is needed
 
-    def _channel_scatter(self, i_max: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(src, dst)``: channel ``dst`` (flat in ``[L, i_max]``, the model's channel order) takes the value of unit
+    def _channel_scatter(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(src, dst)``: channel ``dst`` (flat in ``[L, I_max]``, the model's channel order) takes the value of unit
         ``src`` (its block). Built once per space: per-layer indexing cost more than the forward on a GPU."""
         cached = self.__dict__.get("_scatter")
-        if cached is not None and cached[0] == i_max:
-            return cached[1], cached[2]
+        if cached is not None:
+            return cached
+        i_max = max(ls.intermediate_size for ls in self.layers)
         ul = np.asarray(self.unit_layer)
         chan_units = np.flatnonzero(np.asarray(self.unit_type) == CHANNEL)
         src, dst = [], []
@@ -299,7 +300,7 @@ class MaskSpace:
             dst.append(li * i_max + np.asarray(self.channel_perm[li], dtype=np.int64))
         src_t = torch.from_numpy(np.concatenate(src).astype(np.int64)) if src else torch.empty(0, dtype=torch.long)
         dst_t = torch.from_numpy(np.concatenate(dst)) if dst else torch.empty(0, dtype=torch.long)
-        self.__dict__["_scatter"] = (i_max, src_t, dst_t)
+        self.__dict__["_scatter"] = (src_t, dst_t)
         return src_t, dst_t
 
     def plan(self, masks: torch.Tensor | np.ndarray | dict, k: int = 0) -> list[LayerKeep | None]:

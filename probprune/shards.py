@@ -10,8 +10,6 @@ names, dtypes, shapes and byte offsets, then the tensors' bytes.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import json
 import os
 import shutil
@@ -28,22 +26,6 @@ _DTYPES = {
     "BOOL": torch.bool,
 }
 _NAMES = {v: k for k, v in _DTYPES.items()}
-
-
-def release_free_memory() -> None:
-    """Hand freed heap memory back to the operating system (glibc ``malloc_trim``; a no-op elsewhere).
-
-    Tensors of a few to a few tens of MB freed one after another raise glibc's memory-map threshold, after which
-    their successors come from the heap and freed ones stay resident: a layer-by-layer copy of a 1B model then grows
-    by hundreds of MB. Called once per layer, this keeps the copy's resident memory at one layer.
-    """
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return
-    try:
-        ctypes.CDLL(name).malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
 
 
 def _header(path: Path) -> tuple[dict, int]:

@@ -18,14 +18,19 @@ ROOT = Path(__file__).resolve().parents[1]
 LOSE_AT_STEP = 3
 
 
-@pytest.mark.ray
-def test_prune_survives_losing_a_node(tmp_path):
+def run_child(*args: str) -> dict:
+    """Run this file in a child process (its own Ray session) and return the JSON line it prints last."""
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
            "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, __file__, str(tmp_path)], capture_output=True, text=True, env=env,
-                          cwd=ROOT, timeout=600)
+    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, env=env, cwd=ROOT,
+                          timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.ray
+def test_prune_survives_losing_a_node(tmp_path):
+    res = run_child(str(tmp_path))
     assert len(res["actor_nodes"]) == 2 and len(set(res["actor_nodes"])) == 2  # engine.placement=spread
     assert res["lost_node"] in res["actor_nodes"]
     assert res["retries"] >= 1 and res["replacements"] >= 1  # the lost actor's share ran again elsewhere
@@ -37,12 +42,7 @@ def test_prune_survives_losing_a_node(tmp_path):
 
 @pytest.mark.ray
 def test_sweep_losing_a_node_keeps_its_finished_trials(tmp_path):
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
-           "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, __file__, str(tmp_path), "sweep"], capture_output=True, text=True,
-                          env=env, cwd=ROOT, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    res = run_child(str(tmp_path), "sweep")
     assert res["finished_before_loss"], "no trial had finished when the node was removed"
     assert len(res["running_at_loss"]) == 2
     for tid, ppl in res["finished_before_loss"].items():  # kept as they were, not run again
