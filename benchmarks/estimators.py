@@ -156,7 +156,8 @@ class Bench:
 
 def run_estimator(bench: Bench, name: str, seed: int, args: argparse.Namespace, out_csv: Path) -> None:
     from probprune.config import load_config
-    from probprune.evaluators import LocalEvaluator
+    from probprune.engine.local import LocalEngine
+    from probprune.engine.tasks import input_stats
     from probprune.pipeline import build_policy
     from probprune.search import run_search
 
@@ -185,8 +186,9 @@ def run_estimator(bench: Bench, name: str, seed: int, args: argparse.Namespace, 
     cfg = load_config(arm.path, [*arm.overrides, f"search.steps={steps}", f"search.num_samples={k}",
                                  f"search.baseline={baseline}", f"search.sampling={sampling}", f"search.lr={lr}",
                                  f"seed={seed}"])
-    policy = build_policy(cfg, space, arm.init_probs, bench.session.adapter, bench.session.stats, bench.data)
-    evaluator = LocalEvaluator(bench.session.model, space, fast_path=True)
+    evaluator = LocalEngine(bench.session.model, space, fast_path=True)
+    stats = bench.session.stats or evaluator.run(input_stats, bench.session.init_blocks())
+    policy = build_policy(cfg, space, arm.init_probs, evaluator, stats)
     work = args.work / f"{name}_seed{seed}"
     fingerprint = json.dumps({**meta, "budget": args.budget, "eval_blocks": args.eval_blocks,
                               "mask": vars(arm.cfg.mask), "method": arm.cfg.search.method})

@@ -23,7 +23,7 @@ from _common import exact_mask  # noqa: E402
 from scaling import build  # noqa: E402
 
 from probprune.compaction import compact  # noqa: E402
-from probprune.evaluators import LocalEvaluator  # noqa: E402
+from probprune.engine.local import LocalEngine  # noqa: E402
 from probprune.fastpath import fast_forward_hidden  # noqa: E402
 from probprune.masked import masked_logits  # noqa: E402
 from probprune.models.adapter import get_adapter  # noqa: E402
@@ -53,7 +53,7 @@ def main() -> int:
     rng = np.random.default_rng(0)
     masks = np.stack([exact_mask(space, 0.5, rng) for _ in range(2)])
     batch = torch.randint(0, 49152, (8, 128), device=dev)
-    ev = LocalEvaluator(model, space, fast_path=True, threads=1)
+    ev = LocalEngine(model, space, fast_path=True, threads=1)
     for _ in range(3):
         ev.losses(masks, batch)
     torch.cuda.synchronize()

@@ -5,10 +5,10 @@ batch, for several repeats with a fresh batch and fresh masks each; rows are int
 other processes hits all of them alike, and the median after one warm-up round is reported.
 
 Rows:
-  local 1 thread      LocalEvaluator in this process, torch.set_num_threads(1)
+  local 1 thread      LocalEngine in this process, torch.set_num_threads(1)
   local 2 threads     the same with 2 threads
-  ray 1x1             RayEvaluator, 1 actor x 1 thread (what Ray costs over local 1 thread)
-  ray 2x1             RayEvaluator, 2 actors x 1 thread (K/2 masks each)
+  ray 1x1             RayEngine, 1 actor x 1 thread (what Ray costs over local 1 thread)
+  ray 2x1             RayEngine, 2 actors x 1 thread (K/2 masks each)
 
 Then a short search (``run_search``) on the 2-actor evaluator measures the driver's overhead per step: sampling and
 the policy update (``driver_seconds``) plus putting masks and batch into the object store (broadcast) plus the wait
@@ -33,7 +33,7 @@ import torch
 
 from probprune.config import EngineConfig, ModelConfig
 from probprune.data import CalibrationData
-from probprune.evaluators import LocalEvaluator
+from probprune.engine.local import LocalEngine
 from probprune.models import get_adapter
 from probprune.models.loading import load_model
 from probprune.policy import Policy, uniform_probs
@@ -57,7 +57,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    from probprune import distributed
+    from probprune.engine import ray as distributed
 
     load_before = os.getloadavg()
     torch.set_num_threads(2)
@@ -77,9 +77,9 @@ def main() -> None:
     def ray_engine(n: int) -> EngineConfig:
         return EngineConfig(kind="ray", num_actors=n, cpus_per_actor=1, threads=1, fast_path=args.fast_path)
 
-    local = LocalEvaluator(model, space, fast_path=args.fast_path)
-    ray1 = distributed.RayEvaluator(model_cfg, space, ray_engine(1))
-    ray2 = distributed.RayEvaluator(model_cfg, space, ray_engine(2))
+    local = LocalEngine(model, space, fast_path=args.fast_path)
+    ray1 = distributed.RayEngine(model_cfg, space, ray_engine(1))
+    ray2 = distributed.RayEngine(model_cfg, space, ray_engine(2))
 
     def local_threads(n: int):
         def run(masks, batch):

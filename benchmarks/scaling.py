@@ -69,7 +69,7 @@ def job_bench(size: str, args) -> dict:
     import torch
     from _common import PeakMemory, exact_mask, sync
 
-    from probprune.evaluators import LocalEvaluator
+    from probprune.engine.local import LocalEngine
 
     torch.set_num_threads(1)
     model, space = build(size, args.device)
@@ -77,7 +77,7 @@ def job_bench(size: str, args) -> dict:
     masks = np.stack([exact_mask(space, KEEP, rng) for _ in range(args.masks)])  # [K, N]
     batch = torch.randint(0, 49152, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(0))
     lm_head = model.config.vocab_size * model.config.hidden_size
-    ev = LocalEvaluator(model, space, fast_path=True, threads=1)
+    ev = LocalEngine(model, space, fast_path=True, threads=1)
     mem = PeakMemory(args.device)
 
     def dense():
@@ -162,7 +162,7 @@ def job_ray(folder: str, args) -> dict:
     import torch
     from _common import exact_mask
 
-    from probprune import distributed
+    from probprune.engine import ray as distributed
     from probprune.config import EngineConfig, ModelConfig
     from probprune.models.adapter import get_adapter
     from probprune.models.loading import load_skeleton
@@ -176,7 +176,7 @@ def job_ray(folder: str, args) -> dict:
     out = {}
     for n in (1, 2):
         engine = EngineConfig(kind="ray", num_actors=n, cpus_per_actor=1, threads=1)
-        with distributed.RayEvaluator(ModelConfig(name_or_path=folder, dtype="bfloat16"), space, engine) as ev:
+        with distributed.RayEngine(ModelConfig(name_or_path=folder, dtype="bfloat16"), space, engine) as ev:
             for k in (args.masks, 1):
                 ev.losses(masks[:k], batch)  # warm-up
                 times = []

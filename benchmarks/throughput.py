@@ -13,8 +13,8 @@ Three measurements per dtype, all on the same device:
                        the KV head groups and of the MLP channels
    ``FLOP bound`` = matmul parameters of the dense model (lm_head included) ÷ those of the pruned one.
    Target: gathered 50% ÷ dense ≥ 1.6.
-2. Evaluators (same work as one search step of K=--masks: the same exact-50% masks and batch): ``LocalEvaluator``
-   (fast path) in this process vs ``RayEvaluator`` with 1 and 2 actors, each actor with ``--threads`` threads (on
+2. Evaluators (same work as one search step of K=--masks: the same exact-50% masks and batch): ``LocalEngine``
+   (fast path) in this process vs ``RayEngine`` with 1 and 2 actors, each actor with ``--threads`` threads (on
    CUDA: every actor on the same GPU, so 2 actors only overlap their kernels). Ratios are ÷ local.
 3. Peak memory of a search ÷ peak memory of dense inference, each measured in its own child process that loads the
    model, builds the inputs, resets the peak, does that one thing and reports:
@@ -59,7 +59,7 @@ def child(args: argparse.Namespace) -> dict:
     import resource
 
     from probprune.data import CalibrationData
-    from probprune.evaluators import LocalEvaluator
+    from probprune.engine.local import LocalEngine
     from probprune.models import get_adapter
     from probprune.models.loading import load_model
     from probprune.policy import Policy, uniform_probs
@@ -82,7 +82,7 @@ def child(args: argparse.Namespace) -> dict:
     elif args.child == "search":
         policy = Policy(space, uniform_probs(space, 0.5), lr=2e-3, total_steps=args.search_steps, sparsity=0.5,
                         seed=args.seed)
-        evaluator = LocalEvaluator(model, space, fast_path=True)
+        evaluator = LocalEngine(model, space, fast_path=True)
         run_search(policy, evaluator, CalibrationData(blocks, seed=args.seed), steps=args.search_steps,
                    num_samples=2, batch_size=args.mem_batch, progress=False)
     peak = pm.peak()
@@ -132,9 +132,9 @@ def scoring(model, adapter, space, batch, masks, args, device) -> list[dict]:
 
 
 def evaluators(model, space, batch, masks, dtype, args, device) -> dict:
-    from probprune import distributed
+    from probprune.engine import ray as distributed
     from probprune.config import EngineConfig, ModelConfig
-    from probprune.evaluators import LocalEvaluator
+    from probprune.engine.local import LocalEngine
 
     cuda = device.type == "cuda"
     # 3 actors live at once (1 + 2); on CUDA the GPU shares are scheduling labels: every actor sees the whole GPU
@@ -145,8 +145,8 @@ def evaluators(model, space, batch, masks, dtype, args, device) -> dict:
         return EngineConfig(kind="ray", num_actors=n, cpus_per_actor=args.threads, threads=args.threads,
                             gpus_per_actor=(0.5 / n if cuda else 0.0), fast_path=True)
 
-    local = LocalEvaluator(model, space, fast_path=True)
-    rays = {n: distributed.RayEvaluator(model_cfg, space, engine(n)) for n in (1, 2)}
+    local = LocalEngine(model, space, fast_path=True)
+    rays = {n: distributed.RayEngine(model_cfg, space, engine(n)) for n in (1, 2)}
     rows = {"local": lambda: local.losses(masks, batch.cpu()),
             "ray 1 actor": lambda: rays[1].losses(masks, batch.cpu()),
             "ray 2 actors": lambda: rays[2].losses(masks, batch.cpu())}

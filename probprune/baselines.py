@@ -30,6 +30,7 @@ from torch import nn
 from .errors import UserError
 from .compaction import layout_entry
 from .masks import CHANNEL, HEAD, LAYER, MaskSpace
+from .models.adapter import get_adapter
 from .models.base import FamilyAdapter
 from .models.modeling_probprune import EmptyAttention, EmptyMLP
 from .projection import BUDGETS, _round_half_up, final_mask
@@ -258,6 +259,17 @@ def _bias_slot(adapter: FamilyAdapter, layer: int, which: str) -> tuple[nn.Modul
         return (attn, "o_bias") if isinstance(attn, EmptyAttention) else (adapter.attn_out(layer), "bias")
     mlp = adapter.mlp(layer)
     return (mlp, "down_bias") if isinstance(mlp, EmptyMLP) else (adapter.mlp_out(layer), "bias")
+
+
+class BiasCompensation:
+    """FLAP's bias compensation as an edit of a compacted model (``edit(pruned)``, in place): the
+    :func:`flap_bias_compensation` vectors added by :func:`apply_bias_compensation`."""
+
+    def __init__(self, comp: dict[int, dict[str, torch.Tensor]]):
+        self.comp = comp
+
+    def __call__(self, pruned: nn.Module) -> nn.Module:
+        return apply_bias_compensation(pruned, get_adapter(pruned), self.comp)
 
 
 @torch.no_grad()

@@ -31,15 +31,16 @@ def _setup(quiet: bool) -> None:
 
 def _cmd_prune(args) -> int:
     from .config import load_config
-    from .pipeline import format_summary, prune
+    from . import run_folder as rf
+    from .pipeline import prune
 
     cfg = load_config(args.config, args.overrides)
     if args.export_gguf is not None and args.export_gguf.is_dir():
         raise UserError(f"--export-gguf {args.export_gguf} is a folder; give the .gguf file to write")
     summary = prune(cfg, args.output, resume=args.resume, progress=not args.quiet)
-    print(format_summary(summary))
-    print(f"\nwrote {args.output}/model (load with probprune.load_pruned or AutoModelForCausalLM), summary.json, "
-          "masks.pt, metrics.jsonl, config.yaml")
+    print(rf.format_summary(summary))
+    print(f"\nwrote {args.output}/{rf.MODEL} (load with probprune.load_pruned or AutoModelForCausalLM), {rf.SUMMARY}, "
+          f"{rf.MASKS}, {rf.METRICS}, {rf.CONFIG}")
     if args.export_gguf is not None:
         from .export import export_gguf
 
@@ -50,7 +51,8 @@ def _cmd_prune(args) -> int:
 
 def _cmd_baseline(args) -> int:
     from .config import load_config
-    from .pipeline import format_summary, run_baseline
+    from .pipeline import run_baseline
+    from .run_folder import format_summary
 
     overrides = list(args.overrides) + [f"search.sparsity={args.sparsity}"]
     cfg = load_config(args.config, overrides)
@@ -200,7 +202,7 @@ def _on_sigterm(signum, frame) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parse(build_parser(), argv)
     _setup(getattr(args, "quiet", False))
-    signal.signal(signal.SIGTERM, _on_sigterm)  # kept across ray.init (probprune.distributed.connect restores it)
+    signal.signal(signal.SIGTERM, _on_sigterm)  # kept across ray.init (probprune.engine.ray.connect restores it)
     try:
         return args.func(args)
     except UserError as e:

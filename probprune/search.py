@@ -1,4 +1,4 @@
-"""The search loop: sample masks, score them with an evaluator, update the policy; checkpoint and resume.
+"""The search loop: sample masks, score them with an engine, update the policy; checkpoint and resume.
 
 The loop never knows where losses come from (this process or a Ray cluster). Batches depend only on (seed, step)
 and the policy's generator state is checkpointed, so a resumed run ends with exactly the probabilities of an
@@ -10,25 +10,20 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from .data import CalibrationData
-from .errors import UserError
-from .evaluators import Evaluator
+from .run_folder import CHECKPOINT, METRICS, load_checkpoint, save_checkpoint, trim_metrics
+from .engine import Engine
 from .policy import Policy
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT_NAME = "search_checkpoint.pt"
-
 
 @dataclass
 class SearchResult:
@@ -39,96 +34,14 @@ class SearchResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     forwards: int = 0  # masks scored (each on one batch)
     wall_seconds: float = 0.0
-    eval_seconds: float = 0.0  # time inside the evaluator
+    eval_seconds: float = 0.0  # time inside the engine
     dropped_samples: int = 0
     resumed_from_step: int = 0
 
 
-def save_checkpoint(path: Path, policy: Policy, extra: dict[str, Any] | None = None) -> None:
-    """Write the search state atomically (temp file + rename): a crash never leaves a half-written checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save({"policy": policy.state_dict(), "extra": extra or {}}, tmp)
-    os.replace(tmp, path)
-
-
-def _read_checkpoint(path: Path) -> dict[str, Any]:
-    """The checkpoint's contents, read with ``weights_only=True``: tensors, numbers, strings and containers only, so
-    a checkpoint that came from elsewhere cannot run code when it is loaded (a pickle that tries is refused, its
-    payload never runs).
-
-    Raises:
-        UserError: the file is unreadable, corrupt or not a probprune checkpoint.
-    """
-    try:
-        state = torch.load(path, weights_only=True)
-    except Exception as err:  # noqa: BLE001 - corrupt, truncated, or a pickle with code in it
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(
-            f"--resume: cannot read the search checkpoint {path} ({type(err).__name__}: {first[:200]}); it is corrupt "
-            "or not a probprune checkpoint, and only tensors, numbers and strings are ever loaded from it. Delete it "
-            "to start the search over, or choose another --output"
-        ) from None
-    if not isinstance(state, dict) or not isinstance(state.get("policy"), dict):
-        raise UserError(f"--resume: {path} is not a probprune search checkpoint (no policy state in it); delete it to "
-                        "start the search over, or choose another --output")
-    return state
-
-
-def checkpoint_fingerprint(path: Path) -> str | None:
-    """The fingerprint a checkpoint was written with (None if it has none), read safely (:func:`_read_checkpoint`)."""
-    extra = _read_checkpoint(path).get("extra", {})
-    return extra.get("fingerprint") if isinstance(extra, dict) else None
-
-
-def load_checkpoint(path: Path, policy: Policy, fingerprint: str | None = None) -> dict[str, Any]:
-    """Restore ``policy`` from a checkpoint; refuse one written for another search (different fingerprint).
-
-    Raises:
-        UserError: the file is unreadable, corrupt, not a probprune checkpoint (:func:`_read_checkpoint`), or from
-            another search.
-    """
-    state = _read_checkpoint(path)
-    saved = state.get("extra", {}).get("fingerprint")
-    if fingerprint is not None and saved is not None and saved != fingerprint:
-        raise UserError(
-            f"--resume: checkpoint {path} belongs to a different search (model, data, mask space or search settings "
-            "differ); use another --output or drop --resume"
-        )
-    policy.load_state_dict(state["policy"])
-    return state.get("extra", {})
-
-
-def _metric_step(line: str) -> int | None:
-    """The step of one metrics line, or None for a torn or foreign line (e.g. the disk filled up mid-append)."""
-    try:
-        rec = json.loads(line)
-    except ValueError:
-        return None
-    return rec.get("step", 0) if isinstance(rec, dict) else None
-
-
-def _trim_metrics(path: Path, upto_step: int) -> None:
-    """Keep only metric lines of steps <= upto_step (a resumed run rewrites the steps after its checkpoint).
-
-    A line that is not a JSON object (a write torn by a full disk or a kill) is dropped with a warning, not fatal.
-    """
-    if not path.exists():
-        return
-    lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
-    steps = [_metric_step(ln) for ln in lines]
-    torn = sum(st is None for st in steps)
-    if torn:
-        log.warning("metrics: dropped %d unreadable line(s) of %s (a write that did not finish)", torn, path)
-    keep = [ln for ln, st in zip(lines, steps) if st is not None and st <= upto_step]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(ln + "\n" for ln in keep))
-    os.replace(tmp, path)
-
-
 def run_search(
     policy: Policy,
-    evaluator: Evaluator,
+    engine: Engine,
     data: CalibrationData,
     *,
     steps: int,
@@ -147,7 +60,7 @@ def run_search(
 
     Args:
         policy: the policy (its ``total_steps`` sets the lr schedule; normally equal to ``steps``).
-        evaluator: turns ``[K, N]`` masks and a ``[B, T]`` batch into ``[K]`` losses.
+        engine: turns ``[K, N]`` masks and a ``[B, T]`` batch into ``[K]`` losses.
         data: calibration blocks; step t uses ``data.batch(t, batch_size)`` (same batch for all K masks).
         steps: total steps of the search.
         num_samples: K masks per step.
@@ -164,15 +77,15 @@ def run_search(
         :class:`SearchResult` with the final deterministic mask.
     """
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    ckpt = ckpt_dir / CHECKPOINT_NAME if ckpt_dir else None
-    metrics = ckpt_dir / "metrics.jsonl" if ckpt_dir else None
+    ckpt = ckpt_dir / CHECKPOINT if ckpt_dir else None
+    metrics = ckpt_dir / METRICS if ckpt_dir else None
     start = 0
     if ckpt_dir is not None:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
     if resume and ckpt is not None and ckpt.exists():
         load_checkpoint(ckpt, policy, fingerprint)
         start = policy.step_count
-        _trim_metrics(metrics, start)
+        trim_metrics(metrics, start)
         log.info("resumed search from step %d", start)
     elif metrics is not None and metrics.exists():
         metrics.unlink()
@@ -185,7 +98,7 @@ def run_search(
         masks = policy.sample(num_samples)  # [K, N]
         batch = data.batch(step, batch_size)  # [B, T]
         t1 = time.perf_counter()
-        losses = evaluator.losses(masks.numpy(), batch)  # [K]
+        losses = engine.losses(masks.numpy(), batch)  # [K]
         t2 = time.perf_counter()
         stats = policy.step(masks, losses)
         t3 = time.perf_counter()

@@ -1,7 +1,7 @@
 """Sweeps without Ray: trial configs from a :class:`~probprune.config.SweepConfig`, the results table, its Pareto front,
 a plot, and the best trial's config per sparsity target.
 
-Ray Tune runs the trials (:func:`probprune.distributed.tune.run_sweep`); everything here is plain Python, pandas and
+Ray Tune runs the trials (:func:`probprune.engine.ray.tune.run_sweep`); everything here is plain Python, pandas and
 matplotlib, so it is unit-tested on hand-made tables and reused on any table of finished trials::
 
     SweepConfig ──search_space()──> {dotted key: Grid | LogUniform}  ──(Tune param_space)──> one search per point
@@ -35,6 +35,7 @@ import yaml
 
 from .config import Config, SweepConfig, config_from_dict, config_to_dict
 from .errors import UserError
+from .files import write_atomic
 from .files import write_text_atomic
 
 __all__ = [
@@ -174,7 +175,7 @@ def column_name(key: str) -> str:
 def results_table(records: Iterable[Mapping[str, Any]], param_keys: Sequence[str]) -> pd.DataFrame:
     """One row per trial, from records ``{"trial_id", "status", "params": {dotted: value}, "metrics": {...}}``.
 
-    ``metrics`` is the trial's last report (see :func:`probprune.distributed.tune.run_sweep`): a finished trial's has
+    ``metrics`` is the trial's last report (see :func:`probprune.engine.ray.tune.run_sweep`): a finished trial's has
     ``final=True``, ``ppl_<len>`` (held-out PPL per window), ``prunable_sparsity``, ``total_sparsity``, ``dense_ppl``,
     ``init_ppl``, ``params_total``, ``wall_seconds``; every report has ``step`` and ``calib_loss``.
 
@@ -391,9 +392,7 @@ def write_results(df: pd.DataFrame, base: Config, param_keys: Sequence[str], out
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     csv = out / "results.csv"
-    tmp = out / ".results.csv.tmp"
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, csv)
+    write_atomic(csv, lambda tmp: df.to_csv(tmp, index=False))
     front = pareto_front(df)
     best = best_configs(df, base, param_keys, out / "best")
     png = plot_front(df, front, out / "pareto.png", title=f"{base.name}: {len(_finished(df, 'prunable_sparsity', 'ppl'))}"

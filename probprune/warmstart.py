@@ -28,7 +28,7 @@ import torch
 
 from . import projection
 from .errors import UserError
-from .evaluators import Evaluator
+from .engine import Engine
 from .masks import MaskSpace
 from .models.base import FamilyAdapter
 
@@ -91,15 +91,15 @@ def candidate_masks(
 
 
 def check_losses(
-    evaluator: Evaluator, masks: np.ndarray, check: torch.Tensor, batch_size: int
+    engine: Engine, masks: np.ndarray, check: torch.Tensor, batch_size: int
 ) -> np.ndarray:
     """Mean next-token cross-entropy of each mask over all check blocks.
 
     Args:
-        evaluator: any :class:`~probprune.evaluators.Evaluator` (local or Ray).
+        engine: any :class:`~probprune.engine.Engine` (local or Ray).
         masks: ``[K, N]`` 0/1 masks.
         check: ``[n, T]`` check blocks.
-        batch_size: blocks per evaluator call.
+        batch_size: blocks per engine call.
 
     Returns:
         ``[K]`` float64: the token-weighted mean over the check blocks (every block has T tokens).
@@ -108,7 +108,7 @@ def check_losses(
     total = np.zeros(masks.shape[0], dtype=np.float64)
     for lo in range(0, check.shape[0], batch_size):
         rows = check[lo : lo + batch_size]  # [b, T]
-        total += np.asarray(evaluator.losses(masks, rows, objective="ce"), dtype=np.float64) * rows.shape[0]
+        total += np.asarray(engine.losses(masks, rows, objective="ce"), dtype=np.float64) * rows.shape[0]
     return total / check.shape[0]
 
 
@@ -132,7 +132,7 @@ def warm_probs(space: MaskSpace, mask: np.ndarray, mix: float, sparsity: float, 
 
 
 def choose_start(
-    evaluator: Evaluator,
+    engine: Engine,
     candidates: dict[str, np.ndarray],
     check: torch.Tensor,
     batch_size: int,
@@ -147,7 +147,7 @@ def choose_start(
         The :class:`WarmStart`.
     """
     names = list(candidates)
-    losses = check_losses(evaluator, np.stack([candidates[n] for n in names]), check, batch_size)  # [C]
+    losses = check_losses(engine, np.stack([candidates[n] for n in names]), check, batch_size)  # [C]
     best = int(np.argmin(losses))
     table = {n: float(v) for n, v in zip(names, losses)}
     log.info("warm start: check-set loss %s; starting from %s",
@@ -157,14 +157,14 @@ def choose_start(
 
 
 def choose_final(
-    evaluator: Evaluator, final: np.ndarray, start: np.ndarray, check: torch.Tensor, batch_size: int
+    engine: Engine, final: np.ndarray, start: np.ndarray, check: torch.Tensor, batch_size: int
 ) -> tuple[np.ndarray, dict[str, float | str]]:
     """The search's final mask or its start, whichever has the lower check-set loss (ties: the search's).
 
     Returns:
         ``(mask, record)`` with record ``{"search_loss", "start_loss", "returned": "search" | "start"}``.
     """
-    search_loss, start_loss = check_losses(evaluator, np.stack([final, start]), check, batch_size)
+    search_loss, start_loss = check_losses(engine, np.stack([final, start]), check, batch_size)
     returned = "search" if search_loss <= start_loss else "start"
     log.info("check set: search result %.4f, start %.4f: returning the %s", search_loss, start_loss, returned)
     record = {"search_loss": float(search_loss), "start_loss": float(start_loss), "returned": returned}

@@ -21,7 +21,8 @@ from pathlib import Path
 
 from probprune.config import load_config, validate_config
 from probprune.errors import UserError
-from probprune.pipeline import format_summary, prune
+from probprune.pipeline import prune
+from probprune.run_folder import format_summary
 
 SMOKE_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny" / "smoke.yaml"
 

@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         cfg = load_config(args.config, args.overrides)
-        from probprune.distributed.tune import run_sweep
+        from probprune.engine.ray.tune import run_sweep
         from probprune.sweep import format_table, num_trials, pareto_front, search_space
 
         if cfg.sweep is not None:

@@ -13,7 +13,7 @@ from probprune.allocation import AllocationPolicy
 from probprune.baselines import uniform_per_layer_mask
 from probprune.data import CalibrationData
 from probprune.errors import ConfigError, UserError
-from probprune.evaluators import LocalEvaluator
+from probprune.engine.local import LocalEngine
 from probprune.masks import CHANNEL, HEAD, LAYER, LayerShape, MaskSpace
 from probprune.models import get_adapter, tiny_model
 from probprune.policy import Policy, uniform_probs
@@ -277,7 +277,7 @@ def test_run_search_drives_the_allocation_policy_and_resumes(tmp_path):
 
     def run(out, **kw):
         p = AllocationPolicy(space, scores, lr=0.1, total_steps=6, sparsity=0.5, seed=2)
-        ev = LocalEvaluator(model, space, fast_path=False)
+        ev = LocalEngine(model, space, fast_path=False)
         return run_search(p, ev, data, steps=6, num_samples=2, batch_size=2, checkpoint_dir=out, checkpoint_every=2,
                           progress=False, fingerprint="fp", **kw)
 

@@ -21,7 +21,8 @@ import torch
 from probprune.config import EngineConfig, ModelConfig, load_config
 from probprune.data import CalibrationData
 from probprune.errors import UserError
-from probprune.evaluators import LocalEvaluator, build_evaluator
+from probprune.engine import build_engine
+from probprune.engine.local import LocalEngine
 from probprune.models.adapter import get_adapter
 from probprune.models.loading import load_model
 from probprune.policy import Policy, uniform_probs
@@ -51,15 +52,15 @@ def tiny():
 @pytest.fixture(scope="module")
 def local(tiny):
     model, space, _ = tiny
-    return LocalEvaluator(model, space, fast_path=False)
+    return LocalEngine(model, space, fast_path=False)
 
 
 @pytest.fixture(scope="module")
 def ray_ev(ray_cluster, tiny):
-    from probprune.distributed import RayEvaluator
+    from probprune.engine.ray import RayEngine
 
     _, space, _ = tiny
-    ev = RayEvaluator(ModelConfig(name_or_path="tiny:llama"), space, engine())
+    ev = RayEngine(ModelConfig(name_or_path="tiny:llama"), space, engine())
     yield ev
     ev.close()
 
@@ -88,7 +89,7 @@ def local_probs(tiny, local) -> np.ndarray:
 
 
 class KillBeforeCall:
-    """Evaluator wrapper: kills one actor of a RayEvaluator just before its ``at_call``-th call."""
+    """Evaluator wrapper: kills one actor of a RayEngine just before its ``at_call``-th call."""
 
     def __init__(self, inner, at_call: int, slot: int = 0, no_restart: bool = False):
         self.inner, self.at_call, self.slot, self.no_restart = inner, at_call, slot, no_restart
@@ -99,7 +100,7 @@ class KillBeforeCall:
 
         self.calls += 1
         if self.calls == self.at_call:
-            ray.kill(self.inner._actors[self.slot], no_restart=self.no_restart)
+            ray.kill(self.inner._pool._actors[self.slot], no_restart=self.no_restart)
         return self.inner.losses(masks, batch)
 
     def close(self):
@@ -108,7 +109,7 @@ class KillBeforeCall:
 
 # ------------------------------------------------------------------------------------------------ no cluster needed
 def test_split_work_keeps_every_actor_busy():
-    from probprune.distributed import split_work
+    from probprune.engine.ray import split_work
 
     assert split_work(8, 4, 4) == [(2 * i, 2 * i + 2, 0, 4) for i in range(4)]  # K >= actors: masks split
     assert split_work(2, 8, 8) == [(j, j + 1, 2 * r, 2 * r + 2) for j in range(2) for r in range(4)]  # K=2 on 8
@@ -123,7 +124,7 @@ def test_split_work_keeps_every_actor_busy():
 
 
 def test_split_shares():
-    from probprune.distributed import split_shares
+    from probprune.engine.tasks import split_shares
 
     assert split_shares(3, 2) == [(0, 2), (2, 3)]
     assert split_shares(8, 3) == [(0, 3), (3, 6), (6, 8)]
@@ -134,22 +135,22 @@ def test_split_shares():
 def test_missing_ray_gives_clear_message(monkeypatch, tiny):
     model, space, _ = tiny
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError
-    for name in ("probprune.distributed", "probprune.distributed.actors", "probprune.distributed.tune"):
+    for name in [m for m in sys.modules if m.startswith("probprune.engine.ray")]:
         monkeypatch.delitem(sys.modules, name, raising=False)
     with pytest.raises(ImportError):
-        importlib.import_module("probprune.distributed")
+        importlib.import_module("probprune.engine.ray")
     cfg = load_config(None, ["engine.kind=ray"])
     with pytest.raises(UserError, match=r"engine.kind=ray needs Ray: pip install 'probprune\[ray\]'.*engine.kind=local"):
-        build_evaluator(cfg, model, space)
+        build_engine(cfg, model, space)
     # the local engine and the rest of the library do not need Ray
     cfg = load_config(None, ["engine.kind=local", "engine.fast_path=false"])
-    assert isinstance(build_evaluator(cfg, model, space), LocalEvaluator)
+    assert isinstance(build_engine(cfg, model, space), LocalEngine)
 
 
-def test_only_the_distributed_package_imports_ray():
+def test_only_the_ray_engine_imports_ray():
     offenders = []
     for path in sorted((ROOT / "probprune").rglob("*.py")):
-        if path.parent.name == "distributed":
+        if path.parent == ROOT / "probprune" / "engine" / "ray":
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
@@ -161,8 +162,8 @@ def test_only_the_distributed_package_imports_ray():
 
 def test_actors_do_not_import_the_pipeline_or_tune():
     """The actor pool is the bottom layer: importing it loads neither the pipeline nor Tune (no import cycle)."""
-    code = ("import sys, probprune.distributed.actors; "
-            "print(sorted(m for m in sys.modules if m in ('probprune.pipeline', 'probprune.distributed.tune', "
+    code = ("import sys, probprune.engine.ray.engine; "
+            "print(sorted(m for m in sys.modules if m in ('probprune.pipeline', 'probprune.engine.ray.tune', "
             "'ray.tune')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]"
@@ -174,7 +175,7 @@ def test_device_map_replica_local(tiny, local):
     assert split.hf_device_map == TINY_DEVICE_MAP
     masks = random_masks(space, 3, seed=3)
     batch = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(3))
-    np.testing.assert_allclose(LocalEvaluator(split, space, fast_path=False).losses(masks, batch),
+    np.testing.assert_allclose(LocalEngine(split, space, fast_path=False).losses(masks, batch),
                                local.losses(masks, batch), rtol=0, atol=1e-6)
 
 
@@ -191,13 +192,13 @@ def test_cpu_actors_see_no_gpu_and_use_their_threads(ray_ev):
 
 @pytest.mark.ray
 def test_gpu_request_on_cpu_cluster_is_rejected(ray_cluster, tiny):
-    from probprune.distributed import RayEvaluator
+    from probprune.engine.ray import RayEngine
 
     _, space, _ = tiny
     with pytest.raises(UserError, match=r"engine.gpus_per_actor=1: no node of the Ray cluster has that much"):
-        RayEvaluator(ModelConfig(name_or_path="tiny:llama", device="cuda"), space, engine(gpus_per_actor=1))
+        RayEngine(ModelConfig(name_or_path="tiny:llama", device="cuda"), space, engine(gpus_per_actor=1))
     with pytest.raises(UserError, match=r"model.device='cuda' but engine.gpus_per_actor=0"):
-        RayEvaluator(ModelConfig(name_or_path="tiny:llama", device="cuda"), space, engine())
+        RayEngine(ModelConfig(name_or_path="tiny:llama", device="cuda"), space, engine())
 
 
 @pytest.mark.ray
@@ -244,7 +245,7 @@ def test_retries_are_bounded(ray_ev, local, tiny):
     want = local.losses(masks, batch)
     ray_ev.max_retries = 0
     try:
-        victim = ray_ev._actors[ray_ev._live_slots()[0]]
+        victim = ray_ev._pool._actors[ray_ev._pool.live_slots()[0]]
         ray.kill(victim, no_restart=True)
         # the share sent to the dead actor fails and may not be retried
         with pytest.raises(RuntimeError, match=r"failed 1 time\(s\), each on an actor that died \(engine.max_retries=0\)"):
@@ -257,12 +258,12 @@ def test_retries_are_bounded(ray_ev, local, tiny):
 
 @pytest.mark.ray
 def test_device_map_replica_on_actor(ray_cluster, tiny, local):
-    from probprune.distributed import RayEvaluator
+    from probprune.engine.ray import RayEngine
 
     _, space, _ = tiny
     masks = random_masks(space, 3, seed=4)
     batch = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(4))
-    with RayEvaluator(ModelConfig(name_or_path="tiny:llama", device_map=TINY_DEVICE_MAP), space,
+    with RayEngine(ModelConfig(name_or_path="tiny:llama", device_map=TINY_DEVICE_MAP), space,
                       engine(num_actors=1)) as ev:
         assert ev.actor_info()[0]["device_map"] == TINY_DEVICE_MAP
         np.testing.assert_allclose(ev.losses(masks, batch), local.losses(masks, batch), rtol=0, atol=1e-6)
@@ -274,11 +275,11 @@ def test_device_map_replica_on_actor(ray_cluster, tiny, local):
 
 @pytest.mark.ray
 def test_bad_model_path_on_actor_is_a_user_error(ray_cluster, tiny):
-    from probprune.distributed import RayEvaluator
+    from probprune.engine.ray import RayEngine
 
     _, space, _ = tiny
     with pytest.raises(UserError, match="model.name_or_path: unknown tiny model 'tiny:nope'"):
-        RayEvaluator(ModelConfig(name_or_path="tiny:nope"), space, engine(num_actors=1))
+        RayEngine(ModelConfig(name_or_path="tiny:nope"), space, engine(num_actors=1))
 
 
 @pytest.mark.ray
@@ -308,20 +309,20 @@ def test_ray_job_smoke_test(ray_cluster, tmp_path, capsys):
 
 @pytest.mark.ray
 def test_kl_objective_and_check_set_losses_on_actors_equal_local(ray_cluster, tiny):
-    from probprune.distributed import RayEvaluator
+    from probprune.engine.ray import RayEngine
 
     model, space, _ = tiny
     masks = random_masks(space, 3, seed=2)
     masks[0] = space.full_mask()
     batch = torch.randint(0, 256, (B, 16), generator=torch.Generator().manual_seed(3))
-    local_kl = LocalEvaluator(model, space, fast_path=True, objective="kl")
-    with RayEvaluator(ModelConfig(name_or_path="tiny:llama"), space, engine(fast_path=True), objective="kl") as ev:
+    local_kl = LocalEngine(model, space, fast_path=True, objective="kl")
+    with RayEngine(ModelConfig(name_or_path="tiny:llama"), space, engine(fast_path=True), objective="kl") as ev:
         got = ev.losses(masks, batch)  # each actor computes the dense log-probs of the batch once
         np.testing.assert_allclose(got, local_kl.losses(masks, batch), rtol=0, atol=1e-6)
         assert got[0] == 0.0 and (got[1:] > 0).all()
         # the check set is scored by cross-entropy whatever the search's objective
         np.testing.assert_allclose(ev.losses(masks, batch, objective="ce"),
-                                   LocalEvaluator(model, space, fast_path=True).losses(masks, batch),
+                                   LocalEngine(model, space, fast_path=True).losses(masks, batch),
                                    rtol=0, atol=1e-6)
 
 
@@ -344,7 +345,9 @@ def test_prune_on_actors_loads_no_model_on_the_driver(ray_cluster, tmp_path, mon
     def no_weights_on_the_driver(*args, **kwargs):
         raise AssertionError("the driver loaded a model")
 
-    monkeypatch.setattr(pipeline, "load_model", no_weights_on_the_driver)
+    from probprune.models import loading
+
+    monkeypatch.setattr(loading, "load_model", no_weights_on_the_driver)  # nothing in this process may load weights
     ray_cfg = apply_overrides(base, ["engine.kind=ray", "engine.num_actors=2", "engine.cpus_per_actor=0.5",
                                      "engine.threads=1"])
     ray_summary = pipeline.prune(ray_cfg, tmp_path / "ray", progress=False)

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from probprune.config import load_config
-from probprune.evaluators import Evaluator, LocalEvaluator, build_evaluator
+from probprune.engine import build_engine
+from probprune.engine.local import LocalEngine
 from probprune.models import get_adapter, tiny_model
 
 
@@ -22,22 +23,22 @@ def _setup(kind="llama"):
 @pytest.mark.parametrize("kind", ["llama", "phi3"])
 def test_fast_path_and_reference_give_the_same_losses(kind):
     model, space, masks, batch = _setup(kind)
-    fast = LocalEvaluator(model, space, fast_path=True).losses(masks, batch)
-    ref = LocalEvaluator(model, space, fast_path=False, max_rows=2).losses(masks, batch)
+    fast = LocalEngine(model, space, fast_path=True).losses(masks, batch)
+    ref = LocalEngine(model, space, fast_path=False, max_rows=2).losses(masks, batch)
     assert fast.dtype == np.float64 and fast.shape == (3,)
     np.testing.assert_allclose(fast, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_kl_objective_is_zero_for_the_dense_mask_and_its_teacher_is_cached_per_batch():
     model, space, masks, batch = _setup()
-    ev = LocalEvaluator(model, space, objective="kl")
+    ev = LocalEngine(model, space, objective="kl")
     kl = ev.losses(masks, batch)
     assert kl[0] == pytest.approx(0.0, abs=1e-6) and np.all(kl[1:] > 1e-4)
     first = ev.teacher(batch)
     assert ev.teacher(batch) is first  # the same batch: computed once
     assert ev.teacher(batch[:, :8]) is not first  # another batch: recomputed
     ce = ev.losses(masks, batch, objective="ce")  # a per-call override
-    np.testing.assert_allclose(ce, LocalEvaluator(model, space).losses(masks, batch), rtol=0, atol=0)
+    np.testing.assert_allclose(ce, LocalEngine(model, space).losses(masks, batch), rtol=0, atol=0)
     ev.close()
     assert ev._teacher is None
 
@@ -45,19 +46,20 @@ def test_kl_objective_is_zero_for_the_dense_mask_and_its_teacher_is_cached_per_b
 def test_bad_objectives_are_refused():
     model, space, masks, batch = _setup()
     with pytest.raises(ValueError, match="objective must be one of 'ce', 'kl', got 'mse'"):
-        LocalEvaluator(model, space, objective="mse")
+        LocalEngine(model, space, objective="mse")
     with pytest.raises(ValueError, match="fast path"):
-        LocalEvaluator(model, space, fast_path=False, objective="kl")
+        LocalEngine(model, space, fast_path=False, objective="kl")
     with pytest.raises(ValueError, match="fast path"):
-        LocalEvaluator(model, space, fast_path=False).losses(masks, batch, objective="kl")
+        LocalEngine(model, space, fast_path=False).losses(masks, batch, objective="kl")
 
 
-def test_build_evaluator_follows_the_engine_config():
+def test_build_engine_follows_the_engine_config():
     cfg = load_config("configs/tiny/smoke.yaml")
     model, space, masks, batch = _setup()
-    ev = build_evaluator(cfg, model, space)
-    assert isinstance(ev, LocalEvaluator) and isinstance(ev, Evaluator)
+    ev = build_engine(cfg, model, space)
+    assert type(ev) is LocalEngine and ev.holds_weights and ev.num_replicas == 1
     assert ev.fast_path is cfg.engine.fast_path and ev.objective == cfg.search.objective
     assert ev.busy_seconds == 0.0
-    ev.losses(masks, batch)
+    np.testing.assert_array_equal(ev.losses(masks, batch), LocalEngine(model, space, fast_path=cfg.engine.fast_path,
+                                                                      objective=cfg.search.objective).losses(masks, batch))
     assert ev.busy_seconds > 0.0

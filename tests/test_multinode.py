@@ -62,7 +62,7 @@ def sweep_main(out: Path) -> int:
     from ray.cluster_utils import Cluster
 
     from probprune.config import load_config
-    from probprune.distributed.tune import run_sweep
+    from probprune.engine.ray.tune import run_sweep
 
     cluster = Cluster(initialize_head=True, connect=True,
                       head_node_args={"num_cpus": 0, "object_store_memory": 80 * 1024**2})
@@ -121,7 +121,7 @@ def main(out: Path) -> int:
 
     from probprune import pipeline
     from probprune.config import apply_overrides, load_config
-    from probprune.distributed import actors
+    from probprune.engine.ray import engine as actors
 
     torch.set_num_threads(1)
     base = apply_overrides(load_config(ROOT / "configs" / "tiny" / "smoke.yaml"),
@@ -133,19 +133,19 @@ def main(out: Path) -> int:
     workers = [cluster.add_node(num_cpus=2, object_store_memory=80 * 1024**2) for _ in range(2)]
     cluster.wait_for_nodes()
     evaluators = []
-    init = actors.RayEvaluator.__init__
+    init = actors.RayEngine.__init__
 
     def remember(self, *args, **kwargs):
         init(self, *args, **kwargs)
         evaluators.append(self)
 
-    actors.RayEvaluator.__init__ = remember
+    actors.RayEngine.__init__ = remember
     found: dict = {}
 
     def lose_a_node(stats):
         if stats["step"] == LOSE_AT_STEP:
             ev = evaluators[-1]
-            found["actor_nodes"] = [info["node"] for info in ev._info]
+            found["actor_nodes"] = [info["node"] for info in ev._pool._info]
             victim = workers[1]
             found["lost_node"] = victim.node_id
             cluster.remove_node(victim)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from probprune import pipeline
+from probprune.run_folder import format_summary
 from probprune.allocation import AllocationPolicy
 from probprune.config import apply_overrides, load_config
 from probprune.errors import UserError
@@ -41,7 +42,7 @@ def test_initial_probs_meet_the_budget_and_build_the_policy(method, cls):
     for t in np.unique(s.space.unit_type):
         sel = s.space.unit_type == t
         assert probs[sel].sum() == pytest.approx(0.5 * sel.sum(), rel=1e-6)
-    policy = pipeline.build_policy(cfg, s.space, probs, s.adapter, s.stats, s.calib)
+    policy = pipeline.build_policy(cfg, s.space, probs, s.engine, s.stats)
     assert isinstance(policy, cls)
     mask = pipeline.final_mask(cfg, s.space, policy.probs if method == "units" else probs)
     for t in np.unique(s.space.unit_type):
@@ -68,6 +69,6 @@ def test_the_fingerprint_changes_with_what_changes_the_search():
 
 def test_the_results_table_has_a_row_per_model(tmp_path):
     summary = pipeline.run_baseline(_cfg("eval.max_tokens=512"), "magnitude", tmp_path / "b", progress=False)
-    table = pipeline.format_summary(summary)
+    table = format_summary(summary)
     assert table.splitlines()[0].startswith("| model | params |") and "| dense |" in table
     assert "| magnitude |" in table and "PPL@32" in table

@@ -7,10 +7,11 @@ import torch
 
 from probprune.data import CalibrationData
 from probprune.errors import UserError
-from probprune.evaluators import LocalEvaluator
+from probprune.engine.local import LocalEngine
 from probprune.models import get_adapter, tiny_model
 from probprune.policy import Policy, uniform_probs
-from probprune.search import CHECKPOINT_NAME, run_search
+from probprune.run_folder import CHECKPOINT as CHECKPOINT_NAME
+from probprune.search import run_search
 
 
 def _setup(seed=0):
@@ -24,7 +25,7 @@ def _setup(seed=0):
 
 def _run(tmp, **kw):
     model, space, data, policy = _setup()
-    ev = LocalEvaluator(model, space, fast_path=False)
+    ev = LocalEngine(model, space, fast_path=False)
     return run_search(policy, ev, data, steps=8, num_samples=3, batch_size=2, checkpoint_dir=tmp,
                       checkpoint_every=2, progress=False, fingerprint="fp", **kw)
 
@@ -47,7 +48,7 @@ def test_resume_refuses_a_checkpoint_of_another_search(tmp_path):
     _run(tmp_path, stop_after=2)
     model, space, data, policy = _setup()
     with pytest.raises(UserError, match="belongs to a different search"):
-        run_search(policy, LocalEvaluator(model, space, fast_path=False), data, steps=8, num_samples=3,
+        run_search(policy, LocalEngine(model, space, fast_path=False), data, steps=8, num_samples=3,
                    batch_size=2, checkpoint_dir=tmp_path, resume=True, fingerprint="other", progress=False)
 
 
@@ -76,7 +77,7 @@ class _FlakyEvaluator:
 
 def test_non_finite_losses_are_dropped_and_counted():
     model, space, data, policy = _setup()
-    res = run_search(policy, _FlakyEvaluator(LocalEvaluator(model, space, fast_path=False)), data, steps=4,
+    res = run_search(policy, _FlakyEvaluator(LocalEngine(model, space, fast_path=False)), data, steps=4,
                      num_samples=3, batch_size=2, progress=False)
     assert res.dropped_samples == 4
     assert torch.isfinite(res.policy.probs).all()
@@ -154,7 +155,7 @@ def test_stale_tune_checkpoint_folders_of_dead_processes_are_removed(tmp_path, m
     import sys
     import tempfile
 
-    from probprune.distributed.tune import _remove_stale_checkpoint_dirs
+    from probprune.engine.ray.tune import _remove_stale_checkpoint_dirs
 
     monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path))
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)

@@ -183,7 +183,7 @@ def _assert_is_front(df: pd.DataFrame, front: pd.DataFrame) -> None:
 @pytest.fixture(scope="module")
 def smoke_sweep(ray_cluster, tmp_path_factory):
     """The --smoke-test sweep (2 lrs x 2 sparsities) on the shared Ray instance: (config, output folder, table)."""
-    from probprune.distributed.tune import run_sweep
+    from probprune.engine.ray.tune import run_sweep
 
     tmp = tmp_path_factory.mktemp("sweep")
     cfg = load_config(SMOKE_SWEEP, [f"sweep.storage_path={tmp / 'tune'}"])
@@ -236,7 +236,7 @@ def test_smoke_sweep_best_config_loads_and_runs(smoke_sweep, tmp_path):
 
 @pytest.mark.ray
 def test_interrupted_sweep_resumes_from_checkpoints(smoke_sweep, tmp_path, capfd):
-    from probprune.distributed.tune import run_sweep
+    from probprune.engine.ray.tune import run_sweep
 
     _, _, smoke_df = smoke_sweep
     cfg = load_config(SMOKE_SWEEP, [f"sweep.storage_path={tmp_path / 'tune'}", "sweep.lr=[0.05]",
@@ -266,7 +266,7 @@ def test_sweep_user_errors(tmp_path, monkeypatch):
     pytest.importorskip("ray")
     import importlib.util
 
-    from probprune.distributed.tune import run_sweep
+    from probprune.engine.ray.tune import run_sweep
 
     with pytest.raises(UserError, match="the config has no 'sweep' section"):
         run_sweep(load_config(ROOT / "configs" / "tiny" / "smoke.yaml"), tmp_path / "a")

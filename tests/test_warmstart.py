@@ -13,7 +13,7 @@ from probprune.compaction import compact, save_pruned
 from probprune.models.loading import load_pruned
 from probprune.config import load_config
 from probprune.errors import ConfigError
-from probprune.evaluators import LocalEvaluator
+from probprune.engine.local import LocalEngine
 from probprune.masked import masked_logits
 from probprune.masks import CHANNEL, HEAD
 from probprune.models import get_adapter, tiny_model
@@ -43,7 +43,7 @@ def test_kl_objective_equals_a_hand_computation_and_is_zero_for_the_all_keep_mas
     x = check[:3]  # [B, T]
     rng = np.random.default_rng(0)
     masks = np.stack([space.full_mask(), *(rng.random((2, space.num_units)) < 0.6).astype(np.float32)])
-    got = LocalEvaluator(model, space, objective="kl").losses(masks, x)  # [3]
+    got = LocalEngine(model, space, objective="kl").losses(masks, x)  # [3]
     with torch.no_grad():
         p_log = F.log_softmax(model(x).logits[:, :-1].double(), dim=-1)  # [B, T-1, V] dense
         want = []
@@ -54,16 +54,16 @@ def test_kl_objective_equals_a_hand_computation_and_is_zero_for_the_all_keep_mas
     assert got[0] == 0.0  # the all-keep mask runs the teacher's own path: exactly zero
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
     assert (got[1:] > 1e-3).all()
-    ce = LocalEvaluator(model, space, objective="kl").losses(masks, x, objective="ce")  # per-call override
-    np.testing.assert_allclose(ce, LocalEvaluator(model, space).losses(masks, x), rtol=0, atol=0)
+    ce = LocalEngine(model, space, objective="kl").losses(masks, x, objective="ce")  # per-call override
+    np.testing.assert_allclose(ce, LocalEngine(model, space).losses(masks, x), rtol=0, atol=0)
 
 
 def test_kl_objective_needs_the_fast_path(tiny) -> None:
     model, _, space, _, _ = tiny
     with pytest.raises(ValueError, match="kl objective is computed on the fast path"):
-        LocalEvaluator(model, space, fast_path=False, objective="kl")
+        LocalEngine(model, space, fast_path=False, objective="kl")
     with pytest.raises(ValueError, match="objective must be one of 'ce', 'kl', got 'mse'"):
-        LocalEvaluator(model, space, objective="mse")
+        LocalEngine(model, space, objective="mse")
 
 
 # ---------------------------------------------------------------------------------------------- warm starts
@@ -73,7 +73,7 @@ def test_warm_start_begins_at_the_best_candidate_mask(tiny) -> None:
     init_mask = baseline_mask("wanda-sp", adapter, space, blocks, 0.5, stats=stats)
     cands = candidate_masks(adapter, space, blocks, stats, 0.5, "per_type", init_mask)
     assert list(cands) == ["init", "shortgpt", "wanda-sp", "flap", "magnitude"]
-    ev = LocalEvaluator(model, space)
+    ev = LocalEngine(model, space)
     warm = choose_start(ev, cands, check, 2, space, mix=0.25, sparsity=0.5, budget="per_type")
     losses = check_losses(ev, np.stack(list(cands.values())), check, batch_size=3)  # other chunking, same value
     np.testing.assert_allclose(list(warm.check_losses.values()), losses, rtol=0, atol=1e-6)
@@ -88,7 +88,7 @@ def test_warm_start_begins_at_the_best_candidate_mask(tiny) -> None:
 
 def test_the_returned_mask_is_never_worse_than_the_start_on_the_check_set(tiny) -> None:
     model, adapter, space, blocks, check = tiny
-    ev = LocalEvaluator(model, space)
+    ev = LocalEngine(model, space)
     good = baseline_mask("wanda-sp", adapter, space, blocks, 0.5)
     bad = baseline_mask("random", adapter, space, blocks, 0.5, seed=3)
     l_good, l_bad = check_losses(ev, np.stack([good, bad]), check, 2)
@@ -115,7 +115,7 @@ def test_pipeline_warm_start_and_guard_end_to_end(tmp_path) -> None:
     rec = torch.load(tmp_path / "run" / "masks.pt", weights_only=True)
     s = prepare(cfg)
     _, check = s.calib.hold_out(8)
-    ev = LocalEvaluator(s.model, s.space)
+    ev = LocalEngine(s.model, s.space)
     final_loss, start_loss = check_losses(ev, np.stack([rec["final_mask"].numpy(), rec["init_mask"].numpy()]),
                                           check, 2)
     assert final_loss <= start_loss + 1e-9

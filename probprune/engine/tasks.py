@@ -1,9 +1,9 @@
-"""Work that needs the model's weights, as functions of a replica, so that a driver holding no model can send it out.
+"""Work that reads the model's weights, as tasks of a replica, so that a driver holding no model can send it out.
 
-Every task has the signature ``task(model, adapter, *args)``. With ``engine.kind: local`` the pipeline calls them on
-its own model (:class:`LocalReplicas`); with ``engine.kind: ray`` the Ray evaluator runs them on its actors' replicas
-(``run`` on one actor, ``map`` with one share of the work per actor) and the driver keeps only the mask space, the
-policy and the results — its memory does not grow with the model. Shares are combined here, exactly:
+Every task is a module-level function ``task(model, adapter, *args)``. An engine runs it on one replica
+(``engine.run``) or once per share of the work, one share per replica (``engine.map``, shares from
+:func:`split_shares`); the driver keeps only the mask space, the policy and the results, so its memory does not grow
+with the model. Shares are combined here, exactly:
 
 - calibration statistics: sums of squares, sums and token counts add up; the per-layer cosine is the token-weighted
   mean (:func:`merge_stats`);
@@ -12,30 +12,28 @@ policy and the results — its memory does not grow with the model. Shares are c
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from .losses import token_losses
-from .masks import MaskSpace
-from .models.base import FamilyAdapter
-
-Task = Callable[..., Any]
+from ..losses import token_losses
+from ..masks import MaskSpace
+from ..models.base import FamilyAdapter
 
 
 # ----------------------------------------------------------------------------------------------------- tasks
 def input_stats(model: nn.Module, adapter: FamilyAdapter, blocks: torch.Tensor, batch_size: int = 4) -> dict:
     """:func:`probprune.scoring.collect_input_stats` of this replica on ``blocks`` (one share of the blocks)."""
-    from .scoring import collect_input_stats
+    from ..scoring import collect_input_stats
 
     return collect_input_stats(adapter, blocks, batch_size)
 
 
 def channel_ranking(model: nn.Module, adapter: FamilyAdapter, stats: dict) -> list[np.ndarray]:
     """:func:`probprune.scoring.rank_channels` (it reads the MLP output weights)."""
-    from .scoring import rank_channels
+    from ..scoring import rank_channels
 
     return rank_channels(adapter, stats)
 
@@ -43,7 +41,7 @@ def channel_ranking(model: nn.Module, adapter: FamilyAdapter, stats: dict) -> li
 def criterion_scores(model: nn.Module, adapter: FamilyAdapter, name: str, space: MaskSpace, stats: dict | None,
                      blocks: torch.Tensor | None) -> np.ndarray:
     """:func:`probprune.scoring.criterion_scores` of ``name`` over ``space``."""
-    from .scoring import criterion_scores as scores
+    from ..scoring import criterion_scores as scores
 
     return scores(name, adapter, space, stats, blocks)
 
@@ -51,9 +49,25 @@ def criterion_scores(model: nn.Module, adapter: FamilyAdapter, name: str, space:
 def warm_start_candidates(model: nn.Module, adapter: FamilyAdapter, space: MaskSpace, blocks: torch.Tensor,
                           stats: dict, sparsity: float, budget: str, init_mask: np.ndarray) -> dict[str, np.ndarray]:
     """:func:`probprune.warmstart.candidate_masks` (the baselines read the weights)."""
-    from .warmstart import candidate_masks
+    from ..warmstart import candidate_masks
 
     return candidate_masks(adapter, space, blocks, stats, sparsity, budget, init_mask)
+
+
+def baseline_mask(model: nn.Module, adapter: FamilyAdapter, method: str, space: MaskSpace, blocks: torch.Tensor,
+                  sparsity: float, seed: int, budget: str, stats: dict | None) -> np.ndarray:
+    """:func:`probprune.baselines.baseline_mask` of ``method`` (the baselines read the weights)."""
+    from ..baselines import baseline_mask as mask_of
+
+    return mask_of(method, adapter, space, blocks, sparsity, seed=seed, budget=budget, stats=stats)
+
+
+def flap_compensation(model: nn.Module, adapter: FamilyAdapter, space: MaskSpace, mask: np.ndarray,
+                      stats: dict) -> dict[int, dict[str, torch.Tensor]]:
+    """:func:`probprune.baselines.flap_bias_compensation` (it reads the output projections)."""
+    from ..baselines import flap_bias_compensation
+
+    return flap_bias_compensation(adapter, space, mask, stats)
 
 
 @torch.no_grad()
@@ -61,8 +75,8 @@ def window_nll(model: nn.Module, adapter: FamilyAdapter, space: MaskSpace, mask:
                windows: torch.Tensor, batch_size: int = 4) -> tuple[float, int]:
     """Summed next-token cross-entropy (float64) and the number of predicted tokens of the model under ``mask``
     (None = dense) on ``windows`` ``[W, T]``, computed on the gathered fast path (the pruned width only)."""
-    from .fastpath import fast_forward_hidden
-    from .losses import next_token_logits
+    from ..fastpath import fast_forward_hidden
+    from ..losses import next_token_logits
 
     mask = space.full_mask() if mask is None else np.asarray(mask, dtype=np.float32)
     total, count = 0.0, 0
@@ -98,22 +112,23 @@ def merge_stats(parts: Sequence[dict]) -> dict:
     }
 
 
-def row_shares(n: int, parts: int) -> list[tuple[int, int]]:
-    """``parts`` contiguous, nearly equal ``[lo, hi)`` ranges covering ``range(n)`` (empty ones left out)."""
-    bounds = np.linspace(0, n, min(parts, max(n, 1)) + 1).round().astype(int)
-    return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+def split_shares(n: int, parts: int) -> list[tuple[int, int]]:
+    """Contiguous ``[lo, hi)`` shares of ``range(n)`` over ``parts`` replicas, the first ``n % parts`` one larger; no
+    empty share. The one way work is split: mask shares, batch rows, calibration blocks, held-out windows.
 
-
-class LocalReplicas:
-    """The tasks on the model of this process: ``run`` calls one, ``map`` calls it once per share, in order."""
-
-    def __init__(self, model: nn.Module, adapter: FamilyAdapter):
-        self.model, self.adapter = model, adapter
-
-    num_replicas = 1
-
-    def run(self, task: Task, *args: Any) -> Any:
-        return task(self.model, self.adapter, *args)
-
-    def map(self, task: Task, shares: Sequence[tuple]) -> list[Any]:
-        return [task(self.model, self.adapter, *args) for args in shares]
+    Examples:
+        >>> split_shares(3, 2)
+        [(0, 2), (2, 3)]
+        >>> split_shares(1, 4)
+        [(0, 1)]
+    """
+    if parts < 1:
+        raise ValueError(f"need at least one replica, got {parts}")
+    base, extra = divmod(n, parts)
+    shares, lo = [], 0
+    for i in range(parts):
+        hi = lo + base + (1 if i < extra else 0)
+        if hi > lo:
+            shares.append((lo, hi))
+        lo = hi
+    return shares

@@ -1,38 +1,29 @@
-"""Evaluators turn a batch of masks into losses. The search loop only ever sees this interface.
+"""The local engine: the model in this process, on one device (cpu or cuda, or one replica split by a device map).
 
-``LocalEvaluator`` runs in this process on one device (cpu or cuda, or one replica split by a device map): the
-single-GPU fallback. The Ray evaluator (``probprune.distributed``) spreads the same work over actors.
+It is the single-GPU fallback and the reference the Ray engine is tested against: the same losses, the same task
+results, the same perplexities.
 """
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import time
-from typing import Protocol, runtime_checkable
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from .losses import OBJECTIVES
-from .masks import MaskSpace
-from .models.adapter import get_adapter
+from ..losses import OBJECTIVES
+from ..masks import MaskSpace
+from ..models.adapter import get_adapter
+from . import Edit, Task
 
 
-@runtime_checkable
-class Evaluator(Protocol):
-    """Scores masks: ``losses(masks [K, N], batch [B, T]) -> [K]``, one loss per mask.
-
-    The loss is the evaluator's objective (``"ce"``: mean next-token cross-entropy; ``"kl"``: mean per-token
-    KL(dense ‖ masked)); ``objective=`` overrides it for one call (the search's check set is always scored by ``"ce"``).
-    """
-
-    def losses(self, masks: np.ndarray, batch: torch.Tensor, objective: str | None = None) -> np.ndarray: ...
-
-    def close(self) -> None: ...
-
-
-class LocalEvaluator:
-    """Scores masks with the model in this process.
+class LocalEngine:
+    """Scores masks, runs weight tasks, evaluates and saves with the model in this process.
 
     Args:
         model: the dense model (never modified).
@@ -77,12 +68,12 @@ class LocalEvaluator:
         _check_objective(objective, self.fast_path)
         masks = np.asarray(masks, dtype=np.float32)  # [K, N]
         if self.fast_path:
-            from .fastpath import gathered_losses
+            from ..fastpath import gathered_losses
 
             teacher = self.teacher(batch) if objective == "kl" else None
             out = gathered_losses(self.adapter, self.space, masks, batch, teacher=teacher)
         else:
-            from .masked import masked_losses
+            from ..masked import masked_losses
 
             out = masked_losses(self.adapter, self.space, masks, batch, max_rows=self.max_rows)
         self.busy_seconds += time.perf_counter() - t0
@@ -90,13 +81,65 @@ class LocalEvaluator:
 
     def teacher(self, batch: torch.Tensor) -> torch.Tensor:
         """The dense model's next-token log-probabilities on ``batch`` ([B·(T−1), V]); the last batch's are cached."""
-        from .fastpath import dense_teacher
+        from ..fastpath import dense_teacher
 
         digest = hashlib.sha1(np.ascontiguousarray(batch.cpu().numpy()).tobytes()).digest() + bytes(batch.shape)
         if self._teacher is None or self._teacher[0] != digest:
             self._teacher = None  # free the previous batch's before computing the next
             self._teacher = (digest, dense_teacher(self.adapter, self.space, batch))
         return self._teacher[1]
+
+    # ------------------------------------------------------------------------------ work that reads the weights
+    holds_weights = True
+    num_replicas = 1
+
+    def run(self, task: Task, *args: Any) -> Any:
+        """``task(model, adapter, *args)`` on this process's model."""
+        return task(self.model, self.adapter, *args)
+
+    def map(self, task: Task, shares: Sequence[tuple]) -> list[Any]:
+        """``task(model, adapter, *share)`` for every share, in order."""
+        return [task(self.model, self.adapter, *args) for args in shares]
+
+    def set_space(self, space: MaskSpace) -> None:
+        self.space = space
+
+    def pruned_model(self, mask: np.ndarray, edit: Edit | None = None) -> torch.nn.Module:
+        """The model compacted to ``mask`` (a new module; the dense model is untouched), ``edit`` applied."""
+        from ..compaction import compact
+
+        pruned = compact(self.model, self.space, mask)
+        if edit is not None:
+            edit(pruned)
+        return pruned
+
+    def perplexity(self, mask: np.ndarray | None, tokens: torch.Tensor, seq_lens: Sequence[int],
+                   max_tokens: int | None, batch_size: int, progress: bool = True,
+                   edit: Edit | None = None) -> dict[str, float]:
+        """Held-out perplexity of the model that would be saved: the dense model (``mask`` None), else the compacted
+        one (:func:`probprune.evaluation.evaluate_ppl`)."""
+        from ..evaluation import evaluate_ppl
+
+        model = self.model if mask is None else self.pruned_model(mask, edit)
+        try:
+            res = evaluate_ppl(model, tokens, list(seq_lens), max_tokens=max_tokens, batch_size=batch_size,
+                               progress=progress)
+        finally:
+            del model
+            gc.collect()
+        return {str(k): float(v) for k, v in res.items()}
+
+    def save_pruned(self, mask: np.ndarray, folder: Path, tokenizer: Any, edit: Edit | None = None) -> int:
+        """Compact, apply ``edit``, save (:func:`probprune.compaction.save_pruned`); return the saved parameters."""
+        from ..compaction import count_params, save_pruned
+
+        pruned = self.pruned_model(mask, edit)
+        try:
+            save_pruned(pruned, folder, tokenizer)
+            return count_params(pruned)
+        finally:
+            del pruned
+            gc.collect()
 
     def close(self) -> None:
         self._teacher = None
@@ -107,23 +150,3 @@ def _check_objective(objective: str, fast_path: bool) -> None:
         raise ValueError(f"objective must be one of {', '.join(map(repr, OBJECTIVES))}, got {objective!r}")
     if objective == "kl" and not fast_path:
         raise ValueError("the kl objective is computed on the fast path: set engine.fast_path=true")
-
-
-def build_evaluator(cfg, model: torch.nn.Module, space: MaskSpace) -> Evaluator:
-    """The evaluator ``cfg.engine`` asks for: ``local`` (this process) or ``ray`` (actors holding replicas).
-
-    Raises:
-        UserError: ``engine.kind=ray`` but Ray is not installed.
-    """
-    if cfg.engine.kind == "ray":
-        try:
-            from .distributed.actors import RayEvaluator
-        except ImportError as e:
-            from .errors import UserError
-
-            raise UserError(
-                f"engine.kind=ray needs Ray: pip install 'probprune[ray]' ({e}); or set engine.kind=local"
-            ) from None
-        return RayEvaluator(cfg.model, space, cfg.engine, objective=cfg.search.objective)
-    return LocalEvaluator(model, space, fast_path=cfg.engine.fast_path, threads=cfg.engine.threads,
-                          objective=cfg.search.objective)

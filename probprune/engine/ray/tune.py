@@ -27,12 +27,13 @@ import numpy as np
 import ray
 import torch
 
-from .. import pipeline
-from .. import sweep as sweeps
-from ..config import Config, SweepConfig, config_from_dict, config_to_dict, load_config, save_config
-from ..errors import UserError
-from ..sweep import Grid, num_trials, shown_path, trial_config
-from .actors import _is_local_instance, connect
+from ... import pipeline
+from ... import sweep as sweeps
+from ...config import Config, SweepConfig, config_from_dict, config_to_dict, load_config, save_config
+from ...errors import UserError
+from ...run_folder import SMALL_FILES, SUMMARY
+from ...sweep import Grid, num_trials, shown_path, trial_config
+from .cluster import connect, is_local_instance
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -42,8 +43,6 @@ __all__ = ["run_sweep", "trial_resources"]
 
 log = logging.getLogger(__name__)
 
-# Small files of a trial's run folder that make up its Tune checkpoint (never the pruned model's weights).
-_CKPT_FILES = ("search_checkpoint.pt", "metrics.jsonl", "config.yaml", "summary.json", "masks.pt")
 _RUN_DIR = "run"  # the trial's pipeline.prune output, inside the trial's own folder
 
 
@@ -121,7 +120,7 @@ def _report(metrics: dict[str, Any], run_dir: Path | None) -> None:
         return
     _remove_stale_checkpoint_dirs()
     with tempfile.TemporaryDirectory(prefix=f"probprune-ckpt-{os.getpid()}-") as tmp:
-        for name in _CKPT_FILES:
+        for name in SMALL_FILES:  # a trial's Tune checkpoint: never the pruned model's weights
             if (run_dir / name).exists():
                 shutil.copy2(run_dir / name, Path(tmp) / name)
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
@@ -175,8 +174,8 @@ def _make_trainable(base: dict[str, Any], sw: SweepConfig, stop_after: int | Non
         if resume:
             with checkpoint.as_directory() as d:
                 shutil.copytree(d, run_dir)
-        if resume and (run_dir / "summary.json").exists():  # finished before the interruption: report it again
-            summary = json.loads((run_dir / "summary.json").read_text())
+        if resume and (run_dir / SUMMARY).exists():  # finished before the interruption: report it again
+            summary = json.loads((run_dir / SUMMARY).read_text())
             _report(_final_metrics(summary, t0, float("nan")), None)
             return
         reporter = _TuneReporter(run_dir, cfg.search.steps, cfg.search.checkpoint_every, sw.report_every, t0)
@@ -306,7 +305,7 @@ def run_sweep(cfg: Config, output_dir: str | Path, address: str | None = None, s
     )
     # two checkpoints kept per trial force an experiment snapshot per report on a tiny model; that is intended
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    local = _is_local_instance(address)
+    local = is_local_instance(address)
     owns = connect(address)
     try:
         if owns and local:
