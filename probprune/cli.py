@@ -1,4 +1,4 @@
-"""The ``probprune`` command: prune, baseline, eval, info."""
+"""The ``probprune`` command: prune, baseline, sweep, eval, export, info."""
 
 from __future__ import annotations
 
@@ -87,6 +87,35 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _cmd_sweep(args) -> int:
+    import time
+
+    from .config import load_config
+    from .sweep import format_table, num_trials, pareto_front, search_space
+
+    t0 = time.perf_counter()
+    cfg = load_config(args.config, args.overrides)
+    if cfg.sweep is None:
+        raise UserError(f"--config {args.config} has no sweep section: a sweep needs sweep.lr (or sweep.lr_range) "
+                        "and/or sweep.sparsity / sweep.grid; see configs/smollm2/135m_sweep.yaml")
+    try:
+        from .engine.ray.tune import run_sweep
+    except ImportError as e:
+        raise UserError(f"probprune sweep needs Ray Tune: pip install 'probprune[ray]' ({e})") from None
+    print(f"sweep {cfg.name}: {num_trials(cfg.sweep)} trials over {', '.join(search_space(cfg.sweep))}", flush=True)
+    df = run_sweep(cfg, args.output, address=args.address, smoke=args.smoke_test, resume=args.resume)
+    out = Path(args.output)
+    print("\nPareto front (prunable sparsity vs held-out perplexity):\n")
+    print(format_table(pareto_front(df), list(search_space(cfg.sweep))))
+    counts = df["status"].value_counts().to_dict() if len(df) else {}
+    print(f"\n{len(df)} trials ({', '.join(f'{n} {k}' for k, n in counts.items())}) in "
+          f"{time.perf_counter() - t0:.0f} s")
+    print(f"results: {out / 'results.csv'}\ntables:  {out / 'pareto.md'}\nplot:    {out / 'pareto.png'}")
+    for path in sorted((out / "best").glob("*.yaml")):
+        print(f"best:    {path}   (probprune prune --config {path} --output DIR)")
+    return 0 if (df["status"] == "finished").any() else 1
+
+
 def _cmd_info(args) -> int:
     from .models.adapter import get_adapter
     from .models.loading import load_model
@@ -160,6 +189,15 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--outtype", default="f16", choices=["f32", "f16", "bf16", "q8_0"])
     ex.add_argument("--pre-tokenizer", default=None, help="llama.cpp pre-tokenizer name (default: detected)")
     ex.set_defaults(func=_cmd_export)
+
+    sw = sub.add_parser("sweep", help="Ray Tune sweep of lr x sparsity (x any key): one search per trial, Pareto front")
+    sw.add_argument("--config", required=True, help="YAML config with a sweep section (e.g. configs/smollm2/135m_sweep.yaml)")
+    sw.add_argument("--output", required=True, type=Path, help="results folder (results.csv, pareto.md/png, best/)")
+    sw.add_argument("--address", default=None, help="Ray cluster to join, e.g. auto (default: RAY_ADDRESS, else local)")
+    sw.add_argument("--resume", action="store_true", help="continue the interrupted sweep of --output")
+    sw.add_argument("--smoke-test", action="store_true", help=argparse.SUPPRESS)  # ray_jobs/sweep.py --smoke-test
+    sw.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. sweep.lr=[0.01,0.03]")
+    sw.set_defaults(func=_cmd_sweep)
 
     inf = sub.add_parser("info", help="print a model's prunable units and their parameter costs")
     inf.add_argument("--model", required=True)

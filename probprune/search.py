@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .data import CalibrationData
 from .run_folder import CHECKPOINT, METRICS, load_checkpoint, save_checkpoint, trim_metrics
-from .engine import Engine
+from .engine.base import Engine
 from .policy import Policy
 
 log = logging.getLogger(__name__)

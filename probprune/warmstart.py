@@ -28,7 +28,7 @@ import torch
 
 from . import projection
 from .errors import UserError
-from .engine import Engine
+from .engine.base import Engine
 from .masks import MaskSpace
 from .models.base import FamilyAdapter
 

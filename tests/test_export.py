@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -12,6 +14,8 @@ from probprune.export import export_gguf, unpermute_rope_rows
 from probprune.masks import CHANNEL, HEAD
 from probprune.models import get_adapter, tiny_model
 from probprune.models.loading import byte_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
@@ -184,7 +188,7 @@ def test_uniform_shape_search_gives_a_stock_checkpoint(tmp_path):
     from probprune.config import load_config
     from probprune.pipeline import prune
 
-    cfg = load_config("configs/tiny/smoke.yaml", ["mask.shape=uniform", "mask.channel_block=8", "search.steps=4"])
+    cfg = load_config(ROOT / "configs" / "tiny" / "smoke.yaml", ["mask.shape=uniform", "mask.channel_block=8", "search.steps=4"])
     summary = prune(cfg, tmp_path / "run", progress=False)
     folder = tmp_path / "run" / "model"
     assert not (folder / "modeling_probprune.py").exists()
@@ -218,7 +222,7 @@ def test_uniform_shape_settings_are_checked(overrides, message):
     from probprune.errors import ConfigError
 
     with pytest.raises(ConfigError, match=message):
-        load_config("configs/tiny/smoke.yaml", overrides)
+        load_config(ROOT / "configs" / "tiny" / "smoke.yaml", overrides)
 
 
 @pytest.mark.parametrize("outtype", ["f32", "q8_0"])

@@ -1,5 +1,7 @@
 """The pipeline's pieces on a tiny model: session, mask space from the config, policies, init, final mask, summary."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -12,7 +14,9 @@ from probprune.errors import UserError
 from probprune.masks import HEAD
 from probprune.policy import Policy
 
-SMOKE = "configs/tiny/smoke.yaml"
+ROOT = Path(__file__).resolve().parents[1]
+
+SMOKE = ROOT / "configs" / "tiny" / "smoke.yaml"
 
 
 def _cfg(*overrides):

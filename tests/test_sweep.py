@@ -182,13 +182,21 @@ def _assert_is_front(df: pd.DataFrame, front: pd.DataFrame) -> None:
 
 @pytest.fixture(scope="module")
 def smoke_sweep(ray_cluster, tmp_path_factory):
-    """The --smoke-test sweep (2 lrs x 2 sparsities) on the shared Ray instance: (config, output folder, table)."""
-    from probprune.engine.ray.tune import run_sweep
+    """The --smoke-test sweep (2 lrs x 2 sparsities) on the shared Ray instance, run as ``probprune sweep``:
+    (config, output folder, table)."""
+    import contextlib
+    import io
+
+    from probprune.cli import main
 
     tmp = tmp_path_factory.mktemp("sweep")
-    cfg = load_config(SMOKE_SWEEP, [f"sweep.storage_path={tmp / 'tune'}"])
-    df = run_sweep(cfg, tmp / "out", smoke=True)
-    return cfg, tmp / "out", df
+    overrides = [f"sweep.storage_path={tmp / 'tune'}"]
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        rc = main(["sweep", "--config", str(SMOKE_SWEEP), "--output", str(tmp / "out"), "--smoke-test", *overrides])
+    assert rc == 0, printed.getvalue()
+    assert "Pareto front" in printed.getvalue() and "4 trials (4 finished)" in printed.getvalue()
+    return load_config(SMOKE_SWEEP, overrides), tmp / "out", pd.read_csv(tmp / "out" / "results.csv")
 
 
 @pytest.mark.ray

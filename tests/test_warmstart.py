@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -21,7 +23,9 @@ from probprune.policy import Policy
 from probprune.scoring import collect_input_stats, wanda_sp_scores
 from probprune.warmstart import candidate_masks, check_losses, choose_final, choose_start
 
-SMOKE = "configs/tiny/smoke.yaml"
+ROOT = Path(__file__).resolve().parents[1]
+
+SMOKE = ROOT / "configs" / "tiny" / "smoke.yaml"
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
@@ -188,7 +192,7 @@ def test_the_default_on_smollm2_starts_at_shortgpt_and_never_returns_worse(tmp_p
     """The quickstart config, end to end on the real SmolLM2-135M and Brown text, with a short search."""
     from probprune.pipeline import prune
 
-    cfg = load_config("configs/smollm2/135m_quickstart.yaml",
+    cfg = load_config(ROOT / "configs" / "smollm2" / "135m_quickstart.yaml",
                       ["search.steps=3", "search.check_blocks=8", "eval.max_tokens=2048", "eval.seq_lens=[128]"])
     summary = prune(cfg, tmp_path / "run", progress=False)
     losses = summary["warm_start"]["check_losses"]

@@ -19,7 +19,7 @@ import torch
 from ..losses import OBJECTIVES
 from ..masks import MaskSpace
 from ..models.adapter import get_adapter
-from . import Edit, Task
+from .base import Edit, Task
 
 
 class LocalEngine:

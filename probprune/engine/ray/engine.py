@@ -30,7 +30,7 @@ import torch
 from ...config import EngineConfig, ModelConfig
 from ...errors import UserError
 from ...masks import MaskSpace
-from .. import Edit, Task
+from ..base import Edit, Task
 from ..tasks import split_shares, window_nll
 from .cluster import actor_device, check_fits, connect, is_local_instance
 from .pool import Call, ReplicaPool

@@ -1,4 +1,6 @@
-"""The local evaluator: fast path = reference, the KL objective and its cached teacher, the factory."""
+"""The local engine: fast path = reference, the KL objective and its cached teacher, the factory, weight tasks."""
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,6 +10,8 @@ from probprune.config import load_config
 from probprune.engine import build_engine
 from probprune.engine.local import LocalEngine
 from probprune.models import get_adapter, tiny_model
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _setup(kind="llama"):
@@ -54,7 +58,7 @@ def test_bad_objectives_are_refused():
 
 
 def test_build_engine_follows_the_engine_config():
-    cfg = load_config("configs/tiny/smoke.yaml")
+    cfg = load_config(ROOT / "configs" / "tiny" / "smoke.yaml")
     model, space, masks, batch = _setup()
     ev = build_engine(cfg, model, space)
     assert type(ev) is LocalEngine and ev.holds_weights and ev.num_replicas == 1
@@ -63,3 +67,17 @@ def test_build_engine_follows_the_engine_config():
     np.testing.assert_array_equal(ev.losses(masks, batch), LocalEngine(model, space, fast_path=cfg.engine.fast_path,
                                                                       objective=cfg.search.objective).losses(masks, batch))
     assert ev.busy_seconds > 0.0
+
+
+def test_weight_tasks_run_on_this_process_model():
+    from probprune.engine.tasks import input_stats, merge_stats, split_shares
+
+    model, space, _, batch = _setup()
+    engine = LocalEngine(model, space)
+    blocks = torch.randint(0, 256, (5, 16), generator=torch.Generator().manual_seed(7))
+    whole = engine.run(input_stats, blocks, 2)
+    parts = merge_stats(engine.map(input_stats, [(blocks[lo:hi], 2) for lo, hi in split_shares(5, 3)]))
+    assert parts["tokens"] == whole["tokens"] == 5 * 16
+    for li, entry in enumerate(whole["down_proj"]):  # shares combine exactly into the statistics of all blocks
+        torch.testing.assert_close(parts["down_proj"][li]["sumsq"], entry["sumsq"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(parts["cos"], whole["cos"], rtol=1e-5)

@@ -1,4 +1,4 @@
-"""The Ray evaluator: same losses and same search result as the local evaluator, in mask order, through actor deaths.
+"""The Ray engine: same losses and same search result as the local evaluator, in mask order, through actor deaths.
 
 All Ray tests share one local instance (``ray_cluster``, 2 CPUs) and, where they can, one 2-actor evaluator; actors
 ask for half a CPU each so that a second evaluator fits next to it.
@@ -28,7 +28,7 @@ from probprune.models.loading import load_model
 from probprune.policy import Policy, uniform_probs
 from probprune.search import run_search
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 STEPS, K, B = 6, 4, 2
 # every module of tiny:llama on the CPU, as accelerate's device_map would place the pieces of a big replica
 TINY_DEVICE_MAP = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu",
@@ -209,7 +209,7 @@ def test_uneven_shares_keep_mask_order(ray_ev, local, tiny):
     got = ray_ev.losses(masks, batch)
     assert ray_ev.last_shares == [(0, 2, 0, B), (2, 3, 0, B)]
     assert len(ray_ev.last_busy_seconds) == 2 and min(ray_ev.last_busy_seconds) > 0
-    assert ray_ev.last_broadcast_seconds >= 0 and ray_ev.last_gather_seconds >= 0
+    assert ray_ev.last_wall_seconds >= max(ray_ev.last_busy_seconds)  # an actor's compute lies inside the call
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
     assert len(set(np.round(want, 4))) == 3  # distinct losses, so order is really checked
     perm = [2, 0, 1]
