@@ -33,7 +33,7 @@ import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Union
 
 import annotated_types
 import yaml
@@ -81,7 +81,7 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------------------------------------------------
 
 # A check returns None when the value is fine, else the constraint it breaks ("must be one of ...").
-Check = Callable[[Any], Optional[str]]
+Check = Callable[[Any], str | None]
 
 
 def _rule(check: Check) -> AfterValidator:
@@ -140,11 +140,9 @@ def _device_map_kind(v: Any) -> str | None:
     return "name" if isinstance(v, str) else "map" if isinstance(v, Mapping) else None
 
 
+DeviceMapName = Annotated[Literal["auto", "balanced", "balanced_low_0", "sequential"], Tag("name")]
 DeviceMap = Annotated[
-    Union[
-        Annotated[Literal["auto", "balanced", "balanced_low_0", "sequential"], Tag("name")],
-        Annotated[dict[Any, Any], _rule(_device_entries), Tag("map")],
-    ],
+    DeviceMapName | Annotated[dict[Any, Any], _rule(_device_entries), Tag("map")],
     Discriminator(_device_map_kind, custom_error_type="wrong_type", custom_error_message="wrong type"),
 ]
 DataPath = Annotated[Str, _rule(_data_file)]
@@ -169,7 +167,7 @@ class ModelConfig:
     ))] = "embedded:smollm2-135m"
     dtype: Annotated[Literal["float32", "bfloat16", "float16"], Field(description="weights' dtype")] = "float32"
     device: Annotated[Str, _rule(_device), Field(description="where each replica's weights live")] = "cpu"
-    device_map: Annotated[Optional[DeviceMap], Field(description=(
+    device_map: Annotated[DeviceMap | None, Field(description=(
         "accelerate `device_map` that spreads one replica over several devices (a name or module -> device)"
     ))] = None
     trust_remote_code: Annotated[Bool, Field(description="let transformers run the checkpoint's own code")] = False
@@ -182,8 +180,8 @@ class DataConfig:
     source: Annotated[Literal["brown", "hf", "files"], Field(description=(
         "`brown`: the embedded Brown corpus; `hf`: a `datasets` dataset; `files`: `data.paths`"
     ))] = "brown"
-    dataset: Annotated[Optional[Str], Field(description="hf: dataset name, e.g. `wikitext`, `allenai/c4`")] = None
-    dataset_config: Annotated[Optional[Str], Field(description=(
+    dataset: Annotated[Str | None, Field(description="hf: dataset name, e.g. `wikitext`, `allenai/c4`")] = None
+    dataset_config: Annotated[Str | None, Field(description=(
         "hf: dataset config, e.g. `wikitext-2-raw-v1`, `en`"
     ))] = None
     text_field: Annotated[NonEmptyStr, Field(description="hf / .jsonl: the record field holding the text")] = "text"
@@ -287,8 +285,8 @@ class EngineConfig:
     num_actors: Annotated[Int, Field(ge=1, description="ray: model replicas (one actor each)")] = 2
     cpus_per_actor: Annotated[Number, Field(gt=0, description="ray: CPUs reserved per actor")] = 1.0
     gpus_per_actor: Annotated[Number, Field(ge=0, description="ray: GPUs reserved per actor")] = 0.0
-    threads: Annotated[Optional[Int], Field(ge=1, description="torch threads per process (null = torch's)")] = None
-    address: Annotated[Optional[Str], Field(description="ray: cluster address, e.g. `auto`")] = None
+    threads: Annotated[Int | None, Field(ge=1, description="torch threads per process (null = torch's)")] = None
+    address: Annotated[Str | None, Field(description="ray: cluster address, e.g. `auto`")] = None
     fast_path: Annotated[Bool, Field(description="score masks with gathered weights (compute only kept units)")] = True
     max_retries: Annotated[Int, Field(ge=0, description="ray: times a lost actor's work is retried")] = 3
     placement: Annotated[Literal["default", "spread"], Field(description=(
@@ -314,7 +312,7 @@ class SweepConfig:
     lr: Annotated[list[Annotated[Number, Field(gt=0)]], Field(description="values of `search.lr`")] = field(
         default_factory=list
     )
-    lr_range: Annotated[Optional[list[Annotated[Number, Field(gt=0)]]], Field(description=(
+    lr_range: Annotated[list[Annotated[Number, Field(gt=0)]] | None, Field(description=(
         "[low, high]: `search.lr` drawn log-uniformly (instead of `sweep.lr`)"
     ))] = None
     sparsity: Annotated[list[Fraction], Field(description="values of `search.sparsity`")] = field(default_factory=list)
@@ -341,7 +339,7 @@ class Config:
     search: SearchConfig = field(default_factory=SearchConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    sweep: Optional[SweepConfig] = None
+    sweep: SweepConfig | None = None
     seed: Annotated[Int, Field(ge=0, description="seed of the run (calibration batches, masks)")] = 0
     name: Annotated[NonEmptyStr, Field(description="name of the run")] = "probprune"
 
@@ -652,7 +650,9 @@ def _cross_field(cfg: Config, bad: set[str]) -> list[str]:
     if ok("mask.shape", "search.init") and m.shape == "uniform" and s.init == "best":
         errors.append("mask.shape='uniform' starts from the Wanda-sp ranking: search.init='best' may pick a "
                       "non-uniform baseline; use search.init='wanda-sp', 'uniform' or 'random'")
-    if ok("mask.shape", "mask.layers", "search.budget") and m.shape == "uniform" and (m.layers or s.budget != "per_type"):
+    if ok("mask.shape", "mask.layers", "search.budget") and m.shape == "uniform" and (
+        m.layers or s.budget != "per_type"
+    ):
         errors.append("mask.shape='uniform' requires mask.layers=false and search.budget='per_type'")
     if ok("mask.shape", "mask.align") and m.shape == "uniform" and m.align > 1:
         errors.append(f"mask.shape='uniform' already gives every layer one width: mask.align={m.align} must be 1")
@@ -981,7 +981,7 @@ def reference_markdown() -> str:
         "wrong types and values out of range are all reported at once, each naming the field and the value.",
         "",
         "The defaults are the recommended settings (those of `configs/smollm2/135m_quickstart.yaml`). A top-level "
-        f"`preset: NAME` loads a preset's settings under the file (preset < file < overrides); presets: "
+        "`preset: NAME` loads a preset's settings under the file (preset < file < overrides); presets: "
         + ", ".join(f"`{p}`" for p in presets())
         + " (`probprune/presets/`). `preset: paper` is the method of the paper (arXiv 2406.10576).",
         "",
