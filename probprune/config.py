@@ -530,7 +530,7 @@ def _shown(value: Any, tp: Any) -> Any:
     return value
 
 
-_BOUND_MESSAGES = {"greater_than": "gt", "greater_than_equal": "ge", "less_than": "lt", "less_than_equal": "le"}
+_BOUND_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal", "literal_error"}
 _UNKNOWN_TYPES = {"unexpected_keyword_argument", "extra_forbidden", "invalid_key"}
 
 
@@ -544,9 +544,9 @@ def _message(err: Mapping[str, Any], tp: Any, key: str) -> str:
     got = _shown(err["input"], leaf)
     if kind == "config_rule":
         problem = err["ctx"]["problem"]
-    elif kind == "literal_error" or kind in _BOUND_MESSAGES:
+    elif kind in _BOUND_ERRORS:
         problem = f"must be {_allowed(leaf)}"
-    elif kind == "too_short":
+    elif kind in ("too_short", "string_too_short"):
         problem = "must not be empty"
     elif kind == "finite_number":
         problem = "must be a finite number"
@@ -555,10 +555,9 @@ def _message(err: Mapping[str, Any], tp: Any, key: str) -> str:
     return f"{where} {problem}, got {got!r}"
 
 
-def _field_key(loc: Sequence[Any]) -> str:
-    """The dotted field an error location belongs to: ('eval', 'seq_lens', 1) -> 'eval.seq_lens'."""
-    depth = 2 if loc and loc[0] in _SECTIONS else 1
-    return ".".join(str(p) for p in loc[:depth])
+def _field_loc(loc: Sequence[Any]) -> tuple:
+    """The location of the field an error belongs to: ('eval', 'seq_lens', 1) -> ('eval', 'seq_lens')."""
+    return tuple(loc[: 2 if loc and loc[0] in _SECTIONS else 1])
 
 
 def _order(loc: Sequence[Any]) -> tuple:
@@ -584,10 +583,10 @@ def _validate(data: Any) -> tuple[Config, list[str], set[str]]:
     except ValidationError as exc:
         errs = sorted(exc.errors(), key=lambda e: _order(e["loc"]))
     messages = [_message(e, Config, "") for e in errs]
-    bad = {_field_key(e["loc"]) or "config" for e in errs if e["type"] not in _UNKNOWN_TYPES}
+    bad = {".".join(map(str, _field_loc(e["loc"]))) or "config" for e in errs if e["type"] not in _UNKNOWN_TYPES}
     cleaned = copy.deepcopy(data) if isinstance(data, Mapping) else {}
-    for e in errs:
-        loc = e["loc"] if e["type"] in _UNKNOWN_TYPES else e["loc"][: 2 if e["loc"] and e["loc"][0] in _SECTIONS else 1]
+    for e in errs:  # drop each unknown key and each bad field: what remains is valid
+        loc = e["loc"] if e["type"] in _UNKNOWN_TYPES else _field_loc(e["loc"])
         node = cleaned
         for part in loc[:-1]:
             node = node.get(part) if isinstance(node, Mapping) else None

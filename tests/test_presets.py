@@ -171,3 +171,19 @@ def test_the_documented_defaults_are_the_dataclass_defaults():
     assert set(documented) == {*flat, "preset"}
     for key, value in flat.items():
         assert config_module.yaml.safe_load(documented[key]) == value, key
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"name": ""}, "name must not be empty, got ''"),
+    ({"model": {"device_map": {"lm_head": 1.5}}},
+     "model.device_map must map module names to a device (int or str); bad entries: ['lm_head'], got {'lm_head': 1.5}"),
+    ({"model": {"device_map": [1]}}, "model.device_map must be a string or a mapping or null, got [1]"),
+    ({"engine": {"cpus_per_actor": float("inf")}}, "engine.cpus_per_actor must be a finite number, got inf"),
+    ({"search": {1: 2}}, "unknown config key 'search.1'"),
+    ({"sweep": 3}, "sweep must be a mapping or null, got 3"),
+    ({"sweep": {"grid": {"eval.seq_lens": [[128, 4]]}}}, "sweep.grid['eval.seq_lens'][0][1] must be >= 8, got 4"),
+])
+def test_one_message_per_field_for_each_kind_of_error(data, message):
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(data)
+    assert info.value.errors == [message]
