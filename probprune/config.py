@@ -47,7 +47,6 @@ from pydantic import (
     Tag,
     TypeAdapter,
     ValidationError,
-    with_config,
 )
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
@@ -150,7 +149,8 @@ DataPath = Annotated[Str, _rule(_data_file)]
 
 def _section(cls: type) -> type:
     """Pydantic settings shared by every section: unknown keys are errors."""
-    return with_config(ConfigDict(extra="forbid"))(dataclass(cls))
+    cls.__pydantic_config__ = ConfigDict(extra="forbid")  # read by pydantic from a standard dataclass
+    return dataclass(cls)
 
 
 # --------------------------------------------------------------------------------------------------------------------
