@@ -11,8 +11,8 @@ dotted field and the offending value::
 
 A field a config leaves out takes the recommended setting (the quickstart's search: allocation over 128-channel
 blocks, warm start from the best forward-only baseline, KL objective, check set). The paper's method is a preset:
-``preset: paper`` at the top of a config layers it under the file (preset < file < overrides). Configs are the
-single source of ``docs/configuration.md`` (``python -m probprune.config --markdown``).
+``preset: paper`` at the top of a config layers it under the file (preset < file < overrides). The classes below
+are the single source of ``docs/configuration.md`` (``python -m probprune.config --markdown``).
 
 Example:
     >>> cfg = load_config("configs/smollm2/135m_quickstart.yaml", ["search.sparsity=0.3", "eval.seq_lens=[128]"])
