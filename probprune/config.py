@@ -1,11 +1,18 @@
-"""Typed run configuration: dataclasses loaded from YAML plus ``a.b=c`` overrides, validated at load.
+"""Typed run configuration: dataclasses loaded from YAML plus ``a.b=c`` overrides, validated at load with pydantic.
 
-Every problem found is collected and reported together in one :class:`~probprune.errors.ConfigError`, each message
-naming the dotted field and the offending value::
+The schema is a tree of dataclasses whose field annotations carry the types, bounds and descriptions
+(``Annotated[int, Field(ge=1, description=...)]``); :mod:`pydantic` checks a nested mapping against it. Every problem
+found is collected and reported together in one :class:`~probprune.errors.ConfigError`, each message naming the
+dotted field and the offending value::
 
     invalid config, found the following errors:
       - unknown config key 'search.lrr' (did you mean 'search.lr'?)
       - search.sparsity must be in (0, 1), got 1.5
+
+A field a config leaves out takes the recommended setting (the quickstart's search: allocation over 128-channel
+blocks, warm start from the best forward-only baseline, KL objective, check set). The paper's method is a preset:
+``preset: paper`` at the top of a config layers it under the file (preset < file < overrides). The classes below
+are the single source of ``docs/configuration.md`` (``python -m probprune.config --markdown``).
 
 Example:
     >>> cfg = load_config("configs/smollm2/135m_quickstart.yaml", ["search.sparsity=0.3", "eval.seq_lens=[128]"])
@@ -19,16 +26,30 @@ import copy
 import dataclasses
 import difflib
 import functools
-import math
+import logging
 import re
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Annotated, Any, Literal, Union
 
+import annotated_types
 import yaml
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Strict,
+    Tag,
+    TypeAdapter,
+    ValidationError,
+)
+from pydantic.fields import FieldInfo
+from pydantic_core import PydanticCustomError
 
 from probprune.errors import ConfigError, UserError
 
@@ -48,194 +69,267 @@ __all__ = [
     "save_config",
     "validate_config",
     "parse_override",
+    "presets",
+    "reference_markdown",
 ]
 
-# A check returns None when the value is fine, else the constraint it breaks ("must be >= 1").
+log = logging.getLogger(__name__)
+
+# --------------------------------------------------------------------------------------------------------------------
+# Field types
+# --------------------------------------------------------------------------------------------------------------------
+
+# A check returns None when the value is fine, else the constraint it breaks ("must be one of ...").
 Check = Callable[[Any], str | None]
 
 
-def _one_of(*allowed: str) -> Check:
-    def check(v: Any) -> str | None:
-        return None if v in allowed else "must be one of " + ", ".join(repr(a) for a in allowed)
+def _rule(check: Check) -> AfterValidator:
+    """A pydantic validator that reports ``check``'s problem as the field's message (the docstring documents it)."""
 
-    return check
+    def validate(value: Any) -> Any:
+        if value is not None and (problem := check(value)):
+            raise PydanticCustomError("config_rule", "{problem}", {"problem": problem})
+        return value
 
-
-def _at_least(lo: float) -> Check:
-    return lambda v: None if v >= lo else f"must be >= {lo}"
-
-
-def _positive(v: Any) -> str | None:
-    return None if v > 0 else "must be > 0"
+    validate.__doc__ = check.__doc__
+    return AfterValidator(validate)
 
 
-def _open_unit(v: Any) -> str | None:
-    return None if 0 < v < 1 else "must be in (0, 1)"
+def _yaml_float(value: Any) -> Any:
+    """ints as floats; strings such as '1e-3', which PyYAML (YAML 1.1) loads as str, as the number they spell."""
+    if isinstance(value, str):
+        try:
+            return float(value.strip())
+        except ValueError:
+            return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
 
+
+Int = Annotated[int, Strict()]
+Bool = Annotated[bool, Strict()]
+Str = Annotated[str, Strict()]
+Number = Annotated[float, Strict(), Field(allow_inf_nan=False), BeforeValidator(_yaml_float)]
+NonEmptyStr = Annotated[Str, Field(min_length=1)]
+Fraction = Annotated[Number, Field(gt=0, lt=1)]
 
 _DEVICE_RE = re.compile(r"cpu|cuda|cuda:\d+|auto")
 
 
 def _device(v: str) -> str | None:
+    """'cpu', 'cuda', 'cuda:N', 'auto'"""
     return None if _DEVICE_RE.fullmatch(v) else "must be one of 'cpu', 'cuda', 'cuda:N', 'auto'"
 
 
-_DEVICE_MAP_STRINGS = ("auto", "balanced", "balanced_low_0", "sequential")
-
-
-def _device_map(v: Any) -> str | None:
-    if isinstance(v, str):
-        return _one_of(*_DEVICE_MAP_STRINGS)(v)
-    if isinstance(v, dict):
-        bad = [k for k, d in v.items() if isinstance(d, bool) or not isinstance(d, (int, str))]
-        return f"must map module names to a device (int or str); bad entries: {bad}" if bad else None
-    return None
+def _device_entries(v: dict) -> str | None:
+    """module name -> device (int or str)"""
+    bad = [k for k, d in v.items() if isinstance(d, bool) or not isinstance(d, (int, str))]
+    return f"must map module names to a device (int or str); bad entries: {bad}" if bad else None
 
 
 def _data_file(v: str) -> str | None:
-    """A .txt / .jsonl file, or a folder (its .txt / .jsonl files are read, recursively)."""
+    """a .txt / .jsonl file, or a folder (its .txt / .jsonl files are read, recursively)"""
     if v.endswith((".txt", ".jsonl")) or Path(v).expanduser().is_dir():
         return None
     return "must be a .txt or .jsonl file, or a folder of them"
 
 
-def _nonempty(v: Any) -> str | None:
-    return None if len(v) > 0 else "must not be empty"
+def _device_map_kind(v: Any) -> str | None:
+    return "name" if isinstance(v, str) else "map" if isinstance(v, Mapping) else None
 
 
-def _opt(default: Any = None, *, check: Check | None = None, each: Check | None = None, factory: Any = None) -> Any:
-    """A dataclass field with a value check (``check``) and/or a per-item check for lists (``each``)."""
-    meta = {"check": check, "each": each}
-    if factory is not None:
-        return field(default_factory=factory, metadata=meta)
-    return field(default=default, metadata=meta)
+DeviceMapName = Annotated[Literal["auto", "balanced", "balanced_low_0", "sequential"], Tag("name")]
+DeviceMap = Annotated[
+    DeviceMapName | Annotated[dict[Any, Any], _rule(_device_entries), Tag("map")],
+    Discriminator(_device_map_kind, custom_error_type="wrong_type", custom_error_message="wrong type"),
+]
+DataPath = Annotated[Str, _rule(_data_file)]
+
+
+def _section(cls: type) -> type:
+    """Pydantic settings shared by every section: unknown keys are errors."""
+    cls.__pydantic_config__ = ConfigDict(extra="forbid")  # read by pydantic from a standard dataclass
+    return dataclass(cls)
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Schema
+# Schema (defaults = the recommended settings; the paper's are probprune/presets/paper.yaml)
 # --------------------------------------------------------------------------------------------------------------------
 
 
-@dataclass
+@_section
 class ModelConfig:
     """Which model to prune and where it lives."""
 
-    name_or_path: str = _opt("embedded:smollm2-135m", check=_nonempty)  # HF id, local folder, "embedded:…", "tiny:…"
-    dtype: str = _opt("float32", check=_one_of("float32", "bfloat16", "float16"))
-    device: str = _opt("cpu", check=_device)
-    device_map: str | dict | None = _opt(None, check=_device_map)  # accelerate device_map for multi-device replicas
-    trust_remote_code: bool = False
+    name_or_path: Annotated[NonEmptyStr, Field(description=(
+        "Hugging Face hub id, local folder, `embedded:<name>` (shipped offline) or `tiny:<family>` (random test model)"
+    ))] = "embedded:smollm2-135m"
+    dtype: Annotated[Literal["float32", "bfloat16", "float16"], Field(description="weights' dtype")] = "float32"
+    device: Annotated[Str, _rule(_device), Field(description="where each replica's weights live")] = "cpu"
+    device_map: Annotated[DeviceMap | None, Field(description=(
+        "accelerate `device_map` that spreads one replica over several devices (a name or module -> device)"
+    ))] = None
+    trust_remote_code: Annotated[Bool, Field(description="let transformers run the checkpoint's own code")] = False
 
 
-@dataclass
+@_section
 class DataConfig:
     """Calibration and held-out text."""
 
-    source: str = _opt("brown", check=_one_of("brown", "hf", "files"))
-    dataset: str | None = None  # hf: "wikitext", "allenai/c4"
-    dataset_config: str | None = None  # hf: "wikitext-2-raw-v1", "en"
-    text_field: str = _opt("text", check=_nonempty)
-    train_split: str = _opt("train", check=_nonempty)
-    test_split: str = _opt("test", check=_nonempty)
-    paths: list[str] = _opt(factory=list, each=_data_file)  # files: calibration .txt / .jsonl
-    test_paths: list[str] = _opt(factory=list, each=_data_file)  # files: held-out (else test_fraction of paths)
-    test_fraction: float = _opt(0.1, check=_open_unit)  # share of files held out (brown / files)
-    split_seed: int = _opt(0, check=_at_least(0))  # seed of the split by file: fixed, so every run seed sees one test set
-    block_len: int = _opt(128, check=_at_least(8))  # calibration block length in tokens
-    calib_blocks: int = _opt(1024, check=_at_least(1))  # calibration blocks drawn from the calibration split
+    source: Annotated[Literal["brown", "hf", "files"], Field(description=(
+        "`brown`: the embedded Brown corpus; `hf`: a `datasets` dataset; `files`: `data.paths`"
+    ))] = "brown"
+    dataset: Annotated[Str | None, Field(description="hf: dataset name, e.g. `wikitext`, `allenai/c4`")] = None
+    dataset_config: Annotated[Str | None, Field(description=(
+        "hf: dataset config, e.g. `wikitext-2-raw-v1`, `en`"
+    ))] = None
+    text_field: Annotated[NonEmptyStr, Field(description="hf / .jsonl: the record field holding the text")] = "text"
+    train_split: Annotated[NonEmptyStr, Field(description="hf: calibration split")] = "train"
+    test_split: Annotated[NonEmptyStr, Field(description="hf: held-out split")] = "test"
+    paths: Annotated[list[DataPath], Field(description="files: calibration .txt / .jsonl files or folders")] = field(
+        default_factory=list
+    )
+    test_paths: Annotated[list[DataPath], Field(description=(
+        "files: held-out files (else `data.test_fraction` of `data.paths`)"
+    ))] = field(default_factory=list)
+    test_fraction: Annotated[Fraction, Field(description="brown / files: share of files held out")] = 0.1
+    split_seed: Annotated[Int, Field(ge=0, description=(
+        "seed of the split by file: fixed, so every run seed sees one test set"
+    ))] = 0
+    block_len: Annotated[Int, Field(ge=8, description="calibration block length in tokens")] = 128
+    calib_blocks: Annotated[Int, Field(ge=1, description="calibration blocks drawn from the calibration split")] = 1024
 
 
-@dataclass
+@_section
 class MaskConfig:
     """Which units are prunable and how channels are grouped."""
 
-    heads: bool = True
-    # "group": a head unit is one KV group with its query heads; "query": one query head (models with one KV head per
-    # layer, e.g. small Gemma 3, where a KV group is the layer's whole attention)
-    head_unit: str = _opt("group", check=_one_of("group", "query"))
-    channels: bool = True
-    layers: bool = False
-    channel_block: int = _opt(1, check=_at_least(1))  # channels per channel unit
-    block_order: str = _opt("index", check=_one_of("index", "metric"))  # how channel blocks are formed in a layer
-    align: int = _opt(1, check=_at_least(1))  # round kept widths to a multiple of this (1 = off)
-    # "uniform": every layer keeps the same number of head groups and the same MLP width (the search still learns
-    # which ones): the pruned model is a stock checkpoint. "free": per-layer widths (the search's default).
-    shape: str = _opt("free", check=_one_of("free", "uniform"))
+    heads: Annotated[Bool, Field(description="attention head units are prunable")] = True
+    head_unit: Annotated[Literal["group", "query"], Field(description=(
+        "`group`: a head unit is one KV group with its query heads; `query`: one query head (models with one KV "
+        "head per layer, e.g. small Gemma 3, where a KV group is the layer's whole attention)"
+    ))] = "group"
+    channels: Annotated[Bool, Field(description="MLP channel units are prunable")] = True
+    layers: Annotated[Bool, Field(description=(
+        "whole decoder layers are units too (needs `search.budget: params`)"
+    ))] = False
+    channel_block: Annotated[Int, Field(ge=1, description=(
+        "MLP channels per channel unit; every kept MLP width is a multiple of it (the paper: 1)"
+    ))] = 128
+    block_order: Annotated[Literal["index", "metric"], Field(description=(
+        "how channel blocks are formed in a layer: `metric` groups channels of similar Wanda-sp rank (the "
+        "permutation is saved), `index` takes them in order (the paper)"
+    ))] = "metric"
+    align: Annotated[Int, Field(ge=1, description="round kept MLP widths to a multiple of this (1 = off)")] = 1
+    shape: Annotated[Literal["free", "uniform"], Field(description=(
+        "`free`: per-layer widths; `uniform`: every layer keeps the same number of head groups and the same MLP "
+        "width (the search still learns which ones), so the pruned model is a stock checkpoint; needs "
+        "`search.method: units` and a `search.init` other than `best`"
+    ))] = "free"
 
 
-@dataclass
+@_section
 class SearchConfig:
-    """The policy-gradient search (defaults = the paper preset)."""
+    """The policy-gradient search (defaults = the recommended search; the paper's is `preset: paper`)."""
 
-    sparsity: float = _opt(0.5, check=_open_unit)  # fraction of prunable params removed
-    budget: str = _opt("per_type", check=_one_of("per_type", "params"))
-    method: str = _opt("units", check=_one_of("units", "allocation"))
-    steps: int = _opt(300, check=_at_least(1))
-    num_samples: int = _opt(2, check=_at_least(1))  # K masks per step
-    batch_size: int = _opt(8, check=_at_least(1))  # calibration blocks per step
-    lr: float = _opt(2e-3, check=_positive)
-    lr_schedule: str = _opt("cosine", check=_one_of("cosine", "constant"))
-    baseline: str = _opt("ema", check=_one_of("ema", "loo"))
-    ema_window: int = _opt(5, check=_at_least(1))
-    score_scaling: str = _opt("sqrt", check=_one_of("sqrt", "exact"))
-    sampling: str = _opt("independent", check=_one_of("independent", "antithetic"))
-    init: str = _opt("wanda-sp", check=_one_of("wanda-sp", "uniform", "random", "best"))  # "wanda" = old name
-    init_blocks: int = _opt(32, check=_at_least(1))
-    # "best": start from the forward-only baseline mask (or Wanda-sp init) with the lowest check-set loss, pulled
-    # toward it as probs = (1 - init_mix) * mask + init_mix * (1 - sparsity)
-    init_mix: float = _opt(0.25, check=_open_unit)
-    objective: str = _opt("ce", check=_one_of("ce", "kl"))  # ce: next-token cross-entropy; kl: KL(dense || masked)
-    # calibration blocks held out of the search's batches: the warm start is chosen on them, and the search returns
-    # its own final mask or its start, whichever has the lower cross-entropy there (0 = off, the paper's behaviour)
-    check_blocks: int = _opt(0, check=_at_least(0))
-    checkpoint_every: int = _opt(50, check=_at_least(1))
-    log_every: int = _opt(1, check=_at_least(1))
+    sparsity: Annotated[Fraction, Field(description="fraction of prunable parameters removed")] = 0.5
+    budget: Annotated[Literal["per_type", "params"], Field(description=(
+        "`per_type`: heads and channels each at the keep ratio; `params`: one parameter budget over all units"
+    ))] = "per_type"
+    method: Annotated[Literal["units", "allocation"], Field(description=(
+        "`allocation`: one keep fraction per (layer, unit type), units inside a layer ranked by Wanda-sp; "
+        "`units`: one keep probability per unit (the paper)"
+    ))] = "allocation"
+    steps: Annotated[Int, Field(ge=1, description="policy-gradient steps")] = 150
+    num_samples: Annotated[Int, Field(ge=1, description="K: masks sampled and scored per step")] = 4
+    batch_size: Annotated[Int, Field(ge=1, description="calibration blocks per step")] = 4
+    lr: Annotated[Number, Field(gt=0, description="learning rate of the keep-probability logits")] = 0.1
+    lr_schedule: Annotated[Literal["cosine", "constant"], Field(description="learning-rate schedule")] = "cosine"
+    baseline: Annotated[Literal["ema", "loo"], Field(description=(
+        "`loo`: each sample's baseline is the mean loss of the other K-1 (needs K >= 2); `ema`: moving average"
+    ))] = "loo"
+    ema_window: Annotated[Int, Field(ge=1, description="steps averaged by the `ema` baseline")] = 5
+    score_scaling: Annotated[Literal["sqrt", "exact"], Field(description=(
+        "scaling of the policy-gradient score: `sqrt` divides k - n*s by sqrt(n*s*(1-s)), `exact` by s*(1-s)"
+    ))] = "sqrt"
+    sampling: Annotated[Literal["independent", "antithetic"], Field(description=(
+        "`antithetic` samples masks in mirrored pairs (needs an even K)"
+    ))] = "independent"
+    init: Annotated[Literal["wanda-sp", "uniform", "random", "best"], Field(description=(
+        "start of the search: `best` = the forward-only baseline mask (or Wanda-sp init) with the lowest "
+        "check-set loss, pulled toward it as probs = (1 - init_mix) * mask + init_mix * (1 - sparsity); "
+        "`wanda` is read as `wanda-sp`"
+    ))] = "best"
+    init_blocks: Annotated[Int, Field(ge=1, description=(
+        "calibration blocks of the input statistics (Wanda-sp scores, `mask.block_order: metric`)"
+    ))] = 32
+    init_mix: Annotated[Fraction, Field(description="`best`: weight of the uniform keep ratio in the start")] = 0.25
+    objective: Annotated[Literal["ce", "kl"], Field(description=(
+        "`kl`: KL(dense || masked) on the calibration tokens (needs `engine.fast_path`); `ce`: next-token "
+        "cross-entropy (the paper)"
+    ))] = "kl"
+    check_blocks: Annotated[Int, Field(ge=0, description=(
+        "calibration blocks held out of the search's batches: the warm start is chosen on them, and the search "
+        "returns its own final mask or its start, whichever has the lower cross-entropy there (0 = off, the paper)"
+    ))] = 32
+    checkpoint_every: Annotated[Int, Field(ge=1, description="steps between search checkpoints")] = 50
+    log_every: Annotated[Int, Field(ge=1, description="steps between log lines")] = 1
 
 
-@dataclass
+@_section
 class EngineConfig:
     """Where masks are scored: in this process or on Ray actors."""
 
-    kind: str = _opt("local", check=_one_of("local", "ray"))
-    num_actors: int = _opt(2, check=_at_least(1))
-    cpus_per_actor: float = _opt(1.0, check=_positive)
-    gpus_per_actor: float = _opt(0.0, check=_at_least(0))
-    threads: int | None = _opt(None, check=_at_least(1))
-    address: str | None = None  # Ray address, e.g. "auto"
-    fast_path: bool = True  # score masks with gathered weights (compute only kept units)
-    max_retries: int = _opt(3, check=_at_least(0))
-    # how Ray places the actors: "default" (Ray's: fills a node before the next) or "spread" (one node after another)
-    placement: str = _opt("default", check=_one_of("default", "spread"))
+    kind: Annotated[Literal["local", "ray"], Field(description="`local`: this process; `ray`: Ray actors")] = "local"
+    num_actors: Annotated[Int, Field(ge=1, description="ray: model replicas (one actor each)")] = 2
+    cpus_per_actor: Annotated[Number, Field(gt=0, description="ray: CPUs reserved per actor")] = 1.0
+    gpus_per_actor: Annotated[Number, Field(ge=0, description="ray: GPUs reserved per actor")] = 0.0
+    threads: Annotated[Int | None, Field(ge=1, description="torch threads per process (null = torch's)")] = None
+    address: Annotated[Str | None, Field(description="ray: cluster address, e.g. `auto`")] = None
+    fast_path: Annotated[Bool, Field(description="score masks with gathered weights (compute only kept units)")] = True
+    max_retries: Annotated[Int, Field(ge=0, description="ray: times a lost actor's work is retried")] = 3
+    placement: Annotated[Literal["default", "spread"], Field(description=(
+        "ray: how actors are placed: `default` (Ray's: fills a node before the next) or `spread`"
+    ))] = "default"
 
 
-@dataclass
+@_section
 class EvalConfig:
     """Held-out perplexity evaluation."""
 
-    seq_lens: list[int] = _opt(factory=lambda: [128, 2048], check=_nonempty, each=_at_least(8))
-    max_tokens: int = _opt(32768, check=_at_least(1))  # held-out tokens evaluated per window length
-    batch_size: int = _opt(4, check=_at_least(1))
+    seq_lens: Annotated[list[Annotated[Int, Field(ge=8)]], Field(min_length=1, description=(
+        "window lengths in tokens, one perplexity each"
+    ))] = field(default_factory=lambda: [128, 2048])
+    max_tokens: Annotated[Int, Field(ge=1, description="held-out tokens evaluated per window length")] = 32768
+    batch_size: Annotated[Int, Field(ge=1, description="windows per forward")] = 4
 
 
-@dataclass
+@_section
 class SweepConfig:
-    """A Ray Tune sweep: grid over lr × sparsity (× extra keys), one search per trial."""
+    """A Ray Tune sweep: grid over lr x sparsity (x extra keys), one search per trial."""
 
-    lr: list[float] = _opt(factory=list, each=_positive)
-    lr_range: list[float] | None = _opt(None, each=_positive)  # [low, high], log-uniform
-    sparsity: list[float] = _opt(factory=list, each=_open_unit)
-    grid: dict[str, list] = _opt(factory=dict)  # extra dotted keys -> values, {"search.num_samples": [2, 8]}
-    num_samples: int = _opt(1, check=_at_least(1))  # Tune samples per grid point
-    scheduler: str = _opt("none", check=_one_of("none", "asha"))
-    search_alg: str = _opt("grid", check=_one_of("grid", "optuna"))
-    report_every: int = _opt(10, check=_at_least(1))
-    max_concurrent: int = _opt(0, check=_at_least(0))  # 0 = no limit
-    storage_path: str = _opt("runs/sweeps", check=_nonempty)
-    trial_cpus: float = _opt(1.0, check=_positive)
-    trial_gpus: float = _opt(0.0, check=_at_least(0))
+    lr: Annotated[list[Annotated[Number, Field(gt=0)]], Field(description="values of `search.lr`")] = field(
+        default_factory=list
+    )
+    lr_range: Annotated[list[Annotated[Number, Field(gt=0)]] | None, Field(description=(
+        "[low, high]: `search.lr` drawn log-uniformly (instead of `sweep.lr`)"
+    ))] = None
+    sparsity: Annotated[list[Fraction], Field(description="values of `search.sparsity`")] = field(default_factory=list)
+    grid: Annotated[dict[Any, Any], Field(description=(
+        "more dotted keys -> lists of values, e.g. `{search.num_samples: [2, 8]}`"
+    ))] = field(default_factory=dict)
+    num_samples: Annotated[Int, Field(ge=1, description="Tune samples per grid point")] = 1
+    scheduler: Annotated[Literal["none", "asha"], Field(description="Tune trial scheduler")] = "none"
+    search_alg: Annotated[Literal["grid", "optuna"], Field(description="Tune search algorithm")] = "grid"
+    report_every: Annotated[Int, Field(ge=1, description="search steps between reports to Tune")] = 10
+    max_concurrent: Annotated[Int, Field(ge=0, description="trials at a time (0 = no limit)")] = 0
+    storage_path: Annotated[NonEmptyStr, Field(description="folder of Tune's experiments")] = "runs/sweeps"
+    trial_cpus: Annotated[Number, Field(gt=0, description="CPUs per trial")] = 1.0
+    trial_gpus: Annotated[Number, Field(ge=0, description="GPUs per trial")] = 0.0
 
 
-@dataclass
+@_section
 class Config:
     """A whole run: model, data, mask space, search, engine, evaluation and an optional sweep."""
 
@@ -246,8 +340,8 @@ class Config:
     engine: EngineConfig = field(default_factory=EngineConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     sweep: SweepConfig | None = None
-    seed: int = _opt(0, check=_at_least(0))
-    name: str = _opt("probprune", check=_nonempty)
+    seed: Annotated[Int, Field(ge=0, description="seed of the run (calibration batches, masks)")] = 0
+    name: Annotated[NonEmptyStr, Field(description="name of the run")] = "probprune"
 
 
 _SECTIONS: dict[str, type] = {
@@ -260,24 +354,39 @@ _SECTIONS: dict[str, type] = {
     "sweep": SweepConfig,
 }
 
+# Loading directives: keys a config file may hold besides the schema's.
+_PRESET_KEY = "preset"
+_PRESETS = Path(__file__).parent / "presets"
+
+# Keys renamed since configs were first written: the old dotted key still loads, as the new one, with a warning.
+_RENAMED_KEYS: dict[str, str] = {}
+
+# Values renamed since configs were first written: the old spelling still loads, as the new one.
+_RENAMED_VALUES = {("search", "init"): {"wanda": "wanda-sp"}}
+
 
 @functools.cache
 def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+    return typing.get_type_hints(cls, include_extras=True)
+
+
+@functools.cache
+def _adapter(tp: Any) -> TypeAdapter:
+    return TypeAdapter(tp)
 
 
 def _valid_keys() -> list[str]:
-    """Every dotted key of the schema, sections included: ['model', 'model.name_or_path', …, 'seed', 'name']."""
+    """Every dotted key of the schema, sections included: ['model', 'model.name_or_path', …, 'name', 'preset']."""
     keys: list[str] = []
     for f in dataclasses.fields(Config):
         keys.append(f.name)
         if f.name in _SECTIONS:
             keys.extend(f"{f.name}.{g.name}" for g in dataclasses.fields(_SECTIONS[f.name]))
-    return keys
+    return [*keys, _PRESET_KEY]
 
 
 def _leaf_type(dotted: str) -> Any:
-    """Type of a dotted leaf key ('search.lr' -> float), or None if the key is not a leaf of the schema."""
+    """Annotation of a dotted leaf key ('search.lr' -> Annotated[float, …]), or None if it is not a schema leaf."""
     parts = dotted.split(".")
     if len(parts) == 1:
         return None if parts[0] in _SECTIONS else _hints(Config).get(parts[0])
@@ -307,154 +416,189 @@ def _unknown(key: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Type conversion and checks
+# Reading annotations: pydantic errors -> one message per field
 # --------------------------------------------------------------------------------------------------------------------
 
-_INVALID = object()
+
+def _unwrap(tp: Any) -> tuple[Any, list[Any]]:
+    """``Annotated[X, m1, m2]`` -> (X, [m1, m2, ...]) with nested Annotated flattened; other types -> (tp, [])."""
+    metadata: list[Any] = []
+    while typing.get_origin(tp) is Annotated:
+        metadata = [*tp.__metadata__, *metadata]
+        tp = tp.__origin__
+    return tp, metadata
+
+
+def _alternatives(tp: Any) -> list[Any]:
+    """The alternatives of a (nested, Annotated) union, each with its own annotations; [tp] for any other type."""
+    inner, _ = _unwrap(tp)
+    if typing.get_origin(inner) in (Union, types.UnionType):
+        return [alt for arg in typing.get_args(inner) for alt in _alternatives(arg)]
+    return [tp]
+
+
+def _members(tp: Any) -> list[Any]:
+    """The bare types a value of ``tp`` may have: Optional[Annotated[int, …]] -> [int, NoneType]."""
+    return [_unwrap(alt)[0] for alt in _alternatives(tp)]
+
+
+_BOUND_TYPES = {"gt": annotated_types.Gt, "ge": annotated_types.Ge, "lt": annotated_types.Lt, "le": annotated_types.Le,
+                "min_length": annotated_types.MinLen}
+
+
+def _constraints(tp: Any) -> dict[str, Any]:
+    """Bounds of a type: {'gt': 0, 'lt': 1, 'ge': …, 'min_length': …} from its annotated-types metadata."""
+    _, metadata = _unwrap(tp)
+    out: dict[str, Any] = {}
+    stack = list(metadata)
+    while stack:
+        m = stack.pop(0)
+        if isinstance(m, FieldInfo):
+            stack.extend(m.metadata)
+        for name, kind in _BOUND_TYPES.items():
+            if isinstance(m, kind):
+                out[name] = getattr(m, name)
+    return out
+
+
+def _rules(tp: Any) -> list[str]:
+    """The documented rules (docstrings of ``_rule`` checks) of a type."""
+    _, metadata = _unwrap(tp)
+    return [m.func.__doc__ for m in metadata if isinstance(m, AfterValidator) and m.func.__doc__]
 
 
 def _describe(tp: Any) -> str:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (Union, types.UnionType):
-        parts = [_describe(a) for a in args if a is not type(None)]
-        text = " or ".join(parts)
-        return text + " or null" if type(None) in args else text
-    if origin is list:
-        return f"a list of {args[0].__name__}" if args else "a list"
-    if tp is dict or origin is dict:
+    """'an int', 'a number', 'a list of int', 'a string or a mapping or null', … for type errors and the docs."""
+    members = _members(tp)
+    if len(members) > 1:
+        text = " or ".join(_describe(m) for m in members if m is not type(None))
+        return text + " or null" if type(None) in members else text
+    base = members[0]
+    origin, args = typing.get_origin(base), typing.get_args(base)
+    if origin is list or base is list:
+        return f"a list of {_unwrap(args[0])[0].__name__}" if args else "a list"
+    if origin is dict or base is dict or dataclasses.is_dataclass(base):
         return "a mapping"
-    return {int: "an int", float: "a number", bool: "a bool", str: "a string"}.get(tp, getattr(tp, "__name__", str(tp)))
+    if origin is Literal:
+        return "a string"
+    return {int: "an int", float: "a number", bool: "a bool", str: "a string"}.get(base, str(base))
 
 
-def _convert(value: Any, tp: Any, key: str, errors: list[str]) -> Any:
-    """Return ``value`` as type ``tp`` or append an error naming ``key`` and return _INVALID."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            trial: list[str] = []
-            out = _convert(value, arg, key, trial)
-            if not trial:
-                return out
-            if _matches_container(value, arg):  # right container, bad contents: report the inner errors
-                errors.extend(trial)
-                return _INVALID
-        errors.append(f"{key} must be {_describe(tp)}, got {value!r}")
-        return _INVALID
-    if origin is list or tp is list:
-        if not isinstance(value, (list, tuple)):
-            errors.append(f"{key} must be {_describe(tp)}, got {value!r}")
-            return _INVALID
-        item_tp = args[0] if args else Any
-        items = [_convert(v, item_tp, f"{key}[{i}]", errors) for i, v in enumerate(value)]
-        return _INVALID if any(v is _INVALID for v in items) else items
-    if origin is dict or tp is dict:
-        if not isinstance(value, Mapping):
-            errors.append(f"{key} must be {_describe(tp)}, got {value!r}")
-            return _INVALID
-        return copy.deepcopy(dict(value))
-    if tp is Any:
-        return value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        number = _as_float(value)
-        if number is not None:
-            if math.isfinite(number):
-                return number
-            errors.append(f"{key} must be a finite number, got {value!r}")
-            return _INVALID
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    else:  # pragma: no cover - schema uses only the types above
-        raise TypeError(f"unsupported config type {tp!r} for {key}")
-    errors.append(f"{key} must be {_describe(tp)}, got {value!r}")
-    return _INVALID
+def _allowed(tp: Any) -> str:
+    """'one of 'a', 'b'', '>= 1', 'in (0, 1)', … (what a value must be beyond its type), or ''."""
+    literals = [a for m in _members(tp) if typing.get_origin(m) is Literal for a in typing.get_args(m)]
+    if literals:
+        return "one of " + ", ".join(repr(a) for a in literals)
+    c = _constraints(tp)
+    if "gt" in c and "lt" in c:
+        return f"in ({c['gt']}, {c['lt']})"
+    words = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
+    parts = [f"{words[k]} {v}" for k, v in c.items() if k in words]
+    if c.get("min_length"):
+        parts.append("not empty")
+    return ", ".join(parts)
 
 
-def _matches_container(value: Any, tp: Any) -> bool:
-    origin = typing.get_origin(tp) or tp
-    return (origin is list and isinstance(value, (list, tuple))) or (origin is dict and isinstance(value, Mapping))
+def _locate(loc: Sequence[Any], tp: Any, key: str) -> tuple[str, Any]:
+    """Follow a pydantic error location from type ``tp`` named ``key``: ('eval', 'seq_lens', 1) from Config ->
+    ('eval.seq_lens[1]', <annotation of an item>). The type is None where the location leaves the schema."""
+    for part in loc:
+        members = [m for m in _members(tp) if m is not type(None)]
+        base = members[0] if len(members) == 1 else None
+        if base is not None and dataclasses.is_dataclass(base):
+            key = f"{key}.{part}" if key else str(part)
+            tp = _hints(base).get(part) if isinstance(part, str) else None
+            if tp is None:
+                return key, None
+        elif base is not None and typing.get_origin(base) in (list, dict):
+            key += f"[{part!r}]" if isinstance(part, str) else f"[{part}]"
+            tp = typing.get_args(base)[-1] if typing.get_args(base) else Any
+        else:  # a discriminated union: the part is the tag of the member that was tried
+            options = [a for a in _alternatives(tp) if any(getattr(m, "tag", None) == part for m in _unwrap(a)[1])]
+            if not options:
+                return key, tp
+            tp = options[0]
+    return key, tp
 
 
-def _as_float(value: Any) -> float | None:
-    """ints and floats; also strings such as '1e-3', which PyYAML (YAML 1.1) loads as str, not float."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, (int, float)):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            return float(value.strip())
-        except ValueError:
-            return None
-    return None
+def _shown(value: Any, tp: Any) -> Any:
+    """The value as the message shows it: the number a float field read from it (0 -> 0.0, '1' -> 1.0)."""
+    if float in _members(tp) and not isinstance(value, bool):
+        converted = _yaml_float(value)
+        if isinstance(converted, float):
+            return converted
+    return value
 
 
-def _check(value: Any, f: dataclasses.Field, key: str, errors: list[str]) -> None:
-    check, each = f.metadata.get("check"), f.metadata.get("each")
-    if value is None:
-        return
-    if check is not None and (problem := check(value)):
-        errors.append(f"{key} {problem}, got {value!r}")
-    if each is not None:
-        for i, item in enumerate(value):
-            if problem := each(item):
-                errors.append(f"{key}[{i}] {problem}, got {item!r}")
+_BOUND_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal", "literal_error"}
+_UNKNOWN_TYPES = {"unexpected_keyword_argument", "extra_forbidden", "invalid_key"}
 
 
-def _build(cls: type, data: Any, prefix: str, errors: list[str], bad: set[str]) -> Any:
-    """Build dataclass ``cls`` from mapping ``data``; unknown keys and bad values go to ``errors``.
+def _message(err: Mapping[str, Any], tp: Any, key: str) -> str:
+    """One line for one pydantic error of a value of type ``tp`` named ``key``."""
+    where, leaf = _locate(err["loc"], tp, key)
+    kind = err["type"]
+    if kind in _UNKNOWN_TYPES or leaf is None:
+        return _unknown(where)
+    where = where or "config"
+    got = _shown(err["input"], leaf)
+    if kind == "config_rule":
+        problem = err["ctx"]["problem"]
+    elif kind in _BOUND_ERRORS:
+        problem = f"must be {_allowed(leaf)}"
+    elif kind in ("too_short", "string_too_short"):
+        problem = "must not be empty"
+    elif kind == "finite_number":
+        problem = "must be a finite number"
+    else:  # the wrong type
+        problem = f"must be {_describe(leaf)}"
+    return f"{where} {problem}, got {got!r}"
 
-    A field with a bad value keeps its default and its dotted key goes to ``bad``, so cross-field rules that do not
-    involve it can still run and every problem is reported in one pass.
+
+def _field_loc(loc: Sequence[Any]) -> tuple:
+    """The location of the field an error belongs to: ('eval', 'seq_lens', 1) -> ('eval', 'seq_lens')."""
+    return tuple(loc[: 2 if loc and loc[0] in _SECTIONS else 1])
+
+
+def _order(loc: Sequence[Any]) -> tuple:
+    """Errors in schema order (unknown keys of a section before its fields), as a reader goes down a file."""
+    top = [f.name for f in dataclasses.fields(Config)]
+    if not loc or loc[0] not in top:
+        return (0,)
+    if loc[0] not in _SECTIONS or len(loc) < 2:
+        return (1, top.index(loc[0]))
+    fields = [f.name for f in dataclasses.fields(_SECTIONS[loc[0]])]
+    inner = (1, fields.index(loc[1]), *(p if isinstance(p, int) else 0 for p in loc[2:])) if loc[1] in fields else (0,)
+    return (1, top.index(loc[0]), *inner)
+
+
+def _validate(data: Any) -> tuple[Config, list[str], set[str]]:
+    """Validate ``data`` against the schema: (config, errors, dotted keys of bad fields).
+
+    A field with a bad value keeps its default in the returned config and its key goes to the bad set, so that
+    cross-field rules not involving it can still run and every problem is reported in one pass.
     """
-    if data is None:
-        data = {}
-    if not isinstance(data, Mapping):
-        errors.append(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}")
-        bad.add(prefix.rstrip("."))
-        return cls()
-    hints = _hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for key in data:
-        if not isinstance(key, str) or key not in fields:
-            errors.append(_unknown(f"{prefix}{key}"))
-    kwargs: dict[str, Any] = {}
-    for name, f in fields.items():
-        if name not in data:
-            continue
-        key = f"{prefix}{name}"
-        tp = hints[name]
-        section = _section_type(tp)
-        if section is not None:
-            if data[name] is None and type(None) in typing.get_args(tp):
-                kwargs[name] = None
-            else:
-                kwargs[name] = _build(section, data[name], f"{key}.", errors, bad)
-            continue
-        n_before = len(errors)
-        value = _convert(data[name], tp, key, errors)
-        if len(errors) == n_before:
-            _check(value, f, key, errors)
-        if len(errors) == n_before:
-            kwargs[name] = value
-        else:
-            bad.add(key)
-    return cls(**kwargs)
-
-
-def _section_type(tp: Any) -> type | None:
-    candidates = [tp, *typing.get_args(tp)]
-    return next((c for c in candidates if isinstance(c, type) and dataclasses.is_dataclass(c)), None)
+    try:
+        return _adapter(Config).validate_python(data), [], set()
+    except ValidationError as exc:
+        errs = sorted(exc.errors(), key=lambda e: _order(e["loc"]))
+    messages = [_message(e, Config, "") for e in errs]
+    bad = {".".join(map(str, _field_loc(e["loc"]))) or "config" for e in errs if e["type"] not in _UNKNOWN_TYPES}
+    cleaned = copy.deepcopy(data) if isinstance(data, Mapping) else {}
+    for e in errs:  # drop each unknown key and each bad field: what remains is valid
+        loc = e["loc"] if e["type"] in _UNKNOWN_TYPES else _field_loc(e["loc"])
+        node = cleaned
+        for part in loc[:-1]:
+            node = node.get(part) if isinstance(node, Mapping) else None
+        if not loc:
+            cleaned = {}
+        elif isinstance(node, dict):
+            node.pop(loc[-1], None)
+    try:
+        cfg = _adapter(Config).validate_python(cleaned)
+    except ValidationError:  # pragma: no cover - every bad value was removed above
+        cfg = Config()
+    return cfg, messages, bad
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -466,7 +610,7 @@ def _cross_field(cfg: Config, bad: set[str]) -> list[str]:
     """Rules between fields; a rule is skipped when one of its fields already has an error of its own."""
 
     def ok(*keys: str) -> bool:
-        return not any(k in bad or k.partition(".")[0] in bad for k in keys)
+        return "config" not in bad and not any(k in bad or k.partition(".")[0] in bad for k in keys)
 
     errors: list[str] = []
     m, d, s, e = cfg.mask, cfg.data, cfg.search, cfg.engine
@@ -490,7 +634,8 @@ def _cross_field(cfg: Config, bad: set[str]) -> list[str]:
         errors.append("search.init='best' chooses its start on the check set and requires search.check_blocks >= 1, "
                       f"got {s.check_blocks}")
     if ok("search.objective", "engine.fast_path") and s.objective == "kl" and not e.fast_path:
-        errors.append("search.objective='kl' is computed on the fast path and requires engine.fast_path=true")
+        errors.append("search.objective='kl' is computed on the fast path and requires engine.fast_path=true "
+                      "(or search.objective='ce')")
     if ok("search.batch_size", "search.check_blocks", "data.calib_blocks") and (
         s.batch_size + s.check_blocks > d.calib_blocks
     ):
@@ -504,7 +649,9 @@ def _cross_field(cfg: Config, bad: set[str]) -> list[str]:
     if ok("mask.shape", "search.init") and m.shape == "uniform" and s.init == "best":
         errors.append("mask.shape='uniform' starts from the Wanda-sp ranking: search.init='best' may pick a "
                       "non-uniform baseline; use search.init='wanda-sp', 'uniform' or 'random'")
-    if ok("mask.shape", "mask.layers", "search.budget") and m.shape == "uniform" and (m.layers or s.budget != "per_type"):
+    if ok("mask.shape", "mask.layers", "search.budget") and m.shape == "uniform" and (
+        m.layers or s.budget != "per_type"
+    ):
         errors.append("mask.shape='uniform' requires mask.layers=false and search.budget='per_type'")
     if ok("mask.shape", "mask.align") and m.shape == "uniform" and m.align > 1:
         errors.append(f"mask.shape='uniform' already gives every layer one width: mask.align={m.align} must be 1")
@@ -529,23 +676,100 @@ def _sweep_rules(sw: SweepConfig) -> list[str]:
     for key, values in sw.grid.items():
         where = f"sweep.grid[{key!r}]"
         tp = _leaf_type(key) if isinstance(key, str) else None
-        if tp is None or key.startswith("sweep") or _section_type(tp) is not None:
+        if tp is None or key.startswith("sweep") or any(dataclasses.is_dataclass(m) for m in _members(tp)):
             errors.append(f"{where}: {_unknown(str(key))}")
             continue
         if not isinstance(values, (list, tuple)) or not values:
             errors.append(f"{where} must be a non-empty list of values, got {values!r}")
             continue
-        section, _, name = key.rpartition(".")
-        f = next(f for f in dataclasses.fields(_SECTIONS[section] if section else Config) if f.name == name)
         for i, v in enumerate(values):
-            item_errors: list[str] = []
-            out = _convert(v, tp, f"{where}[{i}]", item_errors)
-            if not item_errors:
-                _check(out, f, f"{where}[{i}]", item_errors)
-            errors.extend(item_errors)
+            try:
+                _adapter(tp).validate_python(v)
+            except ValidationError as exc:
+                errors.extend(_message(err, tp, f"{where}[{i}]") for err in exc.errors())
+        name = key.rpartition(".")[2]
         if (key == "search.lr" and (sw.lr or sw.lr_range)) or (key == "search.sparsity" and sw.sparsity):
             errors.append(f"{where} conflicts with sweep.{name}; set one of them")
     return errors
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Presets and renamed keys
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def presets() -> list[str]:
+    """Names a config's ``preset:`` may take (the YAML files of ``probprune/presets``)."""
+    return sorted(p.stem for p in _PRESETS.glob("*.yaml"))
+
+
+def _renamed_key(key: str) -> str:
+    """The current name of a dotted key (with a warning naming both when ``key`` is an old one)."""
+    new = _RENAMED_KEYS.get(key)
+    if new is None:
+        return key
+    log.warning("config key '%s' is deprecated: it is now '%s' (read as such)", key, new)
+    return new
+
+
+def _rename_keys(data: Mapping[str, Any], errors: list[str]) -> dict[str, Any]:
+    """A copy of ``data`` with old dotted keys (also those of ``sweep.grid``) moved to their new names."""
+    out = {k: dict(v) if isinstance(v, Mapping) else v for k, v in data.items()}
+    for old in _RENAMED_KEYS:
+        section, _, name = old.rpartition(".")
+        holder = out.get(section) if section else out
+        if not isinstance(holder, dict) or name not in holder:
+            continue
+        new = _renamed_key(old)
+        new_section, _, new_name = new.rpartition(".")
+        target = out.setdefault(new_section, {}) if new_section else out
+        if not isinstance(target, dict) or new_name in target:
+            errors.append(f"config sets both '{old}' and its new name '{new}'; keep only '{new}'")
+            holder.pop(name)
+            continue
+        target[new_name] = holder.pop(name)
+    sweep = out.get("sweep")
+    if isinstance(sweep, dict) and isinstance(sweep.get("grid"), Mapping):
+        sweep["grid"] = {_renamed_key(k) if isinstance(k, str) else k: v for k, v in sweep["grid"].items()}
+    return out
+
+
+def _renamed_values(data: dict[str, Any]) -> dict[str, Any]:
+    for (section, key), names in _RENAMED_VALUES.items():
+        sec = data.get(section)
+        if isinstance(sec, Mapping) and isinstance(sec.get(key), str) and sec[key] in names:
+            data[section] = {**sec, key: names[sec[key]]}
+    return data
+
+
+def _with_preset(data: dict[str, Any], errors: list[str]) -> dict[str, Any]:
+    """``data`` layered over the preset it names (``preset: paper``): a section of ``data`` updates the preset's."""
+    name = data.pop(_PRESET_KEY, None)
+    if name is None:
+        return data
+    if not isinstance(name, str) or name not in presets():
+        errors.append(f"preset must be one of {', '.join(repr(p) for p in presets())}, got {name!r}")
+        return data
+    base = _rename_keys(_read_yaml(_PRESETS / f"{name}.yaml"), errors)
+    for key, value in data.items():
+        if key in _SECTIONS and key != "sweep" and value is None:
+            continue  # an empty section sets nothing
+        if isinstance(value, Mapping) and isinstance(base.get(key), Mapping):
+            base[key] = {**base[key], **value}
+        else:
+            base[key] = value
+    return base
+
+
+def _prepare(data: Any, errors: list[str]) -> Any:
+    """Renamed keys and values, the preset, and empty sections read as ``{}`` (``sweep:`` empty = no sweep)."""
+    if not isinstance(data, Mapping):
+        return data
+    data = _with_preset(_rename_keys(data, errors), errors)
+    for name in _SECTIONS:
+        if name != "sweep" and name in data and data[name] is None:
+            data[name] = {}
+    return _renamed_values(data)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -556,31 +780,19 @@ def _sweep_rules(sw: SweepConfig) -> list[str]:
 def config_from_dict(data: Mapping[str, Any] | None) -> Config:
     """Build and validate a :class:`Config` from a nested mapping (missing keys take their defaults).
 
+    A top-level ``preset: NAME`` layers the mapping over the preset's settings (see :func:`presets`).
+
     Raises:
         ConfigError: listing every unknown key, type error, out-of-range value and broken cross-field rule.
     """
     errors: list[str] = []
-    bad: set[str] = set()
-    cfg = _build(Config, _renamed(data), "", errors, bad)
+    prepared = _prepare({} if data is None else data, errors)
+    cfg, field_errors, bad = _validate(prepared)
+    errors.extend(field_errors)
     errors.extend(_cross_field(cfg, bad))
     if errors:
         raise ConfigError(errors)
     return cfg
-
-
-# Values renamed since configs were first written: the old spelling still loads, as the new one.
-_RENAMED_VALUES = {("search", "init"): {"wanda": "wanda-sp"}}
-
-
-def _renamed(data: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
-    if not isinstance(data, Mapping):
-        return data
-    out = dict(data)
-    for (section, key), names in _RENAMED_VALUES.items():
-        sec = out.get(section)
-        if isinstance(sec, Mapping) and isinstance(sec.get(key), str) and sec[key] in names:
-            out[section] = {**sec, key: names[sec[key]]}
-    return out
 
 
 def validate_config(cfg: Config) -> None:
@@ -638,7 +850,7 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any) -> str | None:
 
 
 def _is_mapping_field(tp: Any) -> bool:
-    return any(t is dict or typing.get_origin(t) is dict for t in (tp, *typing.get_args(tp)))
+    return any(m is dict or typing.get_origin(m) is dict for m in _members(tp))
 
 
 def _apply_to_dict(data: dict[str, Any], overrides: Sequence[str], errors: list[str]) -> None:
@@ -650,7 +862,7 @@ def _apply_to_dict(data: dict[str, Any], overrides: Sequence[str], errors: list[
         except UserError as exc:
             errors.append(str(exc))
             continue
-        if problem := _set_dotted(data, key, value):
+        if problem := _set_dotted(data, _renamed_key(key), value):
             errors.append(f"override {text!r}: {problem}")
 
 
@@ -663,6 +875,9 @@ def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
     data = config_to_dict(cfg)
     errors: list[str] = []
     _apply_to_dict(data, overrides, errors)
+    if _PRESET_KEY in data:
+        errors.append(f"override '{_PRESET_KEY}={data.pop(_PRESET_KEY)}': a preset applies when a config is loaded "
+                      "(load_config), under the file; a built config already sets every field")
     return _finish(data, errors)
 
 
@@ -704,10 +919,14 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
     """Load a YAML config (``None`` = all defaults), apply ``a.b=c`` overrides and validate the result.
 
+    Settings are layered: the preset the file (or an override) names in ``preset:``, then the file, then the
+    overrides.
+
     Args:
         path: YAML file, or None for the defaults.
         overrides: strings ``'a.b=c'``; each value is read with ``yaml.safe_load`` (``search.lr=1e-2``,
-            ``eval.seq_lens=[128,512]``, ``model.device_map=null``, ``sweep.grid.search.num_samples=[2,8]``).
+            ``eval.seq_lens=[128,512]``, ``model.device_map=null``, ``sweep.grid.search.num_samples=[2,8]``,
+            ``preset=paper``).
 
     Returns:
         The validated :class:`Config`.
@@ -721,8 +940,8 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
         >>> load_config(None, ["search.sparsity=0.3"]).search.sparsity
         0.3
     """
-    data = _read_yaml(Path(path)) if path is not None else {}
     errors: list[str] = []
+    data = _rename_keys(_read_yaml(Path(path)), errors) if path is not None else {}
     _apply_to_dict(data, overrides, errors)
     return _finish(data, errors)
 
@@ -730,7 +949,7 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
 def save_config(cfg: Config, path: str | Path) -> Path:
     """Write ``cfg`` as YAML atomically (temp file in the same folder, then ``os.replace``) and return the path.
 
-    ``load_config(save_config(cfg, p)) == cfg``.
+    Every field is written, so the file needs no preset: ``load_config(save_config(cfg, p)) == cfg``.
     """
     from .files import write_text_atomic
 
@@ -738,3 +957,80 @@ def save_config(cfg: Config, path: str | Path) -> Path:
         config_to_dict(cfg), sort_keys=False, default_flow_style=None
     )
     return write_text_atomic(path, text)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Reference documentation
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def reference_markdown() -> str:
+    """``docs/configuration.md``: every section and field with its type, default, allowed values and description."""
+    lines = [
+        "# Configuration reference",
+        "",
+        "<!-- generated by `python -m probprune.config --markdown > docs/configuration.md`; do not edit -->",
+        "",
+        "A config is a YAML file of the sections below; every field may be left out (it then takes the default "
+        "shown) and set on the command line as `section.field=value` (the value read as YAML). Unknown keys, "
+        "wrong types and values out of range are all reported at once, each naming the field and the value.",
+        "",
+        "The defaults are the recommended settings (those of `configs/smollm2/135m_quickstart.yaml`). A top-level "
+        "`preset: NAME` loads a preset's settings under the file (preset < file < overrides); presets: "
+        + ", ".join(f"`{p}`" for p in presets())
+        + " (`probprune/presets/`). `preset: paper` is the method of the paper (arXiv 2406.10576).",
+        "",
+    ]
+    if _RENAMED_KEYS:
+        lines += ["Old key names that still load (with a warning): "
+                  + ", ".join(f"`{o}` → `{n}`" for o, n in _RENAMED_KEYS.items()) + ".", ""]
+    hints = _hints(Config)
+    paper = _read_yaml(_PRESETS / "paper.yaml")
+    for top in dataclasses.fields(Config):
+        if top.name not in _SECTIONS:
+            continue
+        cls = _SECTIONS[top.name]
+        lines += [f"## `{top.name}`", "", cls.__doc__ or "", ""]
+        if top.name == "sweep":
+            lines += ["The section is optional (`null`, the default: no sweep).", ""]
+        lines += [_HEADER, "|---|---|---|---|---|---|"]
+        lines += [_row(f"{top.name}.{f.name}", f, _hints(cls)[f.name], paper.get(top.name, {}))
+                  for f in dataclasses.fields(cls)]
+        lines.append("")
+    lines += ["## Top level", "", _HEADER, "|---|---|---|---|---|---|"]
+    lines += [_row(f.name, f, hints[f.name], paper) for f in dataclasses.fields(Config) if f.name not in _SECTIONS]
+    lines.append(f"| `{_PRESET_KEY}` | a string or null | `null` | | one of "
+                 + ", ".join(repr(p) for p in presets()) + " | settings loaded under the file's |")
+    return "\n".join(lines) + "\n"
+
+
+_HEADER = "| key | type | default | `preset: paper` | allowed | description |"
+
+
+def _flow(value: Any) -> str:
+    """A value as one line of YAML."""
+    return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
+
+
+def _row(key: str, f: dataclasses.Field, tp: Any, preset: Mapping[str, Any]) -> str:
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    description = " ".join(m.description for m in _unwrap(tp)[1] if isinstance(m, FieldInfo) and m.description)
+    allowed = "; ".join(a for a in [_allowed(tp), *_rules(tp)] if a)
+    if typing.get_origin(_members(tp)[0]) is list:
+        item = _allowed(typing.get_args(_members(tp)[0])[0]) or "; ".join(_rules(typing.get_args(_members(tp)[0])[0]))
+        allowed = "; ".join(a for a in [allowed, f"each {item}" if item else ""] if a)
+    name = key.rpartition(".")[2]
+    in_preset = f"`{_flow(preset[name])}`" if name in preset else ""
+    return f"| `{key}` | {_describe(tp)} | `{_flow(default)}` | {in_preset} | {_cell(allowed)} | {_cell(description)} |"
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] != ["--markdown"]:
+        sys.exit("usage: python -m probprune.config --markdown > docs/configuration.md")
+    sys.stdout.write(reference_markdown())

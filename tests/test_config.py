@@ -93,7 +93,7 @@ def test_defaults_are_valid():
     cfg = load_config(None)
     assert cfg == Config()
     validate_config(cfg)
-    assert (cfg.search.sparsity, cfg.search.lr, cfg.eval.seq_lens, cfg.sweep) == (0.5, 2e-3, [128, 2048], None)
+    assert (cfg.search.sparsity, cfg.search.lr, cfg.eval.seq_lens, cfg.sweep) == (0.5, 0.1, [128, 2048], None)
 
 
 def test_round_trip(tmp_path: Path):
@@ -114,7 +114,7 @@ def test_round_trip(tmp_path: Path):
 
 def test_config_to_dict_is_plain():
     d = config_to_dict(Config(sweep=SweepConfig(lr=[0.1])))
-    assert d["search"]["lr"] == 2e-3 and d["sweep"]["lr"] == [0.1] and d["seed"] == 0
+    assert d["search"]["lr"] == 0.1 and d["sweep"]["lr"] == [0.1] and d["seed"] == 0
     assert isinstance(d["model"], dict)
 
 
@@ -414,7 +414,7 @@ def test_apply_overrides_returns_new_validated_config():
     base = Config()
     new = apply_overrides(base, ["search.steps=10", "sweep.lr=[0.1]"])
     assert new.search.steps == 10 and new.sweep == SweepConfig(lr=[0.1])
-    assert base.search.steps == 300 and base.sweep is None  # unchanged
+    assert base.search.steps == 150 and base.sweep is None  # unchanged
     assert apply_overrides(base, []) == base
     with pytest.raises(ConfigError, match=re.escape("search.steps must be >= 1, got 0")):
         apply_overrides(base, ["search.steps=0"])

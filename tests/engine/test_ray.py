@@ -139,11 +139,11 @@ def test_missing_ray_gives_clear_message(monkeypatch, tiny):
         monkeypatch.delitem(sys.modules, name, raising=False)
     with pytest.raises(ImportError):
         importlib.import_module("probprune.engine.ray")
-    cfg = load_config(None, ["engine.kind=ray"])
+    cfg = load_config(None, ["preset=paper", "engine.kind=ray"])
     with pytest.raises(UserError, match=r"engine.kind=ray needs Ray: pip install 'probprune\[ray\]'.*engine.kind=local"):
         build_engine(cfg, model, space)
     # the local engine and the rest of the library do not need Ray
-    cfg = load_config(None, ["engine.kind=local", "engine.fast_path=false"])
+    cfg = load_config(None, ["preset=paper", "engine.kind=local", "engine.fast_path=false"])
     assert isinstance(build_engine(cfg, model, space), LocalEngine)
 
 
