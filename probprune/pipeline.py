@@ -31,6 +31,7 @@ from .models.adapter import get_adapter
 from .models.base import FamilyAdapter
 from .models.loading import load_model, load_skeleton, model_folder
 from .policy import Policy, random_probs, scores_to_probs, uniform_probs
+from .runlock import LOCK_NAME, holds_output_lock
 from .replica_tasks import (
     LocalReplicas,
     channel_ranking,
@@ -245,7 +246,7 @@ def _check_output(output: Path, resume: bool) -> bool:
 
     if output.exists() and not output.is_dir():
         raise UserError(f"--output {output} exists and is not a folder")
-    has_files = output.exists() and any(output.iterdir())
+    has_files = output.exists() and any(p.name != LOCK_NAME for p in output.iterdir())
     if not resume:
         if has_files and (output / "summary.json").exists():
             raise UserError(f"--output {output} already holds a finished run (summary.json); choose another folder")
@@ -306,6 +307,7 @@ def _open_output(s: Session, output: Path, dense_ppl: dict[str, float] | None):
     return dense_total, dense_ppl, timings
 
 
+@holds_output_lock("output")
 def prune(cfg: Config, output: str | Path, resume: bool = False, progress: bool = True,
           on_step=None, stop_after: int | None = None, dense_ppl: dict[str, float] | None = None) -> dict[str, Any]:
     """Run the whole job of ``probprune prune`` and return the summary (also written to ``output/summary.json``).
@@ -487,6 +489,7 @@ def finish(
     return summary
 
 
+@holds_output_lock("output")
 def run_baseline(cfg: Config, method: str, output: str | Path, progress: bool = True,
                  dense_ppl: dict[str, float] | None = None) -> dict[str, Any]:
     """``probprune baseline``: a built-in baseline's mask through the same compaction, saving and evaluation."""
