@@ -6,13 +6,14 @@ import argparse
 import json
 import logging
 import os
-import signal
 import sys
 from pathlib import Path
 
+from . import termination
 from .errors import UserError
 
 log = logging.getLogger("probprune")
+RESUME_HINT = "a search resumes from its last checkpoint with --resume"
 
 
 def _setup(quiet: bool) -> None:
@@ -185,34 +186,17 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.
     return args
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, turned into an exception so that a terminated run unwinds like Ctrl-C (actors closed, hint printed)."""
-
-
-_SIGTERM_RECEIVED: list[bool] = []  # set by the handler: Ray's blocking calls may re-raise it as a KeyboardInterrupt
-
-
-def _on_sigterm(signum, frame) -> None:
-    _SIGTERM_RECEIVED.append(True)
-    raise Terminated()
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parse(build_parser(), argv)
     _setup(getattr(args, "quiet", False))
-    signal.signal(signal.SIGTERM, _on_sigterm)  # kept across ray.init (probprune.distributed.connect restores it)
+    termination.install()  # SIGTERM unwinds like Ctrl-C; kept across ray.init (probprune.distributed.connect)
     try:
         return args.func(args)
     except UserError as e:
         print(f"probprune: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        if _SIGTERM_RECEIVED:
-            print("probprune: terminated (SIGTERM); a search resumes from its last checkpoint with --resume",
-                  file=sys.stderr)
-            return 143
-        print("probprune: interrupted (a search resumes with --resume)", file=sys.stderr)
-        return 130
+        return termination.report_interrupt("probprune", RESUME_HINT)
 
 
 if __name__ == "__main__":

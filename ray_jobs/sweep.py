@@ -24,11 +24,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from probprune import termination
 from probprune.config import load_config
 from probprune.errors import UserError
 
@@ -58,6 +60,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    termination.install()  # SIGTERM (a scheduler's preemption) stops the sweep like Ctrl-C, Ray starting included
     t0 = time.perf_counter()
     try:
         cfg = load_config(args.config, args.overrides)
@@ -71,6 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"probprune: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        cmd = ["python", "ray_jobs/sweep.py", "--config", args.config, *args.overrides, "--output", args.output]
+        cmd += ["--address", args.address] if args.address else []
+        return termination.report_interrupt("ray_jobs/sweep.py", "finished trials are kept and the sweep continues "
+                                            f"with: {shlex.join([*cmd, '--resume'])}")
     out = Path(args.output)
     print("\nPareto front (prunable sparsity vs held-out perplexity):\n")
     print(format_table(pareto_front(df), list(search_space(cfg.sweep))))

@@ -28,8 +28,9 @@ import os
 import signal
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import ray
@@ -39,6 +40,7 @@ import torch
 from ..config import EngineConfig, ModelConfig
 from ..errors import UserError
 from ..masks import MaskSpace
+from ..termination import sigterm_deferred
 
 log = logging.getLogger(__name__)
 
@@ -87,12 +89,29 @@ def connect(address: str | None = None, **init_kwargs: Any) -> bool:
     if address == "local":
         kwargs["include_dashboard"] = False
     kwargs.update(init_kwargs)
-    main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.getsignal(signal.SIGTERM) if main_thread else None
-    ray.init(address=address, **kwargs)
-    if callable(previous):  # ray.init makes SIGTERM sys.exit(15); keep the application's own handler (the CLI's)
-        signal.signal(signal.SIGTERM, previous)
+    with sigterm_deferred("Ray was starting"), _ray_keeps_sigterm_handler():  # handled once Ray is up
+        ray.init(address=address, **kwargs)
     return True
+
+
+@contextmanager
+def _ray_keeps_sigterm_handler() -> Iterator[None]:
+    """While an application SIGTERM handler is installed (the entry points'), keep ``ray.init`` from replacing it.
+
+    ``ray.init`` installs ``sys.exit(15)`` as the SIGTERM handler at its start (``ray._private.utils
+    .set_sigterm_handler``, Ray 2.60); a signal then ends the driver from wherever ``ray.init`` is, C++ core included.
+    """
+    utils = getattr(getattr(ray, "_private", None), "utils", None)
+    main_thread = threading.current_thread() is threading.main_thread()
+    if not (main_thread and callable(signal.getsignal(signal.SIGTERM)) and hasattr(utils, "set_sigterm_handler")):
+        yield
+        return
+    original = utils.set_sigterm_handler
+    utils.set_sigterm_handler = lambda handler: None
+    try:
+        yield
+    finally:
+        utils.set_sigterm_handler = original
 
 
 def _is_local_instance(address: str | None) -> bool:
