@@ -27,6 +27,7 @@ from .data import CalibrationData, load_corpus, test_stream
 from .errors import UserError
 from .evaluation import evaluate_ppl
 from .masks import MaskSpace
+from .model_card import write_model_card
 from .models.adapter import get_adapter
 from .models.base import FamilyAdapter
 from .models.loading import load_model, load_skeleton, model_folder
@@ -407,6 +408,7 @@ def prune(cfg: Config, output: str | Path, resume: bool = False, progress: bool 
         "engine": cfg.engine.kind,
     }
     summary["calibration"]["tokens_scored"] = policy.step_count * sc.num_samples * sc.batch_size * cfg.data.block_len
+    write_model_card(output / "model", summary, cfg)
     _write_json(output / "summary.json", summary)
     return summary
 
@@ -528,6 +530,7 @@ def run_baseline(cfg: Config, method: str, output: str | Path, progress: bool = 
     summary = finish(s, mask, output, t_start, timings, dense_ppl, dense_total, method_label=label, adjust=adjust)
     summary["method"] = method
     summary["wall_seconds"] = round(time.perf_counter() - t_start, 2)
+    write_model_card(output / "model", summary, cfg)
     _write_json(output / "summary.json", summary)
     return summary
 
