@@ -32,11 +32,14 @@ def _setup(quiet: bool) -> None:
 
 def _cmd_prune(args) -> int:
     from .config import load_config
+    from .export import LLAMA_QUANTS, require_llama_cpp
     from .pipeline import format_summary, prune
 
     cfg = load_config(args.config, args.overrides)
     if args.export_gguf is not None and args.export_gguf.is_dir():
         raise UserError(f"--export-gguf {args.export_gguf} is a folder; give the .gguf file to write")
+    if args.export_gguf is not None and args.export_outtype in LLAMA_QUANTS:
+        require_llama_cpp()  # a missing llama-cpp-python is reported before the run, not after it
     summary = prune(cfg, args.output, resume=args.resume, progress=not args.quiet)
     print(format_summary(summary))
     print(f"\nwrote {args.output}/model (load with probprune.load_pruned or AutoModelForCausalLM), summary.json, "
@@ -44,8 +47,8 @@ def _cmd_prune(args) -> int:
     if args.export_gguf is not None:
         from .export import export_gguf
 
-        res = export_gguf(Path(args.output) / "model", args.export_gguf)
-        print(f"wrote {res['path']} (llama.cpp architecture '{res['arch']}', f16)")
+        res = export_gguf(Path(args.output) / "model", args.export_gguf, outtype=args.export_outtype)
+        print(f"wrote {res['path']} (llama.cpp architecture '{res['arch']}', {args.export_outtype})")
     return 0
 
 
@@ -117,6 +120,8 @@ def _cmd_info(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .export import OUTTYPES
+
     p = argparse.ArgumentParser(prog="probprune", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -126,7 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--resume", action="store_true", help="continue the search checkpointed in --output")
     pr.add_argument("--quiet", action="store_true")
     pr.add_argument("--export-gguf", type=Path, default=None, metavar="FILE",
-                    help="also write the pruned model as one GGUF file for llama.cpp (f16)")
+                    help="also write the pruned model as one GGUF file for llama.cpp (see --export-outtype)")
+    pr.add_argument("--export-outtype", default="f16", choices=OUTTYPES,
+                    help="matrix type of --export-gguf (k-quants and q4_0 need probprune[llamacpp])")
     pr.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. search.lr=0.01")
     pr.set_defaults(func=_cmd_prune)
 
@@ -156,7 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--model", required=True, help="model folder (e.g. runs/X/model) or embedded:smollm2-135m")
     ex.add_argument("--format", default="gguf", choices=["gguf"])
     ex.add_argument("--output", required=True, type=Path, help="the .gguf file to write")
-    ex.add_argument("--outtype", default="f16", choices=["f32", "f16", "bf16", "q8_0"])
+    ex.add_argument("--outtype", default="f16", choices=OUTTYPES,
+                    help="matrix type: f32, f16, bf16, q8_0 written directly; q4_k_m, q5_k_m, q6_k, q4_0 by llama.cpp's "
+                         "quantizer from the f16 export (needs probprune[llamacpp])")
     ex.add_argument("--pre-tokenizer", default=None, help="llama.cpp pre-tokenizer name (default: detected)")
     ex.set_defaults(func=_cmd_export)
 
