@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from . import termination
+from .config_files import resolve_config
 from .errors import UserError
 
 log = logging.getLogger("probprune")
@@ -35,7 +36,7 @@ def _cmd_prune(args) -> int:
     from .export import LLAMA_QUANTS, require_llama_cpp
     from .pipeline import format_summary, prune
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(resolve_config(args.config), args.overrides)
     if args.export_gguf is not None and args.export_gguf.is_dir():
         raise UserError(f"--export-gguf {args.export_gguf} is a folder; give the .gguf file to write")
     if args.export_gguf is not None and args.export_outtype in LLAMA_QUANTS:
@@ -57,7 +58,7 @@ def _cmd_baseline(args) -> int:
     from .pipeline import format_summary, run_baseline
 
     overrides = list(args.overrides) + [f"search.sparsity={args.sparsity}"]
-    cfg = load_config(args.config, overrides)
+    cfg = load_config(resolve_config(args.config), overrides)
     summary = run_baseline(cfg, args.method, args.output, progress=not args.quiet)
     print(format_summary(summary))
     return 0
@@ -74,7 +75,7 @@ def _cmd_eval(args) -> int:
         overrides.append(f"eval.seq_lens=[{','.join(str(n) for n in args.seq_lens)}]")
     if args.max_tokens:
         overrides.append(f"eval.max_tokens={args.max_tokens}")
-    cfg = load_config(args.config, overrides)
+    cfg = load_config(resolve_config(args.config), overrides)
     res = evaluate_folder(cfg, tasks=args.tasks, limit=args.limit)
     print(json.dumps(res, indent=2))
     return 0
@@ -126,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     pr = sub.add_parser("prune", help="search a mask, compact, save and evaluate")
-    pr.add_argument("--config", required=True, help="YAML config (see configs/)")
+    pr.add_argument("--config", required=True, help="YAML config file, or a packaged config's name (e.g. "
+                    "smollm2/135m_quickstart; see configs/)")
     pr.add_argument("--output", required=True, type=Path, help="output folder")
     pr.add_argument("--resume", action="store_true", help="continue the search checkpointed in --output")
     pr.add_argument("--quiet", action="store_true")
@@ -142,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     bl = sub.add_parser("baseline", help="prune with a built-in baseline (same outputs as prune)")
     bl.add_argument("--method", required=True, choices=BASELINES)
     bl.add_argument("--sparsity", required=True, type=float, help="fraction of prunable parameters removed")
-    bl.add_argument("--config", required=True)
+    bl.add_argument("--config", required=True, help="YAML config file or packaged config name")
     bl.add_argument("--output", required=True, type=Path)
     bl.add_argument("--quiet", action="store_true")
     bl.add_argument("overrides", nargs="*")

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from probprune import termination
 from probprune.config import load_config, validate_config
+from probprune.config_files import resolve_config
 from probprune.errors import UserError
 from probprune.pipeline import format_summary, prune
 
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     termination.install()  # SIGTERM (a scheduler's preemption) stops the run like Ctrl-C, Ray starting included
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(resolve_config(args.config), args.overrides)
         cfg.engine.kind = "ray"
         if args.num_actors is not None:
             cfg.engine.num_actors = args.num_actors

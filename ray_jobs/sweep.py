@@ -32,6 +32,7 @@ from pathlib import Path
 
 from probprune import termination
 from probprune.config import load_config
+from probprune.config_files import resolve_config
 from probprune.errors import UserError
 
 SMOKE_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny" / "smoke_sweep.yaml"
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     termination.install()  # SIGTERM (a scheduler's preemption) stops the sweep like Ctrl-C, Ray starting included
     t0 = time.perf_counter()
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(resolve_config(args.config), args.overrides)
         from probprune.distributed.tune import run_sweep
         from probprune.sweep import format_table, num_trials, pareto_front, search_space
 
