@@ -53,4 +53,4 @@ def resolve_config(name: str | Path | None) -> Path | None:
     names = packaged_configs()
     close = difflib.get_close_matches(stem, names, n=5, cutoff=0.5)
     hint = f"closest packaged configs: {', '.join(close)}" if close else f"packaged configs: {', '.join(names)}"
-    raise UserError(f"--config {name}: no such file, and no packaged config of that name ({hint})")
+    raise UserError(f"config file not found: {name}, and no packaged config of that name ({hint})")

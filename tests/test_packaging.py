@@ -27,7 +27,7 @@ def test_configs_resolve_by_path_then_by_name(tmp_path, monkeypatch):
     assert resolve_config(None) is None
     assert {"tiny/smoke", "smollm2/135m_quickstart", "llama2/13b_ray_8gpu"} <= set(packaged_configs())
     assert len(packaged_configs()) == len(list((ROOT / "configs").rglob("*.yaml")))
-    with pytest.raises(UserError, match=r"--config smollm2/135m_quikstart: no such file, and no packaged config of "
+    with pytest.raises(UserError, match=r"config file not found: smollm2/135m_quikstart, and no packaged config of "
                                         r"that name \(closest packaged configs: smollm2/135m_quickstart"):
         resolve_config("smollm2/135m_quikstart")
 
