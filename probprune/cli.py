@@ -87,6 +87,8 @@ def _cmd_export(args) -> int:
     res = export_gguf(args.model, args.output, outtype=args.outtype, pre_tokenizer=args.pre_tokenizer)
     print(f"wrote {res['path']}: llama.cpp architecture '{res['arch']}', {res['layers']} layers, "
           f"{res['bytes'] / 2**20:.1f} MiB ({args.outtype})")
+    if "tensor_types" in res:  # what llama.cpp's quantizer chose, fallbacks for unfitting shapes included
+        print("tensor types: " + ", ".join(f"{k} {n}" for k, n in res["tensor_types"].items()))
     return 0
 
 
