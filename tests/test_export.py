@@ -222,49 +222,6 @@ def test_uniform_shape_settings_are_checked(overrides, message):
         load_config("configs/tiny/smoke.yaml", overrides)
 
 
-@pytest.mark.parametrize("outtype", ["f32", "q8_0"])
-def test_llama_cpp_runs_the_exported_model_with_the_same_logits(hetero, tmp_path, outtype):
-    """The real runtime: llama.cpp's logits of the exported heterogeneous model equal the compacted model's (q8_0:
-    within the rounding of 8-bit weights; the one-channel stand-in MLP of the MLP-free layer stays f16 in it)."""
-    from probprune.export import open_llama_cpp
-
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
-        pytest.skip("llama_cpp is not installed (pip install 'probprune[llamacpp]' builds it); the GGUF tensors and "
-                    "shapes are still checked exactly by the tests above")
-    import shutil
-
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    pruned, folder = hetero
-    # llama.cpp needs at least one BPE merge: the same byte vocabulary plus one merged token
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {ch: i for i, ch in enumerate(alphabet)} | {"<eos>": 256, "ab": 257}
-    tk = Tokenizer(models.BPE(vocab=vocab, merges=[("a", "b")]))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tk.decoder = decoders.ByteLevel()
-    copy = tmp_path / "model"
-    shutil.copytree(folder, copy)
-    PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>").save_pretrained(copy)
-    path = tmp_path / "m.gguf"
-    assert export_gguf(copy, path, outtype=outtype)["arch"] == "deci"
-    ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(2))
-    llm = open_llama_cpp(path, n_ctx=16, n_batch=16, logits_all=True, n_threads=1, verbose=False,
-                         type_k=0, type_v=0)  # an f32 KV cache (the default f16 one rounds keys and values)
-    llm.eval([int(t) for t in ids[0]])
-    got = np.asarray(llm.scores[:12], dtype=np.float32)  # [T, V]
-    with torch.no_grad():
-        want = pruned(ids).logits[0].float().numpy()  # [T, V]
-    scale = max(1.0, float(np.abs(want).max()))
-    if outtype == "f32":
-        np.testing.assert_allclose(got, want, rtol=0, atol=1e-3 * scale)
-    else:
-        np.testing.assert_allclose(got, want, rtol=0, atol=5e-2 * scale)
-        assert np.corrcoef(got.ravel(), want.ravel())[0, 1] > 0.999
-
-
 def _llama_cpp_or_skip():
     try:
         import llama_cpp
@@ -297,6 +254,26 @@ def _llama_cpp_logits(path, ids):
     llm = open_llama_cpp(path, n_ctx=16, n_batch=16, logits_all=True, n_threads=1, verbose=False, type_k=0, type_v=0)
     llm.eval([int(t) for t in ids[0]])
     return np.asarray(llm.scores[: ids.shape[1]], dtype=np.float32)  # [T, V]
+
+
+@pytest.mark.parametrize("outtype", ["f32", "q8_0"])
+def test_llama_cpp_runs_the_exported_model_with_the_same_logits(hetero, tmp_path, outtype):
+    """The real runtime: llama.cpp's logits of the exported heterogeneous model equal the compacted model's (q8_0:
+    within the rounding of 8-bit weights; the one-channel stand-in MLP of the MLP-free layer stays f16 in it)."""
+    _llama_cpp_or_skip()  # without it, the GGUF tensors and shapes are still checked exactly by the tests above
+    pruned, folder = hetero
+    path = tmp_path / "m.gguf"
+    assert export_gguf(_with_merges(folder, tmp_path), path, outtype=outtype)["arch"] == "deci"
+    ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(2))
+    got = _llama_cpp_logits(path, ids)  # an f32 KV cache (the default f16 one rounds keys and values)
+    with torch.no_grad():
+        want = pruned(ids).logits[0].float().numpy()  # [T, V]
+    scale = max(1.0, float(np.abs(want).max()))
+    if outtype == "f32":
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-3 * scale)
+    else:
+        np.testing.assert_allclose(got, want, rtol=0, atol=5e-2 * scale)
+        assert np.corrcoef(got.ravel(), want.ravel())[0, 1] > 0.999
 
 
 def _model_with_gguf_weights(pruned, path):
