@@ -75,6 +75,22 @@ def test_baseline_card_gives_the_baseline_command(tmp_path):
     assert "probprune baseline --method wanda-sp --sparsity 0.5 --config config.yaml --output runs/reproduced" in card.text
 
 
+def test_per_layer_card_says_what_trust_remote_code_executes(tmp_path):
+    from probprune.pipeline import run_baseline
+
+    out = tmp_path / "flap"
+    run_baseline(load_config(SMOKE, ["search.budget=params"]), "flap", out, progress=False)
+    text = (out / "model" / "README.md").read_text()
+    layout = json.loads((out / "model" / "config.json").read_text())["probprune_layout"]
+    assert len({(s["num_attention_heads"], s["intermediate_size"]) for s in layout}) > 1  # per-layer widths
+    _check_remote_code_note(text, out / "model")
+    assert "(layers have different widths)" in text and "llama.cpp's `deci` architecture" in text
+    import hashlib
+
+    digest = hashlib.sha256((out / "model" / "modeling_probprune.py").read_bytes()).hexdigest()[:16]
+    assert f"sha256 {digest}" in text
+
+
 def test_base_model_info():
     assert base_model_info("embedded:smollm2-135m") == ("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0")
     assert base_model_info("tiny:llama") == (None, None)
