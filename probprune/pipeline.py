@@ -32,7 +32,6 @@ from .models.adapter import get_adapter
 from .models.base import FamilyAdapter
 from .models.loading import load_model, load_skeleton, model_folder
 from .policy import Policy, random_probs, scores_to_probs, uniform_probs
-from .runlock import LOCK_NAME, holds_output_lock
 from .replica_tasks import (
     LocalReplicas,
     channel_ranking,
@@ -43,6 +42,7 @@ from .replica_tasks import (
     warm_start_candidates,
     window_nll,
 )
+from .runlock import LOCK_NAME, holds_output_lock
 
 log = logging.getLogger(__name__)
 
