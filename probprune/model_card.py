@@ -206,7 +206,8 @@ def render_card(model_dir: str | Path, summary: dict[str, Any], cfg: Config) -> 
     modeling = model_dir / "modeling_probprune.py"
 
     parts = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", ""]
-    parts += [f"# {cfg.name or model_dir.parent.name} (pruned with probprune)", ""]
+    title = cfg.name if cfg.name != "probprune" else f"{(base or cfg.model.name_or_path).split('/')[-1]}-pruned"
+    parts += [f"# {title} (pruned with probprune)", ""]
     parts += [f"{source} with {sp['prunable']:.1%} of its attention and MLP parameters removed by structured pruning "
               f"({summary.get('method_label', 'probprune search')}): {p['pruned_total']:,} of "
               f"{p['dense_total']:,} parameters remain ({sp['total']:.1%} fewer). Units removed: {_units(cfg)}; "
