@@ -42,7 +42,7 @@ def resolve_config(name: str | Path | None) -> Path | None:
     if name is None:
         return None
     path = Path(name).expanduser()
-    if path.is_file():
+    if path.exists():  # a file, or a folder that load_config refuses with its own message
         return path
     stem = str(name).replace("\\", "/").removeprefix("./").removeprefix("configs/")
     stem = stem.removesuffix(".yaml").removesuffix(".yml")
