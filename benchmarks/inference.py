@@ -123,7 +123,7 @@ def saved_row(folder: Path, args: argparse.Namespace, device: torch.device) -> d
 
     from probprune.models.loading import load_pruned
 
-    small = load_pruned(folder, dtype=args.dtype, device=str(device))
+    small = load_pruned(folder, dtype=args.dtype, device_map=str(device))
     widths = [getattr(getattr(layer.mlp, "down_proj", None), "in_features", 0) for layer in get_adapter(small).layers]
     summary = folder.parent / "summary.json"
     sparsity = _json.loads(summary.read_text())["sparsity"]["prunable"] if summary.exists() else float("nan")

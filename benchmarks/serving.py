@@ -7,10 +7,15 @@
 For every model folder: ``probprune export`` to GGUF (each ``--outtypes``), then, on the same held-out Brown token
 windows (non-overlapping, ``--seq-len`` tokens, at most ``--max-tokens``):
 
-- perplexity from llama.cpp's logits ÷ probprune's perplexity of the same folder (float32 in PyTorch), per outtype;
-- llama.cpp prefill tokens/s (one ``--prefill`` -token prompt) and decode tokens/s (``--decode`` greedy tokens),
-  each ÷ the first model's (the dense one), with the parameter ratio next to it. Decode feeds held-out tokens one at
-  a time (the cost of a decode step does not depend on the token).
+- perplexity from llama.cpp's logits ÷ probprune's perplexity of the same folder (float32 in PyTorch), per outtype,
+  and ÷ llama.cpp's perplexity of the f16 file (what quantisation costs);
+- the file size and llama.cpp prefill tokens/s (one ``--prefill`` -token prompt) and decode tokens/s (``--decode``
+  tokens) per outtype; for f16 also ÷ the first model's (the dense one), with the parameter ratio next to it. Decode
+  feeds held-out tokens one at a time (the cost of a decode step does not depend on the token).
+
+k-quants and q4_0 are made by llama.cpp's quantizer (``probprune export --outtype q4_k_m`` …). On CPUs with Intel
+AMX, llama.cpp's extra CPU buffer types (AMX and repacked weights) are off (``probprune.export.open_llama_cpp``: its
+AMX kernels crash there), so speeds are those of llama.cpp's plain CPU kernels.
 
 Writes ``OUT/serving.json`` and ``OUT/serving.md``. One process, ``--threads`` threads for both runtimes; run it
 alone on the machine.
@@ -30,10 +35,9 @@ import numpy as np
 
 def llama_cpp_ppl(path: Path, tokens: np.ndarray, seq_len: int, threads: int) -> float:
     """exp(mean next-token cross-entropy) of a GGUF in llama.cpp over non-overlapping windows of ``tokens``."""
-    from llama_cpp import Llama
+    from probprune.export import open_llama_cpp
 
-    llm = Llama(model_path=str(path), n_ctx=seq_len, n_batch=seq_len, logits_all=True, n_threads=threads,
-                verbose=False)
+    llm = open_llama_cpp(path, n_ctx=seq_len, n_batch=seq_len, logits_all=True, n_threads=threads, verbose=False)
     nll, count = 0.0, 0
     for lo in range(0, len(tokens) - seq_len + 1, seq_len):
         window = [int(t) for t in tokens[lo : lo + seq_len]]
@@ -48,10 +52,9 @@ def llama_cpp_ppl(path: Path, tokens: np.ndarray, seq_len: int, threads: int) ->
 
 def llama_cpp_speed(path: Path, prompt: list[int], decode: int, threads: int, repeats: int = 3) -> dict:
     """Median prefill and decode tokens/s of a GGUF in llama.cpp (after one warm-up round)."""
-    from llama_cpp import Llama
+    from probprune.export import open_llama_cpp
 
-    llm = Llama(model_path=str(path), n_ctx=len(prompt) + decode + 8, n_batch=len(prompt), n_threads=threads,
-                verbose=False)
+    llm = open_llama_cpp(path, n_ctx=len(prompt) + decode + 8, n_batch=len(prompt), n_threads=threads, verbose=False)
     pre, dec = [], []
     for _ in range(repeats + 1):  # the first round warms up
         llm.reset()
@@ -70,7 +73,7 @@ def main() -> int:
     ap.add_argument("--models", nargs="+", required=True, help="model folders; the first is the reference (dense)")
     ap.add_argument("--labels", nargs="+", help="a name per model for the table (default: the folder paths)")
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--outtypes", nargs="+", default=["f32", "f16", "q8_0"])
+    ap.add_argument("--outtypes", nargs="+", default=["f32", "f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0"])
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--max-tokens", type=int, default=16384)
     ap.add_argument("--prefill", type=int, default=512)
@@ -114,10 +117,17 @@ def main() -> int:
             ppl = llama_cpp_ppl(path, tokens.numpy(), args.seq_len, args.threads)
             row[f"ppl_llamacpp_{outtype}"] = ppl
             row[f"ratio_{outtype}"] = ppl / ref
+            row[f"mib_{outtype}"] = path.stat().st_size / 2**20
+            if "tensor_types" in res:
+                row[f"tensor_types_{outtype}"] = res["tensor_types"]
+            speed = llama_cpp_speed(path, [int(x) for x in tokens[: args.prefill]], args.decode, args.threads)
+            row.update({f"{k}_{outtype}": v for k, v in speed.items()})
             if outtype == "f16":
-                prompt = [int(x) for x in tokens[: args.prefill]]
-                row.update(llama_cpp_speed(path, prompt, args.decode, args.threads))
+                row.update(speed)
             path.unlink()
+        for outtype in args.outtypes:
+            if "f16" in args.outtypes:
+                row[f"vs_f16_{outtype}"] = row[f"ppl_llamacpp_{outtype}"] / row["ppl_llamacpp_f16"]
         rows.append(row)
         print(json.dumps(row), flush=True)
     dense = rows[0]
@@ -139,6 +149,16 @@ def main() -> int:
                      + " | ".join(f"{r[c]:.4f}" for c in cols)
                      + f" | {r.get('prefill_speedup', float('nan')):.2f} | {r.get('decode_speedup', float('nan')):.2f}"
                      f" | {r['params_ratio']:.2f} |")
+    lines += ["", f"Per outtype: file size, llama.cpp PPL@{args.seq_len} ÷ the same model's f16 file, prefill "
+              f"({args.prefill}-token prompt) and decode tokens/s ({args.threads} threads)", "",
+              "| model | outtype | MiB | PPL (llama.cpp) | ÷ f16 | ÷ dense's ÷ f16 | prefill tok/s | decode tok/s |",
+              "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        for o in args.outtypes:
+            rel = r.get(f"vs_f16_{o}", float("nan")) / dense.get(f"vs_f16_{o}", float("nan"))
+            lines.append(f"| {r['model']} | {o} | {r[f'mib_{o}']:.1f} | {r[f'ppl_llamacpp_{o}']:.2f} | "
+                         f"{r.get(f'vs_f16_{o}', float('nan')):.4f} | {rel:.4f} | {r[f'prefill_tok_s_{o}']:.0f} | "
+                         f"{r[f'decode_tok_s_{o}']:.0f} |")
     (args.out / "serving.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -6,13 +6,15 @@ import argparse
 import json
 import logging
 import os
-import signal
 import sys
 from pathlib import Path
 
+from . import termination
+from .config_files import resolve_config
 from .errors import UserError
 
 log = logging.getLogger("probprune")
+RESUME_HINT = "a search resumes from its last checkpoint with --resume"
 
 
 def _setup(quiet: bool) -> None:
@@ -32,11 +34,14 @@ def _setup(quiet: bool) -> None:
 def _cmd_prune(args) -> int:
     from .config import load_config
     from . import run_folder as rf
+    from .export import LLAMA_QUANTS, require_llama_cpp
     from .pipeline import prune
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(resolve_config(args.config), args.overrides)
     if args.export_gguf is not None and args.export_gguf.is_dir():
         raise UserError(f"--export-gguf {args.export_gguf} is a folder; give the .gguf file to write")
+    if args.export_gguf is not None and args.export_outtype in LLAMA_QUANTS:
+        require_llama_cpp()  # a missing llama-cpp-python is reported before the run, not after it
     summary = prune(cfg, args.output, resume=args.resume, progress=not args.quiet)
     print(rf.format_summary(summary))
     print(f"\nwrote {args.output}/{rf.MODEL} (load with probprune.load_pruned or AutoModelForCausalLM), {rf.SUMMARY}, "
@@ -44,8 +49,8 @@ def _cmd_prune(args) -> int:
     if args.export_gguf is not None:
         from .export import export_gguf
 
-        res = export_gguf(Path(args.output) / "model", args.export_gguf)
-        print(f"wrote {res['path']} (llama.cpp architecture '{res['arch']}', f16)")
+        res = export_gguf(Path(args.output) / "model", args.export_gguf, outtype=args.export_outtype)
+        print(f"wrote {res['path']} (llama.cpp architecture '{res['arch']}', {args.export_outtype})")
     return 0
 
 
@@ -55,7 +60,7 @@ def _cmd_baseline(args) -> int:
     from .run_folder import format_summary
 
     overrides = list(args.overrides) + [f"search.sparsity={args.sparsity}"]
-    cfg = load_config(args.config, overrides)
+    cfg = load_config(resolve_config(args.config), overrides)
     summary = run_baseline(cfg, args.method, args.output, progress=not args.quiet)
     print(format_summary(summary))
     return 0
@@ -72,7 +77,7 @@ def _cmd_eval(args) -> int:
         overrides.append(f"eval.seq_lens=[{','.join(str(n) for n in args.seq_lens)}]")
     if args.max_tokens:
         overrides.append(f"eval.max_tokens={args.max_tokens}")
-    cfg = load_config(args.config, overrides)
+    cfg = load_config(resolve_config(args.config), overrides)
     res = evaluate_folder(cfg, tasks=args.tasks, limit=args.limit)
     print(json.dumps(res, indent=2))
     return 0
@@ -84,6 +89,8 @@ def _cmd_export(args) -> int:
     res = export_gguf(args.model, args.output, outtype=args.outtype, pre_tokenizer=args.pre_tokenizer)
     print(f"wrote {res['path']}: llama.cpp architecture '{res['arch']}', {res['layers']} layers, "
           f"{res['bytes'] / 2**20:.1f} MiB ({args.outtype})")
+    if "tensor_types" in res:  # what llama.cpp's quantizer chose, fallbacks for unfitting shapes included
+        print("tensor types: " + ", ".join(f"{k} {n}" for k, n in res["tensor_types"].items()))
     return 0
 
 
@@ -91,10 +98,10 @@ def _cmd_sweep(args) -> int:
     import time
 
     from .config import load_config
-    from .sweep import format_table, num_trials, pareto_front, search_space
+    from .sweep import format_report, num_trials, search_space
 
     t0 = time.perf_counter()
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(resolve_config(args.config), args.overrides)
     if cfg.sweep is None:
         raise UserError(f"--config {args.config} has no sweep section: a sweep needs sweep.lr (or sweep.lr_range) "
                         "and/or sweep.sparsity / sweep.grid; see configs/smollm2/135m_sweep.yaml")
@@ -104,15 +111,7 @@ def _cmd_sweep(args) -> int:
         raise UserError(f"probprune sweep needs Ray Tune: pip install 'probprune[ray]' ({e})") from None
     print(f"sweep {cfg.name}: {num_trials(cfg.sweep)} trials over {', '.join(search_space(cfg.sweep))}", flush=True)
     df = run_sweep(cfg, args.output, address=args.address, smoke=args.smoke_test, resume=args.resume)
-    out = Path(args.output)
-    print("\nPareto front (prunable sparsity vs held-out perplexity):\n")
-    print(format_table(pareto_front(df), list(search_space(cfg.sweep))))
-    counts = df["status"].value_counts().to_dict() if len(df) else {}
-    print(f"\n{len(df)} trials ({', '.join(f'{n} {k}' for k, n in counts.items())}) in "
-          f"{time.perf_counter() - t0:.0f} s")
-    print(f"results: {out / 'results.csv'}\ntables:  {out / 'pareto.md'}\nplot:    {out / 'pareto.png'}")
-    for path in sorted((out / "best").glob("*.yaml")):
-        print(f"best:    {path}   (probprune prune --config {path} --output DIR)")
+    print(format_report(df, cfg.sweep, Path(args.output), time.perf_counter() - t0))
     return 0 if (df["status"] == "finished").any() else 1
 
 
@@ -147,16 +146,21 @@ def _cmd_info(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .export import OUTTYPES
+
     p = argparse.ArgumentParser(prog="probprune", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
     pr = sub.add_parser("prune", help="search a mask, compact, save and evaluate")
-    pr.add_argument("--config", required=True, help="YAML config (see configs/)")
+    pr.add_argument("--config", required=True, help="YAML config file, or a packaged config's name (e.g. "
+                    "smollm2/135m_quickstart; see configs/)")
     pr.add_argument("--output", required=True, type=Path, help="output folder")
     pr.add_argument("--resume", action="store_true", help="continue the search checkpointed in --output")
     pr.add_argument("--quiet", action="store_true")
     pr.add_argument("--export-gguf", type=Path, default=None, metavar="FILE",
-                    help="also write the pruned model as one GGUF file for llama.cpp (f16)")
+                    help="also write the pruned model as one GGUF file for llama.cpp (see --export-outtype)")
+    pr.add_argument("--export-outtype", default="f16", choices=OUTTYPES,
+                    help="matrix type of --export-gguf (k-quants and q4_0 need probprune[llamacpp])")
     pr.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. search.lr=0.01")
     pr.set_defaults(func=_cmd_prune)
 
@@ -165,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     bl = sub.add_parser("baseline", help="prune with a built-in baseline (same outputs as prune)")
     bl.add_argument("--method", required=True, choices=BASELINES)
     bl.add_argument("--sparsity", required=True, type=float, help="fraction of prunable parameters removed")
-    bl.add_argument("--config", required=True)
+    bl.add_argument("--config", required=True, help="YAML config file or packaged config name")
     bl.add_argument("--output", required=True, type=Path)
     bl.add_argument("--quiet", action="store_true")
     bl.add_argument("overrides", nargs="*")
@@ -186,12 +190,15 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--model", required=True, help="model folder (e.g. runs/X/model) or embedded:smollm2-135m")
     ex.add_argument("--format", default="gguf", choices=["gguf"])
     ex.add_argument("--output", required=True, type=Path, help="the .gguf file to write")
-    ex.add_argument("--outtype", default="f16", choices=["f32", "f16", "bf16", "q8_0"])
+    ex.add_argument("--outtype", default="f16", choices=OUTTYPES,
+                    help="matrix type: f32, f16, bf16, q8_0 written directly; q4_k_m, q5_k_m, q6_k, q4_0 by llama.cpp's "
+                         "quantizer from the f16 export (needs probprune[llamacpp])")
     ex.add_argument("--pre-tokenizer", default=None, help="llama.cpp pre-tokenizer name (default: detected)")
     ex.set_defaults(func=_cmd_export)
 
     sw = sub.add_parser("sweep", help="Ray Tune sweep of lr x sparsity (x any key): one search per trial, Pareto front")
-    sw.add_argument("--config", required=True, help="YAML config with a sweep section (e.g. configs/smollm2/135m_sweep.yaml)")
+    sw.add_argument("--config", required=True, help="YAML config with a sweep section, or a packaged config's name "
+                    "(e.g. smollm2/135m_sweep)")
     sw.add_argument("--output", required=True, type=Path, help="results folder (results.csv, pareto.md/png, best/)")
     sw.add_argument("--address", default=None, help="Ray cluster to join, e.g. auto (default: RAY_ADDRESS, else local)")
     sw.add_argument("--resume", action="store_true", help="continue the interrupted sweep of --output")
@@ -225,34 +232,17 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.
     return args
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, turned into an exception so that a terminated run unwinds like Ctrl-C (actors closed, hint printed)."""
-
-
-_SIGTERM_RECEIVED: list[bool] = []  # set by the handler: Ray's blocking calls may re-raise it as a KeyboardInterrupt
-
-
-def _on_sigterm(signum, frame) -> None:
-    _SIGTERM_RECEIVED.append(True)
-    raise Terminated()
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parse(build_parser(), argv)
     _setup(getattr(args, "quiet", False))
-    signal.signal(signal.SIGTERM, _on_sigterm)  # kept across ray.init (probprune.engine.ray.connect restores it)
+    termination.install()  # SIGTERM unwinds like Ctrl-C; kept across ray.init (probprune.engine.ray.connect)
     try:
         return args.func(args)
     except UserError as e:
         print(f"probprune: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        if _SIGTERM_RECEIVED:
-            print("probprune: terminated (SIGTERM); a search resumes from its last checkpoint with --resume",
-                  file=sys.stderr)
-            return 143
-        print("probprune: interrupted (a search resumes with --resume)", file=sys.stderr)
-        return 130
+        return termination.report_interrupt("probprune", RESUME_HINT)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,26 @@ Hugging Face's rotate-half RoPE layout to llama.cpp's interleaved one, as llama.
 float32; matrices are written as ``--outtype`` (f32, f16, bf16 or q8_0). The tokenizer (GPT-2-style byte-level BPE:
 tokens, token types, merges, special tokens) and the chat template come from the folder's tokenizer files.
 
+k-quants and q4_0 (``q4_k_m``, ``q5_k_m``, ``q6_k``, ``q4_0``) are made by llama.cpp's own quantizer
+(``llama_model_quantize`` through ``llama-cpp-python``, the ``probprune[llamacpp]`` extra) from the f16 export, with
+its default parameters (no importance matrix), so the per-tensor type mix is the one ``llama-quantize`` gives. What
+that quantizer does with pruned shapes (``src/llama-quant.cpp`` of the llama.cpp vendored in llama-cpp-python 0.3.36):
+
+- a matrix is quantized along its rows, whose length (the number of input columns: ``hidden`` for q/k/v/gate/up, the
+  kept heads × head length for ``attn_output``, the layer's MLP width for ``ffn_down``) must be a multiple of the type's
+  block: 256 for the k-quants, 32 for q4_0. Otherwise it falls back to a 32-block type (Q4_K → Q5_0, Q5_K → Q5_1,
+  Q6_K → Q8_0), or to F16 when the row is not a multiple of 32 either, and says so in its log. So a pruned layer whose
+  MLP width is an odd number of 128-channel blocks gets a Q5_0 ``ffn_down`` under Q4_K_M, where 256-multiples get
+  Q4_K; SmolLM2's hidden size 576 (2.25 × 256) sends every q/k/v/gate/up matrix to Q5_0 in the dense model as well;
+- the one-channel stand-in MLP of an attention-only layer: its ``ffn_gate``/``ffn_up`` ([1, hidden]) count as
+  one-dimensional for ggml and are copied unquantized (f16), its ``ffn_down`` has rows of length 1 and falls back to
+  F16 (all its weights are 0 either way, so the layer still adds exactly 0);
+- Q4_K_M / Q5_K_M give ``attn_v`` and ``ffn_down`` of the first and last eighth of the layers (and every third one
+  between) Q6_K, counting the ``ffn_down`` tensors that exist (a ``deci`` model without an MLP in some layers shifts
+  that pattern), and the token embedding (tied to the output) Q6_K, or Q8_0 when its rows are not 256-multiples.
+
+The result is checked to load and run in llama.cpp by the tests (``tests/test_export.py``).
+
 Supported: LLaMA-architecture models (``LlamaForCausalLM``, and ``MistralForCausalLM`` without a sliding window)
 with no RoPE scaling or ``llama3`` scaling, and byte-level BPE tokenizers. Anything else is refused with a message
 naming what is not supported.
@@ -39,7 +59,11 @@ from .errors import UserError
 
 log = logging.getLogger(__name__)
 
-OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+DIRECT_OUTTYPES = ("f32", "f16", "bf16", "q8_0")  # written by this module
+# quantized by llama.cpp from the f16 export: outtype -> the name of llama.cpp's file type (llama_ftype)
+LLAMA_QUANTS = {"q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
+                "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K", "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0"}
+OUTTYPES = (*DIRECT_OUTTYPES, *LLAMA_QUANTS)
 SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM")
 # llama.cpp's pre-tokenizer name for a byte-level BPE tokenizer, keyed by the sha256 of the ids it gives PROBE_TEXT.
 # Only tokenizers checked against llama.cpp are listed; others get "default" and a warning (token ids, and so
@@ -198,6 +222,83 @@ def _tensor(writer, name: str, t: torch.Tensor, outtype: str) -> None:
     writer.add_tensor(name, q, raw_shape=q.shape, raw_dtype=kind)
 
 
+def require_llama_cpp():
+    """The ``llama_cpp`` module, or a UserError that says how to install it."""
+    try:
+        import llama_cpp
+    except ImportError:
+        raise UserError("k-quant and q4_0 GGUF files are made by llama.cpp's quantizer: pip install "
+                        "'probprune[llamacpp]' (llama-cpp-python; builds llama.cpp from source, about 12 CPU-minutes "
+                        f"once), or use --outtype {' / '.join(DIRECT_OUTTYPES)}") from None
+    return llama_cpp
+
+
+def quantize_gguf(src: str | Path, dst: str | Path, outtype: str, threads: int = 0) -> None:
+    """Quantize the f16/f32 GGUF ``src`` into ``dst`` with llama.cpp's ``llama_model_quantize`` (default parameters).
+
+    Raises:
+        UserError: llama-cpp-python is not installed, ``outtype`` is not one of :data:`LLAMA_QUANTS`, or llama.cpp
+            reports a failure.
+    """
+    if outtype not in LLAMA_QUANTS:
+        raise UserError(f"outtype must be one of {', '.join(LLAMA_QUANTS)} to quantize with llama.cpp, got {outtype!r}")
+    llama_cpp = require_llama_cpp()
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, LLAMA_QUANTS[outtype])
+    params.nthread = threads
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
+    if rc != 0:
+        raise UserError(f"llama.cpp could not quantize {src} to {outtype} (llama_model_quantize returned {rc}; "
+                        "its log above says why)")
+
+
+def cpu_has_amx() -> bool:
+    """Whether this CPU reports Intel AMX tiles (``amx_tile`` in ``/proc/cpuinfo``)."""
+    try:
+        return "amx_tile" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+def open_llama_cpp(path: str | Path, extra_buffers: bool | None = None, **kwargs: Any):
+    """``llama_cpp.Llama(model_path=path, **kwargs)``, optionally without llama.cpp's extra CPU buffer types.
+
+    The extra buffer types hold weights repacked for special kernels (Intel AMX tiles, interleaved AVX blocks). On
+    this project's CPU machine (AMX reported by the CPU), llama-cpp-python 0.3.36's AMX matrix multiply ends the
+    process with SIGSEGV (in ``ggml_backend_amx_mul_mat``) for every quantized model, the stock SmolLM2 Q4_1 GGUF
+    included; f32/f16 files never use it. ``extra_buffers=None`` turns them off where the CPU has AMX.
+    """
+    llama_cpp = require_llama_cpp()
+    if extra_buffers is None:
+        extra_buffers = not cpu_has_amx()
+    if extra_buffers:
+        return llama_cpp.Llama(model_path=str(path), **kwargs)
+    from llama_cpp import llama as llama_module
+
+    defaults = llama_module.llama_cpp.llama_model_default_params
+
+    def without_extra_buffers():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    llama_module.llama_cpp.llama_model_default_params = without_extra_buffers
+    try:
+        return llama_cpp.Llama(model_path=str(path), **kwargs)
+    finally:
+        llama_module.llama_cpp.llama_model_default_params = defaults
+
+
+def tensor_types(path: str | Path) -> dict[str, int]:
+    """How many tensors of each ggml type a GGUF file holds, e.g. ``{"Q4_K": 120, "Q5_0": 60, "F32": 61}``."""
+    import gguf
+
+    counts: dict[str, int] = {}
+    for t in gguf.GGUFReader(str(path)).tensors:
+        counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
+    return dict(sorted(counts.items()))
+
+
 def export_gguf(model_dir: str | Path, output: str | Path, outtype: str = "f16",
                 pre_tokenizer: str | None = None) -> dict[str, Any]:
     """Write ``model_dir`` (a folder ``probprune prune`` wrote, or any supported model) as one GGUF file.
@@ -205,26 +306,53 @@ def export_gguf(model_dir: str | Path, output: str | Path, outtype: str = "f16",
     Args:
         model_dir: a model folder (or ``embedded:smollm2-135m``).
         output: the ``.gguf`` file to write (written to a temporary name, then renamed; umask permissions).
-        outtype: ``f32``, ``f16``, ``bf16`` or ``q8_0`` for the matrices (norms stay float32).
+        outtype: ``f32``, ``f16``, ``bf16`` or ``q8_0`` for the matrices (norms stay float32), or ``q4_k_m``,
+            ``q5_k_m``, ``q6_k``, ``q4_0``: the f16 export quantized by llama.cpp (needs ``probprune[llamacpp]``; see
+            the module docstring for the types of tensors whose shapes a k-quant does not fit).
         pre_tokenizer: llama.cpp's pre-tokenizer name; None detects the known ones (SmolLM2: ``smollm``).
 
     Returns:
-        ``{"path", "arch", "layers", "bytes", "shapes"}``.
+        ``{"path", "arch", "layers", "bytes", "shapes"}``, and ``"tensor_types"`` (ggml type -> count) for the
+        types quantized by llama.cpp.
 
     Raises:
-        UserError: unsupported architecture, RoPE scaling, biases or tokenizer; unknown ``outtype``; a missing folder
-            or an unwritable output.
+        UserError: unsupported architecture, RoPE scaling, biases or tokenizer; unknown ``outtype``; llama-cpp-python
+            missing for a llama.cpp type; a missing folder or an unwritable output.
     """
-    import gguf
-
     from .files import file_mode
-    from .models.loading import load_model, resolve_model_path
 
     if outtype not in OUTTYPES:
         raise UserError(f"--outtype must be one of {', '.join(OUTTYPES)}, got {outtype!r}")
     output = Path(output)
     if output.exists() and output.is_dir():
         raise UserError(f"--output {output} is a folder; give the .gguf file to write")
+    if outtype in DIRECT_OUTTYPES:
+        return _write_gguf(model_dir, output, outtype, pre_tokenizer)
+    require_llama_cpp()  # before any work
+    output.parent.mkdir(parents=True, exist_ok=True)
+    f16 = output.with_name(f".{output.name}.f16-{os.getpid()}")
+    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
+    try:
+        res = _write_gguf(model_dir, f16, "f16", pre_tokenizer)
+        log.info("quantizing %s to %s with llama.cpp", output.name, outtype)
+        quantize_gguf(f16, tmp, outtype)
+        os.chmod(tmp, file_mode())
+        os.replace(tmp, output)
+    except OSError as err:
+        raise UserError(f"could not write {output}: {err}") from None
+    finally:
+        f16.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
+    return {**res, "path": str(output), "bytes": output.stat().st_size, "tensor_types": tensor_types(output)}
+
+
+def _write_gguf(model_dir: str | Path, output: Path, outtype: str, pre_tokenizer: str | None) -> dict[str, Any]:
+    """The export itself, for the types this module writes (:data:`DIRECT_OUTTYPES`)."""
+    import gguf
+
+    from .files import file_mode
+    from .models.loading import load_model, resolve_model_path
+
     model, tokenizer = load_model(str(model_dir), dtype="float32")
     _check_supported(model)
     if str(model_dir).startswith("tiny:"):

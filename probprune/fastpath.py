@@ -40,8 +40,10 @@ def _check_binary(masks: torch.Tensor) -> None:
 
 
 def _as_masks(space: MaskSpace, masks: np.ndarray | torch.Tensor) -> torch.Tensor:
-    m = torch.as_tensor(np.asarray(masks) if not isinstance(masks, torch.Tensor) else masks, dtype=torch.float32)
-    m = m.detach().cpu()
+    if isinstance(masks, torch.Tensor):
+        m = masks.detach().to("cpu", torch.float32)
+    else:  # a copy: masks from Ray's object store are read-only views, which torch must not alias
+        m = torch.from_numpy(np.array(masks, dtype=np.float32))
     if m.dim() == 1:
         m = m[None]
     if m.dim() != 2 or m.shape[1] != space.num_units:

@@ -109,7 +109,8 @@ def masked_losses(
     Returns:
         ``[K]`` float64: mean next-token cross-entropy of each masked model over the batch.
     """
-    masks_t = torch.as_tensor(masks, dtype=torch.float32)
+    masks_t = masks.to(torch.float32) if isinstance(masks, torch.Tensor) else torch.from_numpy(
+        np.array(masks, dtype=np.float32))  # a copy: a read-only array (Ray's object store) must not be aliased
     if masks_t.dim() == 1:
         masks_t = masks_t[None]
     k, b = masks_t.shape[0], batch.shape[0]
@@ -130,6 +131,6 @@ def masked_losses(
 @torch.no_grad()
 def masked_logits(adapter: FamilyAdapter, space: MaskSpace, mask: np.ndarray, input_ids: torch.Tensor) -> torch.Tensor:
     """Logits ``[B, T, V]`` of the model under one mask (for tests and checks)."""
-    exp = space.expand(torch.as_tensor(mask, dtype=torch.float32)[None])
+    exp = space.expand(torch.from_numpy(np.array(mask, dtype=np.float32))[None])
     with masks_applied(adapter, exp):
         return adapter.model(input_ids=input_ids.to(model_device(adapter.model)), use_cache=False).logits

@@ -32,6 +32,7 @@ from .errors import UserError
 from .masks import MaskSpace
 from .policy import Policy, random_probs, scores_to_probs, uniform_probs
 from .run_folder import RunFolder, masks_record
+from .runlock import holds_output_lock
 from .session import Session, build_space, measure, prepare
 
 __all__ = ["Session", "build_space", "prepare", "measure", "prune", "run_baseline", "evaluate_folder",
@@ -141,6 +142,7 @@ def choose(s: Session, policy, result, start: Start, check: torch.Tensor | None)
 
 
 # --------------------------------------------------------------------------------------------------- the jobs
+@holds_output_lock("output")
 def prune(cfg: Config, output: str | Path, resume: bool = False, progress: bool = True,
           on_step: Callable[[dict], None] | None = None, stop_after: int | None = None,
           dense_ppl: dict[str, float] | None = None) -> dict[str, Any]:
@@ -195,10 +197,11 @@ def prune(cfg: Config, output: str | Path, resume: bool = False, progress: bool 
         "engine": cfg.engine.kind,
     }
     summary["calibration"]["tokens_scored"] = policy.step_count * sc.num_samples * sc.batch_size * cfg.data.block_len
-    run.write_summary(summary)
+    run.write_summary(summary, cfg)
     return summary
 
 
+@holds_output_lock("output")
 def run_baseline(cfg: Config, method: str, output: str | Path, progress: bool = True,
                  dense_ppl: dict[str, float] | None = None) -> dict[str, Any]:
     """``probprune baseline``: a built-in baseline's mask through the same compaction, saving and evaluation."""
@@ -231,7 +234,7 @@ def run_baseline(cfg: Config, method: str, output: str | Path, progress: bool = 
         summary = finish(s, run, mask, t_start, dense_ppl, label=label, edit=edit)
     summary["method"] = method
     summary["wall_seconds"] = round(time.perf_counter() - t_start, 2)
-    run.write_summary(summary)
+    run.write_summary(summary, cfg)
     return summary
 
 

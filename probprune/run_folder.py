@@ -8,6 +8,7 @@ A finished ``probprune prune`` / ``baseline`` folder holds::
     masks.pt              final mask, unit layout, probabilities, the start's mask
     model/                the compacted model (+ tokenizer), loads with probprune.load_pruned
     summary.json          written last: its presence means the run finished
+    .probprune.lock       held while a run writes (one writer per folder; see probprune.runlock)
 
 Every check runs before the folder is created, so bad input never leaves a half-written output behind.
 """
@@ -24,6 +25,7 @@ import torch
 
 from .errors import UserError
 from .files import dir_mode, recover_dir, write_atomic, write_text_atomic
+from .runlock import LOCK_NAME
 
 if TYPE_CHECKING:
     from .policy import Policy
@@ -64,7 +66,7 @@ class RunFolder:
         output = self.path
         if output.exists() and not output.is_dir():
             raise UserError(f"--output {output} exists and is not a folder")
-        has_files = output.exists() and any(output.iterdir())
+        has_files = output.exists() and any(p.name != LOCK_NAME for p in output.iterdir())  # our own lock aside
         if not resume:
             if has_files and (output / SUMMARY).exists():
                 raise UserError(f"--output {output} already holds a finished run ({SUMMARY}); choose another folder")
@@ -109,8 +111,11 @@ class RunFolder:
         """``masks.pt``: tensors, numbers and lists only (it loads with ``weights_only=True``)."""
         write_atomic(self.path / MASKS, lambda tmp: torch.save(record, tmp))
 
-    def write_summary(self, summary: dict[str, Any]) -> None:
-        """``summary.json``, the run's last file."""
+    def write_summary(self, summary: dict[str, Any], cfg: Any) -> None:
+        """The model card (``model/README.md``), then ``summary.json``, the run's last file."""
+        from .model_card import write_model_card
+
+        write_model_card(self.model_dir, summary, cfg)
         write_text_atomic(self.path / SUMMARY, json.dumps(summary, indent=2) + "\n")
 
     def read_summary(self) -> dict[str, Any] | None:

@@ -415,3 +415,16 @@ def write_results(df: pd.DataFrame, base: Config, param_keys: Sequence[str], out
     markdown = out / "pareto.md"
     write_text_atomic(markdown, "\n".join(md))
     return SweepOutputs(csv=csv, markdown=markdown, png=png, best=best, front=front)
+
+
+def format_report(df: pd.DataFrame, sw: SweepConfig, out: Path, seconds: float) -> str:
+    """What a finished sweep prints: the Pareto front, trial counts and where the results, tables, plot and best
+    configs were written."""
+    counts = df["status"].value_counts().to_dict() if len(df) else {}
+    lines = ["", "Pareto front (prunable sparsity vs held-out perplexity):", "",
+             format_table(pareto_front(df), list(search_space(sw))), "",
+             f"{len(df)} trials ({', '.join(f'{n} {k}' for k, n in counts.items())}) in {seconds:.0f} s",
+             f"results: {out / 'results.csv'}", f"tables:  {out / 'pareto.md'}", f"plot:    {out / 'pareto.png'}"]
+    lines += [f"best:    {path}   (probprune prune --config {path} --output DIR)"
+              for path in sorted((out / "best").glob("*.yaml"))]
+    return "\n".join(lines)

@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import statistics
 import sys
 import tempfile
 from pathlib import Path
 
+from probprune import termination
 from probprune.config import load_config, validate_config
+from probprune.config_files import resolve_config
 from probprune.errors import UserError
 from probprune.pipeline import prune
 from probprune.run_folder import format_summary
@@ -50,6 +53,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def resume_command(args: argparse.Namespace) -> str:
+    """The command line that continues this run (its checkpoint in ``--output``)."""
+    parts = ["python", "ray_jobs/prune.py", "--config", args.config, *args.overrides, "--output", args.output]
+    if args.num_actors is not None:
+        parts += ["--num-actors", str(args.num_actors)]
+    if args.address is not None:
+        parts += ["--address", args.address]
+    return shlex.join([*parts, "--resume"])
+
+
 class CostReport:
     """``on_step`` hook: prints the search-time estimate after the first step, and again from steps 2-5."""
 
@@ -78,8 +91,9 @@ class CostReport:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    termination.install()  # SIGTERM (a scheduler's preemption) stops the run like Ctrl-C, Ray starting included
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(resolve_config(args.config), args.overrides)
         cfg.engine.kind = "ray"
         if args.num_actors is not None:
             cfg.engine.num_actors = args.num_actors
@@ -91,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"probprune: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return termination.report_interrupt("ray_jobs/prune.py", f"the search resumes from its last checkpoint: "
+                                            f"{resume_command(args)}")
     print(format_summary(summary))
     print(f"\noutput: {args.output}")
     return 0

@@ -24,12 +24,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from probprune import termination
 from probprune.config import load_config
+from probprune.config_files import resolve_config
 from probprune.errors import UserError
 
 SMOKE_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny" / "smoke_sweep.yaml"
@@ -58,11 +61,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    termination.install()  # SIGTERM (a scheduler's preemption) stops the sweep like Ctrl-C, Ray starting included
     t0 = time.perf_counter()
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(resolve_config(args.config), args.overrides)
         from probprune.engine.ray.tune import run_sweep
-        from probprune.sweep import format_table, num_trials, pareto_front, search_space
+        from probprune.sweep import format_report, num_trials, search_space
 
         if cfg.sweep is not None:
             print(f"sweep {cfg.name}: {num_trials(cfg.sweep)} trials over {', '.join(search_space(cfg.sweep))}",
@@ -71,15 +75,12 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"probprune: error: {e}", file=sys.stderr)
         return 2
-    out = Path(args.output)
-    print("\nPareto front (prunable sparsity vs held-out perplexity):\n")
-    print(format_table(pareto_front(df), list(search_space(cfg.sweep))))
-    counts = df["status"].value_counts().to_dict() if len(df) else {}
-    print(f"\n{len(df)} trials ({', '.join(f'{n} {k}' for k, n in counts.items())}) in "
-          f"{time.perf_counter() - t0:.0f} s")
-    print(f"results: {out / 'results.csv'}\ntables:  {out / 'pareto.md'}\nplot:    {out / 'pareto.png'}")
-    for path in sorted((out / "best").glob("*.yaml")):
-        print(f"best:    {path}   (probprune prune --config {path} --output DIR)")
+    except KeyboardInterrupt:
+        cmd = ["python", "ray_jobs/sweep.py", "--config", args.config, *args.overrides, "--output", args.output]
+        cmd += ["--address", args.address] if args.address else []
+        return termination.report_interrupt("ray_jobs/sweep.py", "finished trials are kept and the sweep continues "
+                                            f"with: {shlex.join([*cmd, '--resume'])}")
+    print(format_report(df, cfg.sweep, Path(args.output), time.perf_counter() - t0))
     return 0 if (df["status"] == "finished").any() else 1
 
 

@@ -6,6 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from probprune.compaction import compact, count_params, save_pruned
+from probprune.errors import UserError
 from probprune.models.loading import load_pruned
 from probprune.masked import masked_logits
 from probprune.masks import CHANNEL, HEAD, LAYER
@@ -178,3 +179,35 @@ def test_streamed_compaction_needs_safetensors(tmp_path):
     with pytest.raises(UserError, match="neither model.safetensors nor model.safetensors.index.json"):
         compact_checkpoint(tmp_path / "src", space, space.full_mask(), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def _uniform_mask(space, keep_heads=2, keep_channels=48):
+    """The same heads and channels kept in every layer: the compacted model is a stock-shaped checkpoint."""
+    mask = np.zeros(space.num_units, dtype=np.float32)
+    for li in range(space.num_layers):
+        mask[np.flatnonzero((space.unit_type == HEAD) & (space.unit_layer == li))[:keep_heads]] = 1
+        mask[np.flatnonzero((space.unit_type == CHANNEL) & (space.unit_layer == li))[:keep_channels]] = 1
+    return mask
+
+
+def test_load_pruned_keeps_the_saved_dtype_like_from_pretrained(tmp_path):
+    model = tiny_model("llama")
+    space = get_adapter(model).mask_space()
+    x = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    uniform = save_pruned(compact(model, space, _uniform_mask(space)).to(torch.bfloat16), tmp_path / "uniform")
+    assert json.loads((uniform / "config.json").read_text()).get("probprune_layout") is None  # stock shapes
+    ours, stock = load_pruned(uniform), AutoModelForCausalLM.from_pretrained(uniform)
+    assert ours.dtype == stock.dtype == torch.bfloat16
+    torch.testing.assert_close(ours(input_ids=x).logits, stock(input_ids=x).logits, rtol=0, atol=0)
+
+    mask = _uniform_mask(space)
+    mask[np.flatnonzero((space.unit_type == CHANNEL) & (space.unit_layer == 1))[48:80]] = 1  # layer 1 wider
+    per_layer = save_pruned(compact(model, space, mask).to(torch.float16), tmp_path / "per_layer")
+    assert json.loads((per_layer / "config.json").read_text())["probprune_layout"][1]["intermediate_size"] == 80
+    assert load_pruned(per_layer).dtype == torch.float16
+    assert load_pruned(per_layer, dtype="float32").dtype == torch.float32
+    assert load_pruned(per_layer, dtype=torch.bfloat16).dtype == torch.bfloat16
+    assert load_pruned(per_layer, device_map="cpu").lm_head.weight.device.type == "cpu"
+    assert all(p.dtype == torch.float16 for p in load_pruned(per_layer, device_map={"": "cpu"}).parameters())
+    with pytest.raises(UserError, match="dtype must be 'auto' or one of float32, bfloat16, float16, got 'int8'"):
+        load_pruned(per_layer, dtype="int8")

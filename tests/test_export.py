@@ -140,7 +140,8 @@ def test_unsupported_models_and_arguments_are_refused(tmp_path):
     with pytest.raises(UserError, match="GGUF export supports LlamaForCausalLM, MistralForCausalLM; this model is "
                                         "Qwen2ForCausalLM"):
         export_gguf("tiny:qwen2", tmp_path / "x.gguf")
-    with pytest.raises(UserError, match="--outtype must be one of f32, f16, bf16, q8_0, got 'q4'"):
+    with pytest.raises(UserError, match="--outtype must be one of f32, f16, bf16, q8_0, q4_k_m, q5_k_m, q6_k, q4_0, "
+                                        "got 'q4'"):
         export_gguf("tiny:llama", tmp_path / "x.gguf", outtype="q4")
     with pytest.raises(UserError, match="path not found"):
         export_gguf(tmp_path / "missing", tmp_path / "x.gguf")
@@ -225,22 +226,21 @@ def test_uniform_shape_settings_are_checked(overrides, message):
         load_config(ROOT / "configs" / "tiny" / "smoke.yaml", overrides)
 
 
-@pytest.mark.parametrize("outtype", ["f32", "q8_0"])
-def test_llama_cpp_runs_the_exported_model_with_the_same_logits(hetero, tmp_path, outtype):
-    """The real runtime: llama.cpp's logits of the exported heterogeneous model equal the compacted model's (q8_0:
-    within the rounding of 8-bit weights; the one-channel stand-in MLP of the MLP-free layer stays f16 in it)."""
+def _llama_cpp_or_skip():
     try:
-        from llama_cpp import Llama
+        import llama_cpp
     except ImportError:
-        pytest.skip("llama_cpp is not installed (pip install 'probprune[llamacpp]' builds it); the GGUF tensors and "
-                    "shapes are still checked exactly by the tests above")
+        pytest.skip("llama_cpp is not installed (pip install 'probprune[llamacpp]' builds it)")
+    return llama_cpp
+
+
+def _with_merges(folder, tmp_path):
+    """A copy of ``folder`` whose tokenizer has one BPE merge (llama.cpp refuses a vocabulary without merges)."""
     import shutil
 
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    pruned, folder = hetero
-    # llama.cpp needs at least one BPE merge: the same byte vocabulary plus one merged token
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab = {ch: i for i, ch in enumerate(alphabet)} | {"<eos>": 256, "ab": 257}
     tk = Tokenizer(models.BPE(vocab=vocab, merges=[("a", "b")]))
@@ -249,13 +249,27 @@ def test_llama_cpp_runs_the_exported_model_with_the_same_logits(hetero, tmp_path
     copy = tmp_path / "model"
     shutil.copytree(folder, copy)
     PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>").save_pretrained(copy)
-    path = tmp_path / "m.gguf"
-    assert export_gguf(copy, path, outtype=outtype)["arch"] == "deci"
-    ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(2))
-    llm = Llama(model_path=str(path), n_ctx=16, n_batch=16, logits_all=True, n_threads=1, verbose=False,
-                type_k=0, type_v=0)  # an f32 KV cache (the default f16 one rounds keys and values)
+    return copy
+
+
+def _llama_cpp_logits(path, ids):
+    from probprune.export import open_llama_cpp
+
+    llm = open_llama_cpp(path, n_ctx=16, n_batch=16, logits_all=True, n_threads=1, verbose=False, type_k=0, type_v=0)
     llm.eval([int(t) for t in ids[0]])
-    got = np.asarray(llm.scores[:12], dtype=np.float32)  # [T, V]
+    return np.asarray(llm.scores[: ids.shape[1]], dtype=np.float32)  # [T, V]
+
+
+@pytest.mark.parametrize("outtype", ["f32", "q8_0"])
+def test_llama_cpp_runs_the_exported_model_with_the_same_logits(hetero, tmp_path, outtype):
+    """The real runtime: llama.cpp's logits of the exported heterogeneous model equal the compacted model's (q8_0:
+    within the rounding of 8-bit weights; the one-channel stand-in MLP of the MLP-free layer stays f16 in it)."""
+    _llama_cpp_or_skip()  # without it, the GGUF tensors and shapes are still checked exactly by the tests above
+    pruned, folder = hetero
+    path = tmp_path / "m.gguf"
+    assert export_gguf(_with_merges(folder, tmp_path), path, outtype=outtype)["arch"] == "deci"
+    ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(2))
+    got = _llama_cpp_logits(path, ids)  # an f32 KV cache (the default f16 one rounds keys and values)
     with torch.no_grad():
         want = pruned(ids).logits[0].float().numpy()  # [T, V]
     scale = max(1.0, float(np.abs(want).max()))
@@ -264,3 +278,95 @@ def test_llama_cpp_runs_the_exported_model_with_the_same_logits(hetero, tmp_path
     else:
         np.testing.assert_allclose(got, want, rtol=0, atol=5e-2 * scale)
         assert np.corrcoef(got.ravel(), want.ravel())[0, 1] > 0.999
+
+
+def _model_with_gguf_weights(pruned, path):
+    """A copy of ``pruned`` whose matrices are the GGUF file's (dequantized, RoPE rows permuted back)."""
+    import copy
+
+    import gguf
+
+    from probprune.export import layer_shapes
+    from probprune.models.modeling_probprune import EmptyMLP
+
+    t = _tensors(gguf.GGUFReader(str(path)))
+    model = copy.deepcopy(pruned)
+    roles = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+             "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+             "ffn_down": "mlp.down_proj"}
+    for i, (layer, shape) in enumerate(zip(model.model.layers, layer_shapes(model))):
+        for name, module in roles.items():
+            key = f"blk.{i}.{name}.weight"
+            if key not in t or (name.startswith("ffn") and isinstance(layer.mlp, EmptyMLP)):
+                continue
+            w = t[key]
+            if name in ("attn_q", "attn_k"):
+                w = unpermute_rope_rows(w, shape["n_head"] if name == "attn_q" else shape["n_head_kv"])
+            layer.get_submodule(module).weight.data = torch.from_numpy(np.ascontiguousarray(w))
+    model.model.embed_tokens.weight.data = torch.from_numpy(t["token_embd.weight"])
+    model.lm_head.weight.data = torch.from_numpy(t["output.weight"])
+    return model
+
+
+def _types(path):
+    import gguf
+
+    return {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
+
+
+@pytest.fixture(scope="module")
+def hetero256(tmp_path_factory):
+    """A 4-layer model with 256-wide rows (hidden 256, head length 32, MLP 512) compacted to: one KV group and five
+    32-channel blocks fewer (rows of 192 and 352: not 256-multiples), attention-free, MLP-free, untouched."""
+    model = tiny_model("llama", num_hidden_layers=4, hidden_size=256, intermediate_size=512, head_dim=32)
+    space = get_adapter(model).mask_space(channel_block=32)
+    mask = space.full_mask()
+    units = lambda t, li: np.flatnonzero((space.unit_type == t) & (space.unit_layer == li))  # noqa: E731
+    mask[units(HEAD, 0)[:1]] = 0
+    mask[units(CHANNEL, 0)[:5]] = 0
+    mask[units(HEAD, 1)] = 0
+    mask[units(CHANNEL, 2)] = 0
+    pruned = compact(model, space, mask)
+    return pruned, save_pruned(pruned, tmp_path_factory.mktemp("m256") / "model", byte_tokenizer())
+
+
+# outtype: (the type of a 256-multiple row, the fallback for a row of 192 or 352 columns)
+QUANTS = {"q4_k_m": ("Q4_K", "Q5_0"), "q5_k_m": ("Q5_K", "Q5_1"), "q6_k": ("Q6_K", "Q8_0"), "q4_0": ("Q4_0", "Q4_0")}
+
+
+@pytest.mark.parametrize("outtype", list(QUANTS))
+def test_llama_cpp_quantizes_pruned_shapes_and_runs_them(hetero256, tmp_path, outtype):
+    """llama.cpp's quantizer on pruned shapes (see probprune.export): full rows get the k-quant, thinned rows its
+    32-block fallback, the MLP-free layer's one-channel stand-in stays F16; the file runs close to the model."""
+    _llama_cpp_or_skip()
+    pruned, folder = hetero256
+    copy = _with_merges(folder, tmp_path)
+    res = export_gguf(copy, tmp_path / "q.gguf", outtype=outtype)
+    assert res["arch"] == "deci" and res["bytes"] == (tmp_path / "q.gguf").stat().st_size
+    types = _types(tmp_path / "q.gguf")
+    assert res["tensor_types"] == {k: list(types.values()).count(k) for k in sorted(set(types.values()))}
+    full, fallback = QUANTS[outtype]
+    assert types["blk.3.attn_q.weight"] == types["blk.0.ffn_gate.weight"] == types["blk.3.attn_output.weight"] == full
+    assert types["blk.0.attn_output.weight"] == types["blk.0.ffn_down.weight"] == fallback  # 192 / 352 columns
+    assert types["blk.2.ffn_gate.weight"] == types["blk.2.ffn_down.weight"] == "F16"  # the one-channel stand-in
+    assert types["blk.0.attn_norm.weight"] == "F32" and "blk.1.attn_q.weight" not in types
+    if outtype == "q4_k_m":  # its mix: more bits for the last layer's ffn_down and attn_v
+        assert types["blk.3.ffn_down.weight"] == types["blk.3.attn_v.weight"] == "Q6_K"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "q.gguf"]  # no intermediate left
+    ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(2))
+    got = _llama_cpp_logits(tmp_path / "q.gguf", ids)  # [T, V]
+    with torch.no_grad():  # the same quantized weights in PyTorch: llama.cpp runs what the file holds
+        want = _model_with_gguf_weights(pruned, tmp_path / "q.gguf")(ids).logits[0].float().numpy()
+        dense = pruned(ids).logits[0].float().numpy()
+    # llama.cpp rounds the activations of quantized matrix products to 8 bits (Q8_0/Q8_K): close, not equal
+    assert np.corrcoef(got.ravel(), want.ravel())[0, 1] > 0.995  # vs the f32 model: 0.76-0.98 on this model
+    assert np.abs(got - want).max() < np.abs(got - dense).max()  # nearer its own weights than the f32 model
+
+
+def test_k_quants_without_llama_cpp_say_how_to_install_it(monkeypatch, tmp_path):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import llama_cpp raises ImportError
+    with pytest.raises(UserError, match=r"llama.cpp's quantizer: pip install 'probprune\[llamacpp\]'"):
+        export_gguf("tiny:llama", tmp_path / "q.gguf", outtype="q4_k_m")
+    assert not list(tmp_path.iterdir())

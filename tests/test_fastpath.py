@@ -171,6 +171,22 @@ def test_repeated_masks_are_scored_once_and_in_order(monkeypatch):
     assert got[0] == got[2] and got[1] == got[4]
 
 
+@pytest.mark.filterwarnings("error::UserWarning")
+def test_read_only_masks_are_copied_not_aliased():
+    """Masks that arrive through Ray's object store are read-only numpy views: both paths copy them (torch warns
+    "The given NumPy array is not writable" when it aliases one; here that warning is an error)."""
+    adapter = get_adapter(tiny_model("llama"))
+    space = _space(adapter, 1)
+    masks = _edge_masks(space)[[0, 4]]
+    frozen = masks.copy()
+    frozen.flags.writeable = False
+    x = _batch(3)
+    got = gathered_losses(adapter, space, frozen, x)
+    np.testing.assert_array_equal(got, gathered_losses(adapter, space, masks, x))
+    np.testing.assert_allclose(masked_losses(adapter, space, frozen, x), got, rtol=0, atol=FP32_TOL)
+    assert got[1] > got[0]  # dropping layer 0 costs loss on this model
+
+
 def test_rejects_bad_inputs():
     adapter = get_adapter(tiny_model("llama"))
     space = _space(adapter, 1)

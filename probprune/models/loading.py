@@ -294,7 +294,8 @@ def load_model(
         kwargs["device_map"] = device_map
     try:
         if getattr(config, "probprune_layout", None) is not None:
-            return load_pruned(path, dtype=dtype, device=device), AutoTokenizer.from_pretrained(path)
+            model = load_pruned(path, dtype=dtype, device_map=device_map)
+            return (model if device_map is not None else model.to(device)), AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         tok = AutoTokenizer.from_pretrained(path)
     except Exception as e:  # noqa: BLE001 - truncated / corrupt weights come as OSError, SafetensorError, ...
@@ -309,26 +310,44 @@ def load_model(
     return model.eval(), tok
 
 
-def load_pruned(path: str | Path, dtype: str = "float32", device: str = "cpu") -> nn.Module:
-    """Load a folder written by :func:`probprune.compaction.save_pruned`.
+def load_pruned(path: str | Path, dtype: str | torch.dtype = "auto", device_map: str | dict | None = None
+                ) -> nn.Module:
+    """Load a folder written by :func:`probprune.compaction.save_pruned`, as ``from_pretrained`` loads a checkpoint.
 
     Per-layer widths are built by probprune's own classes from ``config.json`` and the weights: no Python file of the
     folder is imported or run (``trust_remote_code=True`` would execute the folder's ``modeling_probprune.py``).
 
+    Args:
+        path: the model folder (``RUN/model``).
+        dtype: ``"auto"`` (the dtype the weights were saved in, from ``config.json``, as ``from_pretrained`` does),
+            ``float32``, ``bfloat16``, ``float16`` or a ``torch.dtype``.
+        device_map: ``None`` (CPU), a device (``"cuda"``, ``"cuda:1"``), ``"auto"`` or an accelerate device map
+            (layers spread over devices); passed to ``from_pretrained``.
+
+    Returns:
+        The model in eval mode.
+
     Raises:
         UserError: the folder does not exist or has no config.json; an unknown dtype.
+
+    Examples:
+        >>> model = load_pruned("runs/quickstart/model")  # doctest: +SKIP
+        >>> model.dtype  # doctest: +SKIP
+        torch.bfloat16
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    if dtype not in DTYPES:
-        raise UserError(f"dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
+    if not isinstance(dtype, torch.dtype) and dtype != "auto" and dtype not in DTYPES:
+        raise UserError(f"dtype must be 'auto' or one of {', '.join(DTYPES)}, got '{dtype}'")
     path = Path(path)
     if not (path / "config.json").exists():
         raise UserError(f"model path not found or not a model folder: {path}")
     config = AutoConfig.from_pretrained(path)
-    kwargs = dict(dtype=DTYPES[dtype], attn_implementation="sdpa")
+    kwargs = dict(dtype=DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype, attn_implementation="sdpa")
+    if device_map is not None:
+        kwargs["device_map"] = device_map
     if getattr(config, "probprune_layout", None):
         model = PRUNED_CLASSES[config.probprune_base_architecture].from_pretrained(path, **kwargs)
     else:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    return model.to(device).eval()
+    return model.eval()

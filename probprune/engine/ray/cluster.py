@@ -1,7 +1,7 @@
 """Joining or starting a Ray cluster, the environment of the driver and its actors, and resource checks.
 
-Measured facts this module encodes (Ray 2.60): ``ray.init`` replaces the process's SIGTERM handler (it is restored
-here, so the CLI's handler stays); CPU actors inherit ``CUDA_VISIBLE_DEVICES`` unless
+Measured facts this module encodes (Ray 2.60): ``ray.init`` replaces the process's SIGTERM handler (here it is
+kept, and a SIGTERM that arrives while Ray starts is delivered to it afterwards); CPU actors inherit ``CUDA_VISIBLE_DEVICES`` unless
 ``RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=1``; a local instance started by this process cannot grow, so asking it for more
 CPUs or GPUs than it has is an error, not a wait.
 """
@@ -12,13 +12,15 @@ import logging
 import os
 import signal
 import threading
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import ray
 import ray.exceptions
 
 from ...config import EngineConfig, ModelConfig
 from ...errors import UserError
+from ...termination import sigterm_deferred
 
 log = logging.getLogger(__name__)
 
@@ -66,12 +68,30 @@ def connect(address: str | None = None, **init_kwargs: Any) -> bool:
     if address == "local":
         kwargs["include_dashboard"] = False
     kwargs.update(init_kwargs)
-    main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.getsignal(signal.SIGTERM) if main_thread else None
-    ray.init(address=address, **kwargs)
-    if callable(previous):  # ray.init makes SIGTERM sys.exit(15); keep the application's own handler (the CLI's)
-        signal.signal(signal.SIGTERM, previous)
+    log.info("starting Ray (address=%s)", address)
+    with sigterm_deferred("Ray was starting"), _ray_keeps_sigterm_handler():  # handled once Ray is up
+        ray.init(address=address, **kwargs)
     return True
+
+
+@contextmanager
+def _ray_keeps_sigterm_handler() -> Iterator[None]:
+    """While an application SIGTERM handler is installed (the entry points'), keep ``ray.init`` from replacing it.
+
+    ``ray.init`` installs ``sys.exit(15)`` as the SIGTERM handler at its start (``ray._private.utils
+    .set_sigterm_handler``, Ray 2.60); a signal then ends the driver from wherever ``ray.init`` is, C++ core included.
+    """
+    utils = getattr(getattr(ray, "_private", None), "utils", None)
+    main_thread = threading.current_thread() is threading.main_thread()
+    if not (main_thread and callable(signal.getsignal(signal.SIGTERM)) and hasattr(utils, "set_sigterm_handler")):
+        yield
+        return
+    original = utils.set_sigterm_handler
+    utils.set_sigterm_handler = lambda handler: None
+    try:
+        yield
+    finally:
+        utils.set_sigterm_handler = original
 
 
 def is_local_instance(address: str | None) -> bool:
