@@ -497,7 +497,7 @@ def run_baseline(cfg: Config, method: str, output: str | Path, progress: bool = 
     t_start = time.perf_counter()
     output = Path(output)
     _check_output(output, resume=False)
-    if method == "shortgpt" and not cfg.mask.layers:
+    if method in ("shortgpt", "sleb") and not cfg.mask.layers:
         from .config import apply_overrides
 
         cfg = apply_overrides(cfg, ["mask.layers=true", "search.budget=params"])
