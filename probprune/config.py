@@ -143,6 +143,9 @@ class DataConfig:
     split_seed: int = _opt(0, check=_at_least(0))  # seed of the split by file: fixed, so every run seed sees one test set
     block_len: int = _opt(128, check=_at_least(8))  # calibration block length in tokens
     calib_blocks: int = _opt(1024, check=_at_least(1))  # calibration blocks drawn from the calibration split
+    # BOS at the start of every calibration block and evaluation window: "auto" = where the model family prescribes
+    # it (Gemma 3), none elsewhere (LLaMA-family numbers stay comparable with LLM-Pruner's protocol); true / false
+    bos: bool | str = _opt("auto", check=_one_of("auto", True, False))
 
 
 @dataclass

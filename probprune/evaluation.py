@@ -3,7 +3,9 @@
 Protocol: perplexity = exp(mean next-token cross-entropy) over non-overlapping windows of ``seq_len`` tokens taken
 from the start of the held-out token stream (full windows only). Each window predicts its ``seq_len - 1`` last
 tokens from the ones before it; there is no context carried across windows. Report it at 128 tokens (the paper's
-and LLM-Pruner's convention) and at a long length (2048 or the model's limit).
+and LLM-Pruner's convention) and at a long length (2048 or the model's limit). With a BOS id (``data.bos``, on for
+families that prescribe it, e.g. Gemma 3) each window is the BOS followed by the next ``seq_len - 1`` stream tokens
+(:func:`probprune.data.cut_windows`); the BOS is never a target, so a window still scores ``seq_len - 1`` tokens.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .data import cut_windows
 from .errors import UserError
 from .losses import token_losses
 
@@ -38,6 +41,7 @@ def perplexity(
     batch_size: int = 4,
     progress: bool = True,
     desc: str = "",
+    bos_id: int | None = None,
 ) -> dict:
     """Perplexity of a causal LM over non-overlapping windows of a held-out token stream.
 
@@ -54,6 +58,7 @@ def perplexity(
         batch_size: windows per forward.
         progress: show a progress bar.
         desc: label of the progress bar.
+        bos_id: each window starts with this id, then ``seq_len - 1`` stream tokens; None: plain windows.
 
     Returns:
         ``{"ppl": exp(nll), "nll": mean nats per predicted token, "tokens": predicted tokens
@@ -69,16 +74,14 @@ def perplexity(
         raise UserError(f"eval batch_size={batch_size!r} must be at least 1")
     limit = _max_context(model)
     eff_len = min(int(seq_len), limit) if limit else int(seq_len)
-    tokens = tokens.reshape(-1)
-    n_windows = tokens.numel() // eff_len
-    if max_tokens is not None:
-        n_windows = min(n_windows, int(max_tokens) // eff_len)
+    windows = cut_windows(tokens, eff_len, None if max_tokens is None else int(max_tokens) // eff_len,
+                          bos_id)  # [W, T]
+    n_windows = windows.shape[0]
     if n_windows == 0:
         raise UserError(
             f"no full window of seq_len={eff_len} fits: the held-out split has {tokens.numel()} tokens and "
             f"eval.max_tokens={max_tokens}"
         )
-    windows = tokens[: n_windows * eff_len].view(n_windows, eff_len)  # [W, T]
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -108,6 +111,7 @@ def evaluate_ppl(
     max_tokens: int | None = None,
     batch_size: int = 4,
     progress: bool = True,
+    bos_id: int | None = None,
 ) -> dict[int, float]:
     """Perplexity at several window lengths (see :func:`perplexity`).
 
@@ -119,6 +123,7 @@ def evaluate_ppl(
         max_tokens: cap on the tokens evaluated per length.
         batch_size: windows per forward.
         progress: show progress bars.
+        bos_id: as :func:`perplexity`.
 
     Returns:
         ``{effective seq_len: perplexity}``, in the order of ``seq_lens``.
@@ -131,5 +136,5 @@ def evaluate_ppl(
     for seq_len in seq_lens:
         eff = min(int(seq_len), limit) if limit else int(seq_len)
         if eff not in out:
-            out[eff] = perplexity(model, tokens, eff, max_tokens, batch_size, progress)["ppl"]
+            out[eff] = perplexity(model, tokens, eff, max_tokens, batch_size, progress, bos_id=bos_id)["ppl"]
     return out

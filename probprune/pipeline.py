@@ -23,7 +23,7 @@ import torch
 from . import projection
 from .compaction import compact, compact_checkpoint, count_params, save_pruned
 from .config import Config, config_to_dict, save_config
-from .data import CalibrationData, load_corpus, test_stream
+from .data import CalibrationData, cut_windows, load_corpus, resolve_bos, test_stream
 from .errors import UserError
 from .evaluation import evaluate_ppl
 from .masks import MaskSpace
@@ -62,6 +62,7 @@ class Session:
     # RayEvaluator, then also ``evaluator``); with Ray ``model`` is a weightless skeleton on the meta device
     replicas: Any = None
     evaluator: Any = None
+    bos_id: int | None = None  # every calibration block and evaluation window starts with it (data.bos)
 
     @property
     def driverless(self) -> bool:
@@ -88,9 +89,11 @@ def prepare(cfg: Config, need_stats: bool = True, remote: bool = False) -> Sessi
         model, tok = load_model(cfg.model.name_or_path, cfg.model.dtype, cfg.model.device, cfg.model.device_map,
                                 cfg.model.trust_remote_code)
     adapter = get_adapter(model)
+    bos_id = resolve_bos(cfg.data.bos, tok, adapter.wants_bos)
     corpus = load_corpus(cfg.data, seed=cfg.data.split_seed)
     calib = CalibrationData.from_corpus(
-        tok, corpus, cfg.data.block_len, cfg.data.calib_blocks, seed=cfg.seed, max_context=_max_context(model)
+        tok, corpus, cfg.data.block_len, cfg.data.calib_blocks, seed=cfg.seed, max_context=_max_context(model),
+        bos_id=bos_id,
     )
     test_tokens = test_stream(tok, corpus)
     replicas, evaluator = LocalReplicas(model, adapter), None
@@ -107,7 +110,8 @@ def prepare(cfg: Config, need_stats: bool = True, remote: bool = False) -> Sessi
     if evaluator is not None:
         evaluator.set_space(space)
     log.info("prepared model, data and mask space in %.1f s", time.perf_counter() - t0)
-    return Session(cfg, model, tok, adapter, calib, test_tokens, space, stats, replicas=replicas, evaluator=evaluator)
+    return Session(cfg, model, tok, adapter, calib, test_tokens, space, stats, replicas=replicas, evaluator=evaluator,
+                   bos_id=bos_id)
 
 
 def _space_and_stats(cfg: Config, adapter: FamilyAdapter, calib: CalibrationData, replicas, need_stats: bool,
@@ -193,10 +197,18 @@ def fingerprint(cfg: Config, space: MaskSpace) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def eval_protocol(bos_id: int | None) -> str:
+    """The evaluation protocol in words (``summary.json``'s ``eval.protocol``)."""
+    if bos_id is None:
+        return "non-overlapping windows"
+    return (f"non-overlapping windows, each the BOS (id {bos_id}) then seq_len - 1 held-out tokens; the BOS is never "
+            "a target, so a window scores seq_len - 1 tokens")
+
+
 def evaluate(model, s: Session, label: str) -> dict[str, float]:
     e = s.cfg.eval
     res = evaluate_ppl(model, s.test_tokens, e.seq_lens, max_tokens=e.max_tokens, batch_size=e.batch_size,
-                       progress=s.progress)
+                       progress=s.progress, bos_id=s.bos_id)
     log.info("%s perplexity: %s", label, res)
     return {str(k): float(v) for k, v in res.items()}
 
@@ -220,13 +232,12 @@ def evaluate_mask(s: Session, mask: np.ndarray | None, label: str) -> dict[str, 
         eff = min(int(seq_len), limit) if limit else int(seq_len)
         if str(eff) in out:
             continue
-        n = s.test_tokens.numel() // eff
-        if e.max_tokens is not None:
-            n = min(n, int(e.max_tokens) // eff)
+        windows = cut_windows(s.test_tokens, eff, None if e.max_tokens is None else int(e.max_tokens) // eff,
+                              s.bos_id)  # [W, T]
+        n = windows.shape[0]
         if n == 0:
             raise UserError(f"no full window of seq_len={eff} fits in the held-out split "
                             f"({s.test_tokens.numel()} tokens, eval.max_tokens={e.max_tokens})")
-        windows = s.test_tokens.reshape(-1)[: n * eff].view(n, eff)  # [W, T]
         shares = [(s.space, mask, windows[lo:hi], e.batch_size) for lo, hi in row_shares(n, s.replicas.num_replicas)]
         parts = s.replicas.map(window_nll, shares)
         out[str(eff)] = math.exp(sum(p[0] for p in parts) / sum(p[1] for p in parts))
@@ -478,9 +489,9 @@ def finish(
         },
         "units": {**space.type_counts(), "kept": {k: int(final[space.type_slice(t)].sum())
                                                   for k, t in (("head", 0), ("channel", 1), ("layer", 2))}},
-        "calibration": {"blocks": len(s.calib), "block_len": cfg.data.block_len},
+        "calibration": {"blocks": len(s.calib), "block_len": cfg.data.block_len, "bos_id": s.bos_id},
         "eval": {"seq_lens": list(dense_ppl), "max_tokens": cfg.eval.max_tokens,
-                 "held_out_tokens": int(s.test_tokens.numel()), "protocol": "non-overlapping windows"},
+                 "held_out_tokens": int(s.test_tokens.numel()), "protocol": eval_protocol(s.bos_id)},
         "timings": {k: round(v, 2) for k, v in timings.items()},
         "wall_seconds": round(time.perf_counter() - t_start, 2),
     })
@@ -533,13 +544,15 @@ def evaluate_folder(cfg: Config, tasks: str | None = None, limit: int | None = N
     """``probprune eval``: held-out perplexity of any model (and lm-eval tasks when asked)."""
     model, tok = load_model(cfg.model.name_or_path, cfg.model.dtype, cfg.model.device, cfg.model.device_map,
                             cfg.model.trust_remote_code)
+    bos_id = resolve_bos(cfg.data.bos, tok, get_adapter(model).wants_bos)
     corpus = load_corpus(cfg.data, seed=cfg.data.split_seed)
     tokens = test_stream(tok, corpus)
     e = cfg.eval
-    ppl = evaluate_ppl(model, tokens, e.seq_lens, max_tokens=e.max_tokens, batch_size=e.batch_size)
+    ppl = evaluate_ppl(model, tokens, e.seq_lens, max_tokens=e.max_tokens, batch_size=e.batch_size, bos_id=bos_id)
     out: dict[str, Any] = {
         "model": cfg.model.name_or_path, "params": count_params(model), "data": cfg.data.source,
         "ppl": {str(k): float(v) for k, v in ppl.items()}, "max_tokens": e.max_tokens,
+        "protocol": eval_protocol(bos_id),
     }
     if tasks:
         from .lm_eval_hook import run_lm_eval
