@@ -551,8 +551,8 @@ def resolve_bos(setting: bool | str, tokenizer: Any, family_wants_bos: bool) -> 
     """The BOS id every block and window starts with, or None for none (``data.bos``).
 
     Args:
-        setting: ``True``, ``False`` or ``"auto"`` (the family's prescription:
-            :attr:`probprune.models.base.FamilyAdapter.wants_bos`).
+        setting: ``True``, ``False`` or ``"auto"``: a BOS where the family prescribes one
+            (:attr:`probprune.models.base.FamilyAdapter.wants_bos`) and the tokenizer has one.
         tokenizer: the model's tokenizer (its ``bos_token_id``).
         family_wants_bos: whether the model family prescribes a BOS at the start of every sequence.
 
@@ -560,12 +560,14 @@ def resolve_bos(setting: bool | str, tokenizer: Any, family_wants_bos: bool) -> 
         The BOS token id, or None.
 
     Raises:
-        UserError: a BOS is asked for (``data.bos=true``, or ``auto`` on such a family) but the tokenizer has none.
+        UserError: ``data.bos=true`` but the tokenizer has no BOS token.
     """
     on = family_wants_bos if setting == "auto" else bool(setting)
     if not on:
         return None
     bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None and setting == "auto":
+        return None
     if bos is None:
         raise UserError(f"data.bos={setting!r} needs a beginning-of-sequence token, but the tokenizer has none "
                         "(bos_token_id is None): set data.bos=false")

@@ -391,6 +391,7 @@ def test_cut_windows_and_resolve_bos(tokenizer):
     assert resolve_bos(True, Tok(), family_wants_bos=False) == 5
     assert resolve_bos(False, Tok(), family_wants_bos=True) is None
     assert tokenizer.bos_token_id is None
+    assert resolve_bos("auto", tokenizer, family_wants_bos=True) is None  # e.g. a tiny test model's byte tokenizer
     with pytest.raises(UserError, match="data.bos=True needs a beginning-of-sequence token.*set data.bos=false"):
         resolve_bos(True, tokenizer, family_wants_bos=False)
 
