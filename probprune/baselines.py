@@ -183,9 +183,9 @@ def sleb_mask(
     """SLEB (Song et al. 2024): remove decoder layers one at a time by calibration loss until the budget is met.
 
     Each step tries removing every remaining layer from the model pruned so far, scores each trial by the mean
-    next-token cross-entropy over ``blocks`` (forward only, on the fast path: a trial costs what its pruned model
-    costs, :func:`probprune.fastpath.gathered_losses`), and removes the layer whose removal raises the loss least
-    (ties: the lower index). Removing ``r`` of ``L`` layers scores ``L + (L−1) + … + (L−r+1)`` trials.
+    next-token cross-entropy over ``blocks`` (forward only, on the fast path, the layers before the removed one shared
+    by the trials: :func:`probprune.fastpath.layer_removal_losses`), and removes the layer whose removal raises the
+    loss least (ties: the lower index). Removing ``r`` of ``L`` layers scores ``L + (L−1) + … + (L−r+1)`` trials.
 
     Args:
         adapter: the model's adapter.
@@ -203,7 +203,7 @@ def sleb_mask(
     """
     from tqdm.auto import tqdm
 
-    from .fastpath import gathered_losses
+    from .fastpath import layer_removal_losses
 
     units_of = layer_units(space, "sleb")
     mask = space.full_mask()
@@ -211,13 +211,10 @@ def sleb_mask(
     remaining = list(range(space.num_layers))
     bar = tqdm(desc="sleb: layers removed", disable=not progress)
     while space.kept_params(mask) > limit and remaining:
-        trials = np.repeat(mask[None], len(remaining), axis=0)  # [R, N]
-        for r, li in enumerate(remaining):
-            trials[r, units_of[li]] = 0.0
         loss = np.zeros(len(remaining), dtype=np.float64)  # [R] token-weighted mean over the blocks
         for lo in range(0, blocks.shape[0], batch_size):
             rows = blocks[lo : lo + batch_size]  # [b, T]
-            loss += gathered_losses(adapter, space, trials, rows) * rows.shape[0]
+            loss += layer_removal_losses(adapter, space, mask, remaining, rows) * rows.shape[0]
         gone = remaining.pop(int(np.argmin(loss)))
         mask[units_of[gone]] = 0.0
         bar.update(1)
