@@ -1,7 +1,11 @@
 """Quality benchmark: every built-in baseline vs probprune's searches, same model, data, budget and evaluation.
 
     python benchmarks/quality.py --out benchmarks/results/quality            # SmolLM2-135M, Brown, 20/30/50 %
+    python benchmarks/quality.py --model gemma3-270m --out benchmarks/results/quality_gemma3   # Gemma 3 270M
     python benchmarks/quality.py --out /tmp/q --quick                        # a few minutes, for a smoke check
+
+``--model`` picks the model's quickstart config (:data:`MODELS`): its model, data (BOS included: ``data.bos: auto``)
+and eval settings are every job's, its search settings the default's.
 
 Each (method, sparsity, seed) is one job in its own process (1 torch thread; ``--workers`` jobs at once), written to
 ``OUT/runs/<job>/`` exactly as ``probprune prune`` / ``probprune baseline`` write it; finished jobs are skipped, so an
@@ -22,21 +26,26 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-BASELINES = ["magnitude", "wanda-sp", "flap", "random", "shortgpt", "taylor"]
-BASE_CONFIG = "configs/smollm2/135m_quickstart.yaml"  # model, data and eval settings of the baselines
+BASELINES = ["magnitude", "wanda-sp", "flap", "random", "shortgpt", "sleb", "taylor"]
+MODELS = {  # --model -> (quickstart config: model, data and eval settings of every job; label of the plot)
+    "smollm2-135m": ("configs/smollm2/135m_quickstart.yaml", "SmolLM2-135M"),
+    "gemma3-270m": ("configs/gemma3/270m_quickstart.yaml", "Gemma 3 270M"),
+}
 SINGLE_CHANNELS = ["mask.channel_block=1", "mask.block_order=index"]  # the baselines' mask space, pinned
+QUICKSTART = None  # in PRESETS: the --model's quickstart config
 PRESETS = {  # search presets: label -> (config file, overrides)
     # the default exactly as a user runs it (the quickstart config at each sparsity, its own step count)
-    "probprune-ours": (BASE_CONFIG, []),
+    "probprune-ours": (QUICKSTART, []),
     # the default with cross-entropy instead of the KL objective
-    "probprune-ours-ce": (BASE_CONFIG, ["search.objective=ce"]),
+    "probprune-ours-ce": (QUICKSTART, ["search.objective=ce"]),
     # thin only: the same allocation search from the Wanda-sp init, no warm start and no check set
-    "probprune-thin-only": (BASE_CONFIG, ["search.init=wanda-sp", "search.check_blocks=0"]),
-    "probprune-paper": ("configs/smollm2/135m_paper.yaml", []),
+    "probprune-thin-only": (QUICKSTART, ["search.init=wanda-sp", "search.check_blocks=0"]),
+    "probprune-paper": ("configs/smollm2/135m_paper.yaml", []),  # SmolLM2 only
     # stock shapes: every layer keeps the same heads and MLP width (unit search, its lr; Wanda-sp start)
-    "probprune-uniform": (BASE_CONFIG, ["mask.shape=uniform", "search.method=units", "search.init=wanda-sp",
-                                        "search.lr=0.02"]),
+    "probprune-uniform": (QUICKSTART, ["mask.shape=uniform", "search.method=units", "search.init=wanda-sp",
+                                       "search.lr=0.02"]),
 }
+MODEL_ONLY = {"probprune-paper": "smollm2-135m"}  # presets whose config is one model's
 PINNED_STEPS = {"probprune-paper"}  # presets that take --steps; the others keep their config's step count
 # Equal calibration budget: the paper preset scores 2 masks x 8 x 128 tokens per step, ours 4 masks x 4 x 128, so
 # --steps 150 (the default) gives the paper preset the scored tokens of ours (150 steps).
@@ -49,8 +58,9 @@ def job_name(method: str, sparsity: float, seed: int) -> str:
 def run_job(spec: dict) -> None:
     """Runs inside the worker process: one pipeline call.
 
-    ``spec``: ``out``, ``threads``, ``overrides``, ``dense_ppl`` and either ``config`` (a search preset, run with
-    ``probprune prune``'s resume) or ``baseline`` (a method name for ``probprune baseline``, on ``BASE_CONFIG``).
+    ``spec``: ``out``, ``threads``, ``overrides``, ``dense_ppl``, ``config`` and, for a baseline, ``baseline`` (a
+    method name for ``probprune baseline``); without it the job is a search preset, run with ``probprune prune``'s
+    resume.
     """
     import torch
 
@@ -66,7 +76,7 @@ def run_job(spec: dict) -> None:
         import shutil
 
         shutil.rmtree(out, ignore_errors=True)  # an unfinished baseline (no summary.json) simply runs again
-        cfg = load_config(ROOT / BASE_CONFIG, spec["overrides"])
+        cfg = load_config(ROOT / spec["config"], spec["overrides"])
         run_baseline(cfg, spec["baseline"], out, progress=False, dense_ppl=spec.get("dense_ppl"))
 
 
@@ -108,7 +118,7 @@ def run_jobs(script: str, out: Path, jobs: list[tuple[str, dict]], workers: int,
         return dict(pool.map(launch, jobs))
 
 
-def dense_reference(out: Path, common: list[str], threads: int) -> dict[str, float]:
+def dense_reference(out: Path, config: str, common: list[str], threads: int) -> dict[str, float]:
     path = out / "dense.json"
     if path.exists():
         return json.loads(path.read_text())
@@ -118,7 +128,7 @@ def dense_reference(out: Path, common: list[str], threads: int) -> dict[str, flo
     from probprune.config import load_config
     from probprune.pipeline import evaluate_folder
 
-    cfg = load_config(ROOT / BASE_CONFIG, common)
+    cfg = load_config(ROOT / config, common)
     res = evaluate_folder(cfg)
     path.write_text(json.dumps(res["ppl"]))
     return res["ppl"]
@@ -127,9 +137,12 @@ def dense_reference(out: Path, common: list[str], threads: int) -> dict[str, flo
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--model", choices=list(MODELS), default="smollm2-135m",
+                    help="which model's quickstart config every job starts from")
     ap.add_argument("--sparsities", type=float, nargs="+", default=[0.2, 0.3, 0.5])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the searches (and random)")
-    ap.add_argument("--methods", nargs="+", default=BASELINES + list(PRESETS))
+    ap.add_argument("--methods", nargs="+", default=None, help="baselines and search presets (default: every "
+                    "baseline and every preset that has a config for --model)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per job")
     ap.add_argument("--max-tokens", type=int, default=16384, help="held-out tokens per window length")
@@ -145,11 +158,20 @@ def main() -> int:
     if args.quick:
         args.sparsities, args.seeds, args.max_tokens = [0.5], [0], 2048
         args.steps = 20
+    base_config, label = MODELS[args.model]
+    if args.methods is None:
+        args.methods = BASELINES + [m for m in PRESETS if MODEL_ONLY.get(m, args.model) == args.model]
+    for m in args.methods:
+        if m not in BASELINES and m not in PRESETS:
+            ap.error(f"--methods: unknown method {m!r} (baselines: {', '.join(BASELINES)}; presets: "
+                     f"{', '.join(PRESETS)})")
+        if MODEL_ONLY.get(m, args.model) != args.model:
+            ap.error(f"--methods: {m} has a config for --model {MODEL_ONLY[m]} only")
     out = args.out
     common = [f"eval.max_tokens={args.max_tokens}", *args.overrides]
     search_common = [f"search.steps={args.steps}"]
     t0 = time.perf_counter()
-    dense = dense_reference(out, common, max(args.threads, 2))
+    dense = dense_reference(out, base_config, common, max(args.threads, 2))
     print(f"dense perplexity: {dense}", flush=True)
 
     jobs = []
@@ -162,14 +184,15 @@ def main() -> int:
                 spec = {"method": m, "out": str(out / "runs" / name), "threads": args.threads, "dense_ppl": dense,
                         "overrides": [*common, *extra, *PRESETS.get(m, (None, SINGLE_CHANNELS))[1],
                                       f"search.sparsity={sp}", f"seed={seed}"],
-                        **({"config": PRESETS[m][0]} if m in PRESETS else {"baseline": m})}
+                        "config": PRESETS[m][0] or base_config if m in PRESETS else base_config,
+                        **({} if m in PRESETS else {"baseline": m})}
                 jobs.append((name, spec))
 
     if args.report_only:
         statuses = {name: "cached" for name, _ in jobs}
     else:
         statuses = run_jobs(__file__, out, jobs, args.workers, args.threads)
-    write_results(out, jobs, statuses, time.perf_counter() - t0)
+    write_results(out, jobs, statuses, time.perf_counter() - t0, label)
     return 0 if all(s in ("ok", "cached") for s in statuses.values()) else 1
 
 
@@ -181,7 +204,7 @@ def finished(jobs: list[tuple[str, dict]]):
             yield spec, json.loads(p.read_text())
 
 
-def write_results(out: Path, jobs, statuses, wall: float) -> None:
+def write_results(out: Path, jobs, statuses, wall: float, label: str) -> None:
     import pandas as pd
 
     rows = []
@@ -196,6 +219,7 @@ def write_results(out: Path, jobs, statuses, wall: float) -> None:
             "prunable_sparsity": s["sparsity"]["prunable"],
             "total_sparsity": s["sparsity"]["total"],
             "params_total": s["params"]["pruned_total"],
+            "model": s["model"],
             "uses_gradients": spec["method"] == "taylor",
             "wall_seconds": s["wall_seconds"],
         })
@@ -217,7 +241,7 @@ def write_results(out: Path, jobs, statuses, wall: float) -> None:
         total=("total_sparsity", "mean"),
         wall=("wall_seconds", "mean"),
     ).reset_index()
-    lines = ["Dense: " + ", ".join(f"PPL@{n} {v:.2f}" for n, v in sorted(dense.items(), key=lambda x: int(x[0]))), ""]
+    lines = [f"{label}. Dense: " + ", ".join(f"PPL@{n} {v:.2f}" for n, v in sorted(dense.items(), key=lambda x: int(x[0]))), ""]
     hdr = "| sparsity (prunable / total) | method | " + " | ".join(f"PPL@{c.split('_')[1]}" for c in short)
     lines += [hdr + " | seeds | wall s |", "|---|---|" + "---|" * len(short) + "---|---|"]
     ratios = []
@@ -239,14 +263,17 @@ def write_results(out: Path, jobs, statuses, wall: float) -> None:
                 best = base.loc[base[f"{c}_mean"].idxmin()]
                 o = ours.iloc[0]
                 ratios.append((sp, c.replace("ppl_", "PPL@"), best["method"], o[f"{c}_mean"] / best[f"{c}_mean"],
-                               o[f"{c}_max"] / best[f"{c}_mean"], o[f"{c}_max"] / o[f"{c}_min"], int(o["seeds"])))
+                               o[f"{c}_max"] / best[f"{c}_mean"], o[f"{c}_max"] / o[f"{c}_min"], int(o["seeds"]),
+                               o[f"{c}_mean"] / float(dense[c.split("_")[1]])))
     lines += ["", "† uses one backward pass (gradients); every other method is forward-only.", ""]
     if ratios:
         lines += ["probprune-ours (the default) against the best baseline of each column:", "",
-                  "| sparsity | window | best baseline | mean ÷ best | worst seed ÷ best | max ÷ min over seeds | seeds |",
-                  "|---|---|---|---|---|---|---|"]
-    for sp, col, best, mean_r, worst_r, spread, n in ratios:
-        lines.append(f"| {sp:.0%} | {col} | {best} | {mean_r:.3f} | {worst_r:.3f} | {spread:.3f} | {n} |")
+                  "| sparsity | window | best baseline | mean ÷ best | worst seed ÷ best | max ÷ min over seeds | seeds "
+                  "| mean ÷ dense |",
+                  "|---|---|---|---|---|---|---|---|"]
+    for sp, col, best, mean_r, worst_r, spread, n, vs_dense in ratios:
+        lines.append(f"| {sp:.0%} | {col} | {best} | {mean_r:.3f} | {worst_r:.3f} | {spread:.3f} | {n} "
+                     f"| {vs_dense:.2f} |")
     lines.append(f"\nwall time of the runs (each in its own process): {df['wall_seconds'].sum() / 60:.1f} min in all; "
                  f"this invocation: {wall / 60:.1f} min")
     (out / "quality.md").write_text("\n".join(lines) + "\n")
@@ -256,7 +283,7 @@ def write_results(out: Path, jobs, statuses, wall: float) -> None:
     series = [(m, grp.sort_values("prunable")["prunable"] * 100, grp.sort_values("prunable")[f"{key}_mean"],
                "-o" if m in PRESETS else "--.") for m, grp in agg.groupby("method")]
     log_plot(out / "quality.png", series, float(dense[key.split("_")[1]]), "prunable-parameter sparsity (%)",
-             f"held-out perplexity ({key.replace('ppl_', 'PPL@')}, log)", "SmolLM2-135M, Brown held-out split")
+             f"held-out perplexity ({key.replace('ppl_', 'PPL@')}, log)", f"{label}, Brown held-out split")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ flap         :func:`flap_scores`            global per type on standardised scor
 random       seeded uniform random          global per type
 shortgpt     :func:`block_influence_scores` whole layers, lowest influence first, until the parameter budget is met
                                             (without layer units: all heads and channels of those layers)
+sleb         calibration loss               whole layers, one at a time: the layer whose removal raises the loss
+                                            least (:func:`sleb_mask`), until the parameter budget is met
 taylor       :func:`taylor_scores`          uniform per layer (**uses gradients**)
 ===========  ============================  ========================================================================
 
@@ -38,9 +40,10 @@ from .scoring import CRITERIA, collect_input_stats, column_mean, criterion_score
 
 # baseline -> the importance criterion it ranks units by (None: random); how it selects is in baseline_mask
 CRITERION = {"magnitude": "magnitude", "wanda-sp": "wanda-sp", "flap": "flap", "random": None,
-             "shortgpt": "block-influence", "taylor": "taylor"}
+             "shortgpt": "block-influence", "taylor": "taylor", "sleb": None}
 BASELINES = tuple(CRITERION)
 USES_GRADIENTS = {b for b, c in CRITERION.items() if c is not None and CRITERIA[c].needs == "gradients"}
+SLEB_BLOCKS = 8  # calibration blocks SLEB scores each trial on (1,024 tokens at block_len 128)
 _TYPES = (HEAD, CHANNEL, LAYER)
 
 
@@ -111,6 +114,22 @@ def _uniform(space: MaskSpace, scores: np.ndarray, sparsity: float, budget: str)
     return final_mask(space, layer_quantiles(space, scores), sparsity, budget)
 
 
+def layer_units(space: MaskSpace, method: str) -> dict[int, np.ndarray]:
+    """The units to switch off to remove each decoder layer: its layer unit, or (without layer units) all of its
+    head and channel units, which leaves the layer adding nothing to the residual stream.
+
+    Raises:
+        UserError: the space can drop no layer (no layer units, and heads or channels are not both units).
+    """
+    lay = np.flatnonzero(space.unit_type == LAYER)
+    if lay.size:
+        return {int(space.unit_layer[u]): np.array([u]) for u in lay}
+    if space.include_heads and space.include_channels:
+        return {li: np.flatnonzero(space.unit_layer == li) for li in range(space.num_layers)}
+    raise UserError(f"the {method} baseline removes whole layers: set mask.layers=true, or make both heads and "
+                    "channels units (mask.heads=true mask.channels=true)")
+
+
 def shortgpt_mask(space: MaskSpace, influence: np.ndarray, sparsity: float) -> np.ndarray:
     """Drop whole layers in ascending block influence until kept prunable params ≤ (1 − sparsity)·prunable.
 
@@ -143,19 +162,65 @@ def shortgpt_mask(space: MaskSpace, influence: np.ndarray, sparsity: float) -> n
     else:
         raise ValueError(f"influence must have shape ({space.num_units},) or ({space.num_layers},), "
                          f"got {influence.shape}")
-    if lay.size:
-        units_of = {int(space.unit_layer[u]): [u] for u in lay}
-    elif space.include_heads and space.include_channels:
-        units_of = {li: np.flatnonzero(space.unit_layer == li) for li in range(space.num_layers)}
-    else:
-        raise UserError("the shortgpt baseline removes whole layers: set mask.layers=true, or make both heads and "
-                        "channels units (mask.heads=true mask.channels=true)")
+    units_of = layer_units(space, "shortgpt")
     mask = space.full_mask()
     limit = (1.0 - float(sparsity)) * space.prunable_params
     for li in np.argsort(per_layer, kind="stable"):
         if space.kept_params(mask) <= limit:
             break
         mask[units_of[int(li)]] = 0.0
+    return mask
+
+
+@torch.no_grad()
+def sleb_mask(
+    adapter: FamilyAdapter,
+    space: MaskSpace,
+    blocks: torch.Tensor,
+    sparsity: float,
+    batch_size: int = 4,
+    progress: bool = False,
+) -> np.ndarray:
+    """SLEB (Song et al. 2024): remove decoder layers one at a time by calibration loss until the budget is met.
+
+    Each step tries removing every remaining layer from the model pruned so far, scores each trial by the mean
+    next-token cross-entropy over ``blocks`` (forward only, on the fast path, the layers before the removed one shared
+    by the trials: :func:`probprune.fastpath.layer_removal_losses`), and removes the layer whose removal raises the
+    loss least (ties: the lower index). Removing ``r`` of ``L`` layers scores ``L + (L−1) + … + (L−r+1)`` trials.
+
+    Args:
+        adapter: the model's adapter.
+        space: a mask space with layer units, or with both head and channel units (see :func:`layer_units`).
+        blocks: ``[n, T]`` calibration token ids, T >= 2.
+        sparsity: fraction of prunable parameters to remove; layers go until kept ≤ (1 − sparsity)·prunable.
+        batch_size: blocks per forward.
+        progress: a progress bar over the removal steps.
+
+    Returns:
+        ``[N]`` float32 mask.
+
+    Raises:
+        UserError: the space can drop no layer.
+    """
+    from tqdm.auto import tqdm
+
+    from .fastpath import layer_removal_losses
+
+    units_of = layer_units(space, "sleb")
+    mask = space.full_mask()
+    limit = (1.0 - float(sparsity)) * space.prunable_params
+    remaining = list(range(space.num_layers))
+    bar = tqdm(desc="sleb: layers removed", disable=not progress)
+    while space.kept_params(mask) > limit and remaining:
+        loss = np.zeros(len(remaining), dtype=np.float64)  # [R] token-weighted mean over the blocks
+        for lo in range(0, blocks.shape[0], batch_size):
+            rows = blocks[lo : lo + batch_size]  # [b, T]
+            loss += layer_removal_losses(adapter, space, mask, remaining, rows) * rows.shape[0]
+        gone = remaining.pop(int(np.argmin(loss)))
+        mask[units_of[gone]] = 0.0
+        bar.update(1)
+        bar.set_postfix(layer=gone, loss=f"{loss.min() / blocks.shape[0]:.4f}")
+    bar.close()
     return mask
 
 
@@ -170,6 +235,7 @@ def baseline_mask(
     budget: str = "per_type",
     batch_size: int = 4,
     stats: dict | None = None,
+    sleb_blocks: int = SLEB_BLOCKS,
 ) -> np.ndarray:
     """Binary mask of one baseline at the given sparsity and budget.
 
@@ -187,17 +253,25 @@ def baseline_mask(
         batch_size: sequences per calibration forward.
         stats: :func:`probprune.scoring.collect_input_stats` of this model on ``blocks``, if already collected
             (``wanda-sp``, ``flap`` and ``shortgpt`` then run no forward of their own).
+        sleb_blocks: ``sleb`` scores its trials on the first ``sleb_blocks`` of ``blocks`` (its cost grows with
+            them: see :func:`sleb_mask`); like ``shortgpt`` it always uses the parameter budget.
 
     Returns:
         ``[N]`` float32 array of 0/1.
 
     Raises:
-        UserError: unknown method (lists :data:`BASELINES`), sparsity outside [0, 1], unknown budget, ``shortgpt`` on
-            a space that cannot drop a layer, or a data-driven method without blocks.
+        UserError: unknown method (lists :data:`BASELINES`), sparsity outside [0, 1], unknown budget, ``shortgpt``
+            or ``sleb`` on a space that cannot drop a layer, or a data-driven method without blocks.
     """
     _check_args(method, sparsity, budget)
     if method == "random":
         return final_mask(space, np.random.default_rng(seed).random(space.num_units), sparsity, budget)
+    if method == "sleb":
+        if blocks is None:
+            raise UserError("baseline 'sleb' needs calibration blocks")
+        if sleb_blocks < 1:
+            raise UserError(f"sleb_blocks must be >= 1, got {sleb_blocks}")
+        return sleb_mask(adapter, space, blocks[:sleb_blocks], sparsity, batch_size)
     needs = CRITERIA[CRITERION[method]].needs
     if needs != "weights" and blocks is None:
         raise UserError(f"baseline {method!r} needs calibration blocks")

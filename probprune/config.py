@@ -199,6 +199,11 @@ class DataConfig:
     ))] = 0
     block_len: Annotated[Int, Field(ge=8, description="calibration block length in tokens")] = 128
     calib_blocks: Annotated[Int, Field(ge=1, description="calibration blocks drawn from the calibration split")] = 1024
+    bos: Annotated[Literal["auto"] | Bool, Field(description=(
+        "a BOS token first in every calibration block and evaluation window: `auto` = where the model family "
+        "prescribes it (Gemma 3), none elsewhere (LLaMA-family numbers stay comparable with LLM-Pruner's protocol); "
+        "`true` / `false` force it"
+    ))] = "auto"
 
 
 @_section

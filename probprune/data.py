@@ -11,6 +11,13 @@ Three sources (``data.source``):
 Calibration and held-out text are split by *file*, never by position in a text, so they never overlap.
 A corpus becomes one token stream (documents joined by the tokenizer's EOS id); calibration blocks are
 non-overlapping ``data.block_len``-token slices of the calibration stream.
+
+Beginning-of-sequence token (``data.bos``, :func:`resolve_bos`): families whose documentation prescribes a BOS at the
+start of every sequence (Gemma 3) get one. A block or evaluation window then still has ``T`` tokens: the BOS id,
+then the next ``T − 1`` tokens of the stream (:func:`cut_windows`). The BOS is never a prediction target, so a block
+or window scores ``T − 1`` next-token predictions either way; with a BOS the first of them is predicted from the BOS
+alone instead of being the unscored first token. Without a BOS (the default of LLaMA-family models, as in the
+protocols of LLM-Pruner and the paper) blocks and windows are plain slices of the stream.
 """
 
 from __future__ import annotations
@@ -533,6 +540,60 @@ test_stream.__test__ = False  # type: ignore[attr-defined]  # not a pytest test 
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def resolve_bos(setting: bool | str, tokenizer: Any, family_wants_bos: bool) -> int | None:
+    """The BOS id every block and window starts with, or None for none (``data.bos``).
+
+    Args:
+        setting: ``True``, ``False`` or ``"auto"``: a BOS where the family prescribes one
+            (:attr:`probprune.models.base.FamilyAdapter.wants_bos`) and the tokenizer has one.
+        tokenizer: the model's tokenizer (its ``bos_token_id``).
+        family_wants_bos: whether the model family prescribes a BOS at the start of every sequence.
+
+    Returns:
+        The BOS token id, or None.
+
+    Raises:
+        UserError: ``data.bos=true`` but the tokenizer has no BOS token.
+    """
+    on = family_wants_bos if setting == "auto" else bool(setting)
+    if not on:
+        return None
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None and setting == "auto":
+        return None
+    if bos is None:
+        raise UserError(f"data.bos={setting!r} needs a beginning-of-sequence token, but the tokenizer has none "
+                        "(bos_token_id is None): set data.bos=false")
+    return int(bos)
+
+
+def cut_windows(tokens: torch.Tensor, length: int, max_windows: int | None = None,
+                bos_id: int | None = None) -> torch.LongTensor:
+    """Non-overlapping windows of ``length`` tokens from the start of a token stream (full windows only).
+
+    Without ``bos_id`` a window is ``length`` consecutive stream tokens; with it, the BOS id followed by the next
+    ``length − 1`` stream tokens, so every window still has ``length`` tokens and ``length − 1`` prediction targets.
+
+    Args:
+        tokens: ``[n]`` token stream.
+        length: tokens per window, >= 2.
+        max_windows: at most this many windows (None: as many as fit).
+        bos_id: the BOS id each window starts with, or None.
+
+    Returns:
+        ``[W, length]`` int64 (W may be 0).
+    """
+    step = int(length) - (bos_id is not None)  # stream tokens per window
+    tokens = tokens.reshape(-1)
+    n = tokens.numel() // step
+    if max_windows is not None:
+        n = min(n, int(max_windows))
+    body = tokens[: n * step].view(n, step).long()  # [W, step]
+    if bos_id is None:
+        return body
+    return torch.cat([torch.full((n, 1), int(bos_id), dtype=torch.long), body], dim=1)  # [W, length]
+
+
 def _step_seed(seed: int, step: int) -> int:
     digest = hashlib.sha256(f"probprune-batch|{int(seed)}|{int(step)}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
@@ -562,6 +623,7 @@ class CalibrationData:
         seed: int,
         max_context: int | None = None,
         use_cache: bool = True,
+        bos_id: int | None = None,
     ) -> CalibrationData:
         """Cut the calibration stream into non-overlapping blocks and keep a seeded random subset.
 
@@ -573,6 +635,8 @@ class CalibrationData:
             seed: chooses the blocks and seeds :meth:`batch`.
             max_context: the model's ``max_position_embeddings``; ``None`` skips the check.
             use_cache: use the on-disk token cache.
+            bos_id: every block starts with this id, followed by ``block_len − 1`` stream tokens
+                (:func:`cut_windows`); None: plain ``block_len``-token slices.
 
         Returns:
             The calibration data, ``blocks`` of shape ``[num_blocks, block_len]``.
@@ -590,7 +654,8 @@ class CalibrationData:
                 f"data.block_len={block_len} exceeds the model's context (max_position_embeddings={max_context})"
             )
         stream = cached_token_stream(tokenizer, corpus.calib_docs, f"{corpus.name}:calib", use_cache)
-        available = stream.numel() // block_len
+        all_blocks = cut_windows(stream, block_len, bos_id=bos_id)  # [available, T]
+        available = all_blocks.shape[0]
         if available == 0:
             raise UserError(
                 f"corpus too short: the calibration split of {corpus.name!r} has {stream.numel()} tokens, "
@@ -601,7 +666,6 @@ class CalibrationData:
                 f"data.calib_blocks={num_blocks} but the calibration split only has {available} blocks of "
                 f"data.block_len={block_len}"
             )
-        all_blocks = stream[: available * block_len].view(available, block_len)  # [available, T]
         gen = torch.Generator().manual_seed(int(seed))
         chosen = torch.randperm(available, generator=gen)[:num_blocks].sort().values
         return cls(all_blocks[chosen].clone(), seed)

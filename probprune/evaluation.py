@@ -3,7 +3,9 @@
 Protocol: perplexity = exp(mean next-token cross-entropy) over non-overlapping windows of ``seq_len`` tokens taken
 from the start of the held-out token stream (full windows only). Each window predicts its ``seq_len - 1`` last
 tokens from the ones before it; there is no context carried across windows. Report it at 128 tokens (the paper's
-and LLM-Pruner's convention) and at a long length (2048 or the model's limit).
+and LLM-Pruner's convention) and at a long length (2048 or the model's limit). With a BOS id (``data.bos``, on for
+families that prescribe it, e.g. Gemma 3) each window is the BOS followed by the next ``seq_len - 1`` stream tokens
+(:func:`probprune.data.cut_windows`); the BOS is never a target, so a window still scores ``seq_len - 1`` tokens.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .data import cut_windows
 from .errors import UserError
 from .losses import token_losses
 
@@ -36,22 +39,30 @@ def effective_len(seq_len: int, limit: int | None) -> int:
     return min(int(seq_len), limit) if limit else int(seq_len)
 
 
-def held_out_windows(tokens: torch.Tensor, seq_len: int, max_tokens: int | None) -> torch.Tensor:
-    """The non-overlapping full windows ``[W, seq_len]`` from the start of ``tokens`` (at most ``max_tokens // seq_len``).
+def protocol(bos_id: int | None) -> str:
+    """The evaluation protocol in words (``summary.json``'s ``eval.protocol``)."""
+    if bos_id is None:
+        return "non-overlapping windows"
+    return (f"non-overlapping windows, each the BOS (id {bos_id}) then seq_len - 1 held-out tokens; the BOS is never "
+            "a target, so a window scores seq_len - 1 tokens")
+
+
+def held_out_windows(tokens: torch.Tensor, seq_len: int, max_tokens: int | None,
+                     bos_id: int | None = None) -> torch.Tensor:
+    """The non-overlapping full windows ``[W, seq_len]`` from the start of ``tokens``, at most
+    ``max_tokens // seq_len`` of them; with ``bos_id`` each is the BOS then ``seq_len - 1`` stream tokens
+    (:func:`probprune.data.cut_windows`).
 
     Raises:
         UserError: not a single full window fits.
     """
-    tokens = tokens.reshape(-1)
-    n_windows = tokens.numel() // seq_len
-    if max_tokens is not None:
-        n_windows = min(n_windows, int(max_tokens) // seq_len)
-    if n_windows == 0:
+    windows = cut_windows(tokens, seq_len, None if max_tokens is None else int(max_tokens) // seq_len, bos_id)
+    if windows.shape[0] == 0:
         raise UserError(
             f"no full window of seq_len={seq_len} fits: the held-out split has {tokens.numel()} tokens and "
             f"eval.max_tokens={max_tokens}"
         )
-    return tokens[: n_windows * seq_len].view(n_windows, seq_len)  # [W, T]
+    return windows  # [W, T]
 
 
 def perplexity(
@@ -62,6 +73,7 @@ def perplexity(
     batch_size: int = 4,
     progress: bool = True,
     desc: str = "",
+    bos_id: int | None = None,
 ) -> dict:
     """Perplexity of a causal LM over non-overlapping windows of a held-out token stream.
 
@@ -78,6 +90,7 @@ def perplexity(
         batch_size: windows per forward.
         progress: show a progress bar.
         desc: label of the progress bar.
+        bos_id: each window starts with this id, then ``seq_len - 1`` stream tokens; None: plain windows.
 
     Returns:
         ``{"ppl": exp(nll), "nll": mean nats per predicted token, "tokens": predicted tokens
@@ -92,7 +105,7 @@ def perplexity(
     if int(batch_size) < 1:
         raise UserError(f"eval batch_size={batch_size!r} must be at least 1")
     eff_len = effective_len(seq_len, max_context(model))
-    windows = held_out_windows(tokens, eff_len, max_tokens)  # [W, T]
+    windows = held_out_windows(tokens, eff_len, max_tokens, bos_id)  # [W, T]
     n_windows = windows.shape[0]
     device = next(model.parameters()).device
     was_training = model.training
@@ -123,6 +136,7 @@ def evaluate_ppl(
     max_tokens: int | None = None,
     batch_size: int = 4,
     progress: bool = True,
+    bos_id: int | None = None,
 ) -> dict[int, float]:
     """Perplexity at several window lengths (see :func:`perplexity`).
 
@@ -134,6 +148,7 @@ def evaluate_ppl(
         max_tokens: cap on the tokens evaluated per length.
         batch_size: windows per forward.
         progress: show progress bars.
+        bos_id: as :func:`perplexity`.
 
     Returns:
         ``{effective seq_len: perplexity}``, in the order of ``seq_lens``.
@@ -146,5 +161,5 @@ def evaluate_ppl(
     for seq_len in seq_lens:
         eff = effective_len(seq_len, limit)
         if eff not in out:
-            out[eff] = perplexity(model, tokens, eff, max_tokens, batch_size, progress)["ppl"]
+            out[eff] = perplexity(model, tokens, eff, max_tokens, batch_size, progress, bos_id=bos_id)["ppl"]
     return out

@@ -21,6 +21,8 @@ mask's matmuls may not fill the device, it might.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 import torch
 
@@ -99,11 +101,14 @@ def _plan_on_devices(adapter: FamilyAdapter, plan: list[LayerKeep | None]) -> li
     return out
 
 
-def _forward_plan(adapter: FamilyAdapter, inputs: _Inputs, plan: list[LayerKeep | None],
-                  ws: fn.Workspace) -> torch.Tensor:
-    """Decoder stack + final norm under one mask's plan (:meth:`MaskSpace.plan`). Returns ``[B, T, H]``."""
-    h = inputs.embeds  # [B, T, H]
-    for li, (layer, keep) in enumerate(zip(adapter.layers, _plan_on_devices(adapter, plan))):
+def _run_layers(adapter: FamilyAdapter, inputs: _Inputs, plan: list[LayerKeep | None], ws: fn.Workspace,
+                h: torch.Tensor, layers: range, entering: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """Run ``layers`` of the decoder under a plan already on its devices (:func:`_plan_on_devices`), from ``h``
+    ``[B, T, H]``; with ``entering``, append the hidden state that enters each layer. Returns ``[B, T, H]``."""
+    for li in layers:
+        if entering is not None:
+            entering.append(h)
+        layer, keep = adapter.layers[li], plan[li]
         if keep is None:  # dropped layer: identity on the residual stream
             continue
         dev = adapter.layer_device(layer)
@@ -111,8 +116,19 @@ def _forward_plan(adapter: FamilyAdapter, inputs: _Inputs, plan: list[LayerKeep 
             h = h.to(dev)
         attn, mlp = fn.slice_layer(adapter, layer, keep, ws)
         h = adapter.layer_forward(layer, h, inputs.rotary(dev, adapter.layer_type(li)), attn, mlp)  # [B, T, H]
+    return h
+
+
+def _final_norm(adapter: FamilyAdapter, h: torch.Tensor) -> torch.Tensor:
     norm = adapter.final_norm
     return norm(h.to(next(norm.parameters()).device))
+
+
+def _forward_plan(adapter: FamilyAdapter, inputs: _Inputs, plan: list[LayerKeep | None],
+                  ws: fn.Workspace) -> torch.Tensor:
+    """Decoder stack + final norm under one mask's plan (:meth:`MaskSpace.plan`). Returns ``[B, T, H]``."""
+    h = _run_layers(adapter, inputs, _plan_on_devices(adapter, plan), ws, inputs.embeds, range(len(adapter.layers)))
+    return _final_norm(adapter, h)
 
 
 @torch.no_grad()
@@ -192,6 +208,56 @@ def gathered_losses(
             del hidden
             release_freed_heap()
     return out[inverse.numpy()]
+
+
+@torch.no_grad()
+def layer_removal_losses(
+    adapter: FamilyAdapter,
+    space: MaskSpace,
+    mask: np.ndarray | torch.Tensor,
+    layers: Sequence[int],
+    batch: torch.Tensor,
+) -> np.ndarray:
+    """Cross-entropy of the model under ``mask`` with each of ``layers`` removed in turn (SLEB's trials).
+
+    The trial that removes layer ``l`` shares everything before ``l`` with the model under ``mask``: the hidden
+    state entering each layer is computed once, and each trial restarts from the state entering its layer and runs
+    only the layers after it. Equal, up to summation order, to :func:`gathered_losses` of the masks with each layer's
+    units switched off, at about half the decoder cost (the ``lm_head`` and loss still run once per trial).
+
+    Args:
+        adapter: the model's adapter.
+        space: the mask space.
+        mask: ``[N]`` 0/1 mask of the model the trials start from.
+        layers: decoder layers to try removing (each kept by ``mask``).
+        batch: ``[B, T]`` token ids, T >= 2.
+
+    Returns:
+        ``[len(layers)]`` float64 mean next-token cross-entropy per trial (mean over the batch's sequences).
+
+    Raises:
+        ValueError: as :func:`gathered_losses`, or a layer that ``mask`` already removes.
+    """
+    m = _as_masks(space, mask)
+    _check_batch(batch, 2)
+    plan = space.plan(m, 0)
+    for li in layers:
+        if plan[li] is None:
+            raise ValueError(f"layer {li} is already removed by the mask")
+    inputs = _Inputs(adapter, batch)
+    ws = fn.Workspace()
+    on_dev = _plan_on_devices(adapter, plan)
+    n_layers = len(adapter.layers)
+    entering: list[torch.Tensor] = []  # [L] x [B, T, H]: the state entering each layer under ``mask``
+    _run_layers(adapter, inputs, on_dev, ws, inputs.embeds, range(n_layers), entering)
+    out = np.empty(len(layers), dtype=np.float64)
+    for r, li in enumerate(layers):
+        h = _run_layers(adapter, inputs, on_dev, ws, entering[li], range(li + 1, n_layers))  # [B, T, H]
+        out[r] = float(sequence_losses(adapter, _final_norm(adapter, h), batch).double().mean())
+        del h
+        if inputs.embeds.device.type == "cpu":
+            release_freed_heap()
+    return out
 
 
 @torch.no_grad()

@@ -25,10 +25,11 @@ import torch
 
 from . import projection
 from .config import Config, apply_overrides, config_to_dict
-from .data import load_corpus, test_stream
+from .data import load_corpus, resolve_bos, test_stream
 from .engine import Edit, Engine
 from .engine.tasks import baseline_mask, criterion_scores, flap_compensation, input_stats, warm_start_candidates
 from .errors import UserError
+from .evaluation import protocol
 from .masks import MaskSpace
 from .policy import Policy, random_probs, scores_to_probs, uniform_probs
 from .run_folder import RunFolder, masks_record
@@ -211,7 +212,7 @@ def run_baseline(cfg: Config, method: str, output: str | Path, progress: bool = 
         raise UserError(f"--method must be one of {', '.join(BASELINES)}, got '{method}'")
     t_start = time.perf_counter()
     run = RunFolder(output)
-    if method == "shortgpt" and not cfg.mask.layers:
+    if method in ("shortgpt", "sleb") and not cfg.mask.layers:  # they remove whole layers
         cfg = apply_overrides(cfg, ["mask.layers=true", "search.budget=params"])
     # metric-ordered channel blocks are formed from the Wanda-sp statistics, exactly as for the search
     s = prepare(cfg, need_stats=cfg.mask.block_order == "metric", progress=progress)
@@ -242,15 +243,18 @@ def evaluate_folder(cfg: Config, tasks: str | None = None, limit: int | None = N
     """``probprune eval``: held-out perplexity of any model (and lm-eval tasks when asked), in this process."""
     from .compaction import count_params
     from .evaluation import evaluate_ppl
+    from .models.adapter import get_adapter
     from .models.loading import load_model
 
     m = cfg.model
     model, tok = load_model(m.name_or_path, m.dtype, m.device, m.device_map, m.trust_remote_code)
+    bos_id = resolve_bos(cfg.data.bos, tok, get_adapter(model).wants_bos)
     tokens = test_stream(tok, load_corpus(cfg.data, seed=cfg.data.split_seed))
     e = cfg.eval
-    ppl = evaluate_ppl(model, tokens, e.seq_lens, max_tokens=e.max_tokens, batch_size=e.batch_size)
+    ppl = evaluate_ppl(model, tokens, e.seq_lens, max_tokens=e.max_tokens, batch_size=e.batch_size, bos_id=bos_id)
     out: dict[str, Any] = {"model": m.name_or_path, "params": count_params(model), "data": cfg.data.source,
-                           "ppl": {str(k): float(v) for k, v in ppl.items()}, "max_tokens": e.max_tokens}
+                           "ppl": {str(k): float(v) for k, v in ppl.items()}, "max_tokens": e.max_tokens,
+                           "protocol": protocol(bos_id)}
     if tasks:
         from .lm_eval_hook import run_lm_eval
 
@@ -295,9 +299,9 @@ def finish(s: Session, run: RunFolder, final: np.ndarray, t_start: float, dense_
                    "dense_prunable": space.prunable_params, "pruned_prunable": rec["kept_prunable"]},
         "units": {**space.type_counts(), "kept": {k: int(final[space.type_slice(t)].sum())
                                                   for k, t in (("head", 0), ("channel", 1), ("layer", 2))}},
-        "calibration": {"blocks": len(s.calib), "block_len": cfg.data.block_len},
+        "calibration": {"blocks": len(s.calib), "block_len": cfg.data.block_len, "bos_id": s.bos_id},
         "eval": {"seq_lens": list(dense_ppl), "max_tokens": cfg.eval.max_tokens,
-                 "held_out_tokens": int(s.test_tokens.numel()), "protocol": "non-overlapping windows"},
+                 "held_out_tokens": int(s.test_tokens.numel()), "protocol": protocol(s.bos_id)},
         "timings": {k: round(v, 2) for k, v in s.timings.items()},
         "wall_seconds": round(time.perf_counter() - t_start, 2),
     })

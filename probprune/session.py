@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .config import Config
-from .data import CalibrationData, load_corpus, test_stream
+from .data import CalibrationData, load_corpus, resolve_bos, test_stream
 from .engine import Edit, Engine, build_engine, load_for_engine
 from .engine.tasks import channel_ranking, input_stats, merge_stats, split_shares
 from .errors import UserError
@@ -43,6 +43,7 @@ class Session:
     space: MaskSpace
     stats: dict | None  # activation statistics of the init blocks (None if not needed)
     engine: Engine
+    bos_id: int | None = None  # every calibration block and evaluation window starts with it (data.bos)
     progress: bool = True  # progress bars on long loops
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -63,9 +64,10 @@ def prepare(cfg: Config, need_stats: bool = True, progress: bool = True) -> Sess
     t0 = time.perf_counter()
     model, tok = load_for_engine(cfg)
     adapter = get_adapter(model)
+    bos_id = resolve_bos(cfg.data.bos, tok, adapter.wants_bos)
     corpus = load_corpus(cfg.data, seed=cfg.data.split_seed)
     calib = CalibrationData.from_corpus(tok, corpus, cfg.data.block_len, cfg.data.calib_blocks, seed=cfg.seed,
-                                        max_context=max_context(model))
+                                        max_context=max_context(model), bos_id=bos_id)
     test_tokens = test_stream(tok, corpus)
     engine = build_engine(cfg, model, build_space(cfg, adapter, None))  # the final space once stats are in
     try:
@@ -81,7 +83,7 @@ def prepare(cfg: Config, need_stats: bool = True, progress: bool = True) -> Sess
         engine.close()
         raise
     log.info("prepared model, data and mask space in %.1f s", time.perf_counter() - t0)
-    return Session(cfg, model, tok, adapter, calib, test_tokens, space, stats, engine, progress)
+    return Session(cfg, model, tok, adapter, calib, test_tokens, space, stats, engine, bos_id, progress)
 
 
 def build_space(cfg: Config, adapter: FamilyAdapter, stats: dict | None, engine: Engine | None = None) -> MaskSpace:
@@ -102,6 +104,7 @@ def build_space(cfg: Config, adapter: FamilyAdapter, stats: dict | None, engine:
 def measure(s: Session, mask: np.ndarray | None, label: str, edit: Edit | None = None) -> dict[str, float]:
     """Held-out perplexity of the model under ``mask`` (None: dense), ``edit`` applied, by the evaluation protocol."""
     e = s.cfg.eval
-    ppl = s.engine.perplexity(mask, s.test_tokens, e.seq_lens, e.max_tokens, e.batch_size, s.progress, edit)
+    ppl = s.engine.perplexity(mask, s.test_tokens, e.seq_lens, e.max_tokens, e.batch_size, s.progress, edit,
+                              bos_id=s.bos_id)
     log.info("%s perplexity: %s", label, ppl)
     return ppl

@@ -4,8 +4,9 @@ A search that starts from a poor mask spends its forwards climbing to where a ch
 seed may end worse than that heuristic. With ``search.init=best`` the search
 
 1. builds the candidate start masks — every forward-only built-in baseline that the mask space can express
-   (:data:`CANDIDATES`: ShortGPT's layer removal, Wanda-sp, FLAP, magnitude) and the Wanda-sp init mask — all at the
-   search's budget;
+   (:data:`CANDIDATES`: ShortGPT's layer removal, SLEB's greedy layer removal by calibration loss, Wanda-sp, FLAP,
+   magnitude) and the Wanda-sp init mask — all at the search's budget. SLEB is the dearest candidate: it scores
+   ``L + (L−1) + … `` pruned models on the first :data:`~probprune.baselines.SLEB_BLOCKS` of the warm start's blocks;
 2. scores each on the **check set** (calibration blocks held out of the search's batches, never the held-out test
    split) by mean next-token cross-entropy, and starts from the best: keep probabilities
    ``(1 − init_mix)·mask + init_mix·(1 − sparsity)``, projected onto the budget (the mix keeps every unit's
@@ -34,7 +35,7 @@ from .models.base import FamilyAdapter
 
 log = logging.getLogger(__name__)
 
-CANDIDATES = ("shortgpt", "wanda-sp", "flap", "magnitude")  # forward-only baselines (taylor needs gradients)
+CANDIDATES = ("shortgpt", "sleb", "wanda-sp", "flap", "magnitude")  # forward-only baselines (taylor needs gradients)
 
 
 @dataclass

@@ -13,6 +13,7 @@ from probprune.baselines import (
     baseline_mask,
     flap_bias_compensation,
     shortgpt_mask,
+    sleb_mask,
     uniform_per_layer_mask,
 )
 from probprune.compaction import compact, save_pruned
@@ -43,7 +44,7 @@ def per_layer_counts(space: MaskSpace, mask: np.ndarray, t: int) -> list[int]:
 
 
 # -------------------------------------------------------------------------------------------------- budgets
-@pytest.mark.parametrize("method", [m for m in BASELINES if m != "shortgpt"])
+@pytest.mark.parametrize("method", [m for m in BASELINES if m not in ("shortgpt", "sleb")])
 def test_per_type_budget_is_exact_binary_and_deterministic(setup, method: str) -> None:
     model, adapter = setup
     space = adapter.mask_space(channel_block=8)  # 3 layers x (4 groups, 12 blocks)
@@ -90,14 +91,16 @@ def test_bad_arguments_raise_user_errors(setup) -> None:
     space = adapter.mask_space()
     with pytest.raises(UserError, match="unknown baseline 'sparsegpt'.*magnitude, wanda-sp, flap, random, shortgpt"):
         baseline_mask("sparsegpt", adapter, space, BLOCKS, 0.5)
-    with pytest.raises(UserError, match="shortgpt.*set mask.layers=true"):
-        baseline_mask("shortgpt", adapter, adapter.mask_space(channels=False), BLOCKS, 0.5)
+    for method in ("shortgpt", "sleb"):
+        with pytest.raises(UserError, match=f"the {method} baseline removes whole layers.*set mask.layers=true"):
+            baseline_mask(method, adapter, adapter.mask_space(channels=False), BLOCKS, 0.5)
     with pytest.raises(UserError, match=r"sparsity must be a number in \[0, 1\], got 1.5"):
         baseline_mask("magnitude", adapter, space, BLOCKS, 1.5)
     with pytest.raises(UserError, match="budget must be one of"):
         baseline_mask("magnitude", adapter, space, BLOCKS, 0.5, budget="flops")
-    with pytest.raises(UserError, match="needs calibration blocks"):
-        baseline_mask("wanda-sp", adapter, space, None, 0.5)
+    for method in ("wanda-sp", "sleb"):
+        with pytest.raises(UserError, match=f"baseline '{method}' needs calibration blocks"):
+            baseline_mask(method, adapter, space, None, 0.5)
 
 
 # ------------------------------------------------------------------------------------------- selection rules
@@ -185,6 +188,48 @@ def test_shortgpt_without_layer_units_drops_the_same_layers_with_the_same_functi
     la = compact(model, with_layers, a)(x).logits
     lb = compact(model, thin, b)(x).logits
     torch.testing.assert_close(lb, la, rtol=0, atol=1e-5)
+
+
+def _brute_force_losses(model, space: MaskSpace, mask: np.ndarray, blocks: torch.Tensor) -> dict[int, float]:
+    """Mean next-token cross-entropy of the compacted model without each kept layer, from stock HF logits."""
+    out = {}
+    torch.set_grad_enabled(False)
+    for li in range(space.num_layers):
+        units = (space.unit_type == LAYER) & (space.unit_layer == li)
+        if mask[units].min() == 0:
+            continue
+        trial = mask.copy()
+        trial[units] = 0.0
+        logits = compact(model, space, trial)(blocks).logits.float()  # [n, T, V]
+        out[li] = float(torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), blocks[:, 1:].flatten()))
+    torch.set_grad_enabled(True)
+    return out
+
+
+def test_sleb_removes_the_layer_a_brute_force_perplexity_check_names_and_meets_the_budget() -> None:
+    model = tiny_model("llama", num_hidden_layers=5)
+    adapter = get_adapter(model)
+    space = adapter.mask_space(layers=True)
+    blocks = torch.randint(0, 256, (6, 12), generator=torch.Generator().manual_seed(3))
+    first = _brute_force_losses(model, space, space.full_mask(), blocks)
+    assert min(first, key=first.get) == 0
+    one = sleb_mask(adapter, space, blocks, sparsity=0.2, batch_size=4)  # one layer of five meets 20 %
+    assert mask_layers(space, one) == [0, 1, 1, 1, 1]
+    second = _brute_force_losses(model, space, one, blocks)  # greedy step two, from the model without layer 0
+    assert min(second, key=second.get) == 2
+    two = baseline_mask("sleb", adapter, space, blocks, sparsity=0.4, budget="params")
+    assert mask_layers(space, two) == [0, 1, 0, 1, 1]
+    assert space.kept_params(two) <= 0.6 * space.prunable_params < space.kept_params(one)
+    assert two[space.unit_type != LAYER].min() == 1.0
+    # without layer units the same layers go, by switching all their heads and channels off
+    thin = adapter.mask_space()
+    m = sleb_mask(adapter, thin, blocks, sparsity=0.4)
+    assert [int(m[thin.unit_layer == li].max()) for li in range(5)] == [0, 1, 0, 1, 1]
+    assert thin.sparsity(m)["prunable"] == 0.4
+
+
+def mask_layers(space: MaskSpace, mask: np.ndarray) -> list[int]:
+    return mask[space.unit_type == LAYER].astype(int).tolist()
 
 
 # ------------------------------------------------------------------------------------- bias compensation

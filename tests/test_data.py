@@ -25,7 +25,9 @@ from probprune.data import (
     brown_to_text,
     cache_dir,
     cached_token_stream,
+    cut_windows,
     load_corpus,
+    resolve_bos,
     split_by_file,
     tokenize_stream,
 )
@@ -359,6 +361,39 @@ def test_calibration_blocks(tokenizer, corpus):
     other = CalibrationData.from_corpus(tokenizer, corpus, block_len=16, num_blocks=10, seed=1)
     assert not torch.equal(other.blocks, calib.blocks)
     assert torch.equal(calib.first(3), calib.blocks[:3])
+
+
+def test_calibration_blocks_with_bos_start_with_it_and_keep_their_length(tokenizer, corpus):
+    calib = CalibrationData.from_corpus(tokenizer, corpus, block_len=16, num_blocks=10, seed=0, bos_id=1)
+    assert calib.blocks.shape == (10, 16)
+    assert calib.blocks[:, 0].tolist() == [1] * 10  # every block: BOS, then 15 stream tokens
+    stream = tokenize_stream(tokenizer, corpus.calib_docs)
+    aligned = stream[: (359 // 15) * 15].view(-1, 15)  # 23 non-overlapping 15-token slices
+    rows = [next(i for i in range(23) if torch.equal(aligned[i], b[1:])) for b in calib.blocks]
+    assert len(set(rows)) == 10 and rows == sorted(rows)
+    plain = CalibrationData.from_corpus(tokenizer, corpus, block_len=16, num_blocks=10, seed=0, bos_id=None)
+    assert torch.equal(plain.blocks, CalibrationData.from_corpus(tokenizer, corpus, 16, 10, seed=0).blocks)
+
+
+def test_cut_windows_and_resolve_bos(tokenizer):
+    tokens = torch.arange(10, 33)  # 23 tokens
+    assert torch.equal(cut_windows(tokens, 8), tokens[:16].view(2, 8))  # no BOS: 2 full windows of 8
+    w = cut_windows(tokens, 8, bos_id=2)  # BOS + 7 stream tokens: 3 windows
+    assert w.tolist() == [[2, *range(10, 17)], [2, *range(17, 24)], [2, *range(24, 31)]]
+    assert cut_windows(tokens, 8, max_windows=1, bos_id=2).shape == (1, 8)
+    assert cut_windows(tokens, 30).shape == (0, 30)
+
+    class Tok:
+        bos_token_id = 5
+
+    assert resolve_bos("auto", Tok(), family_wants_bos=True) == 5
+    assert resolve_bos("auto", Tok(), family_wants_bos=False) is None  # LLaMA family: unchanged, no BOS
+    assert resolve_bos(True, Tok(), family_wants_bos=False) == 5
+    assert resolve_bos(False, Tok(), family_wants_bos=True) is None
+    assert tokenizer.bos_token_id is None
+    assert resolve_bos("auto", tokenizer, family_wants_bos=True) is None  # e.g. a tiny test model's byte tokenizer
+    with pytest.raises(UserError, match="data.bos=True needs a beginning-of-sequence token.*set data.bos=false"):
+        resolve_bos(True, tokenizer, family_wants_bos=False)
 
 
 def test_calibration_batches_depend_only_on_seed_and_step(tokenizer, corpus):

@@ -58,6 +58,19 @@ def test_perplexity_matches_hand_computation(model, tokens):
     assert perplexity(model, tokens, 32, batch_size=5, progress=True)["nll"] == pytest.approx(nll, abs=1e-5)
 
 
+def test_perplexity_with_bos_scores_seq_len_minus_one_tokens_per_window(model, tokens):
+    bos = 7
+    result = perplexity(model, tokens, seq_len=32, batch_size=2, progress=False, bos_id=bos)
+    windows = torch.cat([torch.full((5, 1), bos), tokens[: 5 * 31].view(5, 31)], dim=1)  # 167 // 31 = 5 windows
+    nll, count = hand_nll(model, windows.reshape(-1), 32, 5)
+    assert result["windows"] == 5 and result["tokens"] == count == 5 * 31
+    assert result["nll"] == pytest.approx(nll, abs=1e-5)
+    capped = perplexity(model, tokens, seq_len=32, max_tokens=100, progress=False, bos_id=bos)
+    assert capped["windows"] == 3 and capped["tokens"] == 3 * 31  # max_tokens // seq_len windows, as without BOS
+    assert evaluate_ppl(model, tokens, [32], batch_size=2, progress=False, bos_id=bos)[32] == pytest.approx(
+        result["ppl"], rel=1e-6)
+
+
 def test_perplexity_max_tokens_cap(model, tokens):
     result = perplexity(model, tokens, seq_len=32, max_tokens=100, progress=False)
     assert result["windows"] == 3 and result["tokens"] == 93

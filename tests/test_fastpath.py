@@ -242,3 +242,30 @@ def test_smollm2_half_mask_bf16(smollm2):
     got = gathered_losses(adapter, space, mask[None], x)
     np.testing.assert_allclose(got, masked_losses(adapter, space, mask[None], x), rtol=0, atol=5e-2)
     np.testing.assert_allclose(got, masked_losses(get_adapter(model32), space, mask[None], x), rtol=0, atol=1e-1)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma3-mqa"])
+def test_layer_removal_losses_equal_gathered_losses_of_the_trial_masks(kind: str) -> None:
+    from probprune.fastpath import layer_removal_losses
+    from probprune.masks import LAYER
+
+    extra = {"layer_types": ["sliding_attention", "full_attention"] * 2} if kind.startswith("gemma3") else {}
+    model = tiny_model(kind, num_hidden_layers=4, **extra)
+    adapter = get_adapter(model)
+    batch = torch.randint(0, 256, (3, 10), generator=torch.Generator().manual_seed(4))
+    for space in (adapter.mask_space(layers=True), adapter.mask_space(query_heads=kind == "gemma3-mqa")):
+        lay = space.unit_type == LAYER
+        units = [np.flatnonzero((space.unit_layer == li) & (lay if lay.any() else True)) for li in range(4)]
+        mask = space.full_mask()
+        mask[units[2]] = 0.0  # start from a model without layer 2
+        mask[np.flatnonzero(space.unit_layer == 0)[:1]] = 0.0  # and thinner in layer 0
+        trials = np.repeat(mask[None], 3, axis=0)
+        for r, li in enumerate((0, 1, 3)):
+            trials[r, units[li]] = 0.0
+        want = gathered_losses(adapter, space, trials, batch)  # [3]
+        got = layer_removal_losses(adapter, space, mask, [0, 1, 3], batch)
+        np.testing.assert_allclose(got, want, rtol=0, atol=2e-5)
+        assert np.ptp(want) > 1e-3  # the trials differ, so equality is not trivial
+        if lay.any():
+            with pytest.raises(ValueError, match="layer 2 is already removed"):
+                layer_removal_losses(adapter, space, mask, [2], batch)

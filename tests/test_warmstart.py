@@ -76,7 +76,7 @@ def test_warm_start_begins_at_the_best_candidate_mask(tiny) -> None:
     stats = collect_input_stats(adapter, blocks)
     init_mask = baseline_mask("wanda-sp", adapter, space, blocks, 0.5, stats=stats)
     cands = candidate_masks(adapter, space, blocks, stats, 0.5, "per_type", init_mask)
-    assert list(cands) == ["init", "shortgpt", "wanda-sp", "flap", "magnitude"]
+    assert list(cands) == ["init", "shortgpt", "sleb", "wanda-sp", "flap", "magnitude"]
     ev = LocalEngine(model, space)
     warm = choose_start(ev, cands, check, 2, space, mix=0.25, sparsity=0.5, budget="per_type")
     losses = check_losses(ev, np.stack(list(cands.values())), check, batch_size=3)  # other chunking, same value

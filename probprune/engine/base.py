@@ -49,9 +49,10 @@ class Engine(Protocol):
 
     def perplexity(self, mask: np.ndarray | None, tokens: torch.Tensor, seq_lens: Sequence[int],
                    max_tokens: int | None, batch_size: int, progress: bool = True,
-                   edit: Edit | None = None) -> dict[str, float]:
+                   edit: Edit | None = None, bos_id: int | None = None) -> dict[str, float]:
         """Held-out perplexity of the model under ``mask`` (None: dense), ``edit`` applied to the pruned model, by
-        the protocol of :mod:`probprune.evaluation`: ``{str(effective seq_len): ppl}``."""
+        the protocol of :mod:`probprune.evaluation` (windows start with ``bos_id`` if given):
+        ``{str(effective seq_len): ppl}``."""
         ...
 
     def save_pruned(self, mask: np.ndarray, folder: Path, tokenizer: Any, edit: Edit | None = None) -> int:

@@ -115,7 +115,7 @@ class LocalEngine:
 
     def perplexity(self, mask: np.ndarray | None, tokens: torch.Tensor, seq_lens: Sequence[int],
                    max_tokens: int | None, batch_size: int, progress: bool = True,
-                   edit: Edit | None = None) -> dict[str, float]:
+                   edit: Edit | None = None, bos_id: int | None = None) -> dict[str, float]:
         """Held-out perplexity of the model that would be saved: the dense model (``mask`` None), else the compacted
         one (:func:`probprune.evaluation.evaluate_ppl`)."""
         from ..evaluation import evaluate_ppl
@@ -123,7 +123,7 @@ class LocalEngine:
         model = self.model if mask is None else self.pruned_model(mask, edit)
         try:
             res = evaluate_ppl(model, tokens, list(seq_lens), max_tokens=max_tokens, batch_size=batch_size,
-                               progress=progress)
+                               progress=progress, bos_id=bos_id)
         finally:
             del model
             gc.collect()

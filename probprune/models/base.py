@@ -77,6 +77,8 @@ class FamilyAdapter:
     architectures: ClassVar[tuple[str, ...]] = ()
     #: config attributes whose truthy value means a feature this family's adapter cannot handle -> its name
     unsupported_config: ClassVar[dict[str, str]] = {}
+    #: the family's documentation prescribes a BOS token at the start of every sequence (``data.bos: auto``)
+    wants_bos: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module):
         self.model = model

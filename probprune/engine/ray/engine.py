@@ -198,7 +198,7 @@ class RayEngine:
 
     def perplexity(self, mask: np.ndarray | None, tokens: torch.Tensor, seq_lens: Sequence[int],
                    max_tokens: int | None, batch_size: int, progress: bool = True,
-                   edit: Edit | None = None) -> dict[str, float]:
+                   edit: Edit | None = None, bos_id: int | None = None) -> dict[str, float]:
         """Held-out perplexity under ``mask`` on the actors (fast path, the windows split among them)."""
         from ...evaluation import effective_len, held_out_windows, max_context
 
@@ -210,7 +210,7 @@ class RayEngine:
             eff = effective_len(seq_len, max_context(self._skeleton()))
             if str(eff) in out:
                 continue
-            windows = held_out_windows(tokens, eff, max_tokens)  # [W, T]
+            windows = held_out_windows(tokens, eff, max_tokens, bos_id)  # [W, T]
             shares = [(self.space, mask, windows[lo:hi], batch_size)
                       for lo, hi in split_shares(windows.shape[0], self.num_replicas)]
             parts = self.map(window_nll, shares)
