@@ -201,14 +201,15 @@ def evaluate(model, s: Session, label: str) -> dict[str, float]:
     return {str(k): float(v) for k, v in res.items()}
 
 
-def evaluate_mask(s: Session, mask: np.ndarray | None, label: str) -> dict[str, float]:
-    """Held-out perplexity of the model under ``mask`` (None: dense), by the protocol of
-    :func:`probprune.evaluation.perplexity`: locally the compacted model is evaluated; with a driver that holds no
-    model the actors evaluate the masked model on the fast path, the windows split among them."""
+def evaluate_mask(s: Session, mask: np.ndarray | None, label: str, reconstruction: Any = None) -> dict[str, float]:
+    """Held-out perplexity of the model under ``mask`` (None: dense), with ``reconstruction``'s weights if given, by
+    the protocol of :func:`probprune.evaluation.perplexity`: locally the compacted model is evaluated; with a driver
+    that holds no model the actors evaluate the masked model on the fast path, the windows split among them."""
+    override = None if reconstruction is None else reconstruction.override()
     if not s.driverless:
         if mask is None:
             return evaluate(s.model, s, label)
-        model = compact(s.model, s.space, mask)
+        model = compact(s.model, s.space, mask, override=override)
         try:
             return evaluate(model, s, label)
         finally:
@@ -228,7 +229,12 @@ def evaluate_mask(s: Session, mask: np.ndarray | None, label: str) -> dict[str, 
                             f"({s.test_tokens.numel()} tokens, eval.max_tokens={e.max_tokens})")
         windows = s.test_tokens.reshape(-1)[: n * eff].view(n, eff)  # [W, T]
         shares = [(s.space, mask, windows[lo:hi], e.batch_size) for lo, hi in row_shares(n, s.replicas.num_replicas)]
-        parts = s.replicas.map(window_nll, shares)
+        if reconstruction is None:
+            parts = s.replicas.map(window_nll, shares)
+        else:
+            from .reconstruct import reconstructed_nll
+
+            parts = s.replicas.map(reconstructed_nll, [(sp, m, reconstruction, w, b) for sp, m, w, b in shares])
         out[str(eff)] = math.exp(sum(p[0] for p in parts) / sum(p[1] for p in parts))
     log.info("%s perplexity (on the actors): %s", label, out)
     return out
@@ -375,18 +381,29 @@ def prune(cfg: Config, output: str | Path, resume: bool = False, progress: bool 
             from .align import align_mask
 
             final = align_mask(space, final, unit_probs, cfg.mask.align, sc.sparsity, sc.budget)
-        check_record = None
-        if check is not None:
+        check_record = rec = None
+        rc = cfg.reconstruct
+        if check is not None and rc.enabled and rc.choose:  # compare the models as returned: both reconstructed
+            from . import reconstruct
+
+            t = time.perf_counter()
+            final, rec, check_record = reconstruct.choose_final(s, final, init_mask, check)
+            timings["check"] = time.perf_counter() - t
+        elif check is not None:
             from .warmstart import choose_final
 
             t = time.perf_counter()
             final, check_record = choose_final(evaluator, final, init_mask, check, sc.batch_size)
             timings["check"] = time.perf_counter() - t
+        if rc.enabled and rec is None:
+            t = time.perf_counter()
+            rec = _reconstruction(s, final)
+            timings["reconstruct"] = time.perf_counter() - t
         if not s.driverless:  # the actors also evaluate and compact the final model: they stay until then
             evaluator.close()
         summary = finish(
             s, final, output, t_start, timings, dense_ppl, dense_total,
-            probs=unit_probs, init=(init_name, init_mask, init_probs, init_ppl),
+            probs=unit_probs, init=(init_name, init_mask, init_probs, init_ppl), reconstruction=rec,
         )
     finally:
         evaluator.close()
@@ -421,21 +438,28 @@ def finish(
     init: tuple | None = None,
     method_label: str = "probprune search",
     adjust: Callable[[torch.nn.Module], Any] | None = None,
+    reconstruction: Any = None,
 ) -> dict[str, Any]:
-    """Compact the final mask (then ``adjust`` the compacted model in place, if given), evaluate, save model + masks,
-    and build the summary (not yet written)."""
+    """Compact the final mask (with ``reconstruction``'s re-fitted weights, if given; then ``adjust`` the compacted
+    model in place, if given), evaluate, save model + masks, and build the summary (not yet written)."""
     space, cfg = s.space, s.cfg
+    override = None if reconstruction is None else reconstruction.override()
     t = time.perf_counter()
-    pruned = compact(s.model, space, final)  # with a driver that holds no model: the meta skeleton (shapes only)
+    # with a driver that holds no model: the meta skeleton (shapes only)
+    pruned = compact(s.model, space, final, override=override)
     if adjust is not None:
         adjust(pruned)
     timings["compact"] = time.perf_counter() - t
     t = time.perf_counter()
-    pruned_ppl = evaluate_mask(s, final, method_label) if s.driverless else evaluate(pruned, s, method_label)
+    if s.driverless:
+        pruned_ppl = evaluate_mask(s, final, method_label, reconstruction=reconstruction)
+    else:
+        pruned_ppl = evaluate(pruned, s, method_label)
     timings["eval_pruned"] = time.perf_counter() - t
     t = time.perf_counter()
     if s.driverless:  # stream the weights from the checkpoint, one layer at a time
-        compact_checkpoint(model_folder(cfg.model.name_or_path), space, final, output / "model", s.tokenizer)
+        compact_checkpoint(model_folder(cfg.model.name_or_path), space, final, output / "model", s.tokenizer,
+                           override=override)
     else:
         save_pruned(pruned, output / "model", s.tokenizer)
     timings["save"] = time.perf_counter() - t
@@ -484,7 +508,18 @@ def finish(
         "timings": {k: round(v, 2) for k, v in timings.items()},
         "wall_seconds": round(time.perf_counter() - t_start, 2),
     })
+    if reconstruction is not None:
+        from .reconstruct import summary_record
+
+        summary["reconstruct"] = summary_record(s, reconstruction, timings.get("reconstruct", 0.0))
     return summary
+
+
+def _reconstruction(s: Session, mask: np.ndarray):
+    """The reconstruction of ``mask`` under ``s.cfg.reconstruct`` (:mod:`probprune.reconstruct`)."""
+    from .reconstruct import for_session
+
+    return for_session(s, mask)
 
 
 def run_baseline(cfg: Config, method: str, output: str | Path, progress: bool = True,
@@ -514,15 +549,21 @@ def run_baseline(cfg: Config, method: str, output: str | Path, progress: bool = 
         stats = collect_input_stats(s.adapter, blocks)
     mask = baseline_mask(method, s.adapter, s.space, blocks, cfg.search.sparsity, seed=cfg.seed,
                          budget=cfg.search.budget, stats=stats)
-    adjust = None
-    if method == "flap":  # FLAP adds the removed columns' mean contribution to the output biases
-        from .baselines import apply_bias_compensation, flap_bias_compensation
-
+    adjust = rec = None
+    if method == "flap" and not cfg.reconstruct.enabled:  # FLAP adds the removed columns' mean contribution to the
+        from .baselines import apply_bias_compensation, flap_bias_compensation  # output biases (reconstruction
+        # replaces it: both would count the removed columns twice)
         comp = flap_bias_compensation(s.adapter, s.space, mask, stats)
         adjust = lambda pruned: apply_bias_compensation(pruned, get_adapter(pruned), comp)  # noqa: E731
     timings["baseline"] = time.perf_counter() - t
+    if cfg.reconstruct.enabled:
+        t = time.perf_counter()
+        rec = _reconstruction(s, mask)
+        timings["reconstruct"] = time.perf_counter() - t
     label = f"{method}" + (" (uses gradients)" if method in USES_GRADIENTS else "")
-    summary = finish(s, mask, output, t_start, timings, dense_ppl, dense_total, method_label=label, adjust=adjust)
+    label += " + reconstruction" if rec is not None else ""
+    summary = finish(s, mask, output, t_start, timings, dense_ppl, dense_total, method_label=label, adjust=adjust,
+                     reconstruction=rec)
     summary["method"] = method
     summary["wall_seconds"] = round(time.perf_counter() - t_start, 2)
     _write_json(output / "summary.json", summary)
