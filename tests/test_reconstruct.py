@@ -228,3 +228,42 @@ def test_shares_combine_exactly_by_summing():
     a = reconstructed_loss(LocalReplicas(model, adapter), space, mask, one, blocks)
     b = reconstructed_loss(_SplitReplicas(model, adapter), space, mask, one, blocks)
     assert a == pytest.approx(b, rel=1e-6)
+
+
+@pytest.mark.ray
+def test_prune_with_reconstruction_on_actors_equals_local(ray_cluster, tmp_path, monkeypatch):
+    """engine.kind=ray with a driver that holds no model: the actors sum the statistics of their shares, the driver
+    solves, the streamed compaction applies the re-fitted columns and the added biases; the check-set choice compares
+    the reconstructed models. Everything equals the same run in one process."""
+    from pathlib import Path
+
+    from probprune import pipeline
+    from probprune.config import apply_overrides, load_config
+
+    root = Path(__file__).resolve().parents[1]
+    base = load_config(root / "configs" / "tiny" / "smoke.yaml", [
+        "reconstruct.enabled=true", "reconstruct.mode=refit+bias", "reconstruct.target=dense", "reconstruct.blocks=8",
+        "search.init=best", "mask.layers=true", "search.budget=params", "search.check_blocks=4"])
+    local = pipeline.prune(base, tmp_path / "local", progress=False)
+    plain = pipeline.prune(apply_overrides(base, ["reconstruct.enabled=false"]), tmp_path / "plain", progress=False)
+    assert local["check"]["reconstructed"] and local["reconstruct"]["sublayers"] > 0
+    assert local["pruned_ppl"] != plain["pruned_ppl"]
+
+    def no_weights_on_the_driver(*args, **kwargs):
+        raise AssertionError("the driver loaded a model")
+
+    monkeypatch.setattr(pipeline, "load_model", no_weights_on_the_driver)
+    ray = pipeline.prune(apply_overrides(base, ["engine.kind=ray", "engine.num_actors=2", "engine.cpus_per_actor=0.5",
+                                                "engine.threads=1"]), tmp_path / "ray", progress=False)
+    assert torch.equal(torch.load(tmp_path / "local" / "masks.pt")["final_mask"],
+                       torch.load(tmp_path / "ray" / "masks.pt")["final_mask"])
+    for key in ("search_loss", "start_loss"):
+        assert ray["check"][key] == pytest.approx(local["check"][key], rel=1e-5)
+    for seq_len, value in local["pruned_ppl"].items():  # compacted model here, gathered path on the actors
+        assert ray["pruned_ppl"][seq_len] == pytest.approx(value, rel=1e-5)
+    assert ray["params"] == local["params"]
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want = load_pruned(tmp_path / "local" / "model")(ids).logits
+        got = load_pruned(tmp_path / "ray" / "model")(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
