@@ -511,7 +511,7 @@ def finish(
     if reconstruction is not None:
         from .reconstruct import summary_record
 
-        summary["reconstruct"] = summary_record(s, reconstruction, timings.get("reconstruct", 0.0))
+        summary["reconstruct"] = summary_record(s, reconstruction)
     return summary
 
 
@@ -621,5 +621,10 @@ def format_summary(summary: dict[str, Any]) -> str:
         foot += f"\nwarm start: {ws['chosen']} (check-set cross-entropy: {cands})"
     if chk:
         foot += (f"\ncheck set ({chk['tokens']:,} held-out calibration tokens): search result {chk['search_loss']:.3f}, "
-                 f"start {chk['start_loss']:.3f}: returned the {chk['returned']}")
+                 f"start {chk['start_loss']:.3f}: returned the {chk['returned']}"
+                 + (" (both reconstructed)" if chk.get("reconstructed") else ""))
+    rec = summary.get("reconstruct")
+    if rec:
+        foot += (f"\nreconstruction: {rec['mode']}, target {rec['target']}, damping {rec['damping']}, "
+                 f"{rec['blocks']} calibration blocks, {rec['sublayers']} sublayers solved in {rec['seconds']:.0f} s")
     return "\n".join(rows) + "\n\n" + foot

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -68,11 +69,13 @@ class Reconstruction:
         weights: ``{layer: {"o_proj" | "down_proj": [H, k]}}`` the new kept input columns, in kept order.
         biases: ``{layer: {"o_proj" | "down_proj": [H]}}`` added to that projection's output bias.
         info: per sublayer ``"layer.which"``: tokens, kept columns, λ, and the relative fit error before/after.
+        seconds: wall time of the reconstruction.
     """
 
     weights: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
     biases: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
     info: dict[str, dict[str, float]] = field(default_factory=dict)
+    seconds: float = 0.0
 
     def override(self) -> dict[int, dict[str, torch.Tensor]]:
         """The ``override`` argument of :func:`probprune.compaction.compact` / ``compact_checkpoint``."""
@@ -340,6 +343,7 @@ def reconstruct(
     Raises:
         UserError: an unknown target or mode, a negative damping, or no blocks.
     """
+    t0 = time.perf_counter()
     _check(target, mode, damping)
     if blocks.dim() != 2 or blocks.shape[0] == 0:
         raise UserError(f"reconstruction needs calibration blocks [n, T], got shape {tuple(blocks.shape)}")
@@ -386,6 +390,7 @@ def reconstruct(
         if keep is not None:
             hidden = replicas.map(sublayer_advance, [(li, which, keep, hidden[i], weight, bias, batch_size)
                                                      for i in range(len(shares))])
+    rec.seconds = time.perf_counter() - t0
     errs = [(v["err_before"], v["err_after"]) for v in rec.info.values() if np.isfinite(v["err_before"])]
     if errs:
         before, after = np.mean(errs, 0)
@@ -484,7 +489,7 @@ def choose_final(s: Any, final: np.ndarray, start: np.ndarray,
     return np.asarray(final if returned == "search" else start), recs[returned], record
 
 
-def summary_record(s: Any, rec: Reconstruction, seconds: float) -> dict[str, Any]:
+def summary_record(s: Any, rec: Reconstruction) -> dict[str, Any]:
     """What ``summary.json`` says about a reconstruction: its settings, the sublayers solved, the mean relative
     fit error before and after (where measured), and its wall time."""
     r = s.cfg.reconstruct
@@ -492,4 +497,4 @@ def summary_record(s: Any, rec: Reconstruction, seconds: float) -> dict[str, Any
     return {"target": r.target, "mode": r.mode, "damping": r.damping,
             "blocks": min(r.blocks, len(s.calib)), "sublayers": len(rec.info),
             "mean_rel_error": [round(float(x), 5) for x in np.mean(errs, 0)] if errs else None,
-            "seconds": round(seconds, 2)}
+            "seconds": round(rec.seconds, 2)}

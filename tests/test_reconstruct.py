@@ -267,3 +267,25 @@ def test_prune_with_reconstruction_on_actors_equals_local(ray_cluster, tmp_path,
         want = load_pruned(tmp_path / "local" / "model")(ids).logits
         got = load_pruned(tmp_path / "ray" / "model")(ids).logits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["flap", "wanda-sp"])
+def test_every_baseline_takes_the_reconstruction_option(method, tmp_path):
+    from pathlib import Path
+
+    from probprune.config import load_config
+    from probprune.pipeline import run_baseline
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(root / "configs" / "tiny" / "smoke.yaml", ["reconstruct.enabled=true", "reconstruct.blocks=16"])
+    summary = run_baseline(cfg, method, tmp_path / "run", progress=False)
+    assert summary["method_label"] == f"{method} + reconstruction"
+    rec = summary["reconstruct"]
+    assert rec["mode"] == "refit" and rec["sublayers"] == 4  # 2 layers x (o_proj, down_proj), all thinned
+    before, after = rec["mean_rel_error"]
+    assert after < before
+    ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # refit adds no parameter: the FLAP bias is replaced, not added
+        assert load_pruned(tmp_path / "run" / "model")(ids).logits.isfinite().all()
+    assert summary["params"]["pruned_total"] == summary["params"]["dense_total"] - (
+        summary["params"]["dense_prunable"] - summary["params"]["pruned_prunable"])
