@@ -226,6 +226,8 @@ class ReconstructConfig:
     mode: str = _opt("refit", check=_one_of("bias", "refit", "refit+bias"))  # refit adds no parameters
     damping: float = _opt(0.1, check=_at_least(0))  # ridge λ relative to the mean diagonal of the Gram matrix
     blocks: int = _opt(128, check=_at_least(1))  # calibration blocks (the first ones; never the check set)
+    # fold each span of removed layers into the down_proj of the kept layer before it (ReplaceMe, no new parameters)
+    removed_layers: bool = _opt(False)
     # the check-set choice between the search's result and its start compares both reconstructed (one more solve)
     choose: bool = _opt(True)
 

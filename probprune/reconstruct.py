@@ -16,7 +16,10 @@ projection's inputs ``Z_S`` (tokens × k) and the target ``Y`` (tokens × H):
 
 Targets: ``local`` — the dense sublayer on the pruned model's own input (``Y = Z_full W⁰ᵀ``); ``dense`` — the dense
 model's own sublayer output at that depth (error-correcting: it also undoes the drift of the layers before).
-A sublayer that lost nothing, or everything, is left exactly as it is. A bias is a new parameter where the model has
+Removed layers (``removed_layers``, after ReplaceMe): a span of removed layers is folded into the ``down_proj`` of
+the kept layer before it — its target also carries what the dense span would have added to the residual stream
+(exact for pre-norm blocks), so one re-fit replaces the span's linear effect without a new parameter.
+Otherwise a sublayer that lost nothing, or everything, is left exactly as it is. A bias is a new parameter where the model has
 none: the compacted model records it in ``config.probprune_layout`` (it loads with :func:`probprune.models.load_pruned`
 and exports to GGUF, but is no longer stock-shaped).
 
@@ -174,8 +177,8 @@ def out_columns(model: nn.Module, adapter: FamilyAdapter, li: int, which: str, c
 
 @torch.no_grad()
 def sublayer_stats(model: nn.Module, adapter: FamilyAdapter, li: int, which: str, cols: torch.Tensor | None,
-                   hidden: torch.Tensor, dense: torch.Tensor | None, gram: bool,
-                   batch_size: int = 4) -> tuple[dict | None, torch.Tensor | None]:
+                   hidden: torch.Tensor, dense: torch.Tensor | None, gram: bool, batch_size: int = 4,
+                   span: Sequence[int] = ()) -> tuple[dict | None, torch.Tensor | None]:
     """Statistics of one sublayer's least-squares problem on one share of the blocks (sums: shares add up).
 
     Args:
@@ -185,6 +188,8 @@ def sublayer_stats(model: nn.Module, adapter: FamilyAdapter, li: int, which: str
         dense: ``[n, T, H]`` the dense model's residual stream there (the ``dense`` target), or None (``local``).
         gram: also sum ``Z_SᵀZ_S`` and ``Z_SᵀY`` (the re-fit), not only the means (the bias).
         batch_size: blocks per forward.
+        span: removed layers right after this MLP sublayer: the target also carries what they would have added to
+            the residual stream (the dense layers run on the same stream), so the re-fit folds them in (ReplaceMe).
 
     Returns:
         ``(stats, dense_next)``: stats ``{"zz": [k, k], "zy": [k, H], "z": [k], "y": [H], "yy": float, "n": int}``
@@ -209,7 +214,10 @@ def sublayer_stats(model: nn.Module, adapter: FamilyAdapter, li: int, which: str
         if cols is not None:
             z = _proj_input(adapter, layer, li, which, hidden[b].to(dev), full)  # [b, T, width]
             src = z if dense is None else _proj_input(adapter, layer, li, which, dense[b].to(dev), full)
-            y = F.linear(src, w0).flatten(0, 1).float()  # [bT, H] the target, without the projection's bias
+            y = F.linear(src, w0)  # [b, T, H] the target, without the projection's bias
+            if span:
+                y = y + _span_delta(adapter, li, span, (hidden if dense is None else dense)[b].to(dev), y)
+            y = y.flatten(0, 1).float()  # [bT, H]
             zs = z.index_select(-1, cols_dev).flatten(0, 1).float()  # [bT, k]
             stats["z"] += zs.sum(0).double().cpu()
             stats["y"] += y.sum(0).double().cpu()
@@ -236,6 +244,22 @@ def sublayer_advance(model: nn.Module, adapter: FamilyAdapter, li: int, which: s
     for b in _batches(hidden.shape[0], batch_size):
         out[b] = _sublayer(adapter, layer, li, which, hidden[b].to(dev), sl).cpu()
     return out
+
+
+def _span_delta(adapter: FamilyAdapter, li: int, span: Sequence[int], h: torch.Tensor,
+                out: torch.Tensor) -> torch.Tensor:
+    """What the dense layers ``span`` add to the residual stream after MLP sublayer ``li`` writes ``out`` onto
+    ``h``: ``[b, T, H]`` (exact as an addition to the MLP output for pre-norm blocks)."""
+    layer = adapter.layers[li]
+    start = adapter.mlp_block(layer, h, lambda x: out)  # [b, T, H] the stream after this MLP
+    cur, ws = start, fn.Workspace()
+    for j in span:
+        lj = adapter.layers[j]
+        cur = cur.to(adapter.layer_device(lj))
+        a = fn.gather_attention(adapter, lj, None, None, ws) if adapter.num_kv_heads(lj) else None
+        cur = adapter.attn_sublayer(lj, cur, _rotary(adapter, j, cur), a)
+        cur = adapter.mlp_sublayer(lj, cur, fn.gather_mlp(adapter, lj, None, ws) if adapter.num_channels(lj) else None)
+    return cur.to(start.device) - start
 
 
 def merge_sums(parts: Sequence[dict | None]) -> dict | None:
@@ -323,6 +347,7 @@ def reconstruct(
     damping: float = 0.1,
     batch_size: int = 4,
     progress: bool = False,
+    removed_layers: bool = False,
 ) -> Reconstruction:
     """Reconstruct the kept output columns of the model under ``mask`` (see the module docstring).
 
@@ -336,6 +361,9 @@ def reconstruct(
         damping: ridge λ relative to the mean diagonal of the Gram matrix.
         batch_size: blocks per forward on a replica.
         progress: a progress bar over the layers.
+        removed_layers: fold each span of removed layers into the ``down_proj`` of the kept layer before it
+            (ReplaceMe, solved in the space of that MLP's channels: no new parameters); that ``down_proj`` is re-fit
+            even where it lost no channel.
 
     Returns:
         The :class:`Reconstruction` (apply it with ``compact(..., override=rec.override())``).
@@ -362,16 +390,21 @@ def reconstruct(
         steps = tqdm(steps, desc="reconstruct", unit="sublayer")
     for li, which in steps:
         keep = plan[li]
-        cols = None
+        cols, span = None, []
         if keep is not None:
             cols = _cols(keep, which, d)
             ls = space.layers[li]
             width = ls.num_query_heads * d if which == ATTN else ls.intermediate_size
-            if cols.numel() in (0, width):
-                cols = None  # nothing removed, or nothing kept: left as it is
+            if removed_layers and which == MLP and cols.numel():
+                j = li + 1
+                while j < space.num_layers and plan[j] is None:
+                    span.append(j)
+                    j += 1
+            if cols.numel() == 0 or (cols.numel() == width and not span):
+                cols = None  # nothing removed (and no removed layer to fold in), or nothing kept: left as it is
         weight = bias = None
         if cols is not None or dense is not None:
-            args = [(li, which, cols, hidden[i], None if dense is None else dense[i], gram, batch_size)
+            args = [(li, which, cols, hidden[i], None if dense is None else dense[i], gram, batch_size, span)
                     for i in range(len(shares))]
             parts = replicas.map(sublayer_stats, args)
             if dense is not None:
@@ -464,7 +497,8 @@ def for_session(s: Any, mask: np.ndarray) -> Reconstruction:
     r = s.cfg.reconstruct
     blocks = s.calib.first(min(r.blocks, len(s.calib)))
     return reconstruct(s.replicas, s.adapter, s.space, mask, blocks, target=r.target, mode=r.mode,
-                       damping=r.damping, batch_size=s.cfg.eval.batch_size, progress=s.progress)
+                       damping=r.damping, batch_size=s.cfg.eval.batch_size, progress=s.progress,
+                       removed_layers=r.removed_layers)
 
 
 def choose_final(s: Any, final: np.ndarray, start: np.ndarray,
@@ -494,7 +528,7 @@ def summary_record(s: Any, rec: Reconstruction) -> dict[str, Any]:
     fit error before and after (where measured), and its wall time."""
     r = s.cfg.reconstruct
     errs = [(v["err_before"], v["err_after"]) for v in rec.info.values() if np.isfinite(v["err_before"])]
-    return {"target": r.target, "mode": r.mode, "damping": r.damping,
+    return {"target": r.target, "mode": r.mode, "damping": r.damping, "removed_layers": r.removed_layers,
             "blocks": min(r.blocks, len(s.calib)), "sublayers": len(rec.info),
             "mean_rel_error": [round(float(x), 5) for x in np.mean(errs, 0)] if errs else None,
             "seconds": round(rec.seconds, 2)}

@@ -289,3 +289,30 @@ def test_every_baseline_takes_the_reconstruction_option(method, tmp_path):
         assert load_pruned(tmp_path / "run" / "model")(ids).logits.isfinite().all()
     assert summary["params"]["pruned_total"] == summary["params"]["dense_total"] - (
         summary["params"]["dense_prunable"] - summary["params"]["pruned_prunable"])
+
+
+def test_a_removed_layer_is_folded_into_the_down_proj_before_it():
+    """ReplaceMe-style: layer 1 removed, layer 0 kept whole; layer 0's down_proj is re-fit so that its output also
+    carries what layer 1 added: the target is z W⁰ᵀ + (h₂ − h₁) of the dense model, solved by a direct lstsq."""
+    model = tiny_model("llama", num_hidden_layers=3).double()
+    adapter = get_adapter(model)
+    space = adapter.mask_space()
+    mask = space.full_mask()
+    mask[_units(space, HEAD, 1)] = 0
+    mask[_units(space, CHANNEL, 1)] = 0  # layer 1 is gone
+    blocks = _blocks(model, n=8, t=16)
+    damping = 0.05
+    plain = reconstruct_local(model, space, mask, blocks, damping=damping)
+    assert not plain.weights  # nothing thinned: without removed_layers nothing changes
+    rec = reconstruct_local(model, space, mask, blocks, damping=damping, removed_layers=True)
+    assert set(rec.weights) == {0} and set(rec.weights[0]) == {"down_proj"}
+    z = _capture_inputs(model, adapter.mlp_out(0), blocks)  # [nT, I]
+    with torch.no_grad():
+        hs = model(blocks, output_hidden_states=True).hidden_states
+    w0 = adapter.mlp_out(0).weight.detach().double()
+    y = z @ w0.T + (hs[2] - hs[1]).flatten(0, 1)  # [nT, H]
+    lam = damping * float(torch.diagonal(z.T @ z).mean())
+    a = torch.cat([z, lam ** 0.5 * torch.eye(z.shape[1], dtype=torch.float64)])
+    b = torch.cat([y, lam ** 0.5 * w0.T])
+    want = torch.linalg.lstsq(a, b).solution.T
+    torch.testing.assert_close(rec.weights[0]["down_proj"], want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
