@@ -213,14 +213,16 @@ class _SplitReplicas(LocalReplicas):
 
 
 def test_shares_combine_exactly_by_summing():
-    model = tiny_model("qwen3", num_hidden_layers=2)
+    model = tiny_model("qwen3", num_hidden_layers=4)
     adapter = get_adapter(model)
     space = adapter.mask_space(channel_block=4)
     mask = _hetero_mask(space)
+    mask[_units(space, HEAD, 1)] = mask[_units(space, CHANNEL, 1)] = 0  # layer 1 removed: folded into layer 0
     blocks = _blocks(model, n=7)
-    one = reconstruct(LocalReplicas(model, adapter), adapter, space, mask, blocks, target="dense", mode="refit+bias")
-    three = reconstruct(_SplitReplicas(model, adapter), adapter, space, mask, blocks, target="dense",
-                        mode="refit+bias")
+    kw = dict(target="dense", mode="refit+bias", removed_layers=True)
+    one = reconstruct(LocalReplicas(model, adapter), adapter, space, mask, blocks, **kw)
+    three = reconstruct(_SplitReplicas(model, adapter), adapter, space, mask, blocks, **kw)
+    assert set(one.weights) == {0, 2} and set(one.weights[0]) == {"o_proj", "down_proj"}  # layer 3: kept whole
     for li, parts in one.weights.items():
         for w, t in parts.items():
             torch.testing.assert_close(three.weights[li][w], t, rtol=1e-5, atol=1e-6)
