@@ -219,7 +219,7 @@ def test_shares_combine_exactly_by_summing():
     mask = _hetero_mask(space)
     mask[_units(space, HEAD, 1)] = mask[_units(space, CHANNEL, 1)] = 0  # layer 1 removed: folded into layer 0
     blocks = _blocks(model, n=7)
-    kw = dict(target="dense", mode="refit+bias", removed_layers=True)
+    kw = dict(target="dense", mode="refit+bias", removed_layers=True, batch_size=1)  # the same per-block products
     one = reconstruct(LocalReplicas(model, adapter), adapter, space, mask, blocks, **kw)
     three = reconstruct(_SplitReplicas(model, adapter), adapter, space, mask, blocks, **kw)
     assert set(one.weights) == {0, 2} and set(one.weights[0]) == {"o_proj", "down_proj"}  # layer 3: kept whole
