@@ -1,6 +1,6 @@
 """Reconstruction variants on a finished run's final mask: held-out perplexity, added wall time and peak memory.
 
-    python benchmarks/reconstruct.py RUN_DIR --variant refit-local [--blocks 128] [--damping 0.1]
+    python benchmarks/reconstruct.py RUN_DIR --variant refit-local [--blocks 128] [--damping 0.1] [--removed-layers]
 
 ``RUN_DIR`` is a ``probprune prune`` output (its ``config.yaml`` and ``masks.pt``). The variant runs in this process
 alone, so ``peak_rss_mb`` (the process's peak resident memory) compares across variants: ``none`` is the model, the
@@ -42,6 +42,7 @@ def main() -> None:
     ap.add_argument("--variant", choices=list(VARIANTS), default="refit-local")
     ap.add_argument("--blocks", type=int, default=128)
     ap.add_argument("--damping", type=float, default=0.1)
+    ap.add_argument("--removed-layers", action="store_true", help="fold removed layers in (ReplaceMe)")
     args = ap.parse_args()
     cfg = load_config(args.run / "config.yaml")
     rec_masks = torch.load(args.run / "masks.pt", weights_only=False)
@@ -62,7 +63,7 @@ def main() -> None:
     if VARIANTS[args.variant] is not None:
         target, mode = VARIANTS[args.variant]
         rec = reconstruct_local(model, space, mask, blocks, target=target, mode=mode, damping=args.damping,
-                                progress=True)
+                                progress=True, removed_layers=args.removed_layers)
     seconds = time.perf_counter() - t0
     t1 = time.perf_counter()
     check_loss = reconstructed_loss(LocalReplicas(model, adapter), space, mask, rec, check)
@@ -71,7 +72,7 @@ def main() -> None:
     ppl = evaluate_ppl(pruned, test_stream(tok, corpus), cfg.eval.seq_lens, max_tokens=cfg.eval.max_tokens,
                        batch_size=cfg.eval.batch_size)
     print(json.dumps({
-        "variant": args.variant, "blocks": args.blocks, "tokens": int(blocks.numel()), "damping": args.damping,
+        "variant": args.variant + ("+layers" if args.removed_layers else ""), "blocks": args.blocks, "tokens": int(blocks.numel()), "damping": args.damping,
         "ppl": {str(k): round(float(v), 2) for k, v in ppl.items()}, "reconstruct_seconds": round(seconds, 1),
         "check_loss": round(check_loss, 4), "check_seconds": round(check_seconds, 1),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
