@@ -225,6 +225,19 @@ def test_uniform_shape_settings_are_checked(overrides, message):
 def test_llama_cpp_runs_the_exported_model_with_the_same_logits(hetero, tmp_path, outtype):
     """The real runtime: llama.cpp's logits of the exported heterogeneous model equal the compacted model's (q8_0:
     within the rounding of 8-bit weights; the one-channel stand-in MLP of the MLP-free layer stays f16 in it)."""
+    pruned, folder = hetero
+    got, want = llama_cpp_logits(pruned, folder, tmp_path, outtype, "deci")
+    scale = max(1.0, float(np.abs(want).max()))
+    if outtype == "f32":
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-3 * scale)
+    else:
+        np.testing.assert_allclose(got, want, rtol=0, atol=5e-2 * scale)
+        assert np.corrcoef(got.ravel(), want.ravel())[0, 1] > 0.999
+
+
+def llama_cpp_logits(pruned, folder, tmp_path, outtype: str, arch: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(llama.cpp's logits, the model's logits)`` ``[12, V]`` of ``folder`` exported as GGUF (skips the test
+    without llama_cpp)."""
     try:
         from llama_cpp import Llama
     except ImportError:
@@ -235,7 +248,6 @@ def test_llama_cpp_runs_the_exported_model_with_the_same_logits(hetero, tmp_path
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    pruned, folder = hetero
     # llama.cpp needs at least one BPE merge: the same byte vocabulary plus one merged token
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab = {ch: i for i, ch in enumerate(alphabet)} | {"<eos>": 256, "ab": 257}
@@ -246,7 +258,7 @@ def test_llama_cpp_runs_the_exported_model_with_the_same_logits(hetero, tmp_path
     shutil.copytree(folder, copy)
     PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>").save_pretrained(copy)
     path = tmp_path / "m.gguf"
-    assert export_gguf(copy, path, outtype=outtype)["arch"] == "deci"
+    assert export_gguf(copy, path, outtype=outtype)["arch"] == arch
     ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(2))
     llm = Llama(model_path=str(path), n_ctx=16, n_batch=16, logits_all=True, n_threads=1, verbose=False,
                 type_k=0, type_v=0)  # an f32 KV cache (the default f16 one rounds keys and values)
@@ -254,9 +266,4 @@ def test_llama_cpp_runs_the_exported_model_with_the_same_logits(hetero, tmp_path
     got = np.asarray(llm.scores[:12], dtype=np.float32)  # [T, V]
     with torch.no_grad():
         want = pruned(ids).logits[0].float().numpy()  # [T, V]
-    scale = max(1.0, float(np.abs(want).max()))
-    if outtype == "f32":
-        np.testing.assert_allclose(got, want, rtol=0, atol=1e-3 * scale)
-    else:
-        np.testing.assert_allclose(got, want, rtol=0, atol=5e-2 * scale)
-        assert np.corrcoef(got.ravel(), want.ravel())[0, 1] > 0.999
+    return got, want

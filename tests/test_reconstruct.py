@@ -152,7 +152,7 @@ def test_a_reconstructed_model_saves_reloads_and_exports_exactly(mode, tmp_path)
 
     from probprune.export import export_gguf, unpermute_rope_rows
 
-    from test_export import _tensors  # the GGUF reader of the export tests
+    from test_export import _tensors, llama_cpp_logits  # the GGUF reader and runtime of the export tests
 
     model = tiny_model("llama", num_hidden_layers=3)
     space = get_adapter(model).mask_space(channel_block=8)
@@ -193,6 +193,10 @@ def test_a_reconstructed_model_saves_reloads_and_exports_exactly(mode, tmp_path)
     with torch.no_grad():
         want = compact(model, space, mask, override=rec.override())(x).logits
         torch.testing.assert_close(load_pruned(streamed)(x).logits, want, rtol=0, atol=0)
+    # llama.cpp runs the exported reconstructed model with the same logits (skipped where llama_cpp is missing)
+    (tmp_path / "cpp").mkdir()
+    got, want = llama_cpp_logits(pruned, folder, tmp_path / "cpp", "f32", "llama")  # uniform widths: llama
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-3 * max(1.0, float(np.abs(want).max())))
 
 
 def test_bad_settings_are_refused():
