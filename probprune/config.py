@@ -225,7 +225,7 @@ class ReconstructConfig:
     target: str = _opt("local", check=_one_of("local", "dense"))  # dense sublayer on the pruned input / dense model
     mode: str = _opt("refit", check=_one_of("bias", "refit", "refit+bias"))  # refit adds no parameters
     damping: float = _opt(0.1, check=_at_least(0))  # ridge λ relative to the mean diagonal of the Gram matrix
-    blocks: int = _opt(128, check=_at_least(1))  # calibration blocks (the first ones; never the check set)
+    blocks: int = _opt(128, check=_at_least(1))  # calibration blocks, the first ones (at most all but the check set)
     # fold each span of removed layers into the down_proj of the kept layer before it (ReplaceMe, no new parameters)
     removed_layers: bool = _opt(False)
     # the check-set choice between the search's result and its start compares both reconstructed (one more solve)
@@ -529,12 +529,6 @@ def _cross_field(cfg: Config, bad: set[str]) -> list[str]:
         errors.append(f"mask.align ({m.align}) must be a multiple of mask.channel_block ({m.channel_block})")
     if ok("mask.align", "mask.channels") and m.align > 1 and not m.channels:
         errors.append(f"mask.align={m.align} aligns MLP widths and needs mask.channels=true")
-    r = cfg.reconstruct
-    if ok("reconstruct.blocks", "search.check_blocks", "data.calib_blocks") and r.enabled and (
-        r.blocks + s.check_blocks > d.calib_blocks
-    ):
-        errors.append(f"reconstruct.blocks ({r.blocks}) + search.check_blocks ({s.check_blocks}) must be <= "
-                      f"data.calib_blocks ({d.calib_blocks})")
     if cfg.sweep is not None and ok("sweep.lr", "sweep.lr_range", "sweep.sparsity", "sweep.grid"):
         errors.extend(_sweep_rules(cfg.sweep))
     return errors

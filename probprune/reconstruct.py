@@ -493,12 +493,18 @@ def reconstruct_local(model: nn.Module, space: MaskSpace, mask: np.ndarray, bloc
 # -------------------------------------------------------------------------------------------------- pipeline
 def for_session(s: Any, mask: np.ndarray) -> Reconstruction:
     """:func:`reconstruct` of ``mask`` with the settings of ``s.cfg.reconstruct``, on the session's replicas and its
-    first ``reconstruct.blocks`` calibration blocks (the check set is the last blocks: never used here)."""
+    first ``reconstruct.blocks`` calibration blocks (:func:`session_blocks`)."""
     r = s.cfg.reconstruct
-    blocks = s.calib.first(min(r.blocks, len(s.calib)))
+    blocks = s.calib.first(session_blocks(s))
     return reconstruct(s.replicas, s.adapter, s.space, mask, blocks, target=r.target, mode=r.mode,
                        damping=r.damping, batch_size=s.cfg.eval.batch_size, progress=s.progress,
                        removed_layers=r.removed_layers)
+
+
+def session_blocks(s: Any) -> int:
+    """How many calibration blocks reconstruction uses: ``reconstruct.blocks``, at most all but the check set (the
+    last ``search.check_blocks`` blocks, which it never sees)."""
+    return max(1, min(s.cfg.reconstruct.blocks, len(s.calib) - s.cfg.search.check_blocks))
 
 
 def choose_final(s: Any, final: np.ndarray, start: np.ndarray,
@@ -529,6 +535,6 @@ def summary_record(s: Any, rec: Reconstruction) -> dict[str, Any]:
     r = s.cfg.reconstruct
     errs = [(v["err_before"], v["err_after"]) for v in rec.info.values() if np.isfinite(v["err_before"])]
     return {"target": r.target, "mode": r.mode, "damping": r.damping, "removed_layers": r.removed_layers,
-            "blocks": min(r.blocks, len(s.calib)), "sublayers": len(rec.info),
+            "blocks": session_blocks(s), "sublayers": len(rec.info),
             "mean_rel_error": [round(float(x), 5) for x in np.mean(errs, 0)] if errs else None,
             "seconds": round(rec.seconds, 2)}
