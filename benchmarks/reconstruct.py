@@ -42,6 +42,7 @@ def main() -> None:
     ap.add_argument("--variant", choices=list(VARIANTS), default="refit-local")
     ap.add_argument("--blocks", type=int, default=128)
     ap.add_argument("--damping", type=float, default=0.1)
+    ap.add_argument("--check-only", action="store_true", help="the check-set loss only (no held-out perplexity)")
     ap.add_argument("--removed-layers", action="store_true", help="fold removed layers in (ReplaceMe)")
     args = ap.parse_args()
     cfg = load_config(args.run / "config.yaml")
@@ -68,9 +69,11 @@ def main() -> None:
     t1 = time.perf_counter()
     check_loss = reconstructed_loss(LocalReplicas(model, adapter), space, mask, rec, check)
     check_seconds = time.perf_counter() - t1
-    pruned = compact(model, space, mask, override=None if rec is None else rec.override())
-    ppl = evaluate_ppl(pruned, test_stream(tok, corpus), cfg.eval.seq_lens, max_tokens=cfg.eval.max_tokens,
-                       batch_size=cfg.eval.batch_size)
+    ppl = {}
+    if not args.check_only:
+        pruned = compact(model, space, mask, override=None if rec is None else rec.override())
+        ppl = evaluate_ppl(pruned, test_stream(tok, corpus), cfg.eval.seq_lens, max_tokens=cfg.eval.max_tokens,
+                           batch_size=cfg.eval.batch_size)
     print(json.dumps({
         "variant": args.variant + ("+layers" if args.removed_layers else ""), "blocks": args.blocks, "tokens": int(blocks.numel()), "damping": args.damping,
         "ppl": {str(k): round(float(v), 2) for k, v in ppl.items()}, "reconstruct_seconds": round(seconds, 1),

@@ -382,20 +382,21 @@ def prune(cfg: Config, output: str | Path, resume: bool = False, progress: bool 
 
             final = align_mask(space, final, unit_probs, cfg.mask.align, sc.sparsity, sc.budget)
         check_record = rec = None
-        rc = cfg.reconstruct
-        if check is not None and rc.enabled and rc.choose:  # compare the models as returned: both reconstructed
+        reconstructing = cfg.reconstruct.enabled
+        if check is not None and reconstructing and cfg.reconstruct.choose:
             from . import reconstruct
 
-            t = time.perf_counter()
+            t = time.perf_counter()  # search result and start, each with and without reconstruction
             final, rec, check_record = reconstruct.choose_final(s, final, init_mask, check)
             timings["check"] = time.perf_counter() - t
+            reconstructing = False  # decided on the check set
         elif check is not None:
             from .warmstart import choose_final
 
             t = time.perf_counter()
             final, check_record = choose_final(evaluator, final, init_mask, check, sc.batch_size)
             timings["check"] = time.perf_counter() - t
-        if rc.enabled and rec is None:
+        if reconstructing:
             t = time.perf_counter()
             rec = _reconstruction(s, final)
             timings["reconstruct"] = time.perf_counter() - t
@@ -621,8 +622,11 @@ def format_summary(summary: dict[str, Any]) -> str:
         foot += f"\nwarm start: {ws['chosen']} (check-set cross-entropy: {cands})"
     if chk:
         foot += (f"\ncheck set ({chk['tokens']:,} held-out calibration tokens): search result {chk['search_loss']:.3f}, "
-                 f"start {chk['start_loss']:.3f}: returned the {chk['returned']}"
-                 + (" (both reconstructed)" if chk.get("reconstructed") else ""))
+                 f"start {chk['start_loss']:.3f}: returned the {chk['returned']}")
+        if "search_loss_reconstructed" in chk:
+            foot += (f"; reconstructed: search result {chk['search_loss_reconstructed']:.3f}, start "
+                     f"{chk['start_loss_reconstructed']:.3f}: returned "
+                     + ("reconstructed" if chk["reconstructed"] else "without reconstruction"))
     rec = summary.get("reconstruct")
     if rec:
         foot += (f"\nreconstruction: {rec['mode']}, target {rec['target']}, damping {rec['damping']}, "

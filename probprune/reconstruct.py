@@ -508,25 +508,35 @@ def session_blocks(s: Any) -> int:
 
 
 def choose_final(s: Any, final: np.ndarray, start: np.ndarray,
-                 check: torch.Tensor) -> tuple[np.ndarray, Reconstruction, dict[str, Any]]:
-    """:func:`probprune.warmstart.choose_final` on the models as they are returned: both masks reconstructed, then
-    scored on the check set (ties: the search's).
+                 check: torch.Tensor) -> tuple[np.ndarray, Reconstruction | None, dict[str, Any]]:
+    """:func:`probprune.warmstart.choose_final` over the models as they may be returned: the search's result and its
+    start, each as it is and reconstructed, scored on the check set; the lowest loss wins (ties: the search's, then
+    the reconstructed one), so reconstruction is kept only where it helps there.
 
     Returns:
-        ``(mask, its reconstruction, record)`` with record as ``choose_final``'s, plus ``"reconstructed": True``.
+        ``(mask, its reconstruction or None, record)``; record has ``choose_final``'s ``search_loss``,
+        ``start_loss`` and ``returned``, plus ``search_loss_reconstructed``, ``start_loss_reconstructed`` and
+        ``reconstructed`` (whether the returned model is).
     """
     recs = {"search": for_session(s, final)}
     same = np.array_equal(np.asarray(final), np.asarray(start))
     recs["start"] = recs["search"] if same else for_session(s, start)
     bs = s.cfg.search.batch_size
-    loss = {k: reconstructed_loss(s.replicas, s.space, m, recs[k], check, bs)
-            for k, m in (("search", final), ("start", start))}
-    returned = "search" if loss["search"] <= loss["start"] else "start"
-    log.info("check set (reconstructed): search result %.4f, start %.4f: returning the %s",
-             loss["search"], loss["start"], returned)
-    record = {"search_loss": float(loss["search"]), "start_loss": float(loss["start"]), "returned": returned,
-              "reconstructed": True}
-    return np.asarray(final if returned == "search" else start), recs[returned], record
+    masks = {"search": final, "start": start}
+    loss = {}
+    for name, m in masks.items():
+        loss[(name, True)] = reconstructed_loss(s.replicas, s.space, m, recs[name], check, bs)
+        loss[(name, False)] = (loss[("search", False)] if same and name == "start"
+                               else reconstructed_loss(s.replicas, s.space, m, None, check, bs))
+    order = [("search", True), ("search", False), ("start", True), ("start", False)]
+    name, rec_on = min(order, key=lambda k: (loss[k], order.index(k)))
+    log.info("check set: search result %.4f (reconstructed %.4f), start %.4f (reconstructed %.4f): returning the "
+             "%s%s", loss[("search", False)], loss[("search", True)], loss[("start", False)], loss[("start", True)],
+             name, ", reconstructed" if rec_on else "")
+    record = {"search_loss": float(loss[("search", False)]), "start_loss": float(loss[("start", False)]),
+              "search_loss_reconstructed": float(loss[("search", True)]),
+              "start_loss_reconstructed": float(loss[("start", True)]), "returned": name, "reconstructed": rec_on}
+    return np.asarray(masks[name]), (recs[name] if rec_on else None), record
 
 
 def summary_record(s: Any, rec: Reconstruction) -> dict[str, Any]:
