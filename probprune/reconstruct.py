@@ -292,7 +292,8 @@ def solve(stats: dict, w0: torch.Tensor, mode: str, damping: float) -> tuple[tor
         # ‖ZWᵀ + 1bᵀ − Y‖² = tr(W ZᵀZ Wᵀ) − 2 tr(W ZᵀY) + ‖Y‖² + 2 bᵀ(W Σz − Σy) + n‖b‖²
         if "zz" not in stats:
             return float("nan")
-        e = (w @ stats["zz"] * w).sum() - 2 * (w * stats["zy"].T).sum() + stats["yy"]
+        wf = w.float()  # a diagnostic: float32 is plenty, and H·k² float64 FLOPs per call are not
+        e = float((wf @ stats["zz"].float() * wf).sum()) - 2 * float((w * stats["zy"].T).sum()) + stats["yy"]
         if b is not None:
             e = e + 2 * b @ (w @ stats["z"] - stats["y"]) + n * b @ b
         return float(e / max(stats["yy"], 1e-300))
