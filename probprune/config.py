@@ -228,7 +228,7 @@ class ReconstructConfig:
     blocks: int = _opt(128, check=_at_least(1))  # calibration blocks, the first ones (at most all but the check set)
     # fold each span of removed layers into the down_proj of the kept layer before it (ReplaceMe, no new parameters)
     removed_layers: bool = _opt(False)
-    # the check-set choice between the search's result and its start compares both reconstructed (one more solve)
+    # the check-set choice: search result and start, each with and without reconstruction (one more solve)
     choose: bool = _opt(True)
 
 

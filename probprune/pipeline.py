@@ -551,9 +551,11 @@ def run_baseline(cfg: Config, method: str, output: str | Path, progress: bool = 
     mask = baseline_mask(method, s.adapter, s.space, blocks, cfg.search.sparsity, seed=cfg.seed,
                          budget=cfg.search.budget, stats=stats)
     adjust = rec = None
-    if method == "flap" and not cfg.reconstruct.enabled:  # FLAP adds the removed columns' mean contribution to the
-        from .baselines import apply_bias_compensation, flap_bias_compensation  # output biases (reconstruction
-        # replaces it: both would count the removed columns twice)
+    if method == "flap" and not cfg.reconstruct.enabled:
+        # FLAP adds the removed columns' mean contribution to the output biases; reconstruction replaces that (both
+        # would count the removed columns twice)
+        from .baselines import apply_bias_compensation, flap_bias_compensation
+
         comp = flap_bias_compensation(s.adapter, s.space, mask, stats)
         adjust = lambda pruned: apply_bias_compensation(pruned, get_adapter(pruned), comp)  # noqa: E731
     timings["baseline"] = time.perf_counter() - t
