@@ -46,6 +46,7 @@ PRESETS = {  # search presets: label -> (config file, overrides)
                                        "search.lr=0.02"]),
 }
 MODEL_ONLY = {"probprune-paper": "smollm2-135m"}  # presets whose config is one model's
+REC = "+rec"  # method-name suffix of the runs with reconstruction
 PINNED_STEPS = {"probprune-paper"}  # presets that take --steps; the others keep their config's step count
 # Equal calibration budget: the paper preset scores 2 masks x 8 x 128 tokens per step, ours 4 masks x 4 x 128, so
 # --steps 150 (the default) gives the paper preset the scored tokens of ours (150 steps).
@@ -148,6 +149,8 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=16384, help="held-out tokens per window length")
     ap.add_argument("--steps", type=int, default=150, help="search steps of the paper preset (150 = the scored "
                     "tokens of ours)")
+    ap.add_argument("--with-reconstruction", action="store_true", help="also run every method with the kept weights "
+                    "reconstructed (rows 'METHOD+rec'); plain rows pin reconstruct.enabled=false")
     ap.add_argument("--quick", action="store_true", help="20 search steps, 2048 eval tokens, 0.5 only, one seed")
     ap.add_argument("--report-only", action="store_true", help="rebuild csv/md/png from the finished jobs; run nothing")
     ap.add_argument("--job", help=argparse.SUPPRESS)
@@ -175,14 +178,17 @@ def main() -> int:
     print(f"dense perplexity: {dense}", flush=True)
 
     jobs = []
+    methods = [*args.methods, *(f"{m}{REC}" for m in args.methods if args.with_reconstruction and REC not in m)]
     for sp in args.sparsities:
-        for m in args.methods:
+        for method in methods:
+            m = method.removesuffix(REC)  # "METHOD+rec": the same method, its kept weights reconstructed
+            rec = [f"reconstruct.enabled={str(method.endswith(REC)).lower()}"]
             seeds = args.seeds if (m in PRESETS or m == "random") else [args.seeds[0]]
             for seed in seeds:
-                name = job_name(m, sp, seed)
+                name = job_name(method, sp, seed)
                 extra = search_common if m in PINNED_STEPS or args.quick and m in PRESETS else []
-                spec = {"method": m, "out": str(out / "runs" / name), "threads": args.threads, "dense_ppl": dense,
-                        "overrides": [*common, *extra, *PRESETS.get(m, (None, SINGLE_CHANNELS))[1],
+                spec = {"method": method, "out": str(out / "runs" / name), "threads": args.threads, "dense_ppl": dense,
+                        "overrides": [*common, *extra, *PRESETS.get(m, (None, SINGLE_CHANNELS))[1], *rec,
                                       f"search.sparsity={sp}", f"seed={seed}"],
                         "config": PRESETS[m][0] or base_config if m in PRESETS else base_config,
                         **({} if m in PRESETS else {"baseline": m})}
@@ -220,7 +226,7 @@ def write_results(out: Path, jobs, statuses, wall: float, label: str) -> None:
             "total_sparsity": s["sparsity"]["total"],
             "params_total": s["params"]["pruned_total"],
             "model": s["model"],
-            "uses_gradients": spec["method"] == "taylor",
+            "uses_gradients": spec["method"].removesuffix(REC) == "taylor",
             "wall_seconds": s["wall_seconds"],
         })
     if not rows:
@@ -253,26 +259,26 @@ def write_results(out: Path, jobs, statuses, wall: float, label: str) -> None:
                     cells.append(f"{r[c + '_mean']:.1f} ({r[c + '_min']:.1f}–{r[c + '_max']:.1f})")
                 else:
                     cells.append(f"{r[c + '_mean']:.1f}")
-            label = r["method"] + (" †" if r["method"] == "taylor" else "")
+            label = r["method"] + (" †" if r["method"].removesuffix(REC) == "taylor" else "")
             lines.append(f"| {r['prunable']:.1%} / {r['total']:.1%} | {label} | " + " | ".join(cells)
                          + f" | {int(r['seeds'])} | {r['wall']:.0f} |")
-        base = grp[~grp["method"].isin(PRESETS)]
-        ours = grp[grp["method"] == "probprune-ours"]
-        if len(base) and len(ours):
+        base = grp[~grp["method"].str.removesuffix(REC).isin(PRESETS)]
+        for _, o in grp[grp["method"].isin(["probprune-ours", "probprune-ours" + REC])].iterrows():
+            if not len(base):
+                break
             for c in short:
                 best = base.loc[base[f"{c}_mean"].idxmin()]
-                o = ours.iloc[0]
-                ratios.append((sp, c.replace("ppl_", "PPL@"), best["method"], o[f"{c}_mean"] / best[f"{c}_mean"],
-                               o[f"{c}_max"] / best[f"{c}_mean"], o[f"{c}_max"] / o[f"{c}_min"], int(o["seeds"]),
+                ratios.append((sp, o["method"], c.replace("ppl_", "PPL@"), best["method"],
+                               o[f"{c}_mean"] / best[f"{c}_mean"], o[f"{c}_max"] / best[f"{c}_mean"],
+                               o[f"{c}_max"] / o[f"{c}_min"], int(o["seeds"]),
                                o[f"{c}_mean"] / float(dense[c.split("_")[1]])))
     lines += ["", "† uses one backward pass (gradients); every other method is forward-only.", ""]
     if ratios:
         lines += ["probprune-ours (the default) against the best baseline of each column:", "",
-                  "| sparsity | window | best baseline | mean ÷ best | worst seed ÷ best | max ÷ min over seeds | seeds "
-                  "| mean ÷ dense |",
-                  "|---|---|---|---|---|---|---|---|"]
-    for sp, col, best, mean_r, worst_r, spread, n, vs_dense in ratios:
-        lines.append(f"| {sp:.0%} | {col} | {best} | {mean_r:.3f} | {worst_r:.3f} | {spread:.3f} | {n} "
+                  "| sparsity | ours | window | best baseline | mean ÷ best | worst seed ÷ best | max ÷ min over seeds "
+                  "| seeds | mean ÷ dense |", "|---|---|---|---|---|---|---|---|---|"]
+    for sp, ours, col, best, mean_r, worst_r, spread, n, vs_dense in ratios:
+        lines.append(f"| {sp:.0%} | {ours} | {col} | {best} | {mean_r:.3f} | {worst_r:.3f} | {spread:.3f} | {n} "
                      f"| {vs_dense:.2f} |")
     lines.append(f"\nwall time of the runs (each in its own process): {df['wall_seconds'].sum() / 60:.1f} min in all; "
                  f"this invocation: {wall / 60:.1f} min")
@@ -281,7 +287,7 @@ def write_results(out: Path, jobs, statuses, wall: float, label: str) -> None:
     from _common import log_plot
 
     series = [(m, grp.sort_values("prunable")["prunable"] * 100, grp.sort_values("prunable")[f"{key}_mean"],
-               "-o" if m in PRESETS else "--.") for m, grp in agg.groupby("method")]
+               "-o" if m.removesuffix(REC) in PRESETS else "--.") for m, grp in agg.groupby("method")]
     log_plot(out / "quality.png", series, float(dense[key.split("_")[1]]), "prunable-parameter sparsity (%)",
              f"held-out perplexity ({key.replace('ppl_', 'PPL@')}, log)", f"{label}, Brown held-out split")
 

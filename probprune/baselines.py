@@ -27,14 +27,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch import nn
 
 from .errors import UserError
-from .compaction import layout_entry
 from .masks import CHANNEL, HEAD, LAYER, MaskSpace
-from .models.adapter import get_adapter
 from .models.base import FamilyAdapter
-from .models.modeling_probprune import EmptyAttention, EmptyMLP
 from .projection import BUDGETS, _round_half_up, final_mask
 from .scoring import CRITERIA, collect_input_stats, column_mean, criterion_scores
 
@@ -324,64 +320,3 @@ def flap_bias_compensation(
         if comp:
             out[li] = comp
     return out
-
-
-def _bias_slot(adapter: FamilyAdapter, layer: int, which: str) -> tuple[nn.Module, str]:
-    """(module, attribute) that holds the output bias of a layer's attention (``o_proj``) or MLP (``down_proj``)."""
-    if which == "o_proj":
-        attn = adapter.attention(layer)
-        return (attn, "o_bias") if isinstance(attn, EmptyAttention) else (adapter.attn_out(layer), "bias")
-    mlp = adapter.mlp(layer)
-    return (mlp, "down_bias") if isinstance(mlp, EmptyMLP) else (adapter.mlp_out(layer), "bias")
-
-
-class BiasCompensation:
-    """FLAP's bias compensation as an edit of a compacted model (``edit(pruned)``, in place): the
-    :func:`flap_bias_compensation` vectors added by :func:`apply_bias_compensation`."""
-
-    def __init__(self, comp: dict[int, dict[str, torch.Tensor]]):
-        self.comp = comp
-
-    def __call__(self, pruned: nn.Module) -> nn.Module:
-        return apply_bias_compensation(pruned, get_adapter(pruned), self.comp)
-
-
-@torch.no_grad()
-def apply_bias_compensation(
-    model: nn.Module, adapter: FamilyAdapter, comp: dict[int, dict[str, torch.Tensor]]
-) -> nn.Module:
-    """Add FLAP compensation vectors to the output biases of a compacted model's attention / MLP, in place.
-
-    Where an output projection has no bias, one is created and the layer's entry in ``config.probprune_layout``
-    records it (``"o_bias"`` / ``"down_bias"``), so the saved folder rebuilds it: a stock-shaped model becomes a
-    per-layer-layout model for this (stock configs cannot hold an output bias without also adding q/k/v and gate/up
-    biases).
-
-    Args:
-        model: the compacted model (layers may have been renumbered; ``probprune_source_layer`` maps them back).
-        adapter: its adapter.
-        comp: from :func:`flap_bias_compensation` on the unpruned model.
-
-    Returns:
-        ``model``.
-
-    Raises:
-        UserError: a compensated layer no longer exists in ``model``.
-    """
-    source = {}
-    for li in range(len(adapter.layers)):
-        source[int(getattr(adapter.attention(li), "probprune_source_layer", li))] = li
-    for src, parts in comp.items():
-        if src not in source:
-            raise UserError(f"layer {src} was removed by compaction; its flap bias compensation cannot be applied")
-        li = source[src]
-        for which, vec in parts.items():
-            module, attr = _bias_slot(adapter, li, which)
-            bias = getattr(module, attr)
-            if bias is None:
-                ref = next(model.parameters())
-                setattr(module, attr, nn.Parameter(torch.zeros(vec.numel(), dtype=ref.dtype, device=ref.device)))
-                bias = getattr(module, attr)
-                layout_entry(model, li)["o_bias" if which == "o_proj" else "down_bias"] = True
-            bias.add_(vec.to(bias.device, bias.dtype))
-    return model

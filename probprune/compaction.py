@@ -59,7 +59,8 @@ def surviving_layers(space: MaskSpace, mask: np.ndarray) -> list[LayerKeep | Non
 
 
 @torch.no_grad()
-def compact(model: nn.Module, space: MaskSpace, mask: np.ndarray, inplace: bool = False) -> nn.Module:
+def compact(model: nn.Module, space: MaskSpace, mask: np.ndarray, inplace: bool = False,
+            override: dict[int, dict[str, torch.Tensor]] | None = None) -> nn.Module:
     """Build the smaller model that computes what ``model`` computes under ``mask``.
 
     Args:
@@ -67,13 +68,24 @@ def compact(model: nn.Module, space: MaskSpace, mask: np.ndarray, inplace: bool 
         space: the mask space ``mask`` lives in (built from this model).
         mask: ``[N]`` binary unit mask.
         inplace: slice ``model`` itself (saves memory on big models) instead of a deep copy.
+        override: re-fitted weights per layer of ``model`` (:meth:`probprune.reconstruct.Reconstruction.override`):
+            ``"o_proj"`` / ``"down_proj"`` replace the kept input columns of that output projection (``[H, kept]``,
+            in kept order), ``"o_bias"`` / ``"down_bias"`` (``[H]``) are added to its output bias, which is created
+            (and recorded in ``config.probprune_layout``) where the model has none.
 
     Returns:
         The compacted model. ``config.probprune_layout`` lists the per-layer widths when they differ across layers.
     """
     if not inplace:
         model = copy.deepcopy(model)
-    return _compact(model, space, mask)
+    return _compact(model, space, mask, override=override)
+
+
+def _replacement(override: dict[str, torch.Tensor], key: str, like: torch.Tensor) -> torch.Tensor:
+    w = override[key]
+    if tuple(w.shape) != tuple(like.shape):
+        raise ValueError(f"override[{key!r}] has shape {tuple(w.shape)}, the kept columns have {tuple(like.shape)}")
+    return w.detach().to(like.device, like.dtype).clone()
 
 
 def _compact(
@@ -82,6 +94,7 @@ def _compact(
     mask: np.ndarray,
     load: Callable[[int, nn.Module], None] | None = None,
     emit: Callable[[int, nn.Module], None] | None = None,
+    override: dict[int, dict[str, torch.Tensor]] | None = None,
 ) -> nn.Module:
     """:func:`compact` in place; ``load(i, layer)`` fills a surviving layer's weights just before it is sliced and
     ``emit(new_i, layer)`` receives it right after (streamed compaction: one layer in memory at a time)."""
@@ -104,16 +117,21 @@ def _compact(
             load(li, layer)
         # slice what is kept before resize_decoder_layer swaps the projections for fresh ones
         attn_vals = mlp_vals = None
+        new = (override or {}).get(li, {})
         attn_bias, mlp_bias = adapter.attn_out_bias(layer), adapter.mlp_out_bias(layer)
         if keep.kv_heads.numel():
             q_rows, kv_rows = _head_rows(keep.q_heads, d), _head_rows(keep.kv_heads, d)
             attn_vals = {r: (_rows(p.w, q_rows if r == "q" else kv_rows), _rows(p.b, q_rows if r == "q" else kv_rows))
                          for r, p in adapter.attn_in(layer).items()}
             o_w = _cols(adapter.attn_out(layer).weight, q_rows)
+            if "o_proj" in new:
+                o_w = _replacement(new, "o_proj", o_w)
         if keep.channels.numel():
             mlp_vals = {r: (_rows(p.w, keep.channels), _rows(p.b, keep.channels))
                         for r, p in adapter.mlp_in(layer).items()}
             down_w = _cols(adapter.mlp_out(layer).weight, keep.channels)
+            if "down_proj" in new:
+                down_w = _replacement(new, "down_proj", down_w)
         spec = {
             "num_key_value_heads": int(keep.kv_heads.numel()),
             "num_attention_heads": int(keep.q_heads.numel()),
@@ -121,6 +139,9 @@ def _compact(
             "source_layer": int(getattr(adapter.attention(layer), "probprune_source_layer", old_src[li])),
         }
         spec.update({k: True for k in ("o_bias", "down_bias") if old_layout[li].get(k)})  # added output biases
+        for key, old in (("o_bias", attn_bias), ("down_bias", mlp_bias)):
+            if key in new and old is None:
+                spec[key] = True
         resize_decoder_layer(layer, config, spec, len(new_layers))
         if attn_vals is not None:
             _fill(adapter.attn_in(layer), attn_vals)
@@ -128,9 +149,14 @@ def _compact(
         if mlp_vals is not None:
             _fill(adapter.mlp_in(layer), mlp_vals)
             adapter.mlp_out(layer).weight.data = down_w
-        for new_bias, old_bias in ((adapter.attn_out_bias(layer), attn_bias), (adapter.mlp_out_bias(layer), mlp_bias)):
-            if new_bias is not None:
-                new_bias.data = old_bias.detach().clone()
+        for key, new_bias, old_bias in (("o_bias", adapter.attn_out_bias(layer), attn_bias),
+                                        ("down_bias", adapter.mlp_out_bias(layer), mlp_bias)):
+            if new_bias is None:
+                continue
+            value = old_bias.detach().clone() if old_bias is not None else torch.zeros_like(new_bias, device="cpu")
+            if key in new:
+                value = (value.double() + new[key].detach().cpu().double()).to(value.dtype)
+            new_bias.data = value.to(new_bias.device)
         if emit is not None:
             emit(len(new_layers), layer)
         new_layers.append(layer)
@@ -239,7 +265,8 @@ def _put_parameter(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
 
 @torch.no_grad()
 def compact_checkpoint(src: str | Path, space: MaskSpace, mask: np.ndarray, dst: str | Path, tokenizer=None,
-                       max_shard_bytes: int = 2 << 30) -> Path:
+                       max_shard_bytes: int = 2 << 30,
+                       override: dict[int, dict[str, torch.Tensor]] | None = None) -> Path:
     """Compact a saved model folder into ``dst`` without ever holding the model: one decoder layer at a time.
 
     The model is built on the ``meta`` device (no memory); each surviving layer's tensors are read from the source
@@ -256,6 +283,7 @@ def compact_checkpoint(src: str | Path, space: MaskSpace, mask: np.ndarray, dst:
         dst: the output folder.
         tokenizer: saved into ``dst`` if given (else ``src``'s tokenizer files are copied).
         max_shard_bytes: size limit of one output shard.
+        override: re-fitted weights per layer, applied while each layer is sliced (as in :func:`compact`).
 
     Returns:
         ``dst``; it loads with :func:`probprune.models.load_pruned` and equals ``save_pruned(compact(model, ...))``.
@@ -289,7 +317,7 @@ def compact_checkpoint(src: str | Path, space: MaskSpace, mask: np.ndarray, dst:
             layer.to("meta")  # drop this layer's weights
             release_freed_heap()  # else freed slices stay resident: +740 MB over a 1B model's layers
 
-        _compact(model, space, mask, load=load, emit=emit)
+        _compact(model, space, mask, load=load, emit=emit, override=override)
         for name in reader.names():
             if not name.startswith(prefix):
                 reader.copy(name, writer)  # embeddings, final norm, head: bytes copied in chunks

@@ -311,6 +311,33 @@ class EvalConfig:
 
 
 @_section
+class ReconstructConfig:
+    """Forward-only reconstruction of the kept output columns once the mask is chosen (:mod:`probprune.reconstruct`)."""
+
+    enabled: Annotated[Bool, Field(description="re-fit the kept weights after the mask is chosen")] = False
+    target: Annotated[Literal["local", "dense"], Field(description=(
+        "`local`: the dense sublayer on the pruned model's own input; `dense`: the dense model's own activations"
+    ))] = "local"
+    mode: Annotated[Literal["bias", "refit", "refit+bias"], Field(description=(
+        "`refit`: ridge least squares of the kept output columns (no new parameters); `bias`: a mean-compensation "
+        "output bias; `refit+bias`: both"
+    ))] = "refit"
+    damping: Annotated[Number, Field(ge=0, description=(
+        "ridge λ relative to the mean diagonal of the Gram matrix"
+    ))] = 0.1
+    blocks: Annotated[Int, Field(ge=1, description=(
+        "calibration blocks used, the first ones (at most all but the check set)"
+    ))] = 128
+    removed_layers: Annotated[Bool, Field(description=(
+        "fold each span of removed layers into the down_proj of the kept layer before it (ReplaceMe; no new "
+        "parameters)"
+    ))] = False
+    choose: Annotated[Bool, Field(description=(
+        "the check-set choice compares search result and start, each with and without reconstruction"
+    ))] = True
+
+
+@_section
 class SweepConfig:
     """A Ray Tune sweep: grid over lr x sparsity (x extra keys), one search per trial."""
 
@@ -344,6 +371,7 @@ class Config:
     search: SearchConfig = field(default_factory=SearchConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    reconstruct: ReconstructConfig = field(default_factory=ReconstructConfig)
     sweep: SweepConfig | None = None
     seed: Annotated[Int, Field(ge=0, description="seed of the run (calibration batches, masks)")] = 0
     name: Annotated[NonEmptyStr, Field(description="name of the run")] = "probprune"
@@ -356,6 +384,7 @@ _SECTIONS: dict[str, type] = {
     "search": SearchConfig,
     "engine": EngineConfig,
     "eval": EvalConfig,
+    "reconstruct": ReconstructConfig,
     "sweep": SweepConfig,
 }
 

@@ -26,7 +26,7 @@ import torch
 from . import projection
 from .config import Config, apply_overrides, config_to_dict
 from .data import load_corpus, resolve_bos, test_stream
-from .engine import Edit, Engine
+from .engine import Engine
 from .engine.tasks import baseline_mask, criterion_scores, flap_compensation, input_stats, warm_start_candidates
 from .errors import UserError
 from .evaluation import protocol
@@ -127,19 +127,37 @@ def fingerprint(cfg: Config, space: MaskSpace) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def choose(s: Session, policy, result, start: Start, check: torch.Tensor | None) -> tuple[np.ndarray, Any, dict | None]:
-    """The final mask: the search's (re-derived under ``mask.shape``/``mask.align``), or its start if that has the
-    lower check-set loss. Returns ``(mask, unit probabilities, check record)``."""
+def choose(s: Session, policy, result, start: Start, check: torch.Tensor | None):
+    """The final mask and its reconstruction (or None): the search's mask (re-derived under
+    ``mask.shape``/``mask.align``) or its start, whichever has the lower check-set loss; with ``reconstruct.enabled``
+    (and ``reconstruct.choose``) each is compared as it is and reconstructed, so reconstruction is kept only where
+    it helps there. Returns ``(mask, reconstruction, unit probabilities, check record)``."""
     cfg = s.cfg
     probs = policy.unit_probs() if cfg.search.method == "allocation" else policy.probs  # [N] either way
     final = final_mask(cfg, s.space, probs, mask=result.final_mask)
-    if check is None:
-        return final, probs, None
-    from .warmstart import choose_final
+    rec = record = None
+    if check is not None:
+        with s.timed("check"):
+            if cfg.reconstruct.enabled and cfg.reconstruct.choose:
+                from .reconstruct import choose_final
 
-    with s.timed("check"):
-        final, record = choose_final(s.engine, final, start.mask, check, cfg.search.batch_size)
-    return final, probs, {"blocks": int(check.shape[0]), "tokens": int(check.numel()), **record}
+                final, rec, record = choose_final(s, final, start.mask, check)
+            else:
+                from .warmstart import choose_final
+
+                final, record = choose_final(s.engine, final, start.mask, check, cfg.search.batch_size)
+        record = {"blocks": int(check.shape[0]), "tokens": int(check.numel()), **record}
+    if cfg.reconstruct.enabled and not (check is not None and cfg.reconstruct.choose):  # not decided above
+        rec = reconstruct(s, final)
+    return final, rec, probs, record
+
+
+def reconstruct(s: Session, mask: np.ndarray):
+    """The reconstruction of ``mask`` under ``s.cfg.reconstruct`` (:mod:`probprune.reconstruct`), timed."""
+    from .reconstruct import for_session
+
+    with s.timed("reconstruct"):
+        return for_session(s, mask)
 
 
 # --------------------------------------------------------------------------------------------------- the jobs
@@ -180,8 +198,8 @@ def prune(cfg: Config, output: str | Path, resume: bool = False, progress: bool 
         s.timings["search"] = result.wall_seconds
         if stop_after is not None and policy.step_count < sc.steps:
             return {"interrupted_at_step": policy.step_count}
-        final, probs, check_record = choose(s, policy, result, start, check)
-        summary = finish(s, run, final, t_start, dense_ppl, probs=probs, start=start, init_ppl=init_ppl)
+        final, rec, probs, check_record = choose(s, policy, result, start, check)
+        summary = finish(s, run, final, t_start, dense_ppl, probs=probs, start=start, init_ppl=init_ppl, rec=rec)
     if start.warm is not None:
         summary["warm_start"] = {"chosen": start.warm.name, "mix": sc.init_mix,
                                  "check_losses": start.warm.check_losses}
@@ -226,13 +244,14 @@ def run_baseline(cfg: Config, method: str, output: str | Path, progress: bool = 
                 stats = s.engine.run(input_stats, blocks)
             mask = s.engine.run(baseline_mask, method, s.space, blocks, cfg.search.sparsity, cfg.seed,
                                 cfg.search.budget, stats)
-            edit = None
-            if method == "flap":  # FLAP adds the removed columns' mean contribution to the output biases
-                from .baselines import BiasCompensation
+        rec, label = None, method + (" (uses gradients)" if method in USES_GRADIENTS else "")
+        if cfg.reconstruct.enabled:  # replaces FLAP's compensation (both would count the removed columns twice)
+            rec, label = reconstruct(s, mask), label + " + reconstruction"
+        elif method == "flap":  # FLAP adds the removed columns' mean contribution to the output biases
+            from .reconstruct import Reconstruction
 
-                edit = BiasCompensation(s.engine.run(flap_compensation, s.space, mask, stats))
-        label = method + (" (uses gradients)" if method in USES_GRADIENTS else "")
-        summary = finish(s, run, mask, t_start, dense_ppl, label=label, edit=edit)
+            rec = Reconstruction(biases=s.engine.run(flap_compensation, s.space, mask, stats))
+        summary = finish(s, run, mask, t_start, dense_ppl, label=label, rec=rec)
     summary["method"] = method
     summary["wall_seconds"] = round(time.perf_counter() - t_start, 2)
     run.write_summary(summary, cfg)
@@ -273,16 +292,16 @@ def _closing(s: Session) -> Iterator[Session]:
 
 def finish(s: Session, run: RunFolder, final: np.ndarray, t_start: float, dense_ppl: dict[str, float],
            probs: Any = None, start: Start | None = None, init_ppl: dict[str, float] | None = None,
-           label: str = "probprune search", edit: Edit | None = None) -> dict[str, Any]:
-    """Compact and save the final mask (``edit`` applied), evaluate it, write ``masks.pt``; return the summary
-    (written by the caller once complete)."""
+           label: str = "probprune search", rec: Any = None) -> dict[str, Any]:
+    """Compact and save the final mask (with ``rec``'s re-fitted weights), evaluate it, write ``masks.pt``; return
+    the summary (written by the caller once complete)."""
     from .compaction import count_params
 
     cfg, space = s.cfg, s.space
     with s.timed("save"):
-        pruned_total = s.engine.save_pruned(final, run.model_dir, s.tokenizer, edit)
+        pruned_total = s.engine.save_pruned(final, run.model_dir, s.tokenizer, rec)
     with s.timed("eval_pruned"):
-        pruned_ppl = measure(s, final, label, edit)
+        pruned_ppl = measure(s, final, label, rec)
     run.write_masks(masks_record(space, final, probs, *((start.mask, start.probs) if start else ())))
     dense_total = count_params(s.model)
     summary: dict[str, Any] = {"model": cfg.model.name_or_path, "dtype": cfg.model.dtype, "data": cfg.data.source,
@@ -291,12 +310,12 @@ def finish(s: Session, run: RunFolder, final: np.ndarray, t_start: float, dense_
         init = _mask_record(space, start.mask, dense_total)
         summary.update(init=start.name, init_ppl=init_ppl, init_sparsity=init["sparsity"],
                        init_total=init["pruned_total"])
-    rec = _mask_record(space, final, dense_total)
+    kept = _mask_record(space, final, dense_total)
     summary.update({
         "pruned_ppl": pruned_ppl,
-        "sparsity": rec["sparsity"],
+        "sparsity": kept["sparsity"],
         "params": {"dense_total": dense_total, "pruned_total": pruned_total,
-                   "dense_prunable": space.prunable_params, "pruned_prunable": rec["kept_prunable"]},
+                   "dense_prunable": space.prunable_params, "pruned_prunable": kept["kept_prunable"]},
         "units": {**space.type_counts(), "kept": {k: int(final[space.type_slice(t)].sum())
                                                   for k, t in (("head", 0), ("channel", 1), ("layer", 2))}},
         "calibration": {"blocks": len(s.calib), "block_len": cfg.data.block_len, "bos_id": s.bos_id},
@@ -305,6 +324,10 @@ def finish(s: Session, run: RunFolder, final: np.ndarray, t_start: float, dense_
         "timings": {k: round(v, 2) for k, v in s.timings.items()},
         "wall_seconds": round(time.perf_counter() - t_start, 2),
     })
+    if rec is not None and cfg.reconstruct.enabled:
+        from .reconstruct import summary_record
+
+        summary["reconstruct"] = summary_record(s, rec)
     return summary
 
 

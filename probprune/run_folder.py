@@ -253,4 +253,12 @@ def format_summary(summary: dict[str, Any]) -> str:
     if chk:
         foot += (f"\ncheck set ({chk['tokens']:,} held-out calibration tokens): search result {chk['search_loss']:.3f}, "
                  f"start {chk['start_loss']:.3f}: returned the {chk['returned']}")
+        if "search_loss_reconstructed" in chk:
+            foot += (f"; reconstructed: search result {chk['search_loss_reconstructed']:.3f}, start "
+                     f"{chk['start_loss_reconstructed']:.3f}: returned "
+                     + ("reconstructed" if chk["reconstructed"] else "without reconstruction"))
+    rec = summary.get("reconstruct")
+    if rec:
+        foot += (f"\nreconstruction: {rec['mode']}, target {rec['target']}, damping {rec['damping']}, "
+                 f"{rec['blocks']} calibration blocks, {rec['sublayers']} sublayers solved in {rec['seconds']:.0f} s")
     return "\n".join(rows) + "\n\n" + foot

@@ -18,7 +18,7 @@ import torch
 
 from .config import Config
 from .data import CalibrationData, load_corpus, resolve_bos, test_stream
-from .engine import Edit, Engine, build_engine, load_for_engine
+from .engine import Engine, build_engine, load_for_engine
 from .engine.tasks import channel_ranking, input_stats, merge_stats, split_shares
 from .errors import UserError
 from .evaluation import max_context
@@ -101,10 +101,11 @@ def build_space(cfg: Config, adapter: FamilyAdapter, stats: dict | None, engine:
         raise UserError(f"mask.head_unit={cfg.mask.head_unit!r}: {e}") from None
 
 
-def measure(s: Session, mask: np.ndarray | None, label: str, edit: Edit | None = None) -> dict[str, float]:
-    """Held-out perplexity of the model under ``mask`` (None: dense), ``edit`` applied, by the evaluation protocol."""
+def measure(s: Session, mask: np.ndarray | None, label: str, rec: Any = None) -> dict[str, float]:
+    """Held-out perplexity of the model under ``mask`` (None: dense) with ``rec``'s re-fitted weights
+    (:class:`~probprune.reconstruct.Reconstruction`), by the evaluation protocol."""
     e = s.cfg.eval
-    ppl = s.engine.perplexity(mask, s.test_tokens, e.seq_lens, e.max_tokens, e.batch_size, s.progress, edit,
+    ppl = s.engine.perplexity(mask, s.test_tokens, e.seq_lens, e.max_tokens, e.batch_size, s.progress, rec,
                               bos_id=s.bos_id)
     log.info("%s perplexity: %s", label, ppl)
     return ppl

@@ -9,13 +9,13 @@ import torch
 from probprune.baselines import (
     BASELINES,
     USES_GRADIENTS,
-    apply_bias_compensation,
     baseline_mask,
     flap_bias_compensation,
     shortgpt_mask,
     sleb_mask,
     uniform_per_layer_mask,
 )
+from probprune.reconstruct import Reconstruction
 from probprune.compaction import compact, save_pruned
 from probprune.errors import UserError
 from probprune.masks import CHANNEL, HEAD, LAYER, LayerShape, MaskSpace
@@ -269,8 +269,7 @@ def test_flap_bias_compensation_keeps_removed_columns_mean(tmp_path) -> None:
     for h in hooks:
         h.remove()
 
-    small = compact(model, space, mask)
-    apply_bias_compensation(small, get_adapter(small), comp)
+    small = compact(model, space, mask, override=Reconstruction(biases=comp).override())  # the biases, added
     with torch.no_grad():
         got = small(input_ids=x).logits
         plain = compact(model, space, mask)(input_ids=x).logits

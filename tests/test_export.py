@@ -260,18 +260,26 @@ def _llama_cpp_logits(path, ids):
     return np.asarray(llm.scores[: ids.shape[1]], dtype=np.float32)  # [T, V]
 
 
+def llama_cpp_logits(pruned, folder, tmp_path, outtype: str, arch: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(llama.cpp's logits, the model's logits)`` ``[12, V]`` of ``folder`` exported as GGUF in ``outtype``, which
+    must be written as ``arch`` (skips the test without llama_cpp; an f32 KV cache: the default f16 one rounds keys
+    and values)."""
+    _llama_cpp_or_skip()  # without it, the GGUF tensors and shapes are still checked exactly by the tests above
+    path = tmp_path / "m.gguf"
+    assert export_gguf(_with_merges(folder, tmp_path), path, outtype=outtype)["arch"] == arch
+    ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(2))
+    got = _llama_cpp_logits(path, ids)
+    with torch.no_grad():
+        want = pruned(ids).logits[0].float().numpy()  # [T, V]
+    return got, want
+
+
 @pytest.mark.parametrize("outtype", ["f32", "q8_0"])
 def test_llama_cpp_runs_the_exported_model_with_the_same_logits(hetero, tmp_path, outtype):
     """The real runtime: llama.cpp's logits of the exported heterogeneous model equal the compacted model's (q8_0:
     within the rounding of 8-bit weights; the one-channel stand-in MLP of the MLP-free layer stays f16 in it)."""
-    _llama_cpp_or_skip()  # without it, the GGUF tensors and shapes are still checked exactly by the tests above
     pruned, folder = hetero
-    path = tmp_path / "m.gguf"
-    assert export_gguf(_with_merges(folder, tmp_path), path, outtype=outtype)["arch"] == "deci"
-    ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(2))
-    got = _llama_cpp_logits(path, ids)  # an f32 KV cache (the default f16 one rounds keys and values)
-    with torch.no_grad():
-        want = pruned(ids).logits[0].float().numpy()  # [T, V]
+    got, want = llama_cpp_logits(pruned, folder, tmp_path, outtype, "deci")
     scale = max(1.0, float(np.abs(want).max()))
     if outtype == "f32":
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-3 * scale)

@@ -20,7 +20,7 @@ import torch
 
 from ..errors import UserError
 from ..masks import MaskSpace
-from .base import Edit, Engine, Task
+from .base import Engine, Task
 
 
 def load_for_engine(cfg: Any) -> tuple[torch.nn.Module, Any]:
@@ -56,4 +56,4 @@ def build_engine(cfg: Any, model: torch.nn.Module, space: MaskSpace) -> Engine:
                        objective=cfg.search.objective)
 
 
-__all__ = ["Engine", "Edit", "Task", "build_engine", "load_for_engine"]
+__all__ = ["Engine", "Task", "build_engine", "load_for_engine"]

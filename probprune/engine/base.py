@@ -4,17 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import numpy as np
 import torch
 
 from ..masks import MaskSpace
 
+if TYPE_CHECKING:
+    from ..reconstruct import Reconstruction
+
 # A weight task: a module-level function ``task(model, adapter, *args)`` (see :mod:`probprune.engine.tasks`).
 Task = Callable[..., Any]
-# An edit of a compacted model's weights in place (e.g. FLAP's bias compensation): ``edit(pruned_model)``.
-Edit = Callable[[torch.nn.Module], Any]
 
 
 class Engine(Protocol):
@@ -49,14 +50,14 @@ class Engine(Protocol):
 
     def perplexity(self, mask: np.ndarray | None, tokens: torch.Tensor, seq_lens: Sequence[int],
                    max_tokens: int | None, batch_size: int, progress: bool = True,
-                   edit: Edit | None = None, bos_id: int | None = None) -> dict[str, float]:
-        """Held-out perplexity of the model under ``mask`` (None: dense), ``edit`` applied to the pruned model, by
-        the protocol of :mod:`probprune.evaluation` (windows start with ``bos_id`` if given):
+                   rec: Reconstruction | None = None, bos_id: int | None = None) -> dict[str, float]:
+        """Held-out perplexity of the model under ``mask`` (None: dense) with ``rec``'s re-fitted weights and biases,
+        by the protocol of :mod:`probprune.evaluation` (windows start with ``bos_id`` if given):
         ``{str(effective seq_len): ppl}``."""
         ...
 
-    def save_pruned(self, mask: np.ndarray, folder: Path, tokenizer: Any, edit: Edit | None = None) -> int:
-        """Write the model compacted to ``mask`` (``edit`` applied) as a model folder; return its parameter count."""
+    def save_pruned(self, mask: np.ndarray, folder: Path, tokenizer: Any, rec: Reconstruction | None = None) -> int:
+        """Write the model compacted to ``mask`` (with ``rec``'s weights) as a model folder; return its parameters."""
         ...
 
     def close(self) -> None: ...

@@ -11,7 +11,7 @@ import hashlib
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -19,7 +19,10 @@ import torch
 from ..losses import OBJECTIVES
 from ..masks import MaskSpace
 from ..models.adapter import get_adapter
-from .base import Edit, Task
+from .base import Task
+
+if TYPE_CHECKING:
+    from ..reconstruct import Reconstruction
 
 
 class LocalEngine:
@@ -104,23 +107,20 @@ class LocalEngine:
     def set_space(self, space: MaskSpace) -> None:
         self.space = space
 
-    def pruned_model(self, mask: np.ndarray, edit: Edit | None = None) -> torch.nn.Module:
-        """The model compacted to ``mask`` (a new module; the dense model is untouched), ``edit`` applied."""
+    def pruned_model(self, mask: np.ndarray, rec: Reconstruction | None = None) -> torch.nn.Module:
+        """The model compacted to ``mask`` with ``rec``'s weights (a new module; the dense model is untouched)."""
         from ..compaction import compact
 
-        pruned = compact(self.model, self.space, mask)
-        if edit is not None:
-            edit(pruned)
-        return pruned
+        return compact(self.model, self.space, mask, override=None if rec is None else rec.override())
 
     def perplexity(self, mask: np.ndarray | None, tokens: torch.Tensor, seq_lens: Sequence[int],
                    max_tokens: int | None, batch_size: int, progress: bool = True,
-                   edit: Edit | None = None, bos_id: int | None = None) -> dict[str, float]:
+                   rec: Reconstruction | None = None, bos_id: int | None = None) -> dict[str, float]:
         """Held-out perplexity of the model that would be saved: the dense model (``mask`` None), else the compacted
         one (:func:`probprune.evaluation.evaluate_ppl`)."""
         from ..evaluation import evaluate_ppl
 
-        model = self.model if mask is None else self.pruned_model(mask, edit)
+        model = self.model if mask is None else self.pruned_model(mask, rec)
         try:
             res = evaluate_ppl(model, tokens, list(seq_lens), max_tokens=max_tokens, batch_size=batch_size,
                                progress=progress, bos_id=bos_id)
@@ -129,11 +129,11 @@ class LocalEngine:
             gc.collect()
         return {str(k): float(v) for k, v in res.items()}
 
-    def save_pruned(self, mask: np.ndarray, folder: Path, tokenizer: Any, edit: Edit | None = None) -> int:
-        """Compact, apply ``edit``, save (:func:`probprune.compaction.save_pruned`); return the saved parameters."""
+    def save_pruned(self, mask: np.ndarray, folder: Path, tokenizer: Any, rec: Reconstruction | None = None) -> int:
+        """Compact (with ``rec``), save (:func:`probprune.compaction.save_pruned`); return the saved parameters."""
         from ..compaction import count_params, save_pruned
 
-        pruned = self.pruned_model(mask, edit)
+        pruned = self.pruned_model(mask, rec)
         try:
             save_pruned(pruned, folder, tokenizer)
             return count_params(pruned)

@@ -280,6 +280,11 @@ class FamilyAdapter:
         Returns:
             ``[B, T, H]`` the sublayer output (output projection applied, bias included).
         """
+        return F.linear(self.attention_heads(attn, x, rot, sl), sl.w_o, sl.b_o)  # [B, T, H]
+
+    def attention_heads(self, attn: nn.Module, x: torch.Tensor, rot: tuple[torch.Tensor, torch.Tensor],
+                        sl) -> torch.Tensor:
+        """The input of the output projection in :meth:`attention_forward`: ``[B, T, n_q d]``, head by head."""
         b, t, _ = x.shape
         d = attn.head_dim
         qkv = F.linear(x, sl.w_qkv, sl.b_qkv)  # [B, T, (n_q + 2 n_kv) d]
@@ -295,14 +300,17 @@ class FamilyAdapter:
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None, scale=attn.scaling, enable_gqa=sl.n_q != sl.n_kv
         )  # [B, n_q, T, d]
-        out = out.transpose(1, 2).reshape(b, t, sl.n_q * d)  # [B, T, n_q d]
-        return F.linear(out, sl.w_o, sl.b_o)  # [B, T, H]
+        return out.transpose(1, 2).reshape(b, t, sl.n_q * d)  # [B, T, n_q d]
 
     def mlp_forward(self, mlp: nn.Module, x: torch.Tensor, sl) -> torch.Tensor:
         """Gated MLP on gathered channels: ``down(act(gate(x)) * up(x))``. ``[B, T, H] -> [B, T, H]``."""
+        return F.linear(self.mlp_hidden(mlp, x, sl), sl.w_down, sl.b_down)  # [B, T, H]
+
+    def mlp_hidden(self, mlp: nn.Module, x: torch.Tensor, sl) -> torch.Tensor:
+        """The input of the output projection in :meth:`mlp_forward`: ``act(gate(x)) * up(x)``, ``[B, T, c]``."""
         gu = F.linear(x, sl.w_gate_up, sl.b_gate_up)  # [B, T, 2c]
         gate, up = gu.split(sl.n, dim=-1)  # [B, T, c] each
-        return F.linear(self.activation(mlp)(gate) * up, sl.w_down, sl.b_down)  # [B, T, H]
+        return self.activation(mlp)(gate) * up
 
     def layer_forward(self, layer: nn.Module, hidden: torch.Tensor, rot: tuple[torch.Tensor, torch.Tensor],
                       attn, mlp) -> torch.Tensor:
@@ -320,19 +328,22 @@ class FamilyAdapter:
         Returns:
             ``[B, T, H]`` the new residual stream.
         """
+        return self.mlp_sublayer(layer, self.attn_sublayer(layer, hidden, rot, attn), mlp)
+
+    def attn_sublayer(self, layer: nn.Module, hidden: torch.Tensor, rot: tuple[torch.Tensor, torch.Tensor],
+                      attn) -> torch.Tensor:
+        """The attention half of :meth:`layer_forward`: ``[B, T, H] -> [B, T, H]``."""
         if attn is not None:
-            hidden = self.attn_block(layer, hidden, lambda x: self.attention_forward(layer.self_attn, x, rot, attn))
-        else:
-            bias = self.attn_out_bias(layer)
-            if bias is not None:
-                hidden = self.attn_block(layer, hidden, lambda x: torch.zeros_like(x) + bias)
+            return self.attn_block(layer, hidden, lambda x: self.attention_forward(layer.self_attn, x, rot, attn))
+        bias = self.attn_out_bias(layer)
+        return hidden if bias is None else self.attn_block(layer, hidden, lambda x: torch.zeros_like(x) + bias)
+
+    def mlp_sublayer(self, layer: nn.Module, hidden: torch.Tensor, mlp) -> torch.Tensor:
+        """The MLP half of :meth:`layer_forward`: ``[B, T, H] -> [B, T, H]``."""
         if mlp is not None:
-            hidden = self.mlp_block(layer, hidden, lambda x: self.mlp_forward(layer.mlp, x, mlp))
-        else:
-            bias = self.mlp_out_bias(layer)
-            if bias is not None:
-                hidden = self.mlp_block(layer, hidden, lambda x: torch.zeros_like(x) + bias)
-        return hidden
+            return self.mlp_block(layer, hidden, lambda x: self.mlp_forward(layer.mlp, x, mlp))
+        bias = self.mlp_out_bias(layer)
+        return hidden if bias is None else self.mlp_block(layer, hidden, lambda x: torch.zeros_like(x) + bias)
 
     # ---------------------------------------------------------------------------------------- pruned models
     def stock_class(self, arch: str) -> type:

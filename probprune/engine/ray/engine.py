@@ -21,19 +21,21 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import ray
 import torch
 
 from ...config import EngineConfig, ModelConfig
-from ...errors import UserError
 from ...masks import MaskSpace
-from ..base import Edit, Task
+from ..base import Task
 from ..tasks import split_shares, window_nll
 from .cluster import actor_device, check_fits, connect, is_local_instance
 from .pool import Call, ReplicaPool
+
+if TYPE_CHECKING:
+    from ...reconstruct import Reconstruction
 
 log = logging.getLogger(__name__)
 
@@ -198,36 +200,37 @@ class RayEngine:
 
     def perplexity(self, mask: np.ndarray | None, tokens: torch.Tensor, seq_lens: Sequence[int],
                    max_tokens: int | None, batch_size: int, progress: bool = True,
-                   edit: Edit | None = None, bos_id: int | None = None) -> dict[str, float]:
-        """Held-out perplexity under ``mask`` on the actors (fast path, the windows split among them)."""
+                   rec: Reconstruction | None = None, bos_id: int | None = None) -> dict[str, float]:
+        """Held-out perplexity under ``mask`` (with ``rec``'s weights) on the actors, on the gathered path (the
+        pruned width only), the windows split among them."""
         from ...evaluation import effective_len, held_out_windows, max_context
+        from ...reconstruct import reconstructed_nll
 
-        if edit is not None:
-            raise UserError("a weight edit of the pruned model (e.g. FLAP's bias compensation) is applied where the "
-                            "weights are, and engine.kind=ray keeps none on the driver: use engine.kind=local")
         out: dict[str, float] = {}
         for seq_len in seq_lens:
             eff = effective_len(seq_len, max_context(self._skeleton()))
             if str(eff) in out:
                 continue
             windows = held_out_windows(tokens, eff, max_tokens, bos_id)  # [W, T]
-            shares = [(self.space, mask, windows[lo:hi], batch_size)
-                      for lo, hi in split_shares(windows.shape[0], self.num_replicas)]
-            parts = self.map(window_nll, shares)
+            shares = [windows[lo:hi] for lo, hi in split_shares(windows.shape[0], self.num_replicas)]
+            if rec is None:
+                parts = self.map(window_nll, [(self.space, mask, w, batch_size) for w in shares])
+            else:
+                parts = self.map(reconstructed_nll, [(self.space, mask, rec, w, batch_size) for w in shares])
             out[str(eff)] = math.exp(sum(p[0] for p in parts) / sum(p[1] for p in parts))
         log.info("perplexity on the actors: %s", out)
         return out
 
-    def save_pruned(self, mask: np.ndarray, folder: Path, tokenizer: Any, edit: Edit | None = None) -> int:
-        """Stream the source checkpoint into ``folder`` one layer at a time (the driver never holds the model)."""
+    def save_pruned(self, mask: np.ndarray, folder: Path, tokenizer: Any, rec: Reconstruction | None = None) -> int:
+        """Stream the source checkpoint into ``folder`` one layer at a time, ``rec``'s weights applied as each layer
+        is sliced (the driver never holds the model); return the saved parameters."""
         from ...compaction import compact, compact_checkpoint, count_params
         from ...models.loading import model_folder
 
-        if edit is not None:
-            raise UserError("a weight edit of the pruned model (e.g. FLAP's bias compensation) is applied where the "
-                            "weights are, and engine.kind=ray keeps none on the driver: use engine.kind=local")
-        compact_checkpoint(model_folder(self.model_cfg.name_or_path), self.space, mask, folder, tokenizer)
-        return count_params(compact(self._skeleton(), self.space, mask))
+        override = None if rec is None else rec.override()
+        compact_checkpoint(model_folder(self.model_cfg.name_or_path), self.space, mask, folder, tokenizer,
+                           override=override)
+        return count_params(compact(self._skeleton(), self.space, mask, override=override))
 
     def _skeleton(self) -> torch.nn.Module:
         """The model's shapes on the ``meta`` device (no weights)."""
