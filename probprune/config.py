@@ -39,6 +39,7 @@ __all__ = [
     "SearchConfig",
     "EngineConfig",
     "EvalConfig",
+    "HealConfig",
     "SweepConfig",
     "Config",
     "load_config",
@@ -236,6 +237,44 @@ class SweepConfig:
 
 
 @dataclass
+class HealConfig:
+    """Healing after pruning: distillation from the dense model's next-token distribution (uses gradients).
+
+    ``tokens`` > 0 makes ``probprune prune`` heal its pruned model at the end of the run; ``probprune heal`` heals any
+    saved model. Training steps = ceil(tokens / (batch_size * block_len)).
+    """
+
+    tokens: int = _opt(0, check=_at_least(0))  # calibration tokens to train on (0: no healing in `prune`)
+    teacher: str | None = None  # default: model.name_or_path (the dense model the run pruned)
+    teacher_dtype: str = _opt("auto", check=_one_of("auto", "float32", "bfloat16", "float16"))  # auto: model.dtype
+    block_len: int = _opt(128, check=_at_least(8))  # tokens per training sequence
+    batch_size: int = _opt(4, check=_at_least(1))  # sequences per optimizer step, over all workers together
+    grad_accum: int = _opt(1, check=_at_least(1))  # micro-batches per step on each worker
+    lr: float = _opt(1e-4, check=_positive)
+    warmup: float = _opt(0.05, check=lambda v: None if 0 <= v < 1 else "must be in [0, 1)")  # share of the steps
+    weight_decay: float = _opt(0.0, check=_at_least(0))
+    max_grad_norm: float = _opt(1.0, check=_at_least(0))  # 0: no clipping
+    ce_weight: float = _opt(0.0, check=lambda v: None if 0 <= v <= 1 else "must be in [0, 1]")  # (1-w)·KL + w·CE
+    method: str = _opt("full", check=_one_of("full", "lora"))
+    lora_rank: int = _opt(16, check=_at_least(1))
+    lora_alpha: float = _opt(32.0, check=_positive)
+    lora_targets: list[str] = _opt(factory=list)  # module names; [] = every linear layer except the output head
+    autocast: str = _opt("auto", check=_one_of("auto", "bf16", "off"))  # auto: bf16 on CUDA, off on CPU
+    save_dtype: str = _opt("float32", check=_one_of("float32", "bfloat16", "float16"))
+    eval_every: int = _opt(0, check=_at_least(0))  # held-out perplexity every N steps (0: before and after only)
+    checkpoint_every: int = _opt(50, check=_at_least(1))
+    workers: int = _opt(1, check=_at_least(1))  # >1: data-parallel with Ray Train, one worker per GPU (or CPU)
+
+
+def _heal_rules(h: HealConfig) -> list[str]:
+    per_step = h.grad_accum * h.workers
+    if h.batch_size % per_step:
+        return [f"heal.batch_size ({h.batch_size}) must be a multiple of heal.grad_accum ({h.grad_accum}) x "
+                f"heal.workers ({h.workers})"]
+    return []
+
+
+@dataclass
 class Config:
     """A whole run: model, data, mask space, search, engine, evaluation and an optional sweep."""
 
@@ -245,6 +284,7 @@ class Config:
     search: SearchConfig = field(default_factory=SearchConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    heal: HealConfig = field(default_factory=HealConfig)
     sweep: SweepConfig | None = None
     seed: int = _opt(0, check=_at_least(0))
     name: str = _opt("probprune", check=_nonempty)
@@ -257,6 +297,7 @@ _SECTIONS: dict[str, type] = {
     "search": SearchConfig,
     "engine": EngineConfig,
     "eval": EvalConfig,
+    "heal": HealConfig,
     "sweep": SweepConfig,
 }
 
@@ -512,6 +553,8 @@ def _cross_field(cfg: Config, bad: set[str]) -> list[str]:
         errors.append(f"mask.align ({m.align}) must be a multiple of mask.channel_block ({m.channel_block})")
     if ok("mask.align", "mask.channels") and m.align > 1 and not m.channels:
         errors.append(f"mask.align={m.align} aligns MLP widths and needs mask.channels=true")
+    if ok("heal.batch_size", "heal.grad_accum", "heal.workers"):
+        errors.extend(_heal_rules(cfg.heal))
     if cfg.sweep is not None and ok("sweep.lr", "sweep.lr_range", "sweep.sparsity", "sweep.grid"):
         errors.extend(_sweep_rules(cfg.sweep))
     return errors
