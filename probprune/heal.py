@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -163,6 +164,24 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, targets: list[str] | N
                         f"(its linear layers: {sorted(linear)})")
     cfg = LoraConfig(r=int(rank), lora_alpha=float(alpha), lora_dropout=0.0, target_modules=wanted, bias="none")
     return get_peft_model(model, cfg)
+
+
+def freeze_unused(model: nn.Module) -> list[str]:
+    """Stop training parameters that no output depends on and return their names.
+
+    In a pruned model the norm in front of an emptied sublayer (an attention-free or MLP-free layer) feeds nothing;
+    it would get no gradient, and data-parallel training (DDP) requires every trained parameter to get one. Found with
+    one backward pass over a 4-token input.
+    """
+    device = next(model.parameters()).device
+    model.zero_grad(set_to_none=True)
+    model(input_ids=torch.zeros(1, 4, dtype=torch.long, device=device), use_cache=False).logits.float().sum().backward()
+    unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    for n, p in model.named_parameters():
+        p.grad = None
+        if n in unused:
+            p.requires_grad_(False)
+    return unused
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
@@ -359,6 +378,10 @@ def train_worker(job: HealJob, rank: int = 0, world_size: int = 1,
     lora = h.method == "lora"
     if lora:
         student = apply_lora(student, h.lora_rank, h.lora_alpha, h.lora_targets)
+    else:
+        frozen = freeze_unused(student)
+        if frozen and rank == 0:
+            log.info("not trained (no output depends on them): %s", ", ".join(frozen))
     need = memory_estimate(student, teacher, h, lora)
     free = check_memory(need, device)
     if rank == 0:
@@ -604,18 +627,26 @@ def heal(cfg: Any, model: str | Path, output: str | Path, teacher: str | None = 
         eval_max_tokens=cfg.eval.max_tokens, eval_batch_size=cfg.eval.batch_size, output=str(output),
         resume=resuming, fingerprint=fp, progress=progress, teacher_ppl=teacher_ppl, extra_eval=dict(extra_eval or {}),
     )
-    if hc.workers > 1:
-        from .distributed.train import heal_with_ray_train
+    from .files import dir_mode
 
-        output.mkdir(parents=True, exist_ok=True)
+    created = not output.exists()
+    output.mkdir(parents=True, exist_ok=True, mode=dir_mode())
+    try:
         save_config(cfg, output / "config.yaml")
-        result = heal_with_ray_train(job, cfg, stop_after=stop_after)
-    else:
-        from .files import dir_mode
+        if hc.workers > 1:
+            from .distributed.train import heal_with_ray_train
 
-        output.mkdir(parents=True, exist_ok=True, mode=dir_mode())
-        save_config(cfg, output / "config.yaml")
-        result = train_worker(job, stop_after=stop_after, on_step=on_step)
+            result = heal_with_ray_train(job, cfg, stop_after=stop_after)
+        else:
+            result = train_worker(job, stop_after=stop_after, on_step=on_step)
+    except UserError:  # refused before training (e.g. memory): leave nothing behind
+        if not resuming and not (output / CHECKPOINT_NAME).exists():
+            if created:
+                shutil.rmtree(output, ignore_errors=True)
+            else:  # an empty folder the user gave: empty again
+                for p in output.iterdir():
+                    shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink()
+        raise
     if "interrupted_at_step" in result:
         return result
     summary = {
