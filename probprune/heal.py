@@ -408,10 +408,8 @@ def train_worker(job: HealJob, rank: int = 0, world_size: int = 1,
     model = prepare(student) if prepare is not None else student
     if before is None and rank == 0:
         before = _evaluate(_unwrap(model), job, "before healing")
-        if job.teacher_ppl is None:
-            before["teacher"] = _evaluate(teacher, job, "teacher")["test"]
-        else:
-            before["teacher"] = job.teacher_ppl
+        before["teacher"] = {"test": job.teacher_ppl} if job.teacher_ppl is not None else _evaluate(teacher, job,
+                                                                                                      "teacher")
     use_autocast = h.autocast == "bf16" or (h.autocast == "auto" and device.type == "cuda")
     micro = h.batch_size // (world_size * h.grad_accum)
     t0, t_train = time.perf_counter(), 0.0
@@ -652,8 +650,8 @@ def heal(cfg: Any, model: str | Path, output: str | Path, teacher: str | None = 
     summary = {
         "model": model, "teacher": teacher, "teacher_dtype": teacher_dtype, "data": corpus.name, "seed": cfg.seed,
         "heal": asdict(hc), **result,
-        "ratio_to_teacher": {k: round(v / result["teacher_ppl"][k], 4) for k, v in result["after_ppl"]["test"].items()
-                             if k in result["teacher_ppl"]},
+        "ratio_to_teacher": {name: {k: round(v / result["teacher_ppl"][name][k], 4) for k, v in ppl.items()}
+                             for name, ppl in result["after_ppl"].items() if name in result["teacher_ppl"]},
         "calibration_tokens_available": int(calib.numel()),
         "eval": {"seq_lens": list(cfg.eval.seq_lens), "max_tokens": cfg.eval.max_tokens,
                  "held_out_tokens": int(job.test_tokens.numel()), "protocol": "non-overlapping windows"},
@@ -667,13 +665,29 @@ def heal(cfg: Any, model: str | Path, output: str | Path, teacher: str | None = 
 
 def format_heal_summary(summary: dict[str, Any]) -> str:
     """The table ``probprune heal`` prints: teacher, before and after, per held-out set and window length."""
-    lens = list(summary["teacher_ppl"])
+    lens = list(summary["teacher_ppl"]["test"])
     rows = ["| model | held-out | " + " | ".join(f"PPL@{n}" for n in lens) + " |", "|" + "---|" * (2 + len(lens))]
-    rows.append("| teacher (dense) | test | " + " | ".join(f"{summary['teacher_ppl'][n]:.2f}" for n in lens) + " |")
-    for label, key in (("before healing", "before_ppl"), ("after healing", "after_ppl")):
+    for label, key in (("teacher (dense)", "teacher_ppl"), ("before healing", "before_ppl"),
+                       ("after healing", "after_ppl")):
         for name, ppl in summary[key].items():
             rows.append(f"| {label} | {name} | " + " | ".join(f"{ppl.get(n, float('nan')):.2f}" for n in lens) + " |")
     foot = (f"healed {summary['tokens_seen']:,} tokens in {summary['steps']} steps ({summary['method']}, "
             f"{summary['workers']} worker(s)), {summary['tokens_per_s']} tokens/s, KL {summary['first_kl']:.3f} -> "
             f"{summary['last_kl']:.3f} nats/token; wall time {summary['wall_seconds']:.0f} s")
     return "\n".join(rows) + "\n\n" + foot
+
+
+def heal_run(cfg: Any, run: str | Path, dense_ppl: dict[str, float] | None = None,
+             progress: bool = True) -> dict[str, Any]:
+    """The last step of ``probprune prune … heal.tokens=N``: heal ``run/model`` toward ``model.name_or_path`` (or
+    ``heal.teacher``) into ``run/heal`` and return the record for the run's ``summary.json``.
+
+    ``dense_ppl`` (the run's dense perplexity, measured in the teacher's dtype) is reused instead of re-measured.
+    """
+    run = Path(run)
+    teacher_ppl = dense_ppl if cfg.heal.teacher_dtype in ("auto", cfg.model.dtype) else None
+    s = heal(cfg, run / "model", run / "heal", teacher=cfg.heal.teacher or cfg.model.name_or_path,
+             teacher_ppl=teacher_ppl, progress=progress)
+    keys = ("teacher_ppl", "before_ppl", "after_ppl", "ratio_to_teacher", "steps", "tokens_seen", "tokens_per_s",
+            "train_seconds", "wall_seconds", "method", "first_kl", "last_kl")
+    return {"model": "heal/model", **{k: s[k] for k in keys}}

@@ -405,6 +405,10 @@ def prune(cfg: Config, output: str | Path, resume: bool = False, progress: bool 
         "engine": cfg.engine.kind,
     }
     summary["calibration"]["tokens_scored"] = policy.step_count * sc.num_samples * sc.batch_size * cfg.data.block_len
+    if cfg.heal.tokens:  # optional last step: distil the saved pruned model toward the dense one (uses gradients)
+        from .heal import heal_run
+
+        summary["heal"] = heal_run(cfg, output, dense_ppl, progress)
     _write_json(output / "summary.json", summary)
     return summary
 

@@ -266,3 +266,18 @@ def test_bad_input_is_refused_with_the_field_named_and_nothing_written(folders, 
         check_memory({"total": 2**60, "student": 2**59, "teacher": 2**59, "activations": 0}, torch.device("cpu"))
     with pytest.raises(ConfigError, match="heal.ce_weight must be in"):
         load_config(None, ["heal.ce_weight=1.5"])
+
+
+def test_prune_with_heal_tokens_heals_at_the_end_of_the_run(tmp_path):
+    from probprune.pipeline import prune
+
+    cfg = load_config("configs/tiny/smoke.yaml", ["heal.tokens=512", "heal.block_len=32", "heal.lr=3e-3",
+                                                  "eval.seq_lens=[32]"])
+    summary = prune(cfg, tmp_path / "run", progress=False)
+    h = summary["heal"]
+    assert h["model"] == "heal/model" and h["tokens_seen"] == 512 and h["steps"] == 4
+    assert h["teacher_ppl"] == {"test": summary["dense_ppl"]}  # reused, not re-measured
+    assert h["after_ppl"]["test"]["32"] < h["before_ppl"]["test"]["32"]
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["heal"] == h
+    healed = load_pruned(tmp_path / "run" / "heal" / "model")
+    assert [p.shape for p in healed.parameters()] == [p.shape for p in load_pruned(tmp_path / "run" / "model").parameters()]
