@@ -122,10 +122,15 @@ def main() -> None:
             f"heal.tokens={budget}", f"heal.eval_every={max(1, args.eval_every_tokens // step_tokens)}",
             "heal.checkpoint_every=1000000"])
         out = args.work / f"heal-{budget}"
-        t = time.perf_counter()
-        summary = heal(cfg, args.run / "model", out, extra_eval=extra, resume=(out / "heal_checkpoint.pt").exists())
-        summary["benchmark_wall_seconds"] = round(time.perf_counter() - t, 1)
-        summary["loadavg_after"] = list(os.getloadavg())
+        if (out / "summary.json").exists():  # healed already: only the tables are written again
+            summary = json.loads((out / "summary.json").read_text())
+        else:
+            t = time.perf_counter()
+            summary = heal(cfg, args.run / "model", out, extra_eval=extra,
+                           resume=(out / "heal_checkpoint.pt").exists())
+            summary["benchmark_wall_seconds"] = round(time.perf_counter() - t, 1)
+            summary["loadavg_after"] = list(os.getloadavg())
+            (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         results.append(summary)
         rows += rows_of(summary, budget)
     write_results(args, results, rows, fwd, teacher_dtype)
@@ -145,7 +150,8 @@ def write_results(args, results: list[dict], rows: list[dict], fwd: dict, teache
     t = results[0]["teacher_ppl"]
     lens = list(t["test"])
     sets = list(t)
-    head = "| healing tokens | train s | " + " | ".join(f"{s} PPL@{n}" for s in sets for n in lens) + " |"
+    label = {"test": "Brown" if results[0]["data"] == "brown" else results[0]["data"], "shakespeare": "Shakespeare"}
+    head = "| healing tokens | train s | " + " | ".join(f"{label.get(s, s)} PPL@{n}" for s in sets for n in lens) + " |"
     lines = [head, "|" + "---|" * (2 + len(sets) * len(lens))]
     lines.append("| dense (teacher) | | " + " | ".join(f"{t[s][n]:.2f}" for s in sets for n in lens) + " |")
     for r in rows:
@@ -162,7 +168,8 @@ def write_results(args, results: list[dict], rows: list[dict], fwd: dict, teache
                     f"(evaluations included); load average after {s['loadavg_after']}")
     md = ["# Healing: distillation toward the dense model", "",
           f"Run `{args.run}` (model {results[0]['model']}), teacher {results[0]['teacher']} ({teacher_dtype}); "
-          "student trained in fp32. PPL over non-overlapping windows, 16,384 held-out tokens per length; "
+          f"student trained in fp32. PPL over non-overlapping windows, {results[0]['eval']['max_tokens']:,} held-out "
+          "tokens per length; "
           "Brown = the run's held-out split, shakespeare = " + ", ".join(HELD_OUT_PLAYS) + " (never seen). "
           "Rows at 0 tokens are before healing; train s excludes evaluation time. "
           f"Dense forward tokens/s on this machine: {', '.join(f'{k} {v:.0f}' for k, v in fwd.items())}.", "",

@@ -522,6 +522,8 @@ def _check_model_folder(path: str, field: str) -> None:
     if path.startswith(("tiny:", "embedded:")):
         return
     p = Path(path).expanduser()
+    if not p.exists() and not path.startswith((".", "/", "~")) and path.count("/") == 1:
+        return  # a hub id ("org/name"): fetched (or refused) when loaded
     if not p.is_dir():
         raise UserError(f"{field} {path}: no such folder")
     if not (p / "config.json").is_file():
