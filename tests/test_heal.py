@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from probprune.compaction import compact, save_pruned
+from probprune.compaction import save_pruned
 from probprune.config import load_config
 from probprune.errors import ConfigError, UserError
 from probprune.heal import (
@@ -24,10 +24,11 @@ from probprune.heal import (
     load_student,
     merge_lora,
 )
-from probprune.masks import CHANNEL, HEAD
-from probprune.models import get_adapter, tiny_model
+from probprune.models import tiny_model
 from probprune.models.loading import byte_tokenizer, load_pruned
 from probprune.models.modeling_probprune import EmptyAttention, EmptyMLP
+
+from conftest import hetero_tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: exact comparisons independent of threads
 
@@ -41,18 +42,11 @@ def folders(tmp_path_factory):
     """A tiny 4-layer teacher and its pruned student with per-layer shapes (thinned, attention-free, MLP-free
     layers), both saved, and three small text files (two calibrate, one is held out)."""
     root = tmp_path_factory.mktemp("heal")
-    model = tiny_model("llama", num_hidden_layers=4)
-    space = get_adapter(model).mask_space(channel_block=8)
-    mask = space.full_mask()
-    units = lambda t, li: np.flatnonzero((space.unit_type == t) & (space.unit_layer == li))  # noqa: E731
-    mask[units(HEAD, 0)[:1]] = 0
-    mask[units(CHANNEL, 0)[:5]] = 0
-    mask[units(HEAD, 1)] = 0
-    mask[units(CHANNEL, 2)] = 0
+    model, pruned = hetero_tiny()
     model.save_pretrained(root / "teacher")
     byte_tokenizer().save_pretrained(root / "teacher")
     (root / "run").mkdir()
-    save_pruned(compact(model, space, mask), root / "run" / "model", byte_tokenizer())
+    save_pruned(pruned, root / "run" / "model", byte_tokenizer())
     rng = random.Random(0)
     for i in range(3):
         paras = [" ".join(rng.choice(_WORDS) for _ in range(50)) for _ in range(12)]
