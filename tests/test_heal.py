@@ -275,3 +275,12 @@ def test_prune_with_heal_tokens_heals_at_the_end_of_the_run(tmp_path):
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["heal"] == h
     healed = load_pruned(tmp_path / "run" / "heal" / "model")
     assert [p.shape for p in healed.parameters()] == [p.shape for p in load_pruned(tmp_path / "run" / "model").parameters()]
+
+
+def test_the_student_trains_in_float32_even_from_a_bfloat16_folder(tmp_path):
+    _, pruned = hetero_tiny()
+    save_pruned(pruned.to(torch.bfloat16), tmp_path / "bf16", byte_tokenizer())
+    student = load_student(tmp_path / "bf16")
+    assert {p.dtype for p in student.parameters()} == {torch.float32}
+    torch.testing.assert_close(student.model.layers[0].mlp.down_proj.weight,
+                               pruned.model.layers[0].mlp.down_proj.weight.float(), rtol=0, atol=0)
