@@ -11,7 +11,8 @@ Example (SmolLM2-135M quickstart run at 50 %)::
 
     flock /tmp/probprune-heavy.lock python benchmarks/heal.py --run runs/qs --tokens 65536 --eval-every-tokens 32768
 
-Writes ``heal.csv`` (one row per evaluation point), ``heal.md``, ``heal.json`` and ``heal.png`` under ``--out``;
+Writes ``heal.csv`` (one row per evaluation point), ``heal_steps.csv`` (the training KL of every step),
+``heal.md``, ``heal.json`` and ``heal.png`` under ``--out``;
 the healed models go to ``--work`` (not committed).
 """
 
@@ -177,10 +178,19 @@ def write_results(args, results: list[dict], rows: list[dict], fwd: dict, teache
           "", "Command: `flock /tmp/probprune-heavy.lock python benchmarks/heal.py --run RUN --tokens "
           + " ".join(str(s["heal"]["tokens"]) for s in results) + f" --eval-every-tokens {args.eval_every_tokens}`"]
     (args.out / "heal.md").write_text("\n".join(md) + "\n")
-    plot(args.out / "heal.png", rows, t, sets, lens)
+    curves = {s["heal"]["tokens"]: [json.loads(x) for x in (args.work / f"heal-{s['heal']['tokens']}" / "metrics.jsonl")
+                                    .read_text().splitlines()] for s in results}
+    with open(args.out / "heal_steps.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["budget", "step", "tokens", "train_seconds", "kl", "lr", "grad_norm", "tokens_per_s"])
+        for budget, steps in sorted(curves.items()):
+            w.writerows([budget, r["step"], r["tokens"], round(r["seconds"], 2), round(r["kl"], 5), r["lr"],
+                         round(r["grad_norm"], 4), round(r["tokens_per_s"], 1)] for r in steps)
+    plot(args.out / "heal.png", rows, t, sets, lens, curves)
 
 
-def plot(path: Path, rows: list[dict], teacher: dict, sets: list[str], lens: list[str]) -> None:
+def plot(path: Path, rows: list[dict], teacher: dict, sets: list[str], lens: list[str],
+         curves: dict[int, list[dict]]) -> None:
     try:
         import matplotlib
 
@@ -189,7 +199,7 @@ def plot(path: Path, rows: list[dict], teacher: dict, sets: list[str], lens: lis
     except ImportError:
         print("matplotlib not installed: no plot")
         return
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     for ax, xkey, xlabel in ((axes[0], "tokens", "healing tokens"), (axes[1], "train_seconds", "training seconds")):
         for budget in sorted({r["budget"] for r in rows}):
             rs = [r for r in rows if r["budget"] == budget]
@@ -197,9 +207,13 @@ def plot(path: Path, rows: list[dict], teacher: dict, sets: list[str], lens: lis
                 for n, color in zip(lens, ("C0", "C1")):
                     ratio = [r[f"{s}_ppl@{n}"] / teacher[s][n] for r in rs]
                     ax.plot([r[xkey] for r in rs], ratio, style, color=color, alpha=0.5 + 0.5 * (budget == rows[-1]["budget"]),
-                            label=f"{s} @{n} ({budget:,})")
+                            label=f"{ {'test': 'Brown'}.get(s, s)} @{n} ({budget:,})")
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.set(xlabel=xlabel, ylabel="PPL / dense PPL", yscale="log")
+    for budget, steps in sorted(curves.items()):
+        axes[2].plot([r["tokens"] for r in steps], [r["kl"] for r in steps], lw=0.8, label=f"{budget:,} tokens")
+    axes[2].set(xlabel="healing tokens", ylabel="training KL to the dense model (nats/token)", yscale="log")
+    axes[2].legend(fontsize=7)
     axes[0].legend(fontsize=7)
     fig.suptitle("Healing the 50 % SmolLM2-135M by distillation (CPU)")
     fig.tight_layout()
