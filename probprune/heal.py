@@ -452,12 +452,12 @@ def train_worker(job: HealJob, rank: int = 0, world_size: int = 1,
             rec = {"step": step + 1, "loss": loss_g, "kl": kl_g, "ce": None if math.isnan(ce_g) else ce_g,
                    "lr": sched.get_last_lr()[0], "grad_norm": grad_norm, "tokens": tokens_seen,
                    "tokens_per_s": h.batch_size * h.block_len / dt, "seconds": t_train}
+            history.append(rec)
+            in_update = False
             if h.eval_every and (step + 1) % h.eval_every == 0 and step + 1 < steps and rank == 0:
                 rec["eval"] = _evaluate(_unwrap(model), job, f"step {step + 1}")
                 evals.append(rec)
                 model.train()
-            history.append(rec)
-            in_update = False
             if rank == 0:
                 with open(metrics_path, "a", encoding="utf-8") as f:
                     f.write(json.dumps(rec) + "\n")
