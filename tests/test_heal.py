@@ -91,7 +91,7 @@ def test_a_student_equal_to_the_teacher_has_zero_loss_and_zero_gradient(folders)
 
 
 def test_healing_lowers_the_kl_to_the_teacher_and_writes_a_complete_run(folders, tmp_path):
-    cfg = _cfg(folders)
+    cfg = _cfg(folders, "heal.eval_every=6")
     out = tmp_path / "healed"
     summary = heal(cfg, folders / "run" / "model", out, teacher=str(folders / "teacher"), progress=False)
     from probprune.data import load_corpus, test_stream
@@ -104,6 +104,8 @@ def test_healing_lowers_the_kl_to_the_teacher_and_writes_a_complete_run(folders,
     assert summary["steps"] == 12 and summary["tokens_seen"] == 12 * 4 * 32
     assert summary["after_ppl"]["test"]["32"] < summary["before_ppl"]["test"]["32"]
     assert summary["last_kl"] < summary["first_kl"]
+    assert [e["step"] for e in summary["evals"]] == [6] and summary["evals"][0]["tokens"] == 6 * 4 * 32
+    assert summary["after_ppl"]["test"]["32"] < summary["evals"][0]["ppl"]["test"]["32"]
     assert json.loads((out / "summary.json").read_text())["tokens_seen"] == 1536
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 12
     assert {"teacher_ppl", "before_ppl", "after_ppl", "train_seconds", "memory_per_worker_bytes"} <= set(summary)
