@@ -286,3 +286,34 @@ def test_the_student_trains_in_float32_even_from_a_bfloat16_folder(tmp_path):
     assert {p.dtype for p in student.parameters()} == {torch.float32}
     torch.testing.assert_close(student.model.layers[0].mlp.down_proj.weight,
                                pruned.model.layers[0].mlp.down_proj.weight.float(), rtol=0, atol=0)
+
+
+def test_sigterm_saves_the_last_step_and_the_cli_resumes_to_the_same_weights(folders, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    args = [sys.executable, "-m", "probprune.cli", "heal", "--quiet", "--model", str(folders / "run" / "model"),
+            "--teacher", str(folders / "teacher"), "data.source=files",
+            f"data.paths=[{folders}/doc0.txt,{folders}/doc1.txt]", f"data.test_paths=[{folders}/doc2.txt]",
+            "eval.seq_lens=[32]", "eval.max_tokens=256", "heal.tokens=12800", "heal.block_len=32", "heal.lr=3e-3",
+            "heal.checkpoint_every=1000"]
+    subprocess.run([*args, "--output", str(tmp_path / "a")], env=env, check=True, capture_output=True)
+    proc = subprocess.Popen([*args, "--output", str(tmp_path / "b")], env=env, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "b" / "metrics.jsonl"
+    deadline = time.time() + 60
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 5):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 143, err
+    assert "terminated (SIGTERM)" in err
+    step = torch.load(tmp_path / "b" / CHECKPOINT_NAME, weights_only=False)["step"]
+    assert 5 <= step < 100  # the last whole step, not the (never reached) periodic checkpoint
+    subprocess.run([*args, "--output", str(tmp_path / "b"), "--resume"], env=env, check=True, capture_output=True)
+    a, b = load_pruned(tmp_path / "a" / "model"), load_pruned(tmp_path / "b" / "model")
+    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.equal(p, q), n
