@@ -3,6 +3,7 @@
 - :mod:`probprune.distributed.actors` — the cluster evaluator: actors that each hold one model replica score the
   sampled masks of a step (and run the work that reads weights for a driver that holds no model), with fault handling.
 - :mod:`probprune.distributed.tune` — Ray Tune sweeps over learning rates and sparsity targets (one trial = one search).
+- :mod:`probprune.distributed.train` — data-parallel healing with Ray Train (one ``TorchTrainer`` worker per GPU).
 """
 
 from __future__ import annotations
