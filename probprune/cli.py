@@ -1,4 +1,4 @@
-"""The ``probprune`` command: prune, baseline, sweep, eval, export, info."""
+"""The ``probprune`` command: prune, baseline, sweep, heal, eval, export, info."""
 
 from __future__ import annotations
 
@@ -115,6 +115,21 @@ def _cmd_sweep(args) -> int:
     return 0 if (df["status"] == "finished").any() else 1
 
 
+def _cmd_heal(args) -> int:
+    from .config import load_config
+    from .heal import format_heal_summary, heal
+
+    base = args.config
+    run_config = Path(args.model).parent / "config.yaml"
+    if base is None and run_config.is_file():  # a run folder's model: its data, eval and seed settings by default
+        base = run_config
+    cfg = load_config(base, args.overrides)
+    summary = heal(cfg, args.model, args.output, teacher=args.teacher, resume=args.resume, progress=not args.quiet)
+    print(format_heal_summary(summary))
+    print(f"\nwrote {args.output}/model (load with probprune.load_pruned), summary.json, metrics.jsonl, config.yaml")
+    return 0
+
+
 def _cmd_info(args) -> int:
     from .models.adapter import get_adapter
     from .models.loading import load_model
@@ -205,6 +220,17 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--smoke-test", action="store_true", help=argparse.SUPPRESS)  # ray_jobs/sweep.py --smoke-test
     sw.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. sweep.lr=[0.01,0.03]")
     sw.set_defaults(func=_cmd_sweep)
+
+    he = sub.add_parser("heal", help="distil a pruned model toward the dense model (uses gradients, unlike the search)")
+    he.add_argument("--model", required=True, help="model folder to heal, e.g. runs/X/model")
+    he.add_argument("--teacher", default=None,
+                    help="dense model (default: heal.teacher, else model.name_or_path of the run's config.yaml)")
+    he.add_argument("--output", required=True, type=Path, help="output folder (new or empty)")
+    he.add_argument("--config", default=None, help="config (default: the run's config.yaml next to --model)")
+    he.add_argument("--resume", action="store_true", help="continue the heal checkpointed in --output")
+    he.add_argument("--quiet", action="store_true")
+    he.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. heal.tokens=65536")
+    he.set_defaults(func=_cmd_heal)
 
     inf = sub.add_parser("info", help="print a model's prunable units and their parameter costs")
     inf.add_argument("--model", required=True)

@@ -60,6 +60,7 @@ __all__ = [
     "SearchConfig",
     "EngineConfig",
     "EvalConfig",
+    "HealConfig",
     "SweepConfig",
     "Config",
     "load_config",
@@ -362,6 +363,62 @@ class SweepConfig:
 
 
 @_section
+class HealConfig:
+    """Healing after pruning: distillation from the dense model's next-token distribution (uses gradients).
+
+    ``tokens`` > 0 makes ``probprune prune`` heal its pruned model at the end of the run; ``probprune heal`` heals any
+    saved model. Training steps = ceil(tokens / (batch_size * block_len)).
+    """
+
+    tokens: Annotated[Int, Field(ge=0, description="calibration tokens to train on (0: no healing in `prune`)")] = 0
+    teacher: Annotated[Str | None, Field(description=(
+        "the dense model to distil from (default: `model.name_or_path`, the model the run pruned)"
+    ))] = None
+    teacher_dtype: Annotated[Literal["auto", "float32", "bfloat16", "float16"], Field(description=(
+        "teacher weights' dtype (`auto`: `model.dtype`)"
+    ))] = "auto"
+    block_len: Annotated[Int, Field(ge=8, description="tokens per training sequence")] = 128
+    batch_size: Annotated[Int, Field(ge=1, description="sequences per optimizer step, over all workers together")] = 4
+    grad_accum: Annotated[Int, Field(ge=1, description="micro-batches per step on each worker")] = 1
+    lr: Annotated[Number, Field(gt=0, description="AdamW peak learning rate")] = 1e-4
+    warmup: Annotated[Number, Field(ge=0, lt=1, description="share of the steps spent warming up")] = 0.05
+    weight_decay: Annotated[Number, Field(ge=0, description="AdamW weight decay")] = 0.0
+    max_grad_norm: Annotated[Number, Field(ge=0, description="gradient-norm clipping (0: none)")] = 1.0
+    ce_weight: Annotated[Number, Field(ge=0, le=1, description=(
+        "loss = (1 - w)·KL(teacher ‖ student) + w·cross-entropy with the text"
+    ))] = 0.0
+    method: Annotated[Literal["full", "lora"], Field(description=(
+        "`full`: every parameter; `lora`: low-rank adapters (peft), merged back at the end"
+    ))] = "full"
+    lora_rank: Annotated[Int, Field(ge=1, description="LoRA rank")] = 16
+    lora_alpha: Annotated[Number, Field(gt=0, description="LoRA alpha")] = 32.0
+    lora_targets: Annotated[list[Str], Field(description=(
+        "LoRA module names ([] = every linear layer except the output head)"
+    ))] = field(default_factory=list)
+    autocast: Annotated[Literal["auto", "bf16", "off"], Field(description=(
+        "`auto`: bf16 autocast on CUDA, off on CPU"
+    ))] = "auto"
+    save_dtype: Annotated[Literal["float32", "bfloat16", "float16"], Field(description=(
+        "dtype of the healed model's saved weights"
+    ))] = "float32"
+    eval_every: Annotated[Int, Field(ge=0, description=(
+        "held-out perplexity every N steps (0: before and after only)"
+    ))] = 0
+    checkpoint_every: Annotated[Int, Field(ge=1, description="steps between training checkpoints")] = 50
+    workers: Annotated[Int, Field(ge=1, description=(
+        "> 1: data-parallel with Ray Train, one worker per GPU (or CPU slot)"
+    ))] = 1
+
+
+def _heal_rules(h: HealConfig) -> list[str]:
+    per_step = h.grad_accum * h.workers
+    if h.batch_size % per_step:
+        return [f"heal.batch_size ({h.batch_size}) must be a multiple of heal.grad_accum ({h.grad_accum}) x "
+                f"heal.workers ({h.workers})"]
+    return []
+
+
+@_section
 class Config:
     """A whole run: model, data, mask space, search, engine, evaluation and an optional sweep."""
 
@@ -372,6 +429,7 @@ class Config:
     engine: EngineConfig = field(default_factory=EngineConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     reconstruct: ReconstructConfig = field(default_factory=ReconstructConfig)
+    heal: HealConfig = field(default_factory=HealConfig)
     sweep: SweepConfig | None = None
     seed: Annotated[Int, Field(ge=0, description="seed of the run (calibration batches, masks)")] = 0
     name: Annotated[NonEmptyStr, Field(description="name of the run")] = "probprune"
@@ -385,6 +443,7 @@ _SECTIONS: dict[str, type] = {
     "engine": EngineConfig,
     "eval": EvalConfig,
     "reconstruct": ReconstructConfig,
+    "heal": HealConfig,
     "sweep": SweepConfig,
 }
 
@@ -693,6 +752,8 @@ def _cross_field(cfg: Config, bad: set[str]) -> list[str]:
         errors.append(f"mask.align ({m.align}) must be a multiple of mask.channel_block ({m.channel_block})")
     if ok("mask.align", "mask.channels") and m.align > 1 and not m.channels:
         errors.append(f"mask.align={m.align} aligns MLP widths and needs mask.channels=true")
+    if ok("heal.batch_size", "heal.grad_accum", "heal.workers"):
+        errors.extend(_heal_rules(cfg.heal))
     if cfg.sweep is not None and ok("sweep.lr", "sweep.lr_range", "sweep.sparsity", "sweep.grid"):
         errors.extend(_sweep_rules(cfg.sweep))
     return errors

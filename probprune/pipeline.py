@@ -216,6 +216,11 @@ def prune(cfg: Config, output: str | Path, resume: bool = False, progress: bool 
         "engine": cfg.engine.kind,
     }
     summary["calibration"]["tokens_scored"] = policy.step_count * sc.num_samples * sc.batch_size * cfg.data.block_len
+    if cfg.heal.tokens:  # optional last step: distil the saved pruned model toward the dense one (uses gradients)
+        from .heal import heal_run
+
+        del s, policy, result  # the dense model in this process: heal loads the teacher it needs itself
+        summary["heal"] = heal_run(cfg, run.path, dense_ppl, progress)
     run.write_summary(summary, cfg)
     return summary
 

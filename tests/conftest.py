@@ -57,3 +57,23 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def hetero_tiny():
+    """(dense, pruned): a tiny 4-layer LLaMA and its compacted copy with thinned, attention-free (layer 1), MLP-free
+    (layer 2) and untouched layers."""
+    import numpy as np
+
+    from probprune.compaction import compact
+    from probprune.masks import CHANNEL, HEAD
+    from probprune.models import get_adapter, tiny_model
+
+    model = tiny_model("llama", num_hidden_layers=4)
+    space = get_adapter(model).mask_space(channel_block=8)
+    mask = space.full_mask()
+    units = lambda t, li: np.flatnonzero((space.unit_type == t) & (space.unit_layer == li))  # noqa: E731
+    mask[units(HEAD, 0)[:1]] = 0
+    mask[units(CHANNEL, 0)[:5]] = 0
+    mask[units(HEAD, 1)] = 0  # layer 1: no attention
+    mask[units(CHANNEL, 2)] = 0  # layer 2: no MLP
+    return model, compact(model, space, mask)

@@ -15,6 +15,8 @@ from probprune.masks import CHANNEL, HEAD
 from probprune.models import get_adapter, tiny_model
 from probprune.models.loading import byte_tokenizer
 
+from conftest import hetero_tiny
+
 ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
@@ -43,15 +45,7 @@ def _tensors(reader):
 @pytest.fixture(scope="module")
 def hetero(tmp_path_factory):
     """A tiny 4-layer model compacted to: thinned, attention-free, MLP-free, and untouched layers."""
-    model = tiny_model("llama", num_hidden_layers=4)
-    space = get_adapter(model).mask_space(channel_block=8)
-    mask = space.full_mask()
-    units = lambda t, li: np.flatnonzero((space.unit_type == t) & (space.unit_layer == li))  # noqa: E731
-    mask[units(HEAD, 0)[:1]] = 0
-    mask[units(CHANNEL, 0)[:5]] = 0
-    mask[units(HEAD, 1)] = 0  # layer 1: no attention
-    mask[units(CHANNEL, 2)] = 0  # layer 2: no MLP
-    pruned = compact(model, space, mask)
+    _, pruned = hetero_tiny()
     folder = save_pruned(pruned, tmp_path_factory.mktemp("m") / "model", byte_tokenizer())
     return pruned, folder
 

@@ -7,7 +7,6 @@ import importlib.util
 import sys
 
 import pytest
-import torch
 
 from probprune.errors import UserError
 from probprune.models import loading

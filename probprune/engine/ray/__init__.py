@@ -5,7 +5,8 @@
 - :mod:`~probprune.engine.ray.pool` — the actors and the one loop that submits, retries and replaces;
 - :mod:`~probprune.engine.ray.engine` — :class:`RayEngine`, the engine the pipeline sees;
 - :mod:`~probprune.engine.ray.tune` — Ray Tune sweeps over learning rates and sparsity targets (one trial = one search);
-  it runs the pipeline, so nothing here imports it.
+  it runs the pipeline, so nothing here imports it;
+- :mod:`~probprune.engine.ray.train` — data-parallel healing with Ray Train (one ``TorchTrainer`` worker per GPU).
 """
 
 from __future__ import annotations
