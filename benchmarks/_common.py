@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from probprune.heap import release_freed_heap
-from probprune.masks import CHANNEL, HEAD, MaskSpace
+from probprune.mask_space import CHANNEL, HEAD, MaskSpace
 
 
 def exact_mask(space: MaskSpace, keep: float, rng: np.random.Generator) -> np.ndarray:

@@ -17,8 +17,8 @@ from transformers import AutoModelForCausalLM
 
 from probprune.compaction import compact, count_params, save_pruned
 from probprune.models.loading import load_pruned
-from probprune.masked import masked_logits
-from probprune.masks import CHANNEL, HEAD
+from probprune.masked_forward import masked_logits
+from probprune.mask_space import CHANNEL, HEAD
 from probprune.models import get_adapter, load_model
 
 

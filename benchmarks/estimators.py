@@ -121,7 +121,7 @@ class Bench:
         from probprune.config import load_config
         from probprune.data import CalibrationData
         from probprune.pipeline import prepare
-        from probprune.scoring import collect_input_stats
+        from probprune.importance import collect_input_stats
 
         base = load_config(PAPER_CONFIG)
         n_search = base.data.calib_blocks
@@ -165,11 +165,11 @@ def run_estimator(bench: Bench, name: str, seed: int, args: argparse.Namespace, 
     if name == OURS:
         arm = bench.ours
         oc = arm.cfg.search
-        k, baseline, sampling, lr = oc.num_samples, oc.baseline, oc.sampling, oc.lr
+        k, baseline, sampling, lr = oc.masks_per_step, oc.baseline, oc.sampling, oc.lr
     else:
         arm = bench.paper
         k, baseline, sampling, _ = ESTIMATORS[name]
-        lr = estimator_lr(name, sc.lr, sc.num_samples)
+        lr = estimator_lr(name, sc.lr, sc.masks_per_step)
     if args.every % k or args.budget % args.every:
         raise SystemExit(f"--every ({args.every}) must be a multiple of K={k} ({name}) and divide --budget "
                          f"({args.budget})")
@@ -183,7 +183,7 @@ def run_estimator(bench: Bench, name: str, seed: int, args: argparse.Namespace, 
     if 0 not in done:
         append_row(out_csv, {**meta, "forwards": 0, "steps": 0, "eval_loss": bench.eval_loss(space, arm.init_mask),
                              "sample_loss_mean": math.nan, "heads_changed": 0, "channels_changed": 0, "wall_s": 0.0})
-    cfg = load_config(arm.path, [*arm.overrides, f"search.steps={steps}", f"search.num_samples={k}",
+    cfg = load_config(arm.path, [*arm.overrides, f"search.steps={steps}", f"search.masks_per_step={k}",
                                  f"search.baseline={baseline}", f"search.sampling={sampling}", f"search.lr={lr}",
                                  f"seed={seed}"])
     evaluator = LocalEngine(bench.session.model, space, fast_path=True)
@@ -316,7 +316,7 @@ def main() -> None:
 
         oc = load_config(OURS_CONFIG)
         info += (f" **ours** = {OURS_CONFIG.relative_to(ROOT)}: {oc.search.method} search over head groups and "
-                 f"{oc.mask.channel_block}-channel blocks ({oc.mask.block_order} order), K={oc.search.num_samples}, "
+                 f"{oc.mask.channel_block}-channel blocks ({oc.mask.block_order} order), K={oc.search.masks_per_step}, "
                  f"{oc.search.baseline} baseline, lr {oc.search.lr:g}.")
     md = markdown(summary, args, dense_loss, info)
     (args.out / "estimators.md").write_text(md)

@@ -36,8 +36,8 @@ import torch
 
 from _common import exact_mask, flop_bound, timed
 from probprune.fastpath import gathered_losses
-from probprune.masked import masked_losses, sequence_nll
-from probprune.masks import MaskSpace
+from probprune.masked_forward import masked_losses, sequence_nll
+from probprune.mask_space import MaskSpace
 from probprune.models import get_adapter
 from probprune.models.loading import load_model
 

@@ -25,8 +25,8 @@ from scaling import build  # noqa: E402
 from probprune.compaction import compact  # noqa: E402
 from probprune.engine.local import LocalEngine  # noqa: E402
 from probprune.fastpath import fast_forward_hidden  # noqa: E402
-from probprune.masked import masked_logits  # noqa: E402
-from probprune.models.adapter import get_adapter  # noqa: E402
+from probprune.masked_forward import masked_logits  # noqa: E402
+from probprune.models.registry import get_adapter  # noqa: E402
 from probprune.models.loading import load_model  # noqa: E402
 
 

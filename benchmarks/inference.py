@@ -4,7 +4,7 @@ Rows: the dense model, and for each prunable sparsity (default 30 % and 50 %: th
 the MLP channels removed) the compacted model of a budget-exact Wanda-sp mask (``baseline_mask("wanda-sp")`` on a few
 Brown calibration blocks; speed does not depend on which units are removed, only on how many and on the shapes).
 With ``--align A`` each pruned row also gets an aligned twin whose MLP widths are multiples of A channels
-(:func:`probprune.align.align_mask`; same budget to within one aligned block).
+(:func:`probprune.widths.align_mask`; same budget to within one aligned block).
 
 Measurements (each ratio is printed next to its limit ``dense params ÷ pruned params``):
 
@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from _common import PeakMemory, sync, timed
-from probprune.align import align_mask, channel_widths
+from probprune.widths import align_mask, channel_widths
 from probprune.baselines import baseline_mask, layer_quantiles
 from probprune.compaction import compact, count_params
 from probprune.models import get_adapter
@@ -95,7 +95,7 @@ def build_rows(args: argparse.Namespace, model: nn.Module, tokenizer, device: to
                       "widths": None}}
     priority = None
     if args.align > 1:  # which channels an aligned layer adds or drops: the same metric, as within-layer quantiles
-        from probprune.scoring import collect_input_stats, magnitude_scores, wanda_sp_scores
+        from probprune.importance import collect_input_stats, magnitude_scores, wanda_sp_scores
 
         scores = (wanda_sp_scores(adapter, space, collect_input_stats(adapter, blocks))
                   if blocks is not None else magnitude_scores(adapter, space))

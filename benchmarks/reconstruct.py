@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from probprune.compaction import compact  # noqa: E402
 from probprune.config import load_config  # noqa: E402
 from probprune.data import CalibrationData, load_corpus, test_stream  # noqa: E402
-from probprune.evaluation import evaluate_ppl  # noqa: E402
-from probprune.models.adapter import get_adapter  # noqa: E402
+from probprune.perplexity import evaluate_ppl  # noqa: E402
+from probprune.models.registry import get_adapter  # noqa: E402
 from probprune.models.loading import load_model  # noqa: E402
 from probprune.reconstruct import reconstruct_local, reconstructed_loss  # noqa: E402
 from probprune.engine.local import LocalEngine  # noqa: E402

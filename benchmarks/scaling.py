@@ -56,7 +56,7 @@ def build(size: str, device: str = "cpu"):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from probprune.models.adapter import get_adapter
+    from probprune.models.registry import get_adapter
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=49152, max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000.0,
@@ -147,7 +147,7 @@ def job_driver(folder: str, args) -> dict:
     torch.set_num_threads(1)
     cfg = load_config(ROOT / "configs" / "smollm2" / "135m_quickstart.yaml", [
         f"model.name_or_path={folder}", "model.dtype=bfloat16", "engine.kind=ray", "engine.num_actors=2",
-        "engine.cpus_per_actor=1", "engine.threads=1", "search.steps=2", f"search.num_samples={args.masks}",
+        "engine.cpus_per_actor=1", "engine.threads=1", "search.steps=2", f"search.masks_per_step={args.masks}",
         f"search.batch_size={args.batch}", "search.init=wanda-sp", "search.check_blocks=0", "search.init_blocks=4",
         "data.calib_blocks=16", "eval.seq_lens=[128]", "eval.max_tokens=512",
     ])
@@ -164,7 +164,7 @@ def job_ray(folder: str, args) -> dict:
 
     from probprune.engine import ray as distributed
     from probprune.config import EngineConfig, ModelConfig
-    from probprune.models.adapter import get_adapter
+    from probprune.models.registry import get_adapter
     from probprune.models.loading import load_skeleton
 
     skeleton, _ = load_skeleton(folder, "bfloat16")

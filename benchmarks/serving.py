@@ -93,7 +93,7 @@ def main() -> int:
     from probprune.compaction import count_params
     from probprune.config import load_config
     from probprune.data import load_corpus, test_stream
-    from probprune.evaluation import evaluate_ppl
+    from probprune.perplexity import evaluate_ppl
     from probprune.export import export_gguf
     from probprune.models.loading import load_model
 

@@ -106,7 +106,7 @@ def run_child(kind: str, dtype: str, args: argparse.Namespace) -> dict:
 # --------------------------------------------------------------------------------------------------- sections
 def scoring(model, adapter, space, batch, masks, args, device) -> list[dict]:
     from probprune.fastpath import gathered_losses
-    from probprune.masked import masked_losses, sequence_nll
+    from probprune.masked_forward import masked_losses, sequence_nll
 
     head = adapter.lm_head.weight.numel()
     full = np.ones((1, space.num_units), dtype=np.float32)  # [1, N]

@@ -55,7 +55,7 @@ import torch
 
 from probprune import projection
 from probprune.errors import UserError
-from probprune.masks import CHANNEL, HEAD, LAYER, TYPE_NAMES, MaskSpace
+from probprune.mask_space import CHANNEL, HEAD, LAYER, TYPE_NAMES, MaskSpace
 from probprune.policy import SCORE_EPS, ScoreFunctionPolicy, _check_k
 
 STATE_KIND = "allocation"
@@ -252,7 +252,7 @@ class AllocationPolicy(ScoreFunctionPolicy):
 
         Returns:
             ``[N]`` float64, non-increasing in rank inside each group (use it where a unit-level probability is
-            wanted, e.g. :func:`probprune.align.align_mask`).
+            wanted, e.g. :func:`probprune.widths.align_mask`).
         """
         out = torch.empty(self.space.num_units, dtype=torch.float64)
         for g, sel in enumerate(self._group_units):

@@ -29,10 +29,10 @@ import numpy as np
 import torch
 
 from .errors import UserError
-from .masks import CHANNEL, HEAD, LAYER, MaskSpace
+from .mask_space import CHANNEL, HEAD, LAYER, MaskSpace
 from .models.base import FamilyAdapter
 from .projection import BUDGETS, _round_half_up, final_mask
-from .scoring import CRITERIA, collect_input_stats, column_mean, criterion_scores
+from .importance import CRITERIA, collect_input_stats, column_mean, criterion_scores
 
 # baseline -> the importance criterion it ranks units by (None: random); how it selects is in baseline_mask
 CRITERION = {"magnitude": "magnitude", "wanda-sp": "wanda-sp", "flap": "flap", "random": None,
@@ -136,7 +136,7 @@ def shortgpt_mask(space: MaskSpace, influence: np.ndarray, sparsity: float) -> n
 
     Args:
         space: a mask space with layer units, or with both head and channel units.
-        influence: ``[L]`` block influence per decoder layer (:func:`probprune.scoring.block_influence_scores`
+        influence: ``[L]`` block influence per decoder layer (:func:`probprune.importance.block_influence_scores`
             gives it per unit; pass ``[N]`` and the layer units are read, or ``[L]``).
         sparsity: fraction of prunable parameters to remove.
 
@@ -247,7 +247,7 @@ def baseline_mask(
             each type is cut by the share of the dropped layers: exact when the layers are alike and the budget is a
             whole number of layers, as for 20 / 30 / 50 % of a 30-layer model).
         batch_size: sequences per calibration forward.
-        stats: :func:`probprune.scoring.collect_input_stats` of this model on ``blocks``, if already collected
+        stats: :func:`probprune.importance.collect_input_stats` of this model on ``blocks``, if already collected
             (``wanda-sp``, ``flap`` and ``shortgpt`` then run no forward of their own).
         sleb_blocks: ``sleb`` scores its trials on the first ``sleb_blocks`` of ``blocks`` (its cost grows with
             them: see :func:`sleb_mask`); like ``shortgpt`` it always uses the parameter budget.
@@ -296,7 +296,7 @@ def flap_bias_compensation(
         adapter: the adapter of the (unpruned) model ``space`` was built from.
         space: the mask space.
         mask: ``[N]`` binary mask.
-        stats: from :func:`probprune.scoring.collect_input_stats` on the same model.
+        stats: from :func:`probprune.importance.collect_input_stats` on the same model.
 
     Returns:
         ``{layer: {"o_proj": [H] float32, "down_proj": [H] float32}}`` keyed by original layer index; a key is

@@ -131,7 +131,7 @@ def _cmd_heal(args) -> int:
 
 
 def _cmd_info(args) -> int:
-    from .models.adapter import get_adapter
+    from .models.registry import get_adapter
     from .models.loading import load_model
 
     model, _ = load_model(args.model, args.dtype)

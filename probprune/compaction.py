@@ -19,11 +19,11 @@ from torch import nn
 
 from .errors import UserError
 from .files import dir_mode, file_mode, make_temp_dir, publish_dir
-from .masks import LayerKeep, MaskSpace
+from .mask_space import LayerKeep, MaskSpace
 from .heap import release_freed_heap
 from .shards import ShardReader, ShardWriter
 from .models import modeling_probprune
-from .models.adapter import get_adapter
+from .models.registry import get_adapter
 from .models.modeling_probprune import PRUNED_CLASSES, resize_decoder_layer
 
 

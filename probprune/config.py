@@ -248,7 +248,7 @@ class SearchConfig:
         "`units`: one keep probability per unit (the paper)"
     ))] = "allocation"
     steps: Annotated[Int, Field(ge=1, description="policy-gradient steps")] = 150
-    num_samples: Annotated[Int, Field(ge=1, description="K: masks sampled and scored per step")] = 4
+    masks_per_step: Annotated[Int, Field(ge=1, description="K: masks sampled and scored per step")] = 4
     batch_size: Annotated[Int, Field(ge=1, description="calibration blocks per step")] = 4
     lr: Annotated[Number, Field(gt=0, description="learning rate of the keep-probability logits")] = 0.1
     lr_schedule: Annotated[Literal["cosine", "constant"], Field(description="learning-rate schedule")] = "cosine"
@@ -350,7 +350,7 @@ class SweepConfig:
     ))] = None
     sparsity: Annotated[list[Fraction], Field(description="values of `search.sparsity`")] = field(default_factory=list)
     grid: Annotated[dict[Any, Any], Field(description=(
-        "more dotted keys -> lists of values, e.g. `{search.num_samples: [2, 8]}`"
+        "more dotted keys -> lists of values, e.g. `{search.masks_per_step: [2, 8]}`"
     ))] = field(default_factory=dict)
     num_samples: Annotated[Int, Field(ge=1, description="Tune samples per grid point")] = 1
     scheduler: Annotated[Literal["none", "asha"], Field(description="Tune trial scheduler")] = "none"
@@ -452,7 +452,7 @@ _PRESET_KEY = "preset"
 _PRESETS = Path(__file__).parent / "presets"
 
 # Keys renamed since configs were first written: the old dotted key still loads, as the new one, with a warning.
-_RENAMED_KEYS: dict[str, str] = {}
+_RENAMED_KEYS: dict[str, str] = {"search.num_samples": "search.masks_per_step"}
 
 # Values renamed since configs were first written: the old spelling still loads, as the new one.
 _RENAMED_VALUES = {("search", "init"): {"wanda": "wanda-sp"}}
@@ -719,10 +719,10 @@ def _cross_field(cfg: Config, bad: set[str]) -> list[str]:
         errors.append(
             f"engine.gpus_per_actor={e.gpus_per_actor} requires a GPU model.device ('cuda' or 'auto'), got 'cpu'"
         )
-    if ok("search.baseline", "search.num_samples") and s.baseline == "loo" and s.num_samples < 2:
-        errors.append(f"search.baseline='loo' requires search.num_samples >= 2, got {s.num_samples}")
-    if ok("search.sampling", "search.num_samples") and s.sampling == "antithetic" and s.num_samples % 2:
-        errors.append(f"search.sampling='antithetic' requires an even search.num_samples, got {s.num_samples}")
+    if ok("search.baseline", "search.masks_per_step") and s.baseline == "loo" and s.masks_per_step < 2:
+        errors.append(f"search.baseline='loo' requires search.masks_per_step >= 2, got {s.masks_per_step}")
+    if ok("search.sampling", "search.masks_per_step") and s.sampling == "antithetic" and s.masks_per_step % 2:
+        errors.append(f"search.sampling='antithetic' requires an even search.masks_per_step, got {s.masks_per_step}")
     if ok("search.init", "search.check_blocks") and s.init == "best" and s.check_blocks < 1:
         errors.append("search.init='best' chooses its start on the check set and requires search.check_blocks >= 1, "
                       f"got {s.check_blocks}")
@@ -921,8 +921,8 @@ def parse_override(text: str) -> tuple[str, Any]:
 def _set_dotted(data: dict[str, Any], key: str, value: Any) -> str | None:
     """Set ``data[a][b]… = value`` for ``key`` 'a.b…'; return a problem, or None.
 
-    Below a mapping-typed field the rest of the key is one dict key: 'sweep.grid.search.num_samples' sets
-    ``data['sweep']['grid']['search.num_samples']``.
+    Below a mapping-typed field the rest of the key is one dict key: 'sweep.grid.search.masks_per_step' sets
+    ``data['sweep']['grid']['search.masks_per_step']``.
     """
     parts = key.split(".")
     for i in range(1, len(parts)):
@@ -1020,7 +1020,7 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
     Args:
         path: YAML file, or None for the defaults.
         overrides: strings ``'a.b=c'``; each value is read with ``yaml.safe_load`` (``search.lr=1e-2``,
-            ``eval.seq_lens=[128,512]``, ``model.device_map=null``, ``sweep.grid.search.num_samples=[2,8]``,
+            ``eval.seq_lens=[128,512]``, ``model.device_map=null``, ``sweep.grid.search.masks_per_step=[2,8]``,
             ``preset=paper``).
 
     Returns:

@@ -519,7 +519,7 @@ def cached_token_stream(
 
 
 def test_stream(tokenizer: Any, corpus: Corpus, use_cache: bool = True) -> torch.LongTensor:
-    """The held-out documents as one token stream, for :func:`probprune.evaluation.perplexity`.
+    """The held-out documents as one token stream, for :func:`probprune.perplexity.perplexity`.
 
     Args:
         tokenizer: a ``transformers`` tokenizer.

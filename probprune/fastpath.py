@@ -1,7 +1,7 @@
 """Fast mask scoring: run each mask at its pruned width, so a forward costs what the pruned model costs.
 
-:func:`probprune.masked.masked_losses` (the reference) multiplies masks into a dense forward: every mask costs a full
-forward. Here each mask is turned into index lists (:meth:`probprune.masks.MaskSpace.plan`: kept heads and channels
+:func:`probprune.masked_forward.masked_losses` (the reference) multiplies masks into a dense forward: every mask costs a full
+forward. Here each mask is turned into index lists (:meth:`probprune.mask_space.MaskSpace.plan`: kept heads and channels
 per layer, dropped layers), only those weight slices are gathered (:mod:`probprune.models.functional`), and the
 decoder runs on them with the family's own layer forward (:meth:`probprune.models.base.FamilyAdapter.layer_forward`).
 The result equals the reference up to floating-point summation order.
@@ -28,7 +28,7 @@ import torch
 
 from .heap import release_freed_heap
 from .losses import sequence_losses, teacher_logprobs
-from .masks import LayerKeep, MaskSpace
+from .mask_space import LayerKeep, MaskSpace
 from .models import functional as fn
 from .models.base import FamilyAdapter
 
@@ -38,7 +38,7 @@ def _check_binary(masks: torch.Tensor) -> None:
     if bool(bad.any()):
         v = float(masks[bad][0])
         raise ValueError(f"the gathered path needs 0/1 masks (a unit is kept or not), got a value {v}; "
-                         "use probprune.masked.masked_losses for soft masks")
+                         "use probprune.masked_forward.masked_losses for soft masks")
 
 
 def _as_masks(space: MaskSpace, masks: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -184,7 +184,7 @@ def gathered_losses(
             the all-keep mask. None = cross-entropy against the tokens.
 
     Returns:
-        ``[K]`` float64 losses, equal to :func:`probprune.masked.masked_losses` up to summation order.
+        ``[K]`` float64 losses, equal to :func:`probprune.masked_forward.masked_losses` up to summation order.
 
     Raises:
         ValueError: soft (non 0/1) masks, wrong mask length, a batch that is not ``[B, T>=2]``, or
@@ -192,7 +192,7 @@ def gathered_losses(
     """
     if masks_per_forward != 1:
         raise ValueError(f"masks_per_forward must be 1 on the gathered path (got {masks_per_forward}): several masks "
-                         "per forward does not pay on CPU; use probprune.masked.masked_losses(max_rows=...) to batch")
+                         "per forward does not pay on CPU; use probprune.masked_forward.masked_losses(max_rows=...) to batch")
     m = _as_masks(space, masks)
     _check_batch(batch, 2)
     uniq, inverse = torch.unique(m, dim=0, return_inverse=True)  # [U, N], [K]

@@ -314,7 +314,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def _evaluate(model: nn.Module, job: HealJob, label: str) -> dict[str, dict[str, float]]:
-    from .evaluation import evaluate_ppl
+    from .perplexity import evaluate_ppl
 
     out = {}
     for name, tokens in {"test": job.test_tokens, **job.extra_eval}.items():
@@ -538,7 +538,7 @@ def _vocab_size(name_or_path: str) -> tuple[int, int | None]:
 
 def _wants_bos(name_or_path: str) -> bool:
     """Whether the model's family prescribes a BOS token first in every sequence (from its shapes only)."""
-    from .models.adapter import get_adapter
+    from .models.registry import get_adapter
     from .models.loading import load_skeleton
 
     model, _ = load_skeleton(name_or_path)
@@ -603,7 +603,7 @@ def heal(cfg: Any, model: str | Path, output: str | Path, teacher: str | None = 
     """
     from .config import save_config
     from .data import cached_token_stream, load_corpus, resolve_bos, test_stream
-    from .evaluation import protocol
+    from .perplexity import protocol
 
     t_start = time.perf_counter()
     hc, output, model = cfg.heal, Path(output), str(model)

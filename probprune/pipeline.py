@@ -29,8 +29,8 @@ from .data import load_corpus, resolve_bos, test_stream
 from .engine import Engine
 from .engine.tasks import baseline_mask, criterion_scores, flap_compensation, input_stats, warm_start_candidates
 from .errors import UserError
-from .evaluation import protocol
-from .masks import MaskSpace
+from .perplexity import protocol
+from .mask_space import MaskSpace
 from .policy import Policy, random_probs, scores_to_probs, uniform_probs
 from .run_folder import RunFolder, masks_record
 from .runlock import holds_output_lock
@@ -68,7 +68,7 @@ def final_mask(cfg: Config, space: MaskSpace, probs: np.ndarray | torch.Tensor,
     if mask is None:
         mask = projection.final_mask(space, probs, sc.sparsity, sc.budget)
     if cfg.mask.align > 1:
-        from .align import align_mask
+        from .widths import align_mask
 
         mask = align_mask(space, mask, probs, cfg.mask.align, sc.sparsity, sc.budget)
     return mask
@@ -188,9 +188,9 @@ def prune(cfg: Config, output: str | Path, resume: bool = False, progress: bool 
         policy = build_policy(cfg, s.space, start.probs, s.engine, s.stats)
         if hasattr(s.engine, "estimate") and sc.steps > 20:  # a cluster run: say what it will cost before it starts
             log.info("%s", s.engine.estimate(search_data.batch(0, sc.batch_size), steps=sc.steps,
-                                             num_samples=sc.num_samples))
+                                             num_samples=sc.masks_per_step))
         result = run_search(
-            policy, s.engine, search_data, steps=sc.steps, num_samples=sc.num_samples, batch_size=sc.batch_size,
+            policy, s.engine, search_data, steps=sc.steps, num_samples=sc.masks_per_step, batch_size=sc.batch_size,
             checkpoint_dir=run.path, checkpoint_every=sc.checkpoint_every, log_every=sc.log_every,
             resume=run.resuming, fingerprint=fingerprint(cfg, s.space), progress=progress, on_step=on_step,
             stop_after=stop_after,
@@ -207,15 +207,15 @@ def prune(cfg: Config, output: str | Path, resume: bool = False, progress: bool 
         summary["check"] = check_record
     losses = [h["loss_mean"] for h in result.history if np.isfinite(h["loss_mean"])]
     summary["search"] = {
-        "steps": sc.steps, "num_samples": sc.num_samples, "batch_size": sc.batch_size, "lr": sc.lr,
+        "steps": sc.steps, "num_samples": sc.masks_per_step, "batch_size": sc.batch_size, "lr": sc.lr,
         "baseline": sc.baseline, "budget": sc.budget, "method": sc.method, "objective": sc.objective,
-        "forwards": policy.step_count * sc.num_samples,
+        "forwards": policy.step_count * sc.masks_per_step,
         "dropped_samples": result.dropped_samples, "resumed_from_step": result.resumed_from_step,
         "first_loss": float(np.mean(losses[:10])) if losses else None,
         "last_loss": float(np.mean(losses[-10:])) if losses else None,
         "engine": cfg.engine.kind,
     }
-    summary["calibration"]["tokens_scored"] = policy.step_count * sc.num_samples * sc.batch_size * cfg.data.block_len
+    summary["calibration"]["tokens_scored"] = policy.step_count * sc.masks_per_step * sc.batch_size * cfg.data.block_len
     if cfg.heal.tokens:  # optional last step: distil the saved pruned model toward the dense one (uses gradients)
         from .heal import heal_run
 
@@ -266,8 +266,8 @@ def run_baseline(cfg: Config, method: str, output: str | Path, progress: bool = 
 def evaluate_folder(cfg: Config, tasks: str | None = None, limit: int | None = None) -> dict[str, Any]:
     """``probprune eval``: held-out perplexity of any model (and lm-eval tasks when asked), in this process."""
     from .compaction import count_params
-    from .evaluation import evaluate_ppl
-    from .models.adapter import get_adapter
+    from .perplexity import evaluate_ppl
+    from .models.registry import get_adapter
     from .models.loading import load_model
 
     m = cfg.model

@@ -29,7 +29,7 @@ import torch
 
 from probprune import projection
 from probprune.errors import ConfigError, UserError
-from probprune.masks import CHANNEL, HEAD, LAYER, MaskSpace
+from probprune.mask_space import CHANNEL, HEAD, LAYER, MaskSpace
 
 LR_SCHEDULES = ("cosine", "constant")
 BASELINES = ("ema", "loo")

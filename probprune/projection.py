@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from probprune.errors import UserError
-from probprune.masks import CHANNEL, HEAD, LAYER, MaskSpace
+from probprune.mask_space import CHANNEL, HEAD, LAYER, MaskSpace
 
 BUDGETS = ("per_type", "params")
 

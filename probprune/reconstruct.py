@@ -51,7 +51,7 @@ from torch import nn
 
 from .compaction import surviving_layers
 from .errors import UserError
-from .masks import LayerKeep, MaskSpace
+from .mask_space import LayerKeep, MaskSpace
 from .models import functional as fn
 from .models.base import FamilyAdapter
 from .engine.tasks import split_shares

@@ -21,9 +21,9 @@ from .data import CalibrationData, load_corpus, resolve_bos, test_stream
 from .engine import Engine, build_engine, load_for_engine
 from .engine.tasks import channel_ranking, input_stats, merge_stats, split_shares
 from .errors import UserError
-from .evaluation import max_context
-from .masks import MaskSpace
-from .models.adapter import get_adapter
+from .perplexity import max_context
+from .mask_space import MaskSpace
+from .models.registry import get_adapter
 from .models.base import FamilyAdapter
 
 log = logging.getLogger(__name__)

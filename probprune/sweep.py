@@ -9,7 +9,7 @@ matplotlib, so it is unit-tested on hand-made tables and reused on any table of 
                                                       ├─ write_results(): results.csv, pareto.md, pareto.png
                                                       └─ best_configs(): best/sparsity_0.30.yaml (runs as is)
 
-Trial parameters are dotted config keys (``search.lr``, ``search.sparsity``, ``search.num_samples``, …); the table
+Trial parameters are dotted config keys (``search.lr``, ``search.sparsity``, ``search.masks_per_step``, …); the table
 names the first two ``lr`` and ``sparsity`` (the *target* sparsity; ``prunable_sparsity`` is what the final mask
 removed). ``ppl`` is the held-out perplexity at the shortest evaluation window (``ppl_<len>`` for every window).
 
@@ -131,7 +131,7 @@ def trial_config(base: Config, params: Mapping[str, Any]) -> Config:
 
     Raises:
         ConfigError: a parameter is not a config key or its value breaks a rule (e.g. ``search.baseline=loo`` with
-            ``search.num_samples=1``).
+            ``search.masks_per_step=1``).
     """
     data = config_to_dict(base)
     data["sweep"] = None
@@ -381,7 +381,7 @@ def _protocol(cfg: Config, df: pd.DataFrame) -> str:
             f"PPL = exp(mean token cross-entropy) over non-overlapping windows of {', '.join(map(str, lens))} tokens, "
             f"at most {e.max_tokens} held-out tokens per length; 'ppl' is the shortest window. Calibration "
             f"{d.calib_blocks} blocks x {d.block_len} tokens; each trial searches {s.steps} steps x "
-            f"{s.num_samples} masks x {s.batch_size} sequences (unless the sweep varies them){wall}.")
+            f"{s.masks_per_step} masks x {s.batch_size} sequences (unless the sweep varies them){wall}.")
 
 
 def write_results(df: pd.DataFrame, base: Config, param_keys: Sequence[str], output_dir: str | Path,

@@ -30,7 +30,7 @@ import torch
 from . import projection
 from .errors import UserError
 from .engine.base import Engine
-from .masks import MaskSpace
+from .mask_space import MaskSpace
 from .models.base import FamilyAdapter
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ def candidate_masks(
         adapter: the model's adapter.
         space: the search's mask space.
         blocks: ``[n, T]`` calibration blocks the statistics came from.
-        stats: :func:`probprune.scoring.collect_input_stats` on ``blocks``.
+        stats: :func:`probprune.importance.collect_input_stats` on ``blocks``.
         sparsity: the search's sparsity.
         budget: the search's budget.
         init_mask: ``[N]`` the Wanda-sp init's final mask.

@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.address is not None:
             cfg.engine.address = args.address
         validate_config(cfg)
-        report = CostReport(cfg.search.steps, cfg.search.num_samples, cfg.engine.num_actors)
+        report = CostReport(cfg.search.steps, cfg.search.masks_per_step, cfg.engine.num_actors)
         summary = prune(cfg, args.output, resume=args.resume, progress=not args.no_progress, on_step=report)
     except UserError as e:
         print(f"probprune: error: {e}", file=sys.stderr)

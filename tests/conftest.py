@@ -65,7 +65,7 @@ def hetero_tiny():
     import numpy as np
 
     from probprune.compaction import compact
-    from probprune.masks import CHANNEL, HEAD
+    from probprune.mask_space import CHANNEL, HEAD
     from probprune.models import get_adapter, tiny_model
 
     model = tiny_model("llama", num_hidden_layers=4)

@@ -14,7 +14,7 @@ from probprune.baselines import uniform_per_layer_mask
 from probprune.data import CalibrationData
 from probprune.errors import ConfigError, UserError
 from probprune.engine.local import LocalEngine
-from probprune.masks import CHANNEL, HEAD, LAYER, LayerShape, MaskSpace
+from probprune.mask_space import CHANNEL, HEAD, LAYER, LayerShape, MaskSpace
 from probprune.models import get_adapter, tiny_model
 from probprune.policy import Policy, uniform_probs
 from probprune.projection import expected_sparsity
@@ -314,7 +314,7 @@ def test_prune_pipeline_runs_the_allocation_search_with_aligned_widths(tmp_path)
     import json
     from pathlib import Path
 
-    from probprune.align import channel_widths
+    from probprune.widths import channel_widths
     from probprune.config import apply_overrides, load_config
     from probprune.pipeline import prune
 

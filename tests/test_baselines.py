@@ -18,10 +18,10 @@ from probprune.baselines import (
 from probprune.reconstruct import Reconstruction
 from probprune.compaction import compact, save_pruned
 from probprune.errors import UserError
-from probprune.masks import CHANNEL, HEAD, LAYER, LayerShape, MaskSpace
+from probprune.mask_space import CHANNEL, HEAD, LAYER, LayerShape, MaskSpace
 from probprune.models import get_adapter, tiny_model
 from probprune.models.loading import load_pruned
-from probprune.scoring import (
+from probprune.importance import (
     collect_input_stats,
     flap_scores,
     magnitude_scores,

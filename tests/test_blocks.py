@@ -9,10 +9,10 @@ from transformers import AutoModelForCausalLM
 
 from probprune.compaction import compact, count_params, save_pruned
 from probprune.models.loading import load_pruned
-from probprune.masked import masked_logits
-from probprune.masks import CHANNEL, HEAD
+from probprune.masked_forward import masked_logits
+from probprune.mask_space import CHANNEL, HEAD
 from probprune.models import get_adapter, tiny_model
-from probprune.scoring import channel_wanda_scores, collect_input_stats, rank_channels, wanda_sp_scores
+from probprune.importance import channel_wanda_scores, collect_input_stats, rank_channels, wanda_sp_scores
 
 TOL = dict(rtol=1e-5, atol=1e-5)  # fp32
 BLOCK = 4

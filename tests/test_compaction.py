@@ -8,8 +8,8 @@ from transformers import AutoModelForCausalLM
 from probprune.compaction import compact, count_params, save_pruned
 from probprune.errors import UserError
 from probprune.models.loading import load_pruned
-from probprune.masked import masked_logits
-from probprune.masks import CHANNEL, HEAD, LAYER
+from probprune.masked_forward import masked_logits
+from probprune.mask_space import CHANNEL, HEAD, LAYER
 from probprune.models import get_adapter, tiny_model
 
 TOL = dict(rtol=1e-5, atol=1e-5)  # fp32

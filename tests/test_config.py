@@ -54,7 +54,7 @@ def test_quickstart_values():
     assert (cfg.mask.heads, cfg.mask.channels, cfg.mask.layers) == (True, True, False)
     assert (cfg.mask.channel_block, cfg.mask.block_order) == (128, "metric")  # benchmarks/results/granularity
     s = cfg.search
-    assert (s.sparsity, s.budget, s.steps, s.num_samples, s.batch_size, s.lr, s.baseline, s.init) == (
+    assert (s.sparsity, s.budget, s.steps, s.masks_per_step, s.batch_size, s.lr, s.baseline, s.init) == (
         0.5, "per_type", 150, 4, 4, 0.1, "loo", "best"
     )
     assert (s.method, s.objective, s.check_blocks, s.init_mix) == ("allocation", "kl", 32, 0.25)  # quality benchmark
@@ -65,7 +65,7 @@ def test_quickstart_values():
 def test_paper_configs_follow_the_paper():
     for rel, lr in [("llama2/7b_paper.yaml", 2e-3), ("llama3/8b_paper.yaml", 6e-3), ("smollm2/135m_paper.yaml", 2e-3)]:
         s = load_config(REPO / "configs" / rel).search
-        assert (s.lr, s.num_samples, s.batch_size, s.baseline, s.ema_window, s.score_scaling, s.budget) == (
+        assert (s.lr, s.masks_per_step, s.batch_size, s.baseline, s.ema_window, s.score_scaling, s.budget) == (
             lr, 2, 8, "ema", 5, "sqrt", "per_type"
         ), rel
     cfg = load_config(REPO / "configs/llama2/7b_paper.yaml")
@@ -102,7 +102,7 @@ def test_round_trip(tmp_path: Path):
         [
             "model.device_map={model.layers.0: 0, lm_head: cpu}",
             "search.lr=1e-7",
-            "sweep.grid={search.num_samples: [2, 8]}",
+            "sweep.grid={search.masks_per_step: [2, 8]}",
         ],
     )
     path = save_config(cfg, tmp_path / "sub" / "run.yaml")
@@ -279,12 +279,12 @@ def test_out_of_range(override: str, message: str):
             "engine.gpus_per_actor=1.0 requires a GPU model.device ('cuda' or 'auto'), got 'cpu'",
         ),
         (
-            ["search.baseline=loo", "search.num_samples=1"],
-            "search.baseline='loo' requires search.num_samples >= 2, got 1",
+            ["search.baseline=loo", "search.masks_per_step=1"],
+            "search.baseline='loo' requires search.masks_per_step >= 2, got 1",
         ),
         (
-            ["search.sampling=antithetic", "search.num_samples=3"],
-            "search.sampling='antithetic' requires an even search.num_samples, got 3",
+            ["search.sampling=antithetic", "search.masks_per_step=3"],
+            "search.sampling='antithetic' requires an even search.masks_per_step, got 3",
         ),
         (["sweep.lr_range=[0.1, 0.01]"], "sweep.lr_range must have low < high, got [0.1, 0.01]"),
         (["sweep.lr_range=[0.1]"], "sweep.lr_range must be [low, high], got [0.1]"),
@@ -296,7 +296,7 @@ def test_out_of_range(override: str, message: str):
             ["sweep.grid={search.lrr: [1]}"],
             "sweep.grid['search.lrr']: unknown config key 'search.lrr' (did you mean 'search.lr'?)",
         ),
-        (["sweep.grid.search.num_samples=[2, x]"], "sweep.grid['search.num_samples'][1] must be an int, got 'x'"),
+        (["sweep.grid.search.masks_per_step=[2, x]"], "sweep.grid['search.masks_per_step'][1] must be an int, got 'x'"),
         (["sweep.grid.search.sparsity=[2]"], "sweep.grid['search.sparsity'][0] must be in (0, 1), got 2.0"),
         (["sweep.grid.search.steps=3"], "sweep.grid['search.steps'] must be a non-empty list of values, got 3"),
         (
@@ -322,7 +322,7 @@ def test_cross_field_rules_pass_when_satisfied():
             "model.device=cuda:1",
             "model.device_map=auto",
             "search.sampling=antithetic",
-            "search.num_samples=4",
+            "search.masks_per_step=4",
         ],
     )
     assert (cfg.mask.layers, cfg.data.paths, cfg.model.device) == (True, ["a.txt", "b.jsonl"], "cuda:1")
@@ -389,8 +389,8 @@ def test_float_fields_accept_ints_and_strings(tmp_path: Path):
 
 
 def test_dotted_keys_below_mapping_fields():
-    cfg = load_config(None, ["sweep.grid.search.num_samples=[2, 8]", "model.device_map.model.embed_tokens=0"])
-    assert cfg.sweep is not None and cfg.sweep.grid == {"search.num_samples": [2, 8]}
+    cfg = load_config(None, ["sweep.grid.search.masks_per_step=[2, 8]", "model.device_map.model.embed_tokens=0"])
+    assert cfg.sweep is not None and cfg.sweep.grid == {"search.masks_per_step": [2, 8]}
     assert cfg.model.device_map == {"model.embed_tokens": 0}
 
 

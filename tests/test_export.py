@@ -11,7 +11,7 @@ import torch
 from probprune.compaction import compact, save_pruned
 from probprune.errors import UserError
 from probprune.export import export_gguf, unpermute_rope_rows
-from probprune.masks import CHANNEL, HEAD
+from probprune.mask_space import CHANNEL, HEAD
 from probprune.models import get_adapter, tiny_model
 from probprune.models.loading import byte_tokenizer
 

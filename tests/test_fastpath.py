@@ -6,8 +6,8 @@ import torch
 
 from probprune.compaction import compact
 from probprune.fastpath import fast_forward_hidden, gathered_losses
-from probprune.masked import masked_losses, masks_applied
-from probprune.masks import CHANNEL, HEAD, LAYER
+from probprune.masked_forward import masked_losses, masks_applied
+from probprune.mask_space import CHANNEL, HEAD, LAYER
 from probprune.models import get_adapter, tiny_model
 
 FP32_TOL = 1e-5
@@ -247,7 +247,7 @@ def test_smollm2_half_mask_bf16(smollm2):
 @pytest.mark.parametrize("kind", ["llama", "gemma3-mqa"])
 def test_layer_removal_losses_equal_gathered_losses_of_the_trial_masks(kind: str) -> None:
     from probprune.fastpath import layer_removal_losses
-    from probprune.masks import LAYER
+    from probprune.mask_space import LAYER
 
     extra = {"layer_types": ["sliding_attention", "full_attention"] * 2} if kind.startswith("gemma3") else {}
     model = tiny_model(kind, num_hidden_layers=4, **extra)

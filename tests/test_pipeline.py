@@ -11,7 +11,7 @@ from probprune.run_folder import format_summary
 from probprune.allocation import AllocationPolicy
 from probprune.config import apply_overrides, load_config
 from probprune.errors import UserError
-from probprune.masks import HEAD
+from probprune.mask_space import HEAD
 from probprune.policy import Policy
 
 ROOT = Path(__file__).resolve().parents[1]

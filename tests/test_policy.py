@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from probprune.errors import ConfigError, UserError
-from probprune.masks import CHANNEL, HEAD, LAYER, LayerShape, MaskSpace
+from probprune.mask_space import CHANNEL, HEAD, LAYER, LayerShape, MaskSpace
 from probprune.policy import Policy, cosine_lr, lr_at, random_probs, scores_to_probs, uniform_probs
 from probprune.projection import expected_sparsity
 

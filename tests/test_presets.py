@@ -33,7 +33,7 @@ RESOLVED_BEFORE = json.loads((REPO / "tests" / "data" / "resolved_configs.json")
 # The defaults of that code for the search and the mask space: the paper's method.
 PAPER_MASK = {"heads": True, "head_unit": "group", "channels": True, "layers": False, "channel_block": 1,
               "block_order": "index", "align": 1, "shape": "free"}
-PAPER_SEARCH = {"sparsity": 0.5, "budget": "per_type", "method": "units", "steps": 300, "num_samples": 2,
+PAPER_SEARCH = {"sparsity": 0.5, "budget": "per_type", "method": "units", "steps": 300, "masks_per_step": 2,
                 "batch_size": 8, "lr": 0.002, "lr_schedule": "cosine", "baseline": "ema", "ema_window": 5,
                 "score_scaling": "sqrt", "sampling": "independent", "init": "wanda-sp", "init_blocks": 32,
                 "init_mix": 0.25, "objective": "ce", "check_blocks": 0, "checkpoint_every": 50, "log_every": 1}
@@ -54,7 +54,9 @@ def test_every_shipped_config_resolves_as_before(rel: str):
     now, before = config_to_dict(load_config(REPO / "configs" / rel)), RESOLVED_BEFORE[rel]
     for section, values in before.items():
         if isinstance(values, dict) and section != "sweep":
-            assert {k: now[section][k] for k in values} == values, section
+            renamed = {config_module._RENAMED_KEYS.get(f"{section}.{k}", f"{section}.{k}").split(".")[1]: v
+                       for k, v in values.items()}  # keys renamed since the record was taken
+            assert {k: now[section][k] for k in renamed} == renamed, section
         else:
             assert now[section] == values, section
     assert now["data"]["bos"] == "auto"
@@ -75,7 +77,7 @@ def test_defaults_are_the_quickstart_search():
     s, m = Config().search, Config().mask
     assert (s.method, s.init, s.objective, s.check_blocks, s.baseline, s.lr) == ("allocation", "best", "kl", 32,
                                                                                 "loo", 0.1)
-    assert (s.num_samples, s.batch_size, s.steps, s.init_mix, m.channel_block, m.block_order) == (4, 4, 150, 0.25, 128,
+    assert (s.masks_per_step, s.batch_size, s.steps, s.init_mix, m.channel_block, m.block_order) == (4, 4, 150, 0.25, 128,
                                                                                                   "metric")
 
 
@@ -90,7 +92,7 @@ def test_preset_file_overrides_layering(tmp_path: Path):
     path = tmp_path / "c.yaml"
     path.write_text("preset: paper\nsearch:\n  lr: 0.05\n  steps: 20\nmask:\n")
     cfg = load_config(path, ["search.steps=7"])
-    assert (cfg.search.method, cfg.search.num_samples, cfg.mask.channel_block) == ("units", 2, 1)  # the preset
+    assert (cfg.search.method, cfg.search.masks_per_step, cfg.mask.channel_block) == ("units", 2, 1)  # the preset
     assert (cfg.search.lr, cfg.search.steps) == (0.05, 7)  # the file, then the override
     # the preset may also come from the command line, and a saved config needs no preset
     assert load_config(REPO / "configs/tiny/smoke.yaml") == load_config(None, [
@@ -130,34 +132,38 @@ def test_default_rules_hold_for_the_new_defaults():
     with pytest.raises(ConfigError, match=re.escape("search.objective='kl' is computed on the fast path and requires "
                                                     "engine.fast_path=true (or search.objective='ce')")):
         load_config(None, ["engine.fast_path=false"])
-    with pytest.raises(ConfigError, match=re.escape("search.baseline='loo' requires search.num_samples >= 2, got 1")):
-        load_config(None, ["search.num_samples=1"])
+    with pytest.raises(ConfigError, match=re.escape("search.baseline='loo' requires search.masks_per_step >= 2, got 1")):
+        load_config(None, ["search.masks_per_step=1"])
     with pytest.raises(ConfigError, match=re.escape("mask.align (64) must be a multiple of mask.channel_block (128)")):
         load_config(None, ["mask.align=64"])
 
 
-def test_renamed_keys_load_as_the_new_key_with_one_warning(monkeypatch, caplog, tmp_path: Path):
-    monkeypatch.setitem(config_module._RENAMED_KEYS, "search.masks", "search.num_samples")
+def test_renamed_keys_load_as_the_new_key_with_one_warning(caplog, tmp_path: Path):
+    assert config_module._RENAMED_KEYS["search.num_samples"] == "search.masks_per_step"
     path = tmp_path / "old.yaml"
-    path.write_text("search:\n  masks: 6\n")
+    path.write_text("search:\n  num_samples: 6\n")
     with caplog.at_level(logging.WARNING, logger="probprune.config"):
         cfg = load_config(path)
-    assert cfg.search.num_samples == 6
+    assert cfg.search.masks_per_step == 6
     warnings = [r.getMessage() for r in caplog.records]
-    assert warnings == ["config key 'search.masks' is deprecated: it is now 'search.num_samples' (read as such)"]
+    assert warnings == ["config key 'search.num_samples' is deprecated: it is now 'search.masks_per_step' (read as "
+                        "such)"]
     # in overrides, in config_from_dict and as a sweep.grid key
-    assert load_config(None, ["search.masks=8"]).search.num_samples == 8
-    assert config_from_dict({"search": {"masks": 2}}).search.num_samples == 2
-    sweep = load_config(None, ["sweep.grid.search.masks=[2, 8]"]).sweep
-    assert sweep is not None and sweep.grid == {"search.num_samples": [2, 8]}
+    assert load_config(None, ["search.num_samples=8"]).search.masks_per_step == 8
+    assert config_from_dict({"search": {"num_samples": 2}}).search.masks_per_step == 2
+    sweep = load_config(None, ["sweep.grid.search.num_samples=[2, 8]"]).sweep
+    assert sweep is not None and sweep.grid == {"search.masks_per_step": [2, 8]}
     # an override replaces the file's value whichever of the two names each uses
-    assert load_config(path, ["search.num_samples=2"]).search.num_samples == 2
-    path.write_text("search:\n  num_samples: 6\n")
-    assert load_config(path, ["search.masks=2"]).search.num_samples == 2
+    assert load_config(path, ["search.masks_per_step=2"]).search.masks_per_step == 2
+    path.write_text("search:\n  masks_per_step: 6\n")
+    assert load_config(path, ["search.num_samples=2"]).search.masks_per_step == 2
     with pytest.raises(ConfigError, match=re.escape(
-        "config sets both 'search.masks' and its new name 'search.num_samples'; keep only 'search.num_samples'"
+        "config sets both 'search.num_samples' and its new name 'search.masks_per_step'; keep only "
+        "'search.masks_per_step'"
     )):
-        config_from_dict({"search": {"masks": 2, "num_samples": 4}})
+        config_from_dict({"search": {"num_samples": 2, "masks_per_step": 4}})
+    # sweep.num_samples (Tune's samples per grid point) keeps its name
+    assert load_config(None, ["sweep.num_samples=3"]).sweep.num_samples == 3
 
 
 def test_the_configuration_reference_is_generated_from_the_classes():

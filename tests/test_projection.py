@@ -10,7 +10,7 @@ import torch
 
 from probprune import projection
 from probprune.errors import UserError
-from probprune.masks import CHANNEL, HEAD, LAYER, LayerShape, MaskSpace
+from probprune.mask_space import CHANNEL, HEAD, LAYER, LayerShape, MaskSpace
 from probprune.projection import (
     _final_mask_params,
     expected_kept_params,
@@ -294,7 +294,7 @@ def test_params_budget_with_layer_units_counts_nesting_once(policy_kind) -> None
 
 
 def test_nested_projection_is_the_weighted_projection_without_layer_entries() -> None:
-    from probprune.masks import CHANNEL
+    from probprune.mask_space import CHANNEL
 
     rng = np.random.default_rng(1)
     x = torch.as_tensor(rng.random(12) * 1.4 - 0.2)

@@ -9,7 +9,7 @@ import torch
 
 from probprune.compaction import compact, save_pruned
 from probprune.errors import UserError
-from probprune.masks import CHANNEL, HEAD
+from probprune.mask_space import CHANNEL, HEAD
 from probprune.models import get_adapter, tiny_model
 from probprune.models.loading import byte_tokenizer, load_pruned
 from probprune.reconstruct import (

@@ -32,20 +32,20 @@ from probprune.sweep import (
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE_SWEEP = ROOT / "configs" / "tiny" / "smoke_sweep.yaml"
-PARAMS = ["search.lr", "search.sparsity", "search.num_samples"]
+PARAMS = ["search.lr", "search.sparsity", "search.masks_per_step"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 # ---------------------------------------------------------------------------------------------- trial configs
 def test_search_space_and_grid_expansion():
-    sw = SweepConfig(lr=[0.01, 0.02], sparsity=[0.3, 0.5], grid={"search.num_samples": [2, 4, 8]}, num_samples=2)
+    sw = SweepConfig(lr=[0.01, 0.02], sparsity=[0.3, 0.5], grid={"search.masks_per_step": [2, 4, 8]}, num_samples=2)
     space = search_space(sw)
     assert space == {"search.lr": Grid((0.01, 0.02)), "search.sparsity": Grid((0.3, 0.5)),
-                     "search.num_samples": Grid((2, 4, 8))}
+                     "search.masks_per_step": Grid((2, 4, 8))}
     points = expand_grid(sw)
     assert len(points) == 12 and num_trials(sw) == 24
-    assert points[0] == {"search.lr": 0.01, "search.sparsity": 0.3, "search.num_samples": 2}
-    assert points[-1] == {"search.lr": 0.02, "search.sparsity": 0.5, "search.num_samples": 8}
+    assert points[0] == {"search.lr": 0.01, "search.sparsity": 0.3, "search.masks_per_step": 2}
+    assert points[-1] == {"search.lr": 0.02, "search.sparsity": 0.5, "search.masks_per_step": 8}
     assert len({tuple(p.values()) for p in points}) == 12
 
 
@@ -59,8 +59,8 @@ def test_lr_range_is_log_uniform_and_counts_once():
 
 def test_trial_config_fills_params_and_drops_sweep():
     base = load_config(SMOKE_SWEEP)
-    cfg = trial_config(base, {"search.lr": 0.07, "search.sparsity": 0.25, "search.num_samples": 4, "seed": 3})
-    assert (cfg.search.lr, cfg.search.sparsity, cfg.search.num_samples, cfg.seed) == (0.07, 0.25, 4, 3)
+    cfg = trial_config(base, {"search.lr": 0.07, "search.sparsity": 0.25, "search.masks_per_step": 4, "seed": 3})
+    assert (cfg.search.lr, cfg.search.sparsity, cfg.search.masks_per_step, cfg.seed) == (0.07, 0.25, 4, 3)
     assert cfg.sweep is None and base.sweep is not None and base.search.lr == 0.02
     with pytest.raises(UserError, match="sweep parameter 'search.lrr' is not a config key"):
         trial_config(base, {"search.lrr": 0.1})
@@ -81,7 +81,7 @@ def _table() -> pd.DataFrame:
         ("t6", 0.02, 0.7, 2, math.nan, math.nan, "stopped"),
         ("t7", 0.05, 0.7, 2, 0.70, 10.0, "error"),  # not finished: never on the front, whatever its numbers
     ]
-    df = pd.DataFrame(rows, columns=["trial_id", "lr", "sparsity", "search.num_samples", "prunable_sparsity", "ppl",
+    df = pd.DataFrame(rows, columns=["trial_id", "lr", "sparsity", "search.masks_per_step", "prunable_sparsity", "ppl",
                                      "status"])
     df["ppl_32"] = df["ppl"]
     df["total_sparsity"] = df["prunable_sparsity"] * 0.6
@@ -119,11 +119,11 @@ def test_best_configs_load_with_load_config(tmp_path):
     expect = {0.3: (0.05, 4), 0.4: (0.02, 2), 0.5: (0.05, 4)}  # t1, t5, t3
     for target, path in paths.items():
         cfg = load_config(path)
-        assert (cfg.search.lr, cfg.search.sparsity, cfg.search.num_samples) == (*expect[target][:1], target,
+        assert (cfg.search.lr, cfg.search.sparsity, cfg.search.masks_per_step) == (*expect[target][:1], target,
                                                                                expect[target][1])
         assert cfg.sweep is None
         assert (cfg.model, cfg.data, cfg.eval) == (base.model, base.data, base.eval)
-        assert isinstance(cfg.search.num_samples, int)
+        assert isinstance(cfg.search.masks_per_step, int)
         assert "probprune prune --config" in path.read_text().splitlines()[4]
 
 
@@ -283,8 +283,8 @@ def test_sweep_user_errors(tmp_path, monkeypatch):
     with pytest.raises(UserError, match=r"sweep.search_alg='optuna' needs Optuna: pip install 'probprune\[optuna\]'"):
         run_sweep(load_config(SMOKE_SWEEP, ["sweep.search_alg=optuna"]), tmp_path / "b")
     monkeypatch.undo()
-    with pytest.raises(ConfigError, match="search.baseline='loo' requires search.num_samples >= 2, got 1"):
-        run_sweep(load_config(SMOKE_SWEEP, ["search.baseline=loo", "sweep.grid={search.num_samples: [1, 2]}"]),
+    with pytest.raises(ConfigError, match="search.baseline='loo' requires search.masks_per_step >= 2, got 1"):
+        run_sweep(load_config(SMOKE_SWEEP, ["search.baseline=loo", "sweep.grid={search.masks_per_step: [1, 2]}"]),
                   tmp_path / "c")
 
 

@@ -16,11 +16,11 @@ from probprune.models.loading import load_pruned
 from probprune.config import load_config
 from probprune.errors import ConfigError
 from probprune.engine.local import LocalEngine
-from probprune.masked import masked_logits
-from probprune.masks import CHANNEL, HEAD
+from probprune.masked_forward import masked_logits
+from probprune.mask_space import CHANNEL, HEAD
 from probprune.models import get_adapter, tiny_model
 from probprune.policy import Policy
-from probprune.scoring import collect_input_stats, wanda_sp_scores
+from probprune.importance import collect_input_stats, wanda_sp_scores
 from probprune.warmstart import candidate_masks, check_losses, choose_final, choose_start
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ..errors import UserError
-from ..masks import MaskSpace
+from ..mask_space import MaskSpace
 from .base import Engine, Task
 
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 import numpy as np
 import torch
 
-from ..masks import MaskSpace
+from ..mask_space import MaskSpace
 
 if TYPE_CHECKING:
     from ..reconstruct import Reconstruction
@@ -52,7 +52,7 @@ class Engine(Protocol):
                    max_tokens: int | None, batch_size: int, progress: bool = True,
                    rec: Reconstruction | None = None, bos_id: int | None = None) -> dict[str, float]:
         """Held-out perplexity of the model under ``mask`` (None: dense) with ``rec``'s re-fitted weights and biases,
-        by the protocol of :mod:`probprune.evaluation` (windows start with ``bos_id`` if given):
+        by the protocol of :mod:`probprune.perplexity` (windows start with ``bos_id`` if given):
         ``{str(effective seq_len): ppl}``."""
         ...
 

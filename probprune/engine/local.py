@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from ..losses import OBJECTIVES
-from ..masks import MaskSpace
-from ..models.adapter import get_adapter
+from ..mask_space import MaskSpace
+from ..models.registry import get_adapter
 from .base import Task
 
 if TYPE_CHECKING:
@@ -76,7 +76,7 @@ class LocalEngine:
             teacher = self.teacher(batch) if objective == "kl" else None
             out = gathered_losses(self.adapter, self.space, masks, batch, teacher=teacher)
         else:
-            from ..masked import masked_losses
+            from ..masked_forward import masked_losses
 
             out = masked_losses(self.adapter, self.space, masks, batch, max_rows=self.max_rows)
         self.busy_seconds += time.perf_counter() - t0
@@ -117,8 +117,8 @@ class LocalEngine:
                    max_tokens: int | None, batch_size: int, progress: bool = True,
                    rec: Reconstruction | None = None, bos_id: int | None = None) -> dict[str, float]:
         """Held-out perplexity of the model that would be saved: the dense model (``mask`` None), else the compacted
-        one (:func:`probprune.evaluation.evaluate_ppl`)."""
-        from ..evaluation import evaluate_ppl
+        one (:func:`probprune.perplexity.evaluate_ppl`)."""
+        from ..perplexity import evaluate_ppl
 
         model = self.model if mask is None else self.pruned_model(mask, rec)
         try:

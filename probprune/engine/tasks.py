@@ -19,29 +19,29 @@ import torch
 from torch import nn
 
 from ..losses import token_losses
-from ..masks import MaskSpace
+from ..mask_space import MaskSpace
 from ..models.base import FamilyAdapter
 
 
 # ----------------------------------------------------------------------------------------------------- tasks
 def input_stats(model: nn.Module, adapter: FamilyAdapter, blocks: torch.Tensor, batch_size: int = 4) -> dict:
-    """:func:`probprune.scoring.collect_input_stats` of this replica on ``blocks`` (one share of the blocks)."""
-    from ..scoring import collect_input_stats
+    """:func:`probprune.importance.collect_input_stats` of this replica on ``blocks`` (one share of the blocks)."""
+    from ..importance import collect_input_stats
 
     return collect_input_stats(adapter, blocks, batch_size)
 
 
 def channel_ranking(model: nn.Module, adapter: FamilyAdapter, stats: dict) -> list[np.ndarray]:
-    """:func:`probprune.scoring.rank_channels` (it reads the MLP output weights)."""
-    from ..scoring import rank_channels
+    """:func:`probprune.importance.rank_channels` (it reads the MLP output weights)."""
+    from ..importance import rank_channels
 
     return rank_channels(adapter, stats)
 
 
 def criterion_scores(model: nn.Module, adapter: FamilyAdapter, name: str, space: MaskSpace, stats: dict | None,
                      blocks: torch.Tensor | None) -> np.ndarray:
-    """:func:`probprune.scoring.criterion_scores` of ``name`` over ``space``."""
-    from ..scoring import criterion_scores as scores
+    """:func:`probprune.importance.criterion_scores` of ``name`` over ``space``."""
+    from ..importance import criterion_scores as scores
 
     return scores(name, adapter, space, stats, blocks)
 

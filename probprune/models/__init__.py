@@ -1,6 +1,6 @@
 """Model families (one adapter file each), the family registry, and loading."""
 
-from .adapter import FAMILIES, get_adapter, supported_architectures
+from .registry import FAMILIES, get_adapter, supported_architectures
 from .base import FamilyAdapter
 from .llama import LlamaAdapter
 from .loading import load_model, load_pruned, tiny_model

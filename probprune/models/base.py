@@ -6,7 +6,7 @@ and ``mlp``, pre-norm residual blocks, separate ``q/k/v/o_proj`` and ``gate/up/d
 embeddings); a family file (``probprune/models/<family>.py``) subclasses it and overrides what differs: fused
 projections, extra norms, activation, per-layer-type rotary tables, embedding scale, logit soft-capping, and the
 config features it cannot handle. Adding a family = one such file, one entry in
-:data:`probprune.models.adapter.FAMILIES`, configs and tests.
+:data:`probprune.models.registry.FAMILIES`, configs and tests.
 
 Unit → weights: a KV group (or a query head) owns rows of the q/k/v projections and columns of ``o_proj``; an MLP
 channel owns rows of the gate/up projections and a column of ``down_proj``. The adapter hands out those projections
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..masks import LayerShape, MaskSpace
+from ..mask_space import LayerShape, MaskSpace
 from .modeling_probprune import EmptyAttention, EmptyMLP
 
 Rotary = dict  # layer type (None for one shared table) -> (cos, sin), each [1 or B, T, rotary_dim]
@@ -253,7 +253,7 @@ class FamilyAdapter:
         channel_perm: list[np.ndarray] | None = None,
         query_heads: bool = False,
     ) -> MaskSpace:
-        """Build the mask space of this model (see :class:`probprune.masks.MaskSpace`)."""
+        """Build the mask space of this model (see :class:`probprune.mask_space.MaskSpace`)."""
         total = sum(p.numel() for p in self.model.parameters())  # tied weights are counted once
         return MaskSpace(
             layers=self.layer_shapes(),

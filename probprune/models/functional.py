@@ -1,6 +1,6 @@
 """Gathered weight slices: the kept heads and channels of one decoder layer, copied into reusable buffers.
 
-Given what a mask keeps of a layer (:class:`probprune.masks.LayerKeep`), :func:`slice_layer` copies only those rows
+Given what a mask keeps of a layer (:class:`probprune.mask_space.LayerKeep`), :func:`slice_layer` copies only those rows
 and columns of the layer's projections (located through the family adapter, fused or not), so
 :meth:`probprune.models.base.FamilyAdapter.layer_forward` runs the layer at the pruned width and a forward costs what
 the pruned model costs. Weights are only read, never written.
@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from ..masks import LayerKeep
+from ..mask_space import LayerKeep
 
 if TYPE_CHECKING:
     from .base import FamilyAdapter

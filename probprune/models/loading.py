@@ -15,7 +15,7 @@ from torch import nn
 
 from ..data import cache_dir
 from ..errors import UserError
-from .adapter import architecture_of, check_supported
+from .registry import architecture_of, check_supported
 from .modeling_probprune import PRUNED_CLASSES
 
 log = logging.getLogger(__name__)

@@ -125,7 +125,7 @@ def main(out: Path) -> int:
 
     torch.set_num_threads(1)
     base = apply_overrides(load_config(ROOT / "configs" / "tiny" / "smoke.yaml"),
-                           ["search.steps=8", "search.num_samples=4", "engine.threads=1"])
+                           ["search.steps=8", "search.masks_per_step=4", "engine.threads=1"])
     local = pipeline.prune(base, out / "local", progress=False)
 
     cluster = Cluster(initialize_head=True, connect=True,

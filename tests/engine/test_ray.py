@@ -23,7 +23,7 @@ from probprune.data import CalibrationData
 from probprune.errors import UserError
 from probprune.engine import build_engine
 from probprune.engine.local import LocalEngine
-from probprune.models.adapter import get_adapter
+from probprune.models.registry import get_adapter
 from probprune.models.loading import load_model
 from probprune.policy import Policy, uniform_probs
 from probprune.search import run_search

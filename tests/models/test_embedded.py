@@ -49,7 +49,7 @@ def test_unknown_embedded_name_lists_the_known_ones() -> None:
 def test_gemma3_270m_loads_and_needs_its_bos() -> None:
     from probprune.config import load_config
     from probprune.data import load_corpus, resolve_bos, test_stream
-    from probprune.evaluation import perplexity
+    from probprune.perplexity import perplexity
     from probprune.models import get_adapter
 
     model, tok = loading.load_model("embedded:gemma3-270m", dtype="float32")

@@ -21,8 +21,8 @@ from probprune.cli import main
 from probprune.compaction import compact, save_pruned
 from probprune.errors import UnsupportedModelError
 from probprune.fastpath import gathered_losses
-from probprune.masked import masked_logits, masked_losses
-from probprune.masks import HEAD, LAYER
+from probprune.masked_forward import masked_logits, masked_losses
+from probprune.mask_space import HEAD, LAYER
 from probprune.models import get_adapter, load_pruned, tiny_model
 from probprune.models.loading import TINY_ARCHITECTURES
 

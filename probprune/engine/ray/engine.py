@@ -28,7 +28,7 @@ import ray
 import torch
 
 from ...config import EngineConfig, ModelConfig
-from ...masks import MaskSpace
+from ...mask_space import MaskSpace
 from ..base import Task
 from ..tasks import split_shares, window_nll
 from .cluster import actor_device, check_fits, connect, is_local_instance
@@ -203,7 +203,7 @@ class RayEngine:
                    rec: Reconstruction | None = None, bos_id: int | None = None) -> dict[str, float]:
         """Held-out perplexity under ``mask`` (with ``rec``'s weights) on the actors, on the gathered path (the
         pruned width only), the windows split among them."""
-        from ...evaluation import effective_len, held_out_windows, max_context
+        from ...perplexity import effective_len, held_out_windows, max_context
         from ...reconstruct import reconstructed_nll
 
         out: dict[str, float] = {}

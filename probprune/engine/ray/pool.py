@@ -20,7 +20,7 @@ import ray.exceptions
 
 from ...config import EngineConfig, ModelConfig
 from ...errors import UserError
-from ...masks import MaskSpace
+from ...mask_space import MaskSpace
 from .cluster import RETRYABLE, actor_env
 from .replica import RemoteReplica
 

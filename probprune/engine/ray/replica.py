@@ -16,7 +16,7 @@ import ray
 import torch
 
 from ...config import ModelConfig
-from ...masks import MaskSpace
+from ...mask_space import MaskSpace
 
 
 class Replica:

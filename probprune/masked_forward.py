@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from .losses import sequence_losses
-from .masks import MaskSpace
-from .models.adapter import model_device
+from .mask_space import MaskSpace
+from .models.registry import model_device
 from .models.base import FamilyAdapter
 
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 import numpy as np
 
 from probprune.errors import UserError
-from probprune.masks import CHANNEL, LAYER, MaskSpace
+from probprune.mask_space import CHANNEL, LAYER, MaskSpace
 from probprune.projection import BUDGETS
 
 

@@ -11,7 +11,7 @@ initialisation and the warm start) and what they score:
 - ``taylor`` (LLM-Pruner-style first order, **uses gradients**): ``Σ_w |w·∂L/∂w|`` over a unit's weights.
 - ``block-influence`` (ShortGPT): ``1 − E_tokens cos(layer input, layer output)``, layer units only.
 
-Ownership (the same as the costs in :mod:`probprune.masks`): a head group owns its query heads' q rows, its k/v rows
+Ownership (the same as the costs in :mod:`probprune.mask_space`): a head group owns its query heads' q rows, its k/v rows
 (and their biases) and its query heads' columns of the attention output projection (a query-head unit: its own q rows
 and output columns and an equal share of its KV head's k/v rows); a channel owns its gate/up rows (and their biases)
 and its column of the MLP output projection; a layer owns all its parameters. The family adapter says where those
@@ -41,8 +41,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import UserError
-from .masks import CHANNEL, HEAD, LAYER, MaskSpace
-from .models.adapter import model_device
+from .mask_space import CHANNEL, HEAD, LAYER, MaskSpace
+from .models.registry import model_device
 from .models.base import FamilyAdapter
 
 
@@ -417,7 +417,7 @@ def taylor_scores(adapter: FamilyAdapter, space: MaskSpace, blocks: torch.Tensor
     Raises:
         ValueError: ``blocks`` is not ``[n, T]`` with n ≥ 1, T ≥ 2.
     """
-    from .masked import sequence_nll
+    from .masked_forward import sequence_nll
 
     if blocks.dim() != 2 or blocks.shape[0] == 0 or blocks.shape[1] < 2:
         raise ValueError(f"blocks must be [n, T] with n >= 1 and T >= 2, got shape {tuple(blocks.shape)}")

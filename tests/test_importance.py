@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from probprune.masks import CHANNEL, HEAD, LAYER
+from probprune.mask_space import CHANNEL, HEAD, LAYER
 from probprune.models import get_adapter, tiny_model
-from probprune.scoring import (
+from probprune.importance import (
     block_influence_scores,
     channel_wanda_scores,
     collect_input_stats,

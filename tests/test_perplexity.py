@@ -1,4 +1,4 @@
-"""Tests of probprune.evaluation against hand-computed perplexities on a tiny random LLaMA."""
+"""Tests of probprune.perplexity against hand-computed perplexities on a tiny random LLaMA."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from probprune.errors import UserError
-from probprune.evaluation import evaluate_ppl, perplexity
+from probprune.perplexity import evaluate_ppl, perplexity
 
 torch.set_num_threads(1)
 

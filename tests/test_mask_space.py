@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from probprune.masks import CHANNEL, HEAD, LAYER, LayerShape, MaskSpace
+from probprune.mask_space import CHANNEL, HEAD, LAYER, LayerShape, MaskSpace
 
 SHAPE = LayerShape(num_kv_heads=2, group_size=3, head_dim=4, hidden_size=8, intermediate_size=10, norm_params=16)
 

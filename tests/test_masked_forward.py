@@ -1,7 +1,7 @@
 import numpy as np
 import torch
 
-from probprune.masked import masked_logits, masked_losses, sequence_nll
+from probprune.masked_forward import masked_logits, masked_losses, sequence_nll
 from probprune.models import get_adapter, tiny_model
 
 
