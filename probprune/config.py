@@ -202,7 +202,10 @@ class EngineConfig:
     gpus_per_actor: float = _opt(0.0, check=_at_least(0))
     threads: int | None = _opt(None, check=_at_least(1))
     address: str | None = None  # Ray address, e.g. "auto"
-    fast_path: bool = True  # score masks with gathered weights (compute only kept units)
+    fast_path: bool = True  # score masks with gathered weights (compute only kept units); False = batched
+    # how masks are scored: "gathered" (each mask at its pruned width), "batched" (all K masks as per-row masks in one
+    # dense forward), "auto" (time both on the first step, keep the faster); None = from fast_path
+    scoring: str | None = _opt(None, check=_one_of("auto", "gathered", "batched"))
     max_retries: int = _opt(3, check=_at_least(0))
     # how Ray places the actors: "default" (Ray's: fills a node before the next) or "spread" (one node after another)
     placement: str = _opt("default", check=_one_of("default", "spread"))
@@ -489,8 +492,8 @@ def _cross_field(cfg: Config, bad: set[str]) -> list[str]:
     if ok("search.init", "search.check_blocks") and s.init == "best" and s.check_blocks < 1:
         errors.append("search.init='best' chooses its start on the check set and requires search.check_blocks >= 1, "
                       f"got {s.check_blocks}")
-    if ok("search.objective", "engine.fast_path") and s.objective == "kl" and not e.fast_path:
-        errors.append("search.objective='kl' is computed on the fast path and requires engine.fast_path=true")
+    if ok("engine.scoring", "engine.fast_path") and e.scoring == "gathered" and not e.fast_path:
+        errors.append("engine.scoring='gathered' is the fast path and contradicts engine.fast_path=false")
     if ok("search.batch_size", "search.check_blocks", "data.calib_blocks") and (
         s.batch_size + s.check_blocks > d.calib_blocks
     ):
