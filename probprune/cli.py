@@ -1,4 +1,4 @@
-"""The ``probprune`` command: prune, baseline, sweep, eval, export, info."""
+"""The ``probprune`` command: prune, baseline, sweep, eval, export, plan, info."""
 
 from __future__ import annotations
 
@@ -116,6 +116,16 @@ def _cmd_sweep(args) -> int:
     return 0 if (df["status"] == "finished").any() else 1
 
 
+def _cmd_plan(args) -> int:
+    from .config import load_config
+    from .plan import format_plan, make_plan
+
+    cfg = load_config(args.config, args.overrides)
+    plan = make_plan(cfg, gpu_memory_gib=args.gpu_memory, calibrate_rate=not args.no_calibrate)
+    print(json.dumps(plan.as_dict(), indent=2) if args.json else format_plan(plan))
+    return 0 if plan.fits is not False else 1
+
+
 def _cmd_info(args) -> int:
     from .models.adapter import get_adapter
     from .models.loading import load_model
@@ -198,6 +208,17 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--smoke-test", action="store_true", help=argparse.SUPPRESS)  # ray_jobs/sweep.py --smoke-test
     sw.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. sweep.lr=[0.01,0.03]")
     sw.set_defaults(func=_cmd_sweep)
+
+    pl = sub.add_parser("plan", help="memory per actor, whether it fits, replicas and time of a run, from the "
+                                     "model's config alone (no weights are read)")
+    pl.add_argument("--config", required=True, help="YAML config (see configs/)")
+    pl.add_argument("--json", action="store_true", help="print the plan as JSON")
+    pl.add_argument("--gpu-memory", type=float, default=None, metavar="GiB",
+                    help="memory of one device (default: detected; engine.memory_gib)")
+    pl.add_argument("--no-calibrate", action="store_true",
+                    help="use the fitted CPU rate instead of a short calibration forward on the device")
+    pl.add_argument("overrides", nargs="*", help="config overrides key=value")
+    pl.set_defaults(func=_cmd_plan)
 
     inf = sub.add_parser("info", help="print a model's prunable units and their parameter costs")
     inf.add_argument("--model", required=True)

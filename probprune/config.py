@@ -206,6 +206,9 @@ class EngineConfig:
     # how masks are scored: "gathered" (each mask at its pruned width), "batched" (all K masks as per-row masks in one
     # dense forward), "auto" (time both on the first step, keep the faster); None = from fast_path
     scoring: str | None = _opt(None, check=_one_of("auto", "gathered", "batched"))
+    # memory one device offers the run, GiB (None = detected: free GPU memory, or available RAM); `probprune prune`
+    # refuses at start a configuration that `probprune plan` says does not fit
+    memory_gib: float | None = _opt(None, check=_positive)
     max_retries: int = _opt(3, check=_at_least(0))
     # how Ray places the actors: "default" (Ray's: fills a node before the next) or "spread" (one node after another)
     placement: str = _opt("default", check=_one_of("default", "spread"))

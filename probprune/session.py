@@ -57,10 +57,13 @@ class Session:
 
 
 def prepare(cfg: Config, need_stats: bool = True, progress: bool = True) -> Session:
-    """Load the model (weights or shapes, as the engine needs), the data, the engine and the mask space; every bad
-    input raises :class:`UserError` here. The calibration statistics are collected by the engine, one share of the
+    """Check that the configuration fits its device (:mod:`probprune.plan`), then load the model (weights or shapes,
+    as the engine needs), the data, the engine and the mask space; every bad input raises :class:`UserError` here. The calibration statistics are collected by the engine, one share of the
     blocks per replica."""
     t0 = time.perf_counter()
+    from .plan import check_fits, make_plan
+
+    check_fits(make_plan(cfg, calibrate_rate=False))  # memory only, from the shapes: before any weight is read
     model, tok = load_for_engine(cfg)
     adapter = get_adapter(model)
     corpus = load_corpus(cfg.data, seed=cfg.data.split_seed)
