@@ -105,6 +105,7 @@ class Plan:
     seconds_per_step: float
     total_seconds: float
     rate: dict[str, Any] = field(default_factory=dict)
+    phases: dict[str, int] = field(default_factory=dict)  # bytes per actor in each phase; the peak is the largest
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -397,7 +398,7 @@ def make_plan(cfg: Any, model: torch.nn.Module | None = None, *, gpu_memory_gib:
     return Plan(cfg.model.name_or_path, cfg.model.dtype, device, scoring, sc.objective, replicas, per_device,
                 sc.batch_size, cfg.data.block_len, sc.num_samples, sc.steps, sc.sparsity, terms, peak, peak_phase,
                 capacity, source, fits, max_batch, per_mask, step, step * sc.steps,
-                {k: v for k, v in asdict(rate).items()})
+                {k: v for k, v in asdict(rate).items()}, phases)
 
 
 def shape_context(model: torch.nn.Module) -> int | None:
