@@ -32,7 +32,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from _common import PeakMemory, exact_mask, machine_info, sync
 
 SHAPES = {  # name -> LlamaConfig fields
@@ -117,20 +116,20 @@ def measure_shape(shape: str, args, rate) -> list[dict]:
         k, b = preset["num_samples"], preset["batch_size"]
         batch = torch.randint(0, model.config.vocab_size, (b, SEQ_LEN), generator=torch.Generator().manual_seed(0))
         rng = np.random.default_rng(0)
-        dense_s = median_time(lambda: masked_losses(adapter, space, space.full_mask()[None], batch), dev,
-                              args.repeats)
+        full = space.full_mask()[None]  # [1, N]
+        dense_s = median_time(lambda sp=space, x=batch, f=full: masked_losses(adapter, sp, f, x), dev, args.repeats)
         for path in PATHS:
             ev = LocalEngine(model, space, scoring=path, objective=preset["objective"])
             row = {"shape": shape, "preset": name, "path": path, "K": k, "B": b, "T": SEQ_LEN,
                    "params": sum(p.numel() for p in model.parameters()), "dense_s": dense_s}
             for pct in (30, 50):
                 masks = np.stack([exact_mask(space, 1 - pct / 100, rng) for _ in range(k)])  # [K, N]
-                t = median_time(lambda: ev.losses(masks, batch), dev, args.repeats) / k
+                t = median_time(lambda e=ev, m=masks, x=batch: e.losses(m, x), dev, args.repeats) / k
                 row[f"mask_s@{pct}"], row[f"ratio@{pct}"] = t, t / dense_s
             policy = Policy(space, uniform_probs(space, 0.5), lr=2e-3, total_steps=PAPER_STEPS, sparsity=0.5,
                             seed=0)
 
-            def step():
+            def step(policy=policy, ev=ev, k=k, batch=batch):
                 masks = policy.sample(k)  # [K, N]
                 policy.step(masks, ev.losses(masks.numpy(), batch))
 
@@ -158,12 +157,7 @@ def measure_shape(shape: str, args, rate) -> list[dict]:
                 row["plan_memory_error"] = pred["search_bytes"] / 2**30 / row["peak_gib"] - 1
             rows.append(row)
             print(json.dumps({k_: (round(v, 4) if isinstance(v, float) else v) for k_, v in row.items()}), flush=True)
-            del ev, policy
             gc.collect()
-    del model, adapter
-    gc.collect()
-    if dev.startswith("cuda"):
-        torch.cuda.empty_cache()
     return rows
 
 
@@ -203,6 +197,9 @@ def main() -> None:
     rows = []
     for shape in args.shapes:
         rows += measure_shape(shape, args, rate)
+        gc.collect()  # the shape's model is gone with measure_shape's frame
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
     import sys
 
     res = {"device": args.device, "machine": machine_info(args.device), "rate": rate.__dict__, "rows": rows,

@@ -30,8 +30,8 @@ def _setup(quiet: bool) -> None:
 
 
 def _cmd_prune(args) -> int:
-    from .config import load_config
     from . import run_folder as rf
+    from .config import load_config
     from .pipeline import prune
 
     cfg = load_config(args.config, args.overrides)

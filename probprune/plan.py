@@ -277,7 +277,6 @@ def calibrate(device: str = "cpu", dtype: str = "float32", tokens: int = 1024, h
     idx = torch.randperm(w.shape[1], device=dev)[: w.shape[1] // 2]
     t_copy = timed(lambda: w.index_select(1, idx))
     bw = w.shape[0] * idx.numel() * w.element_size() / max(t_copy, 1e-9)
-    del stack
     return Rate(overhead, rate, bw, str(dev),
                 f"calibrated: {layers} random Llama layers x {hidden}, {dtype}, 1 and {n[1]} tokens")
 
@@ -431,13 +430,14 @@ def _checkpoint_bytes(name_or_path: str) -> int:
     """Bytes of a local model folder's weight files (resident while they are read), 0 when not local."""
     from pathlib import Path
 
+    from .errors import UserError
     from .models.loading import resolve_model_path
 
     if name_or_path.startswith("tiny:"):
         return 0
     try:
         folder = Path(resolve_model_path(name_or_path))
-    except Exception:  # noqa: BLE001 - a hub id: nothing on disk to count
+    except UserError:  # a missing path: load_skeleton has said so already
         return 0
     if not folder.is_dir():
         return 0

@@ -58,8 +58,8 @@ class Session:
 
 def prepare(cfg: Config, need_stats: bool = True, progress: bool = True) -> Session:
     """Check that the configuration fits its device (:mod:`probprune.plan`), then load the model (weights or shapes,
-    as the engine needs), the data, the engine and the mask space; every bad input raises :class:`UserError` here. The calibration statistics are collected by the engine, one share of the
-    blocks per replica."""
+    as the engine needs), the data, the engine and the mask space; every bad input raises :class:`UserError` here.
+    The calibration statistics are collected by the engine, one share of the blocks per replica."""
     t0 = time.perf_counter()
     from .plan import check_fits, make_plan
 
