@@ -6,8 +6,8 @@ one does. Per actor (one replica of the model):
 - **weights**: every parameter once (tied embeddings once), in ``model.dtype``;
 - **activations** of one scoring forward (no gradients, one layer alive at a time): the residual stream and the
   attention and MLP intermediates of the rows scored together — B rows on the gathered path (one mask per forward,
-  plus the gathered copy of at most one layer's weights), K·B rows on the batched path (``engine.scoring``) — and
-  the attention scores, ``rows × heads × T²``;
+  plus the gathered copy of at most one layer's weights), K·B rows on the batched path (``engine.scoring``) — and,
+  with eager attention only, the attention scores ``rows × heads × T²`` (fused kernels keep just the causal mask);
 - **KV**: one layer's keys and values for those rows (scoring runs without a cache, so this is all there is);
 - **teacher**: the ``kl`` objective keeps the dense model's ``[B·(T−1), V]`` float32 log-probabilities of the step's
   batch;
@@ -60,6 +60,7 @@ class Shape:
     params: int  # all parameters, tied ones once
     matmul: int  # parameters a token passes through in matmuls: decoder layers + lm_head
     prunable: int  # matmul parameters of the decoder layers (what masks can remove)
+    eager_attention: bool = False  # attention scores materialised (eager), else fused kernels (sdpa, flash)
 
     @property
     def layer_params(self) -> int:
@@ -122,8 +123,9 @@ def model_shape(model: torch.nn.Module) -> Shape:
     attn = hidden * heads * head_dim * 2 + hidden * kv * head_dim * 2
     prunable = layers * (attn + 3 * hidden * inter)
     params = sum(p.numel() for p in model.parameters())  # parameters() yields tied weights once
+    eager = getattr(model.config, "_attn_implementation", "sdpa") == "eager"
     return Shape(layers, hidden, inter, heads, kv, head_dim, vocab, getattr(cfg, "max_position_embeddings", None),
-                 params, prunable + vocab * hidden, prunable)
+                 params, prunable + vocab * hidden, prunable, eager)
 
 
 # ------------------------------------------------------------------------------------------------------- memory
@@ -132,8 +134,12 @@ def forward_bytes(shape: Shape, rows: int, seq_len: int, nbytes: int) -> dict[st
     n = rows * seq_len
     q = shape.heads * shape.head_dim
     kv = 2 * n * shape.kv_heads * shape.head_dim * nbytes
-    # residual + normed input + attention output + o_proj output, q; gate, up and their product; scores + softmax
-    acts = n * nbytes * (4 * shape.hidden + q + 3 * shape.intermediate) + 2 * rows * shape.heads * seq_len**2 * nbytes
+    # residual + normed input + attention output + o_proj output, q; gate, up and their product
+    acts = n * nbytes * (4 * shape.hidden + q + 3 * shape.intermediate)
+    if shape.eager_attention:  # scores and their softmax, [rows, heads, T, T] each
+        acts += 2 * rows * shape.heads * seq_len**2 * nbytes
+    else:  # fused attention: only the boolean causal mask [rows, 1, T, T]
+        acts += rows * seq_len**2
     return {"activations": int(acts), "kv": int(kv)}
 
 
@@ -155,7 +161,8 @@ def memory_terms(shape: Shape, *, nbytes: int, batch: int, seq_len: int, num_sam
     teacher = batch * (seq_len - 1) * shape.vocab * 4 if objective == "kl" else 0
     logits = logits_bytes(shape, batch * (seq_len - 1))
     ev = forward_bytes(shape, eval_batch, eval_len, nbytes)
-    eval_logits = eval_batch * eval_len * shape.vocab * nbytes + 3 * 4 * eval_len * shape.vocab
+    # the logits [batch, T, V] in the model dtype, then one row in float32 and its log-softmax
+    eval_logits = eval_batch * eval_len * shape.vocab * nbytes + 2 * 4 * eval_len * shape.vocab
     pruned = int(weights - sparsity * shape.prunable * nbytes)
     terms = {"runtime": runtime, "weights": weights, "activations": fwd["activations"], "kv": fwd["kv"],
              "gathered_layer": gathered, "teacher": teacher, "logits": logits,
