@@ -218,14 +218,17 @@ def runtime_bytes(device: str) -> int:
 
 def device_capacity(device: str, gpu_memory_gib: float | None = None) -> tuple[int | None, str]:
     """Bytes one device offers and where that number comes from: ``gpu_memory_gib`` when given, else the free
-    memory of the CUDA device (``torch.cuda.mem_get_info``), else the CPU's available RAM (``MemAvailable``)."""
+    memory of the CUDA device (``torch.cuda.mem_get_info``, plus what this process reserved), else the CPU's
+    available RAM (``MemAvailable``, plus this process's resident memory)."""
     if gpu_memory_gib is not None:
         return int(gpu_memory_gib * GIB), f"given: {gpu_memory_gib:g} GiB"
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
             return None, "no CUDA device here"
-        free, total = torch.cuda.mem_get_info(torch.device(device if ":" in device else "cuda:0"))
-        return int(total), f"torch.cuda.mem_get_info: {free / GIB:.1f} GiB free of {total / GIB:.1f} GiB"
+        dev = torch.device(device if ":" in device else "cuda:0")
+        free, total = torch.cuda.mem_get_info(dev)
+        mine = torch.cuda.memory_reserved(dev)  # what this process holds already counts as available to it
+        return int(free + mine), f"torch.cuda.mem_get_info: {free / GIB:.1f} GiB free of {total / GIB:.1f} GiB"
     try:
         with open("/proc/meminfo") as f:
             info = {ln.split(":")[0]: int(ln.split()[1]) * 1024 for ln in f if ":" in ln}
