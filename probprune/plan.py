@@ -352,10 +352,9 @@ def make_plan(cfg: Any, model: torch.nn.Module | None = None, *, gpu_memory_gib:
     device = "cuda" if device == "auto" else device
     scoring = e.scoring or ("gathered" if e.fast_path else "batched")
     replicas = e.num_actors if e.kind == "ray" else 1
-    per_device = 1
-    if e.kind == "ray":
-        per_device = max(1, int(1 / e.gpus_per_actor)) if e.gpus_per_actor > 0 else e.num_actors
-        per_device = min(per_device, e.num_actors)
+    per_device = 1  # CPU actors: each must fit a node (how many share one is Ray's placement, unknown here)
+    if e.kind == "ray" and e.gpus_per_actor > 0:
+        per_device = min(max(1, int(1 / e.gpus_per_actor)), e.num_actors)  # actors sharing one GPU
     eval_len = max(min(n, shape.max_context or n) for n in cfg.eval.seq_lens)
     eval_batch = max(1, min(cfg.eval.batch_size, cfg.eval.max_tokens // eval_len))
     if device == "cpu":

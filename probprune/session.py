@@ -63,7 +63,12 @@ def prepare(cfg: Config, need_stats: bool = True, progress: bool = True) -> Sess
     t0 = time.perf_counter()
     from .plan import check_fits, make_plan
 
-    check_fits(make_plan(cfg, calibrate_rate=False))  # memory only, from the shapes: before any weight is read
+    try:
+        plan = make_plan(cfg, calibrate_rate=False)  # memory only, from the shapes: before any weight is read
+    except UserError:
+        plan = None  # a model that cannot be planned cannot be loaded either: loading names the problem below
+    if plan is not None:
+        check_fits(plan)
     model, tok = load_for_engine(cfg)
     adapter = get_adapter(model)
     corpus = load_corpus(cfg.data, seed=cfg.data.split_seed)
