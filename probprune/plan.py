@@ -23,8 +23,9 @@ The peak is the largest of three phases: search, evaluation of the pruned model,
 checkpoint files being read, or plus the process's peak while the data loads, measured on CPU). Time per mask-forward
 follows the fitted cost model ``t = c0 + P · tokens / R`` (P: matmul parameters a token passes through under the
 mask, lm_head included), with ``c0 = L · a`` (a: per-layer launch/dispatch overhead) and ``R`` measured on the device
-by :func:`calibrate` (a short forward of a small random layer stack), plus, on the gathered path, the copy of the
-kept weights at the measured memory bandwidth. Without calibration the CPU fit of ``benchmarks/scaling.py`` is used
+by :func:`calibrate` (a short forward of a small random layer stack), plus the loss over ``tokens × V`` float32
+logits at the measured loss rate and, on the gathered path, the copy of the kept weights at the measured memory
+bandwidth. Without calibration the CPU fit of ``benchmarks/scaling.py`` is used
 (:data:`CPU_FIT`).
 """
 
@@ -70,13 +71,14 @@ class Shape:
 @dataclass(frozen=True)
 class Rate:
     """A device's speed for the cost model: per-layer overhead ``a`` (s), matmul rate ``R`` (parameter-tokens/s),
-    copy bandwidth (bytes/s)."""
+    copy bandwidth (bytes/s), loss rate (float32 logits per second through the log-softmax and the loss)."""
 
     layer_overhead_s: float
     rate_param_tokens_per_s: float
     copy_bytes_per_s: float
     device: str
     source: str
+    loss_logits_per_s: float = math.inf  # float32 logits turned into next-token losses per second
 
 
 @dataclass
@@ -287,8 +289,14 @@ def calibrate(device: str = "cpu", dtype: str = "float32", tokens: int = 1024, h
     idx = torch.randperm(w.shape[1], device=dev)[: w.shape[1] // 2]
     t_copy = timed(lambda: w.index_select(1, idx))
     bw = w.shape[0] * idx.numel() * w.element_size() / max(t_copy, 1e-9)
+    from .losses import token_losses
+
+    logits = torch.randn(256, 8192, device=dev)  # [n, V] float32
+    targets = torch.zeros(256, dtype=torch.long, device=dev)
+    t_loss = timed(lambda: token_losses(logits, targets))
     return Rate(overhead, rate, bw, str(dev),
-                f"calibrated: {layers} random Llama layers x {hidden}, {dtype}, 1 and {n[1]} tokens")
+                f"calibrated: {layers} random Llama layers x {hidden}, {dtype}, 1 and {n[1]} tokens",
+                logits.numel() / max(t_loss, 1e-9))
 
 
 def fitted_cpu_rate() -> Rate:
@@ -308,15 +316,20 @@ def step_seconds(shape: Shape, rate: Rate, *, batch: int, seq_len: int, num_samp
     tokens = batch * seq_len
     c0 = shape.layers * rate.layer_overhead_s
     kept = shape.matmul - sparsity * shape.prunable  # matmul parameters under a mask at the target sparsity
-    teacher = (c0 + shape.matmul * tokens / rate.rate_param_tokens_per_s) if objective == "kl" else 0.0
+    loss = tokens * shape.vocab / rate.loss_logits_per_s * (2 if objective == "kl" else 1)  # KL: p·(log p − log q)
+    teacher = 0.0
+    if objective == "kl":  # the dense forward and its log-softmax, once per step's batch
+        teacher = c0 + shape.matmul * tokens / rate.rate_param_tokens_per_s + tokens * shape.vocab / \
+            rate.loss_logits_per_s
     busy = max(1, min(replicas, num_samples))  # whole masks go to replicas
     if scoring == "gathered":
         per_mask = c0 + kept * tokens / rate.rate_param_tokens_per_s + (1 - sparsity) * shape.prunable * nbytes * 2 \
-            / rate.copy_bytes_per_s
+            / rate.copy_bytes_per_s + loss
         step = math.ceil(num_samples / busy) * per_mask + teacher
     else:
-        per_mask = c0 / num_samples + shape.matmul * tokens / rate.rate_param_tokens_per_s
-        step = c0 + math.ceil(num_samples / busy) * shape.matmul * tokens / rate.rate_param_tokens_per_s + teacher
+        dense = shape.matmul * tokens / rate.rate_param_tokens_per_s + loss
+        per_mask = c0 / num_samples + dense
+        step = c0 + math.ceil(num_samples / busy) * dense + teacher
     return per_mask, step
 
 
