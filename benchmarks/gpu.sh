@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
-# GPU benchmarks in one command (about 4 minutes on an H200, at most 10): per-family correctness on the GPU,
-# scoring throughput and memory (bf16, cuda), a 1B-size search's steps/s, inference of compacted models (cuda), and
-# the cost model for 7B/13B/70B searches from the measured numbers.
+# GPU benchmarks in one command (at most 10 minutes on one H100/H200): per-family correctness on the GPU,
+# scoring throughput and memory (bf16, cuda), a 1B-size search's steps/s, inference of compacted models (cuda), the
+# cost model for 7B/13B/70B searches from the measured numbers, and searches at Llama-3.2-1B, Llama-2-7B and
+# Llama-2-13B shapes (random bf16 weights created on the GPU; paper and default presets; gathered and batched
+# scoring): steps/s, mask-forward ÷ dense forward at 30 % and 50 %, peak memory, the projected 15,000-step time, and
+# `probprune plan`'s prediction beside each.
 #
-#   bash benchmarks/gpu.sh                      # writes benchmarks/results/gpu/{gpu_check,throughput,scaling,inference,cost_model}.*
+#   bash benchmarks/gpu.sh                      # writes benchmarks/results/gpu/{gpu_check,throughput,scaling,inference,cost_model,shapes}.*
 #   OUT=/tmp/gpu GPU_TFLOPS=989 bash benchmarks/gpu.sh
+#   DEVICE=cpu SMALL=1 bash benchmarks/gpu.sh   # dry run without a GPU: the shapes script on a small shape on CPU
+#   ONLY=shapes bash benchmarks/gpu.sh          # step 5 alone (about 5 minutes)
 #
 # GPU_TFLOPS: the GPU's peak dense bf16 TFLOP/s for the cost model's FLOP-rate table (989: H100/H200 SXM).
 # MODEL: the model of steps 1 and 3 (default embedded:smollm2-135m). On a machine without PyPI access a folder with
@@ -18,6 +23,18 @@ OUT=${OUT:-benchmarks/results/gpu}
 PY=${PYTHON:-python}
 GPU_TFLOPS=${GPU_TFLOPS:-989}
 MODEL=${MODEL:-embedded:smollm2-135m}
+DEVICE=${DEVICE:-cuda}
+
+if [[ "$DEVICE" == cpu ]]; then  # dry run: the CPU-capable part (the shapes script) on a small shape, in seconds
+    OUT=${OUT_DRY:-/tmp/probprune-gpu-dry}
+    [[ "${SMALL:-0}" == 1 ]] || { echo "benchmarks/gpu.sh: DEVICE=cpu needs SMALL=1 (7B/13B shapes on CPU take hours)" >&2; exit 2; }
+    mkdir -p "$OUT"
+    timeout 300 $PY benchmarks/gpu_shapes.py --device cpu --shapes small --steps 2 --warmup 1 --repeats 1 --threads 1 \
+        --out "$OUT" 2>&1 | tee "$OUT/shapes.log"
+    status=${PIPESTATUS[0]}
+    echo "benchmarks/gpu.sh: dry run on CPU: exit $status; results in $OUT"
+    exit "$status"
+fi
 
 if ! $PY -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
     torch_info=$($PY -c "import torch; print(f'torch {torch.__version__}, CUDA build {torch.version.cuda}')" 2>&1 \
@@ -38,6 +55,7 @@ start=$SECONDS
 failed=()
 $PY -c "import torch; print('GPU:', torch.cuda.get_device_name(0), '| torch', torch.__version__)" | tee "$OUT/device.txt"
 
+if [[ "${ONLY:-}" != shapes ]]; then
 # 0. masked = fast path = compacted on the GPU for every family; where a 1B mask-forward's time goes (profiler)
 timeout 90 $PY benchmarks/gpu_check.py 2>&1 | tee "$OUT/gpu_check.log" || failed+=(gpu_check)
 
@@ -63,6 +81,11 @@ if [[ -f "$OUT/throughput.json" && ! " ${failed[*]} " =~ " throughput " ]]; then
 else
     failed+=(cost_model)
 fi
+fi
+
+# 5. 1B / 7B / 13B shapes: each preset and scoring path, measured beside `probprune plan`'s prediction
+timeout 330 $PY benchmarks/gpu_shapes.py --device cuda --shapes 1B 7B 13B --steps 10 --out "$OUT" 2>&1 \
+    | tee "$OUT/shapes.log" || failed+=(shapes)
 
 echo "benchmarks/gpu.sh: $((SECONDS - start)) s; results in $OUT"
 if ((${#failed[@]})); then

@@ -1,4 +1,4 @@
-"""The ``probprune`` command: prune, baseline, sweep, heal, eval, export, info."""
+"""The ``probprune`` command: prune, baseline, sweep, heal, eval, export, plan, info."""
 
 from __future__ import annotations
 
@@ -32,8 +32,8 @@ def _setup(quiet: bool) -> None:
 
 
 def _cmd_prune(args) -> int:
-    from .config import load_config
     from . import run_folder as rf
+    from .config import load_config
     from .export import LLAMA_QUANTS, require_llama_cpp
     from .pipeline import prune
 
@@ -128,6 +128,16 @@ def _cmd_heal(args) -> int:
     print(format_heal_summary(summary))
     print(f"\nwrote {args.output}/model (load with probprune.load_pruned), summary.json, metrics.jsonl, config.yaml")
     return 0
+
+
+def _cmd_plan(args) -> int:
+    from .config import load_config
+    from .plan import format_plan, make_plan
+
+    cfg = load_config(resolve_config(args.config), args.overrides)
+    plan = make_plan(cfg, gpu_memory_gib=args.gpu_memory, calibrate_rate=not args.no_calibrate)
+    print(json.dumps(plan.as_dict(), indent=2) if args.json else format_plan(plan))
+    return 0 if plan.fits is not False else 1
 
 
 def _cmd_info(args) -> int:
@@ -231,6 +241,18 @@ def build_parser() -> argparse.ArgumentParser:
     he.add_argument("--quiet", action="store_true")
     he.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. heal.tokens=65536")
     he.set_defaults(func=_cmd_heal)
+
+
+    pl = sub.add_parser("plan", help="memory per actor, whether it fits, replicas and time of a run, from the "
+                                     "model's config alone (no weights are read)")
+    pl.add_argument("--config", required=True, help="YAML config (see configs/)")
+    pl.add_argument("--json", action="store_true", help="print the plan as JSON")
+    pl.add_argument("--gpu-memory", type=float, default=None, metavar="GiB",
+                    help="memory of one device (default: detected; engine.memory_gib)")
+    pl.add_argument("--no-calibrate", action="store_true",
+                    help="use the fitted CPU rate instead of a short calibration forward on the device")
+    pl.add_argument("overrides", nargs="*", help="config overrides key=value")
+    pl.set_defaults(func=_cmd_plan)
 
     inf = sub.add_parser("info", help="print a model's prunable units and their parameter costs")
     inf.add_argument("--model", required=True)

@@ -293,7 +293,17 @@ class EngineConfig:
     gpus_per_actor: Annotated[Number, Field(ge=0, description="ray: GPUs reserved per actor")] = 0.0
     threads: Annotated[Int | None, Field(ge=1, description="torch threads per process (null = torch's)")] = None
     address: Annotated[Str | None, Field(description="ray: cluster address, e.g. `auto`")] = None
-    fast_path: Annotated[Bool, Field(description="score masks with gathered weights (compute only kept units)")] = True
+    fast_path: Annotated[Bool, Field(description=(
+        "score masks with gathered weights (compute only kept units); false: the batched masked forward"
+    ))] = True
+    scoring: Annotated[Literal["auto", "gathered", "batched"] | None, Field(description=(
+        "how masks are scored: `gathered` (each mask at its pruned width), `batched` (all K masks as per-row masks "
+        "in one dense forward), `auto` (time both on the first step, keep the faster); null = from `fast_path`"
+    ))] = None
+    memory_gib: Annotated[Number | None, Field(gt=0, description=(
+        "memory one device offers the run, GiB (null = detected: free GPU memory, or available RAM); `probprune "
+        "prune` refuses at start a configuration that `probprune plan` says does not fit"
+    ))] = None
     max_retries: Annotated[Int, Field(ge=0, description="ray: times a lost actor's work is retried")] = 3
     placement: Annotated[Literal["default", "spread"], Field(description=(
         "ray: how actors are placed: `default` (Ray's: fills a node before the next) or `spread`"
@@ -726,9 +736,8 @@ def _cross_field(cfg: Config, bad: set[str]) -> list[str]:
     if ok("search.init", "search.check_blocks") and s.init == "best" and s.check_blocks < 1:
         errors.append("search.init='best' chooses its start on the check set and requires search.check_blocks >= 1, "
                       f"got {s.check_blocks}")
-    if ok("search.objective", "engine.fast_path") and s.objective == "kl" and not e.fast_path:
-        errors.append("search.objective='kl' is computed on the fast path and requires engine.fast_path=true "
-                      "(or search.objective='ce')")
+    if ok("engine.scoring", "engine.fast_path") and e.scoring == "gathered" and not e.fast_path:
+        errors.append("engine.scoring='gathered' is the fast path and contradicts engine.fast_path=false")
     if ok("search.batch_size", "search.check_blocks", "data.calib_blocks") and (
         s.batch_size + s.check_blocks > d.calib_blocks
     ):

@@ -63,7 +63,7 @@ def teacher_logprobs(adapter, hidden: torch.Tensor) -> torch.Tensor:
 
 
 def sequence_losses(adapter, hidden: torch.Tensor, input_ids: torch.Tensor,
-                    teacher: torch.Tensor | None = None) -> torch.Tensor:
+                    teacher: torch.Tensor | None = None, to_cpu: bool = True) -> torch.Tensor:
     """Per-sequence mean over next-token positions of the cross-entropy (or of KL(teacher ‖ model)).
 
     Args:
@@ -71,13 +71,15 @@ def sequence_losses(adapter, hidden: torch.Tensor, input_ids: torch.Tensor,
         hidden: ``[B, T, H]`` final hidden states (after the last norm).
         input_ids: ``[B, T]`` the tokens (targets are ``input_ids[:, 1:]``), T >= 2.
         teacher: ``[B·(T−1), V]`` log-probabilities (:func:`teacher_logprobs` of the dense model), or None.
+        to_cpu: copy the result to the CPU (a host-device synchronisation); False leaves it on ``hidden``'s device.
 
     Returns:
-        ``[B]`` float32 on CPU.
+        ``[B]`` float32 on CPU (or on ``hidden``'s device).
     """
     b, t, _ = hidden.shape
     targets = input_ids[:, 1:].reshape(-1).to(hidden.device)  # [B(T-1)]
     loss = torch.empty(b * (t - 1), dtype=torch.float32, device=hidden.device)
     for rows, logits in next_token_logits(adapter, hidden):
         loss[rows] = token_losses(logits, targets[rows], None if teacher is None else teacher[rows])
-    return loss.view(b, t - 1).mean(dim=1).cpu()
+    per_seq = loss.view(b, t - 1).mean(dim=1)  # [B]
+    return per_seq.cpu() if to_cpu else per_seq

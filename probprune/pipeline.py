@@ -214,6 +214,7 @@ def prune(cfg: Config, output: str | Path, resume: bool = False, progress: bool 
         "first_loss": float(np.mean(losses[:10])) if losses else None,
         "last_loss": float(np.mean(losses[-10:])) if losses else None,
         "engine": cfg.engine.kind,
+        "scoring": getattr(s.engine, "scoring_record", None),  # which scoring path, and its timings when measured
     }
     summary["calibration"]["tokens_scored"] = policy.step_count * sc.masks_per_step * sc.batch_size * cfg.data.block_len
     if cfg.heal.tokens:  # optional last step: distil the saved pruned model toward the dense one (uses gradients)

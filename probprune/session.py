@@ -58,10 +58,18 @@ class Session:
 
 
 def prepare(cfg: Config, need_stats: bool = True, progress: bool = True) -> Session:
-    """Load the model (weights or shapes, as the engine needs), the data, the engine and the mask space; every bad
-    input raises :class:`UserError` here. The calibration statistics are collected by the engine, one share of the
-    blocks per replica."""
+    """Check that the configuration fits its device (:mod:`probprune.plan`), then load the model (weights or shapes,
+    as the engine needs), the data, the engine and the mask space; every bad input raises :class:`UserError` here.
+    The calibration statistics are collected by the engine, one share of the blocks per replica."""
     t0 = time.perf_counter()
+    from .plan import check_fits, make_plan
+
+    try:
+        plan = make_plan(cfg, calibrate_rate=False)  # memory only, from the shapes: before any weight is read
+    except UserError:
+        plan = None  # a model that cannot be planned cannot be loaded either: loading names the problem below
+    if plan is not None:
+        check_fits(plan)
     model, tok = load_for_engine(cfg)
     adapter = get_adapter(model)
     bos_id = resolve_bos(cfg.data.bos, tok, adapter.wants_bos)

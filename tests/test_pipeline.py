@@ -76,3 +76,17 @@ def test_the_results_table_has_a_row_per_model(tmp_path):
     table = format_summary(summary)
     assert table.splitlines()[0].startswith("| model | params |") and "| dense |" in table
     assert "| magnitude |" in table and "PPL@32" in table
+
+
+def test_the_summary_records_the_scoring_path_and_its_measured_timings(tmp_path):
+    from probprune.config import load_config
+    from probprune.pipeline import prune
+
+    s = prune(load_config(SMOKE, ["engine.scoring=auto", "search.steps=2", "search.objective=kl"]), tmp_path / "a",
+              progress=False)
+    rec = s["search"]["scoring"]
+    assert rec["path"] in ("gathered", "batched") and rec["chosen_by"] == "measured on the first call"
+    assert set(rec["seconds_per_mask"]) == {"gathered", "batched"} and min(rec["seconds_per_mask"].values()) > 0
+    assert rec["seconds_per_mask"][rec["path"]] == min(rec["seconds_per_mask"].values())
+    s = prune(load_config(SMOKE, ["engine.fast_path=false", "search.steps=2"]), tmp_path / "b", progress=False)
+    assert s["search"]["scoring"] == {"path": "batched", "chosen_by": "config"}

@@ -129,9 +129,11 @@ def test_default_rules_hold_for_the_new_defaults():
     with pytest.raises(ConfigError, match=re.escape("search.init='best' chooses its start on the check set and "
                                                     "requires search.check_blocks >= 1, got 0")):
         load_config(None, ["search.check_blocks=0"])
-    with pytest.raises(ConfigError, match=re.escape("search.objective='kl' is computed on the fast path and requires "
-                                                    "engine.fast_path=true (or search.objective='ce')")):
-        load_config(None, ["engine.fast_path=false"])
+    # the KL objective has a path without gathers too (the batched masked forward): fast_path=false is allowed
+    assert load_config(None, ["engine.fast_path=false"]).search.objective == "kl"
+    with pytest.raises(ConfigError, match=re.escape("engine.scoring='gathered' is the fast path and contradicts "
+                                                    "engine.fast_path=false")):
+        load_config(None, ["engine.fast_path=false", "engine.scoring=gathered"])
     with pytest.raises(ConfigError, match=re.escape("search.baseline='loo' requires search.masks_per_step >= 2, got 1")):
         load_config(None, ["search.masks_per_step=1"])
     with pytest.raises(ConfigError, match=re.escape("mask.align (64) must be a multiple of mask.channel_block (128)")):

@@ -62,10 +62,10 @@ def test_kl_objective_equals_a_hand_computation_and_is_zero_for_the_all_keep_mas
     np.testing.assert_allclose(ce, LocalEngine(model, space).losses(masks, x), rtol=0, atol=0)
 
 
-def test_kl_objective_needs_the_fast_path(tiny) -> None:
+def test_unknown_objective_or_scoring_path_is_refused(tiny) -> None:
     model, _, space, _, _ = tiny
-    with pytest.raises(ValueError, match="kl objective is computed on the fast path"):
-        LocalEngine(model, space, fast_path=False, objective="kl")
+    with pytest.raises(ValueError, match="scoring must be one of 'auto', 'gathered', 'batched', got 'fast'"):
+        LocalEngine(model, space, scoring="fast")
     with pytest.raises(ValueError, match="objective must be one of 'ce', 'kl', got 'mse'"):
         LocalEngine(model, space, objective="mse")
 
@@ -172,7 +172,9 @@ def test_baselines_and_search_build_identical_blocks(tmp_path) -> None:
     [
         (["search.init=best"], "search.init='best' chooses its start on the check set and requires "
                                "search.check_blocks >= 1, got 0"),
-        (["search.objective=kl", "engine.fast_path=false"], "search.objective='kl' is computed on the fast path"),
+        (["engine.scoring=gathered", "engine.fast_path=false"], "engine.scoring='gathered' is the fast path and "
+                                                                 "contradicts engine.fast_path=false"),
+        (["engine.scoring=fast"], "engine.scoring.*must be one of 'auto', 'gathered', 'batched'"),
         (["search.check_blocks=63"], r"search.batch_size \(2\) \+ search.check_blocks \(63\) must be <= "
                                      r"data.calib_blocks \(64\)"),
         (["search.batch_size=100"], r"search.batch_size \(100\) \+ search.check_blocks \(0\) must be <= "

@@ -51,10 +51,8 @@ def test_bad_objectives_are_refused():
     model, space, masks, batch = _setup()
     with pytest.raises(ValueError, match="objective must be one of 'ce', 'kl', got 'mse'"):
         LocalEngine(model, space, objective="mse")
-    with pytest.raises(ValueError, match="fast path"):
-        LocalEngine(model, space, fast_path=False, objective="kl")
-    with pytest.raises(ValueError, match="fast path"):
-        LocalEngine(model, space, fast_path=False).losses(masks, batch, objective="kl")
+    with pytest.raises(ValueError, match="objective must be one of 'ce', 'kl', got 'mse'"):
+        LocalEngine(model, space, fast_path=False).losses(masks, batch, objective="mse")
 
 
 def test_build_engine_follows_the_engine_config():
@@ -81,3 +79,52 @@ def test_weight_tasks_run_on_this_process_model():
     for li, entry in enumerate(whole["down_proj"]):  # shares combine exactly into the statistics of all blocks
         torch.testing.assert_close(parts["down_proj"][li]["sumsq"], entry["sumsq"], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(parts["cos"], whole["cos"], rtol=1e-5)
+
+
+@pytest.mark.parametrize("objective", ["ce", "kl"])
+def test_batched_scoring_gives_the_gathered_losses_for_both_objectives(objective):
+    model, space, masks, batch = _setup()
+    gathered = LocalEngine(model, space, scoring="gathered", objective=objective).losses(masks, batch)
+    batched = LocalEngine(model, space, fast_path=False, objective=objective)  # fast_path=false means batched
+    assert batched.scoring == "batched" and not batched.fast_path
+    np.testing.assert_allclose(batched.losses(masks, batch), gathered, rtol=0, atol=2e-5)
+    if objective == "kl":
+        assert batched.losses(masks[:1], batch)[0] == 0.0 and gathered[0] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_auto_scoring_measures_both_paths_once_and_keeps_the_faster(monkeypatch):
+    import probprune.engine.local as local
+
+    model, space, masks, batch = _setup()
+    ev = LocalEngine(model, space, scoring="auto")
+    calls = []
+    slow = {"gathered": 0.02, "batched": 0.0}  # make the gathered path look slower: the batched one must win
+    real = ev._losses
+
+    def timed(path, *a):
+        calls.append(path)
+        import time
+
+        time.sleep(slow[path])
+        return real(path, *a)
+
+    monkeypatch.setattr(ev, "_losses", timed)
+    first = ev.losses(masks, batch)
+    assert calls == ["gathered", "gathered", "batched", "batched"]  # a warm-up and a timed call of each
+    rec = ev.scoring_record
+    assert ev.scoring == rec["path"] == "batched" and rec["chosen_by"] == "measured on the first call"
+    assert rec["seconds_per_mask"]["gathered"] > rec["seconds_per_mask"]["batched"] + 0.02 / len(masks) * 0.9
+    assert rec["masks"] == 3 and rec["batch"] == [2, 10]
+    np.testing.assert_allclose(first, LocalEngine(model, space).losses(masks, batch), rtol=0, atol=2e-5)
+    ev.losses(masks, batch)
+    assert calls[4:] == ["batched"]  # later calls use the chosen path only
+    assert local.SCORING == ("auto", "gathered", "batched")
+
+
+def test_engine_scoring_setting_reaches_the_local_engine():
+    model, space, _, _ = _setup()
+    for overrides, path in ((["engine.scoring=batched"], "batched"), (["engine.fast_path=false"], "batched"),
+                            ([], "gathered"), (["engine.scoring=auto"], "auto")):
+        cfg = load_config(None, ["engine.kind=local", *overrides])
+        ev = build_engine(cfg, model, space)
+        assert ev.scoring == path and ev.scoring_record == {"path": path, "chosen_by": "config"}

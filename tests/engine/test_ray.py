@@ -364,3 +364,19 @@ def test_prune_on_actors_loads_no_model_on_the_driver(ray_cluster, tmp_path, mon
         want = load_pruned(tmp_path / "local" / "model")(ids).logits
         got = load_pruned(tmp_path / "ray" / "model")(ids).logits
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.ray
+def test_batched_scoring_reaches_the_actors(ray_cluster, tiny):
+    from probprune.engine.ray import RayEngine
+
+    model, space, _ = tiny
+    masks = random_masks(space, 3, seed=4)
+    masks[0] = space.full_mask()
+    masks[2] = 0.5 * masks[2] + 0.25  # a soft mask: only the batched path scores it (the gathered one refuses)
+    batch = torch.randint(0, 256, (B, 16), generator=torch.Generator().manual_seed(5))
+    want = LocalEngine(model, space, scoring="batched", objective="kl").losses(masks, batch)
+    with RayEngine(ModelConfig(name_or_path="tiny:llama"), space, engine(scoring="batched"), objective="kl") as ev:
+        got = ev.losses(masks, batch)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    assert got[0] == 0.0 and (got[1:] > 0).all()

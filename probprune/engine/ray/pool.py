@@ -69,7 +69,7 @@ class ReplicaPool:
         if e.placement == "spread" and ray.util.get_current_placement_group() is None:  # a Tune trial's bundles win
             options["scheduling_strategy"] = "SPREAD"
         return RemoteReplica.options(**options).remote(self.model_cfg, self.space, e.fast_path, self.threads,
-                                                       self.device, self.objective)
+                                                       self.device, self.objective, e.scoring)
 
     def _wait_ready(self, timeout: float) -> None:
         t0 = time.perf_counter()

@@ -28,7 +28,7 @@ class Replica:
     """
 
     def __init__(self, model_cfg: ModelConfig, space: MaskSpace, fast_path: bool, threads: int, device: str,
-                 objective: str = "ce"):
+                 objective: str = "ce", scoring: str | None = None):
         t0 = time.perf_counter()
         self.error: BaseException | None = None
         self.engine = None
@@ -41,7 +41,8 @@ class Replica:
             model, _ = load_model(
                 model_cfg.name_or_path, model_cfg.dtype, device, model_cfg.device_map, model_cfg.trust_remote_code
             )
-            self.engine = LocalEngine(model, space, fast_path=fast_path, threads=threads, objective=objective)
+            self.engine = LocalEngine(model, space, fast_path=fast_path, threads=threads, objective=objective,
+                                      scoring=scoring)
         except Exception as e:  # noqa: BLE001 - handed to the driver by ready()
             self.error = e
         self.load_seconds = time.perf_counter() - t0
