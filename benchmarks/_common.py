@@ -11,7 +11,7 @@ import os
 import platform
 import resource
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -77,9 +77,13 @@ def machine_info(device: torch.device | str = "cpu") -> dict:
     """Versions, CPU count, load average and the CUDA device name, for the JSON of a result."""
     dev = torch.device(device)
     return {
-        "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-        "loadavg": list(os.getloadavg()), "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "loadavg": list(os.getloadavg()),
+        "torch_threads": torch.get_num_threads(),
         "cuda_device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
     }
 

@@ -16,10 +16,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from probprune.compaction import compact, count_params, save_pruned
-from probprune.models.loading import load_pruned
-from probprune.masked_forward import masked_logits
 from probprune.mask_space import CHANNEL, HEAD
+from probprune.masked_forward import masked_logits
 from probprune.models import get_adapter, load_model
+from probprune.models.loading import load_pruned
 
 
 def main() -> None:

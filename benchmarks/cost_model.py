@@ -90,8 +90,13 @@ def flop_bound(sparsity: float, prunable_fraction: float) -> float:
     return 1.0 / (1.0 - sparsity * prunable_fraction)
 
 
-def replica_gpus(shape: LlamaShape, gpu_mem_gib: float, bytes_per_param: float = 2.0,
-                 activation_gib: float = 4.0, usable: float = 0.9) -> int:
+def replica_gpus(
+    shape: LlamaShape,
+    gpu_mem_gib: float,
+    bytes_per_param: float = 2.0,
+    activation_gib: float = 4.0,
+    usable: float = 0.9,
+) -> int:
     """GPUs one replica needs: weights + one gathered layer + activations over the usable memory per GPU."""
     need = bytes_per_param * (shape.total + shape.layer_matmul) / GIB + activation_gib
     return max(1, math.ceil(need / (usable * gpu_mem_gib) - 1e-9))
@@ -114,8 +119,9 @@ def search_hours(tokens: int, tokens_per_second: float, speedup: float, replicas
     return tokens / (tokens_per_second * speedup * replicas) / 3600.0
 
 
-def model_speedup(mode: str | float, sparsity: float, measured: float | None, ref_bound: float,
-                  shape: LlamaShape) -> float:
+def model_speedup(
+    mode: str | float, sparsity: float, measured: float | None, ref_bound: float, shape: LlamaShape
+) -> float:
     """Fast-path speed-up on ``shape``: ``scaled`` / ``measured`` / ``bound`` (see the module docstring) or a number."""
     bound = flop_bound(sparsity, shape.prunable / shape.matmul)
     if isinstance(mode, (int, float)):
@@ -123,25 +129,47 @@ def model_speedup(mode: str | float, sparsity: float, measured: float | None, re
     if mode == "bound":
         return bound
     if measured is None:
-        raise ValueError(f"--speedup {mode} needs a measured speed-up (a throughput JSON with a gathered row at "
-                         f"{sparsity:.0%}); use --speedup bound or a number")
+        raise ValueError(
+            f"--speedup {mode} needs a measured speed-up (a throughput JSON with a gathered row at "
+            f"{sparsity:.0%}); use --speedup bound or a number"
+        )
     if mode == "measured":
         return measured
     return min(measured / ref_bound, 1.0) * bound  # an efficiency above 1 is the dense path's overhead: capped
 
 
-def estimate(ref_tps: float, ref_params: int, speedup_mode: str | float, sparsity: float,
-             measured: float | None, ref_bound: float, gpus: list[int], tokens: int, k: int,
-             gpu_mem_gib: float, activation_gib: float, usable: float,
-             gpu_tflops: float | None = None, mfu: float = 0.4) -> list[dict]:
+def estimate(
+    ref_tps: float,
+    ref_params: int,
+    speedup_mode: str | float,
+    sparsity: float,
+    measured: float | None,
+    ref_bound: float,
+    gpus: list[int],
+    tokens: int,
+    k: int,
+    gpu_mem_gib: float,
+    activation_gib: float,
+    usable: float,
+    gpu_tflops: float | None = None,
+    mfu: float = 0.4,
+) -> list[dict]:
     """One row per model: replica size, speeds, and hours for every N in ``gpus`` (ideal and K-capped)."""
     rows = []
     for name, shape in MODELS.items():
         per_replica = replica_gpus(shape, gpu_mem_gib, activation_gib=activation_gib, usable=usable)
         tps = scaled_tokens_per_second(ref_tps, ref_params, shape.matmul)
         sp = model_speedup(speedup_mode, sparsity, measured, ref_bound, shape)
-        row = {"model": name, "params": shape.total, "matmul_params": shape.matmul, "gpus_per_replica": per_replica,
-               "dense_tokens_per_s": tps, "speedup": sp, "hours": {}, "hours_k_capped": {}}
+        row = {
+            "model": name,
+            "params": shape.total,
+            "matmul_params": shape.matmul,
+            "gpus_per_replica": per_replica,
+            "dense_tokens_per_s": tps,
+            "speedup": sp,
+            "hours": {},
+            "hours_k_capped": {},
+        }
         if gpu_tflops:
             row["flop_tokens_per_s"] = flop_tokens_per_second(shape.matmul, gpu_tflops, mfu)
             row["hours_flops"] = {}
@@ -164,11 +192,16 @@ def from_throughput(path: Path, dtype: str | None, sparsity: float) -> dict:
         raise SystemExit(f"{path} has no results for dtype {dtype} (has {[r['dtype'] for r in runs]})")
     rows = {r["row"]: r for r in run["scoring"]}
     gathered = rows.get(f"gathered {round(sparsity * 100)}%")
-    return {"tokens_per_s": rows["dense"]["tokens_per_s"], "dtype": run["dtype"],
-            "device": res["settings"]["device"], "cuda_device": res["machine"].get("cuda_device"),
-            "measured_speedup": gathered["vs_dense"] if gathered else None,
-            "ref_bound": gathered["flop_bound"] if gathered else flop_bound(sparsity, REFERENCE.prunable
-                                                                            / REFERENCE.matmul)}
+    return {
+        "tokens_per_s": rows["dense"]["tokens_per_s"],
+        "dtype": run["dtype"],
+        "device": res["settings"]["device"],
+        "cuda_device": res["machine"].get("cuda_device"),
+        "measured_speedup": gathered["vs_dense"] if gathered else None,
+        "ref_bound": gathered["flop_bound"]
+        if gathered
+        else flop_bound(sparsity, REFERENCE.prunable / REFERENCE.matmul),
+    }
 
 
 def fmt_hours(h: float) -> str:
@@ -179,20 +212,33 @@ def fmt_hours(h: float) -> str:
 
 def markdown(rows: list[dict], gpus: list[int], meta: dict) -> str:
     lines = [meta["header"], ""]
-    tables = [("hours, work divided over all replicas", "hours"),
-              (f"hours, K-capped (at most K={meta['k']} replicas busy per step)", "hours_k_capped")]
+    tables = [
+        ("hours, work divided over all replicas", "hours"),
+        (f"hours, K-capped (at most K={meta['k']} replicas busy per step)", "hours_k_capped"),
+    ]
     if "hours_flops" in rows[0]:
-        tables.append((f"hours from the FLOP rate ({meta['mfu']:.0%} of {meta['gpu_tflops']:g} TFLOP/s per GPU), "
-                       "work divided over all replicas", "hours_flops"))
+        tables.append(
+            (
+                f"hours from the FLOP rate ({meta['mfu']:.0%} of {meta['gpu_tflops']:g} TFLOP/s per GPU), "
+                "work divided over all replicas",
+                "hours_flops",
+            )
+        )
     for title, key in tables:
-        lines += [f"**{title}**", "",
-                  "| model | params | GPUs / replica | dense tok/s / replica | fast-path speed-up | "
-                  + " | ".join(f"N={n}" for n in gpus) + " |",
-                  "|---|---:|---:|---:|---:|" + "---:|" * len(gpus)]
+        lines += [
+            f"**{title}**",
+            "",
+            "| model | params | GPUs / replica | dense tok/s / replica | fast-path speed-up | "
+            + " | ".join(f"N={n}" for n in gpus)
+            + " |",
+            "|---|---:|---:|---:|---:|" + "---:|" * len(gpus),
+        ]
         for r in rows:
             tps = r["flop_tokens_per_s"] if key == "hours_flops" else r["dense_tokens_per_s"]
-            lines.append(f"| {r['model']} | {r['params'] / 1e9:.1f}B | {r['gpus_per_replica']} | {tps:,.0f} | "
-                         f"{r['speedup']:.2f} | " + " | ".join(fmt_hours(r[key][n]) for n in gpus) + " |")
+            lines.append(
+                f"| {r['model']} | {r['params'] / 1e9:.1f}B | {r['gpus_per_replica']} | {tps:,.0f} | "
+                f"{r['speedup']:.2f} | " + " | ".join(fmt_hours(r[key][n]) for n in gpus) + " |"
+            )
         lines.append("")
     lines.append("n/a: fewer GPUs than one replica needs.")
     return "\n".join(lines) + "\n"
@@ -204,8 +250,12 @@ def main() -> None:
     src.add_argument("--from", dest="source", type=Path, help="a throughput JSON (benchmarks/throughput.py --out)")
     src.add_argument("--tokens-per-second", type=float, help="dense tokens/s of the reference model, measured")
     ap.add_argument("--dtype", default=None, help="which dtype's results in the JSON (default: the first)")
-    ap.add_argument("--ref-params", type=int, default=REFERENCE.matmul,
-                    help="matmul params of the measured model (default: SmolLM2-135M's)")
+    ap.add_argument(
+        "--ref-params",
+        type=int,
+        default=REFERENCE.matmul,
+        help="matmul params of the measured model (default: SmolLM2-135M's)",
+    )
     ap.add_argument("--sparsity", type=float, default=0.5, help="share of head groups and channels removed")
     ap.add_argument("--speedup", default="scaled", help="scaled | measured | bound | a number")
     ap.add_argument("--gpus", type=int, nargs="+", default=[1, 8, 64])
@@ -228,33 +278,65 @@ def main() -> None:
             ap.error(f"--speedup must be scaled, measured, bound or a number, got {args.speedup!r}")
     if args.source:
         src_info = from_throughput(args.source, args.dtype, args.sparsity)
-        where = (f"{args.source} ({src_info['dtype']} on {src_info['cuda_device'] or src_info['device']})")
+        where = f"{args.source} ({src_info['dtype']} on {src_info['cuda_device'] or src_info['device']})"
     else:
-        src_info = {"tokens_per_s": args.tokens_per_second, "measured_speedup": None,
-                    "ref_bound": flop_bound(args.sparsity, REFERENCE.prunable / REFERENCE.matmul)}
+        src_info = {
+            "tokens_per_s": args.tokens_per_second,
+            "measured_speedup": None,
+            "ref_bound": flop_bound(args.sparsity, REFERENCE.prunable / REFERENCE.matmul),
+        }
         where = "--tokens-per-second"
     tokens = search_tokens(args.steps, args.k, args.batch, args.seq_len)
-    rows = estimate(src_info["tokens_per_s"], args.ref_params, mode, args.sparsity, src_info["measured_speedup"],
-                    src_info["ref_bound"], args.gpus, tokens, args.k, args.gpu_mem_gib, args.activation_gib,
-                    args.usable, args.gpu_tflops, args.mfu)
-    header = (f"Search cost at the paper's budget: {args.steps:,} steps x {args.k} masks x {args.batch} x "
-              f"{args.seq_len} tokens = {tokens / 1e6:.2f} M tokens, {args.sparsity:.0%} sparsity. Reference: "
-              f"{src_info['tokens_per_s']:,.0f} dense tok/s for {args.ref_params / 1e6:.1f} M matmul params from "
-              f"{where}; speed-up mode {args.speedup}"
-              + (f" (measured {src_info['measured_speedup']:.2f} vs bound {src_info['ref_bound']:.2f} on the "
-                 "reference)" if src_info["measured_speedup"] else "")
-              + f"; replicas on {args.gpu_mem_gib:g} GiB GPUs ({args.usable:.0%} usable), bf16 weights + one "
-              f"gathered layer + {args.activation_gib:g} GiB activations.")
+    rows = estimate(
+        src_info["tokens_per_s"],
+        args.ref_params,
+        mode,
+        args.sparsity,
+        src_info["measured_speedup"],
+        src_info["ref_bound"],
+        args.gpus,
+        tokens,
+        args.k,
+        args.gpu_mem_gib,
+        args.activation_gib,
+        args.usable,
+        args.gpu_tflops,
+        args.mfu,
+    )
+    header = (
+        f"Search cost at the paper's budget: {args.steps:,} steps x {args.k} masks x {args.batch} x "
+        f"{args.seq_len} tokens = {tokens / 1e6:.2f} M tokens, {args.sparsity:.0%} sparsity. Reference: "
+        f"{src_info['tokens_per_s']:,.0f} dense tok/s for {args.ref_params / 1e6:.1f} M matmul params from "
+        f"{where}; speed-up mode {args.speedup}"
+        + (
+            f" (measured {src_info['measured_speedup']:.2f} vs bound {src_info['ref_bound']:.2f} on the reference)"
+            if src_info["measured_speedup"]
+            else ""
+        )
+        + f"; replicas on {args.gpu_mem_gib:g} GiB GPUs ({args.usable:.0%} usable), bf16 weights + one "
+        f"gathered layer + {args.activation_gib:g} GiB activations."
+    )
     if args.source and src_info["device"] == "cpu":
-        header += (" NOTE: the reference was measured on a CPU, so every 'GPU' here runs at that CPU's speed; use a "
-                   "GPU measurement (benchmarks/gpu.sh) for GPU hours.")
+        header += (
+            " NOTE: the reference was measured on a CPU, so every 'GPU' here runs at that CPU's speed; use a "
+            "GPU measurement (benchmarks/gpu.sh) for GPU hours."
+        )
     md = markdown(rows, args.gpus, {"header": header, "k": args.k, "mfu": args.mfu, "gpu_tflops": args.gpu_tflops})
     print(md)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"settings": {k: str(v) if isinstance(v, Path) else v
-                                                     for k, v in vars(args).items()},
-                                        "reference": src_info, "tokens": tokens, "rows": rows}, indent=2) + "\n")
+        args.out.write_text(
+            json.dumps(
+                {
+                    "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                    "reference": src_info,
+                    "tokens": tokens,
+                    "rows": rows,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
         args.out.with_suffix(".md").write_text(md)
 
 

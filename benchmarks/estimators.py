@@ -64,8 +64,21 @@ ESTIMATORS: dict[str, tuple[int, str, str, float | str]] = {
     "ema-k8": (8, "ema", "independent", "match"),
 }
 DEFAULT = ["paper", OURS, "loo-k4", "loo-k8", "loo-k4-antithetic"]
-FIELDS = ["estimator", "seed", "forwards", "steps", "eval_loss", "sample_loss_mean", "heads_changed",
-          "channels_changed", "k", "baseline", "sampling", "lr", "wall_s"]
+FIELDS = [
+    "estimator",
+    "seed",
+    "forwards",
+    "steps",
+    "eval_loss",
+    "sample_loss_mean",
+    "heads_changed",
+    "channels_changed",
+    "k",
+    "baseline",
+    "sampling",
+    "lr",
+    "wall_s",
+]
 
 
 def estimator_lr(name: str, paper_lr: float, paper_k: int = 2) -> float:
@@ -82,8 +95,10 @@ def read_rows(path: Path) -> list[dict]:
     if not path.exists():
         return []
     with path.open() as f:
-        return [{k: (v if k in ("estimator", "baseline", "sampling") else float(v)) for k, v in row.items()}
-                for row in csv.DictReader(f)]
+        return [
+            {k: (v if k in ("estimator", "baseline", "sampling") else float(v)) for k, v in row.items()}
+            for row in csv.DictReader(f)
+        ]
 
 
 def append_row(path: Path, row: dict) -> None:
@@ -99,7 +114,7 @@ def append_row(path: Path, row: dict) -> None:
 class Arm:
     """A mask space and the policy to search it with: the paper's space (every ESTIMATORS row) or our default's."""
 
-    def __init__(self, bench: "Bench", path: Path, overrides: list[str]):
+    def __init__(self, bench: Bench, path: Path, overrides: list[str]):
         from dataclasses import replace
 
         from probprune import projection
@@ -110,8 +125,9 @@ class Arm:
         self.cfg = cfg = load_config(path, overrides)
         self.space = space = build_space(cfg, bench.session.adapter, bench.session.stats)
         self.init_probs = initial_probs(replace(bench.session, cfg=cfg, space=space))
-        self.init_mask = projection.final_mask(space, torch.as_tensor(self.init_probs), cfg.search.sparsity,
-                                               cfg.search.budget)
+        self.init_mask = projection.final_mask(
+            space, torch.as_tensor(self.init_probs), cfg.search.sparsity, cfg.search.budget
+        )
 
 
 class Bench:
@@ -120,8 +136,8 @@ class Bench:
     def __init__(self, args: argparse.Namespace):
         from probprune.config import load_config
         from probprune.data import CalibrationData
-        from probprune.pipeline import prepare
         from probprune.importance import collect_input_stats
+        from probprune.pipeline import prepare
 
         base = load_config(PAPER_CONFIG)
         n_search = base.data.calib_blocks
@@ -131,15 +147,18 @@ class Bench:
         gen = torch.Generator().manual_seed(12345)  # which blocks are held out: fixed, independent of --seeds
         perm = torch.randperm(len(s.calib), generator=gen)
         self.eval_blocks = s.calib.blocks[perm[: args.eval_blocks].sort().values]  # [E, T]
-        self.data = CalibrationData(s.calib.blocks[perm[args.eval_blocks:].sort().values], seed=self.cfg.seed)
+        self.data = CalibrationData(s.calib.blocks[perm[args.eval_blocks :].sort().values], seed=self.cfg.seed)
         s.calib = self.data
         s.stats = collect_input_stats(s.adapter, self.data.first(self.cfg.search.init_blocks))
         self.session = s
         blocks = f"data.calib_blocks={self.cfg.data.calib_blocks}"
         self.paper = Arm(self, PAPER_CONFIG, [blocks])
         # our default, on the paper's tokens per forward (batch) and sparsity: only the search itself differs
-        self.ours = Arm(self, OURS_CONFIG, [blocks, f"search.batch_size={self.cfg.search.batch_size}",
-                                            f"search.sparsity={self.cfg.search.sparsity}"])
+        self.ours = Arm(
+            self,
+            OURS_CONFIG,
+            [blocks, f"search.batch_size={self.cfg.search.batch_size}", f"search.sparsity={self.cfg.search.sparsity}"],
+        )
 
     def eval_loss(self, space, mask: np.ndarray) -> float:
         from probprune.fastpath import gathered_losses
@@ -171,8 +190,9 @@ def run_estimator(bench: Bench, name: str, seed: int, args: argparse.Namespace, 
         k, baseline, sampling, _ = ESTIMATORS[name]
         lr = estimator_lr(name, sc.lr, sc.masks_per_step)
     if args.every % k or args.budget % args.every:
-        raise SystemExit(f"--every ({args.every}) must be a multiple of K={k} ({name}) and divide --budget "
-                         f"({args.budget})")
+        raise SystemExit(
+            f"--every ({args.every}) must be a multiple of K={k} ({name}) and divide --budget ({args.budget})"
+        )
     steps, chunk = args.budget // k, args.every // k
     done = {int(r["forwards"]) for r in read_rows(out_csv) if r["estimator"] == name and int(r["seed"]) == seed}
     if all(c * k in done for c in range(0, steps + 1, chunk)):
@@ -181,37 +201,88 @@ def run_estimator(bench: Bench, name: str, seed: int, args: argparse.Namespace, 
     space = arm.space
     meta = {"estimator": name, "seed": seed, "k": k, "baseline": baseline, "sampling": sampling, "lr": lr}
     if 0 not in done:
-        append_row(out_csv, {**meta, "forwards": 0, "steps": 0, "eval_loss": bench.eval_loss(space, arm.init_mask),
-                             "sample_loss_mean": math.nan, "heads_changed": 0, "channels_changed": 0, "wall_s": 0.0})
-    cfg = load_config(arm.path, [*arm.overrides, f"search.steps={steps}", f"search.masks_per_step={k}",
-                                 f"search.baseline={baseline}", f"search.sampling={sampling}", f"search.lr={lr}",
-                                 f"seed={seed}"])
+        append_row(
+            out_csv,
+            {
+                **meta,
+                "forwards": 0,
+                "steps": 0,
+                "eval_loss": bench.eval_loss(space, arm.init_mask),
+                "sample_loss_mean": math.nan,
+                "heads_changed": 0,
+                "channels_changed": 0,
+                "wall_s": 0.0,
+            },
+        )
+    cfg = load_config(
+        arm.path,
+        [
+            *arm.overrides,
+            f"search.steps={steps}",
+            f"search.masks_per_step={k}",
+            f"search.baseline={baseline}",
+            f"search.sampling={sampling}",
+            f"search.lr={lr}",
+            f"seed={seed}",
+        ],
+    )
     evaluator = LocalEngine(bench.session.model, space, fast_path=True)
     stats = bench.session.stats or evaluator.run(input_stats, bench.session.init_blocks())
     policy = build_policy(cfg, space, arm.init_probs, evaluator, stats)
     work = args.work / f"{name}_seed{seed}"
-    fingerprint = json.dumps({**meta, "budget": args.budget, "eval_blocks": args.eval_blocks,
-                              "mask": vars(arm.cfg.mask), "method": arm.cfg.search.method})
+    fingerprint = json.dumps(
+        {
+            **meta,
+            "budget": args.budget,
+            "eval_blocks": args.eval_blocks,
+            "mask": vars(arm.cfg.mask),
+            "method": arm.cfg.search.method,
+        }
+    )
     for stop in range(chunk, steps + 1, chunk):
         if stop * k in done:
             continue
         losses: list[float] = []
         t0 = time.perf_counter()
-        res = run_search(policy, evaluator, bench.data, steps=steps, num_samples=k, batch_size=sc.batch_size,
-                         checkpoint_dir=work, checkpoint_every=steps, resume=True, fingerprint=fingerprint,
-                         progress=False, stop_after=stop, on_step=lambda st: losses.append(st["loss_mean"]))
+        res = run_search(
+            policy,
+            evaluator,
+            bench.data,
+            steps=steps,
+            num_samples=k,
+            batch_size=sc.batch_size,
+            checkpoint_dir=work,
+            checkpoint_every=steps,
+            resume=True,
+            fingerprint=fingerprint,
+            progress=False,
+            stop_after=stop,
+            on_step=lambda st, losses=losses: losses.append(st["loss_mean"]),
+        )
         if policy.step_count != stop:
-            raise SystemExit(f"{work} holds a checkpoint at step {policy.step_count}, past step {stop} that "
-                             f"{out_csv} lacks: delete that folder (or restore the CSV) and run again")
+            raise SystemExit(
+                f"{work} holds a checkpoint at step {policy.step_count}, past step {stop} that "
+                f"{out_csv} lacks: delete that folder (or restore the CSV) and run again"
+            )
         mask = res.final_mask
         heads, chans = bench.changed(arm, mask)
-        row = {**meta, "forwards": stop * k, "steps": stop, "eval_loss": bench.eval_loss(space, mask),
-               "sample_loss_mean": float(np.nanmean(losses)) if losses else math.nan,
-               "heads_changed": heads, "channels_changed": chans, "wall_s": time.perf_counter() - t0}
+        row = {
+            **meta,
+            "forwards": stop * k,
+            "steps": stop,
+            "eval_loss": bench.eval_loss(space, mask),
+            "sample_loss_mean": float(np.nanmean(losses)) if losses else math.nan,
+            "heads_changed": heads,
+            "channels_changed": chans,
+            "wall_s": time.perf_counter() - t0,
+        }
         append_row(out_csv, row)
-        print(f"{name} seed {seed}: {row['forwards']:>4} forwards  eval loss {row['eval_loss']:.4f}  "
-              f"samples {row['sample_loss_mean']:.3f}  swapped heads {heads} channels {chans}  "
-              f"({row['wall_s']:.0f} s)", flush=True)
+        print(
+            f"{name} seed {seed}: {row['forwards']:>4} forwards  eval loss {row['eval_loss']:.4f}  "
+            f"samples {row['sample_loss_mean']:.3f}  swapped heads {heads} channels {chans}  "
+            f"({row['wall_s']:.0f} s)",
+            flush=True,
+        )
 
 
 # ------------------------------------------------------------------------------------------------------ report
@@ -230,29 +301,41 @@ def summarise(rows: list[dict], names: list[str], budget: int) -> dict:
                 continue
             target = paper[budget]
 
-            def reach(c: dict) -> float:
+            def reach(c: dict, target: float = target) -> float:
                 hit = [f for f in sorted(c) if c[f] <= target + 1e-12]
                 return float(hit[0]) if hit else math.inf
 
-            per_seed.append({"seed": seed, "target": target, "final": mine[budget], "ftt": reach(mine),
-                             "paper_ftt": reach(paper)})
+            per_seed.append(
+                {"seed": seed, "target": target, "final": mine[budget], "ftt": reach(mine), "paper_ftt": reach(paper)}
+            )
         if not per_seed:
             continue
         pts = sorted({f for (n, _), c in curve.items() if n == name for f in c})
         mean_curve = {f: float(np.mean([curve[(name, s["seed"])][f] for s in per_seed])) for f in pts}
         ratios = [s["ftt"] / s["paper_ftt"] if s["paper_ftt"] > 0 else math.nan for s in per_seed]
         r0 = next(r for r in rows if r["estimator"] == name)
-        out[name] = {"k": int(r0["k"]), "baseline": r0["baseline"], "sampling": r0["sampling"], "lr": r0["lr"],
-                     "curve": mean_curve, "final": float(np.mean([s["final"] for s in per_seed])),
-                     "ftt": float(np.mean([s["ftt"] for s in per_seed])), "ratio": float(np.mean(ratios)),
-                     "seeds": len(per_seed), "target": float(np.mean([s["target"] for s in per_seed]))}
+        out[name] = {
+            "k": int(r0["k"]),
+            "baseline": r0["baseline"],
+            "sampling": r0["sampling"],
+            "lr": r0["lr"],
+            "curve": mean_curve,
+            "final": float(np.mean([s["final"] for s in per_seed])),
+            "ftt": float(np.mean([s["ftt"] for s in per_seed])),
+            "ratio": float(np.mean(ratios)),
+            "seeds": len(per_seed),
+            "target": float(np.mean([s["target"] for s in per_seed])),
+        }
     return out
 
 
 def markdown(summary: dict, args: argparse.Namespace, dense_loss: float | None, info: str) -> str:
     pts = sorted({f for s in summary.values() for f in s["curve"]})
-    head = ("| estimator | K | baseline | sampling | lr | " + " | ".join(f"@{f}" for f in pts)
-            + " | forwards to target | ÷ paper | ≤ 0.33 |")
+    head = (
+        "| estimator | K | baseline | sampling | lr | "
+        + " | ".join(f"@{f}" for f in pts)
+        + " | forwards to target | ÷ paper | ≤ 0.33 |"
+    )
     lines = [info, "", head, "|" + "---|" * 5 + "---:|" * len(pts) + "---:|---:|---|"]
     for name, s in summary.items():
         cells = [name, str(s["k"]), s["baseline"], s["sampling"], f"{s['lr']:.3g}"]
@@ -267,10 +350,15 @@ def markdown(summary: dict, args: argparse.Namespace, dense_loss: float | None, 
             met = "yes" if s["ratio"] <= TARGET_RATIO else "no"
         lines.append("| " + " | ".join(cells + [ftt, ratio, met]) + " |")
     target = summary.get("paper", {}).get("target")
-    lines += ["", f"Columns @F: held-out calibration loss (nats/token) of the policy's final mask after F forwards "
-              f"(mean over {max((s['seeds'] for s in summary.values()), default=0)} seed(s)). Target = the paper "
-              f"preset's loss at {args.budget} forwards" + (f" = {target:.4f}" if target is not None else "")
-              + (f"; dense model: {dense_loss:.4f}" if dense_loss is not None else "") + "."]
+    lines += [
+        "",
+        f"Columns @F: held-out calibration loss (nats/token) of the policy's final mask after F forwards "
+        f"(mean over {max((s['seeds'] for s in summary.values()), default=0)} seed(s)). Target = the paper "
+        f"preset's loss at {args.budget} forwards"
+        + (f" = {target:.4f}" if target is not None else "")
+        + (f"; dense model: {dense_loss:.4f}" if dense_loss is not None else "")
+        + ".",
+    ]
     ranked = sorted((s["ftt"], s["final"], n) for n, s in summary.items() if n != "paper")
     if ranked:
         lines.append(f"Fewest forwards to the target (ties: lower final loss): **{ranked[0][2]}**.")
@@ -307,17 +395,21 @@ def main() -> None:
                 run_estimator(bench, name, seed, args, out_csv)
     dense_loss = json.loads(extra_path.read_text())["dense_eval_loss"] if extra_path.exists() else None
     summary = summarise(read_rows(out_csv), names, args.budget)
-    info = (f"Estimators on SmolLM2-135M (bf16, {args.threads} thread), 50 % of head groups and of channels "
-            f"(paper preset: per-type budget, Wanda-sp init, batch 8 x 128, cosine lr over each run's "
-            f"{args.budget} forwards), seeds {args.seeds}; eval on {args.eval_blocks} fixed held-out calibration "
-            f"blocks every {args.every} forwards.")
+    info = (
+        f"Estimators on SmolLM2-135M (bf16, {args.threads} thread), 50 % of head groups and of channels "
+        f"(paper preset: per-type budget, Wanda-sp init, batch 8 x 128, cosine lr over each run's "
+        f"{args.budget} forwards), seeds {args.seeds}; eval on {args.eval_blocks} fixed held-out calibration "
+        f"blocks every {args.every} forwards."
+    )
     if OURS in names:
         from probprune.config import load_config
 
         oc = load_config(OURS_CONFIG)
-        info += (f" **ours** = {OURS_CONFIG.relative_to(ROOT)}: {oc.search.method} search over head groups and "
-                 f"{oc.mask.channel_block}-channel blocks ({oc.mask.block_order} order), K={oc.search.masks_per_step}, "
-                 f"{oc.search.baseline} baseline, lr {oc.search.lr:g}.")
+        info += (
+            f" **ours** = {OURS_CONFIG.relative_to(ROOT)}: {oc.search.method} search over head groups and "
+            f"{oc.mask.channel_block}-channel blocks ({oc.mask.block_order} order), K={oc.search.masks_per_step}, "
+            f"{oc.search.baseline} baseline, lr {oc.search.lr:g}."
+        )
     md = markdown(summary, args, dense_loss, info)
     (args.out / "estimators.md").write_text(md)
     print(md)

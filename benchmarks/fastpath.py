@@ -28,16 +28,16 @@ import json
 import os
 import platform
 import statistics
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
-
 from _common import exact_mask, flop_bound, timed
+
 from probprune.fastpath import gathered_losses
-from probprune.masked_forward import masked_losses, sequence_nll
 from probprune.mask_space import MaskSpace
+from probprune.masked_forward import masked_losses, sequence_nll
 from probprune.models import get_adapter
 from probprune.models.loading import load_model
 
@@ -66,8 +66,14 @@ def run(dtype: str, args: argparse.Namespace) -> list[dict]:
     masks = {s: np.stack([exact_mask(space, 1 - s, rng) for _ in range(args.masks)]) for s in (0.3, 0.5)}
     head_params = adapter.lm_head.weight.numel()
     pad_rng = np.random.default_rng(args.seed + 1)  # 8 random pairs of 50 % masks
-    padding = float(np.mean([stacking_padding(space, np.stack([exact_mask(space, 0.5, pad_rng) for _ in range(2)]),
-                                              head_params) for _ in range(8)]))
+    padding = float(
+        np.mean(
+            [
+                stacking_padding(space, np.stack([exact_mask(space, 0.5, pad_rng) for _ in range(2)]), head_params)
+                for _ in range(8)
+            ]
+        )
+    )
 
     def ideal(mask: np.ndarray | None) -> float:
         return flop_bound(space, head_params, mask)
@@ -75,12 +81,21 @@ def run(dtype: str, args: argparse.Namespace) -> list[dict]:
     tokens = args.masks * args.batch * args.seq_len
     rows: dict[str, tuple[Callable[[], object], int, float]] = {
         "dense": (lambda: [sequence_nll(adapter, batch) for _ in range(args.masks)], tokens, 1.0),
-        "masked 50%": (lambda: masked_losses(adapter, space, masks[0.5], batch, max_rows=args.batch), tokens,
-                       ideal(None)),
-        "gathered 30%": (lambda: gathered_losses(adapter, space, masks[0.3], batch), tokens,
-                         float(np.mean([ideal(m) for m in masks[0.3]]))),
-        "gathered 50%": (lambda: gathered_losses(adapter, space, masks[0.5], batch), tokens,
-                         float(np.mean([ideal(m) for m in masks[0.5]]))),
+        "masked 50%": (
+            lambda: masked_losses(adapter, space, masks[0.5], batch, max_rows=args.batch),
+            tokens,
+            ideal(None),
+        ),
+        "gathered 30%": (
+            lambda: gathered_losses(adapter, space, masks[0.3], batch),
+            tokens,
+            float(np.mean([ideal(m) for m in masks[0.3]])),
+        ),
+        "gathered 50%": (
+            lambda: gathered_losses(adapter, space, masks[0.5], batch),
+            tokens,
+            float(np.mean([ideal(m) for m in masks[0.5]])),
+        ),
     }
     tiny = batch[:1, :2]
     rows["fixed cost"] = (lambda: gathered_losses(adapter, space, masks[0.5], tiny), 0, 0.0)
@@ -99,17 +114,34 @@ def run(dtype: str, args: argparse.Namespace) -> list[dict]:
     out = []
     for name, (_, ntok, ide) in rows.items():
         if name == "fixed cost":
-            out.append({"dtype": dtype, "row": name, "ms_per_mask": 1e3 * med[name] / args.masks,
-                        "stacking_padding_flops": padding,
-                        "share_of_gathered_50": med[name] / med["gathered 50%"],
-                        "share_of_gathered_50_cpu": med_cpu[name] / med_cpu["gathered 50%"],
-                        "times_s": times[name], "cpu_s": cpu[name]})
+            out.append(
+                {
+                    "dtype": dtype,
+                    "row": name,
+                    "ms_per_mask": 1e3 * med[name] / args.masks,
+                    "stacking_padding_flops": padding,
+                    "share_of_gathered_50": med[name] / med["gathered 50%"],
+                    "share_of_gathered_50_cpu": med_cpu[name] / med_cpu["gathered 50%"],
+                    "times_s": times[name],
+                    "cpu_s": cpu[name],
+                }
+            )
             continue
-        out.append({"dtype": dtype, "row": name, "tokens_per_s": ntok / med[name],
-                    "vs_dense": med["dense"] / med[name], "vs_dense_min": best["dense"] / best[name],
-                    "vs_dense_cpu": med_cpu["dense"] / med_cpu[name],
-                    "ideal": ide, "median_s": med[name], "median_cpu_s": med_cpu[name],
-                    "times_s": times[name], "cpu_s": cpu[name]})
+        out.append(
+            {
+                "dtype": dtype,
+                "row": name,
+                "tokens_per_s": ntok / med[name],
+                "vs_dense": med["dense"] / med[name],
+                "vs_dense_min": best["dense"] / best[name],
+                "vs_dense_cpu": med_cpu["dense"] / med_cpu[name],
+                "ideal": ide,
+                "median_s": med[name],
+                "median_cpu_s": med_cpu[name],
+                "times_s": times[name],
+                "cpu_s": cpu[name],
+            }
+        )
     return out
 
 
@@ -130,27 +162,42 @@ def main() -> None:
     results = []
     for dtype in args.dtype:
         results += run(dtype, args)
-    print(f"SmolLM2-135M, {args.batch}x{args.seq_len} tokens per mask, {args.masks} masks per call, "
-          f"{args.threads} threads, median of {args.repeats} (after warm-up)")
-    print(f"{'dtype':<9} {'row':<14} {'tok/s':>7} {'÷ dense':>8} {'÷ dense (min)':>14} {'÷ dense (CPU)':>14} "
-          f"{'ideal':>6}")
+    print(
+        f"SmolLM2-135M, {args.batch}x{args.seq_len} tokens per mask, {args.masks} masks per call, "
+        f"{args.threads} threads, median of {args.repeats} (after warm-up)"
+    )
+    print(
+        f"{'dtype':<9} {'row':<14} {'tok/s':>7} {'÷ dense':>8} {'÷ dense (min)':>14} {'÷ dense (CPU)':>14} {'ideal':>6}"
+    )
     for r in results:
         if r["row"] == "fixed cost":
             continue
-        print(f"{r['dtype']:<9} {r['row']:<14} {r['tokens_per_s']:>7.0f} {r['vs_dense']:>8.2f} "
-              f"{r['vs_dense_min']:>14.2f} {r['vs_dense_cpu']:>14.2f} {r['ideal']:>6.2f}")
+        print(
+            f"{r['dtype']:<9} {r['row']:<14} {r['tokens_per_s']:>7.0f} {r['vs_dense']:>8.2f} "
+            f"{r['vs_dense_min']:>14.2f} {r['vs_dense_cpu']:>14.2f} {r['ideal']:>6.2f}"
+        )
     for r in results:
         if r["row"] == "fixed cost":
-            print(f"{r['dtype']}: gathered fixed cost {r['ms_per_mask']:.0f} ms per mask "
-                  f"({100 * r['share_of_gathered_50']:.1f} % of a gathered 50% call wall, "
-                  f"{100 * r['share_of_gathered_50_cpu']:.1f} % CPU time); stacking 2 masks per forward "
-                  f"would pad the matmuls by {100 * r['stacking_padding_flops']:.1f} % FLOPs")
+            print(
+                f"{r['dtype']}: gathered fixed cost {r['ms_per_mask']:.0f} ms per mask "
+                f"({100 * r['share_of_gathered_50']:.1f} % of a gathered 50% call wall, "
+                f"{100 * r['share_of_gathered_50_cpu']:.1f} % CPU time); stacking 2 masks per forward "
+                f"would pad the matmuls by {100 * r['stacking_padding_flops']:.1f} % FLOPs"
+            )
     print(f"load average after the run: {os.getloadavg()[0]:.2f} (other processes share the CPU)")
     if args.out:
-        meta = {"model": args.model, "batch": args.batch, "seq_len": args.seq_len, "masks": args.masks,
-                "threads": args.threads, "repeats": args.repeats, "torch": torch.__version__,
-                "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-                "loadavg_after": os.getloadavg()}
+        meta = {
+            "model": args.model,
+            "batch": args.batch,
+            "seq_len": args.seq_len,
+            "masks": args.masks,
+            "threads": args.threads,
+            "repeats": args.repeats,
+            "torch": torch.__version__,
+            "machine": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(),
+            "loadavg_after": os.getloadavg(),
+        }
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"meta": meta, "rows": results}, indent=2) + "\n")
 

@@ -19,15 +19,15 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _common import exact_mask  # noqa: E402
-from scaling import build  # noqa: E402
+from _common import exact_mask
+from scaling import build
 
-from probprune.compaction import compact  # noqa: E402
-from probprune.engine.local import LocalEngine  # noqa: E402
-from probprune.fastpath import fast_forward_hidden  # noqa: E402
-from probprune.masked_forward import masked_logits  # noqa: E402
-from probprune.models.registry import get_adapter  # noqa: E402
-from probprune.models.loading import load_model  # noqa: E402
+from probprune.compaction import compact
+from probprune.engine.local import LocalEngine
+from probprune.fastpath import fast_forward_hidden
+from probprune.masked_forward import masked_logits
+from probprune.models.loading import load_model
+from probprune.models.registry import get_adapter
 
 
 @torch.no_grad()
@@ -46,8 +46,11 @@ def main() -> int:
         want = masked_logits(adapter, space, mask, x).float()
         fast = model.lm_head(fast_forward_hidden(adapter, space, mask, x)).float()
         got = compact(model, space, mask).eval()(input_ids=x).logits.float()
-        print(f"{kind}: max|masked-compacted| {(want - got).abs().max():.2e}  max|masked-fast(pre-cap)| "
-              f"{(want - fast).abs().max():.2e}  scale {want.abs().max():.1f}", flush=True)
+        print(
+            f"{kind}: max|masked-compacted| {(want - got).abs().max():.2e}  max|masked-fast(pre-cap)| "
+            f"{(want - fast).abs().max():.2e}  scale {want.abs().max():.1f}",
+            flush=True,
+        )
 
     model, space = build("1B", dev)
     rng = np.random.default_rng(0)
@@ -67,8 +70,10 @@ def main() -> int:
     model(batch)
     torch.cuda.synchronize()
     t_dense = time.perf_counter() - t
-    print(f"1B: mask-forward {t_mask * 1e3:.1f} ms, dense {t_dense * 1e3:.1f} ms, dense ÷ mask {t_dense / t_mask:.2f}",
-          flush=True)
+    print(
+        f"1B: mask-forward {t_mask * 1e3:.1f} ms, dense {t_dense * 1e3:.1f} ms, dense ÷ mask {t_dense / t_mask:.2f}",
+        flush=True,
+    )
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         ev.losses(masks, batch)
         torch.cuda.synchronize()

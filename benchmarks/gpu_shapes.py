@@ -35,14 +35,42 @@ import torch
 from _common import PeakMemory, exact_mask, machine_info, sync
 
 SHAPES = {  # name -> LlamaConfig fields
-    "small": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
-                  num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=False),
-    "1B": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-               num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
-    "7B": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-               num_key_value_heads=32, vocab_size=32000, tie_word_embeddings=False),
-    "13B": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
-                num_key_value_heads=40, vocab_size=32000, tie_word_embeddings=False),
+    "small": dict(
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=32000,
+        tie_word_embeddings=False,
+    ),
+    "1B": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        tie_word_embeddings=True,
+    ),
+    "7B": dict(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+        tie_word_embeddings=False,
+    ),
+    "13B": dict(
+        hidden_size=5120,
+        intermediate_size=13824,
+        num_hidden_layers=40,
+        num_attention_heads=40,
+        num_key_value_heads=40,
+        vocab_size=32000,
+        tie_word_embeddings=False,
+    ),
 }
 PRESETS = {
     "paper": dict(num_samples=2, batch_size=8, objective="ce", channel_block=1),
@@ -57,8 +85,7 @@ def build(shape: str, device: str) -> torch.nn.Module:
     """The random bf16 model of ``shape``, its parameters created on ``device`` in bf16 (no float32 copy)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(max_position_embeddings=4096, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
-                      **SHAPES[shape])
+    cfg = LlamaConfig(max_position_embeddings=4096, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, **SHAPES[shape])
     torch.manual_seed(0)
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
@@ -86,12 +113,23 @@ def plan_for(model, preset: dict, path: str, device: str, rate, sparsity: float 
     from probprune.config import load_config
     from probprune.plan import make_plan
 
-    cfg = load_config(None, [
-        "model.dtype=bfloat16", f"model.device={device}", f"data.block_len={SEQ_LEN}",
-        f"search.masks_per_step={preset['num_samples']}", f"search.batch_size={preset['batch_size']}",
-        f"search.objective={preset['objective']}", f"search.sparsity={sparsity}", f"search.steps={PAPER_STEPS}",
-        f"engine.scoring={path}", "eval.seq_lens=[128]", "eval.max_tokens=512", "eval.batch_size=1",
-    ])
+    cfg = load_config(
+        None,
+        [
+            "model.dtype=bfloat16",
+            f"model.device={device}",
+            f"data.block_len={SEQ_LEN}",
+            f"search.masks_per_step={preset['num_samples']}",
+            f"search.batch_size={preset['batch_size']}",
+            f"search.objective={preset['objective']}",
+            f"search.sparsity={sparsity}",
+            f"search.steps={PAPER_STEPS}",
+            f"engine.scoring={path}",
+            "eval.seq_lens=[128]",
+            "eval.max_tokens=512",
+            "eval.batch_size=1",
+        ],
+    )
     p = make_plan(cfg, model, rate=rate)
     search = p.phases["search"] - p.memory["runtime"]
     return {"seconds_per_step": p.seconds_per_step, "search_bytes": search, "projected_min": p.total_seconds / 60}
@@ -120,14 +158,21 @@ def measure_shape(shape: str, args, rate) -> list[dict]:
         dense_s = median_time(lambda sp=space, x=batch, f=full: masked_losses(adapter, sp, f, x), dev, args.repeats)
         for path in PATHS:
             ev = LocalEngine(model, space, scoring=path, objective=preset["objective"])
-            row = {"shape": shape, "preset": name, "path": path, "K": k, "B": b, "T": SEQ_LEN,
-                   "params": sum(p.numel() for p in model.parameters()), "dense_s": dense_s}
+            row = {
+                "shape": shape,
+                "preset": name,
+                "path": path,
+                "K": k,
+                "B": b,
+                "T": SEQ_LEN,
+                "params": sum(p.numel() for p in model.parameters()),
+                "dense_s": dense_s,
+            }
             for pct in (30, 50):
                 masks = np.stack([exact_mask(space, 1 - pct / 100, rng) for _ in range(k)])  # [K, N]
                 t = median_time(lambda e=ev, m=masks, x=batch: e.losses(m, x), dev, args.repeats) / k
                 row[f"mask_s@{pct}"], row[f"ratio@{pct}"] = t, t / dense_s
-            policy = Policy(space, uniform_probs(space, 0.5), lr=2e-3, total_steps=PAPER_STEPS, sparsity=0.5,
-                            seed=0)
+            policy = Policy(space, uniform_probs(space, 0.5), lr=2e-3, total_steps=PAPER_STEPS, sparsity=0.5, seed=0)
 
             def step(policy=policy, ev=ev, k=k, batch=batch):
                 masks = policy.sample(k)  # [K, N]
@@ -145,14 +190,21 @@ def measure_shape(shape: str, args, rate) -> list[dict]:
             step_s = (time.perf_counter() - t) / args.steps
             peak_mib = mem.peak()
             pred = plan_for(model, preset, path, dev, rate)
-            row.update({
-                "steps_per_s": 1 / step_s, "step_s": step_s, "projected_15000_min": PAPER_STEPS * step_s / 60,
-                "peak_gib": peak_mib / 1024, "memory_method": mem.method, "base_gib": base / 1024,
-                "plan_step_s": pred["seconds_per_step"], "plan_projected_15000_min": pred["projected_min"],
-                "plan_search_gib": pred["search_bytes"] / 2**30,
-                "plan_step_error": pred["seconds_per_step"] / step_s - 1,
-                "build_s": build_s,
-            })
+            row.update(
+                {
+                    "steps_per_s": 1 / step_s,
+                    "step_s": step_s,
+                    "projected_15000_min": PAPER_STEPS * step_s / 60,
+                    "peak_gib": peak_mib / 1024,
+                    "memory_method": mem.method,
+                    "base_gib": base / 1024,
+                    "plan_step_s": pred["seconds_per_step"],
+                    "plan_projected_15000_min": pred["projected_min"],
+                    "plan_search_gib": pred["search_bytes"] / 2**30,
+                    "plan_step_error": pred["seconds_per_step"] / step_s - 1,
+                    "build_s": build_s,
+                }
+            )
             if mem.method.startswith("cuda"):  # allocated bytes: comparable with the plan's search phase
                 row["plan_memory_error"] = pred["search_bytes"] / 2**30 / row["peak_gib"] - 1
             rows.append(row)
@@ -162,17 +214,23 @@ def measure_shape(shape: str, args, rate) -> list[dict]:
 
 
 def markdown(res: dict) -> str:
-    lines = [f"Random Llama shapes, bf16, {res['machine'].get('cuda_device') or res['device']}; K masks x B x 128 "
-             f"tokens; mask-forward ÷ dense forward at exact 30 % / 50 % of head groups and channel units; steps/s "
-             f"of the search at 50 %; peak: {res['rows'][0]['memory_method'] if res['rows'] else ''}; plan: "
-             f"`probprune plan` with this device's calibrated rate ({res['rate']['source']}). "
-             f"`{res['command']}`", "",
-             "| shape | preset | path | mask ÷ dense @30% | @50% | steps/s | 15,000 steps (min) | plan (min) | "
-             "peak GiB | plan search GiB |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"Random Llama shapes, bf16, {res['machine'].get('cuda_device') or res['device']}; K masks x B x 128 "
+        f"tokens; mask-forward ÷ dense forward at exact 30 % / 50 % of head groups and channel units; steps/s "
+        f"of the search at 50 %; peak: {res['rows'][0]['memory_method'] if res['rows'] else ''}; plan: "
+        f"`probprune plan` with this device's calibrated rate ({res['rate']['source']}). "
+        f"`{res['command']}`",
+        "",
+        "| shape | preset | path | mask ÷ dense @30% | @50% | steps/s | 15,000 steps (min) | plan (min) | "
+        "peak GiB | plan search GiB |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in res["rows"]:
-        lines.append(f"| {r['shape']} | {r['preset']} | {r['path']} | {r['ratio@30']:.2f} | {r['ratio@50']:.2f} | "
-                     f"{r['steps_per_s']:.2f} | {r['projected_15000_min']:.1f} | {r['plan_projected_15000_min']:.1f} "
-                     f"| {r['peak_gib']:.2f} | {r['plan_search_gib']:.2f} |")
+        lines.append(
+            f"| {r['shape']} | {r['preset']} | {r['path']} | {r['ratio@30']:.2f} | {r['ratio@50']:.2f} | "
+            f"{r['steps_per_s']:.2f} | {r['projected_15000_min']:.1f} | {r['plan_projected_15000_min']:.1f} "
+            f"| {r['peak_gib']:.2f} | {r['plan_search_gib']:.2f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -202,8 +260,14 @@ def main() -> None:
             torch.cuda.empty_cache()
     import sys
 
-    res = {"device": args.device, "machine": machine_info(args.device), "rate": rate.__dict__, "rows": rows,
-           "wall_s": time.perf_counter() - t0, "command": " ".join(["python", *sys.argv])}
+    res = {
+        "device": args.device,
+        "machine": machine_info(args.device),
+        "rate": rate.__dict__,
+        "rows": rows,
+        "wall_s": time.perf_counter() - t0,
+        "command": " ".join(["python", *sys.argv]),
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "shapes.json").write_text(json.dumps(res, indent=2))
     (args.out / "shapes.md").write_text(markdown(res))

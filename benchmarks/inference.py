@@ -38,18 +38,18 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
+from _common import PeakMemory, sync, timed
 from torch import nn
 
-from _common import PeakMemory, sync, timed
-from probprune.widths import align_mask, channel_widths
 from probprune.baselines import baseline_mask, layer_quantiles
 from probprune.compaction import compact, count_params
 from probprune.models import get_adapter
 from probprune.models.loading import load_model
+from probprune.widths import align_mask, channel_widths
 
 
 # --------------------------------------------------------------------------------------------------- workloads
@@ -91,14 +91,18 @@ def build_rows(args: argparse.Namespace, model: nn.Module, tokenizer, device: to
 
         corpus = load_corpus(DataConfig(source="brown"), seed=0)
         blocks = CalibrationData.from_corpus(tokenizer, corpus, 128, args.calib_blocks, seed=0).blocks.to(device)
-    rows = {"dense": {"model": model, "params": count_params(model), "layer_params": layer_params(model),
-                      "widths": None}}
+    rows = {
+        "dense": {"model": model, "params": count_params(model), "layer_params": layer_params(model), "widths": None}
+    }
     priority = None
     if args.align > 1:  # which channels an aligned layer adds or drops: the same metric, as within-layer quantiles
         from probprune.importance import collect_input_stats, magnitude_scores, wanda_sp_scores
 
-        scores = (wanda_sp_scores(adapter, space, collect_input_stats(adapter, blocks))
-                  if blocks is not None else magnitude_scores(adapter, space))
+        scores = (
+            wanda_sp_scores(adapter, space, collect_input_stats(adapter, blocks))
+            if blocks is not None
+            else magnitude_scores(adapter, space)
+        )
         priority = layer_quantiles(space, scores)
     for sp in args.sparsity:
         mask = baseline_mask(args.mask_method, adapter, space, blocks, sp, budget="per_type")
@@ -108,10 +112,14 @@ def build_rows(args: argparse.Namespace, model: nn.Module, tokenizer, device: to
             variants.append((f"{sp:.0%} aligned {args.align}", aligned))
         for name, m in variants:
             small = compact(model, space, m).eval()
-            rows[name] = {"model": small, "params": count_params(small), "layer_params": layer_params(small),
-                          "widths": sorted(set(channel_widths(space, m))),
-                          "heads_kept": int(m[space.unit_type == 0].sum()),
-                          "prunable_sparsity": space.sparsity(m)["prunable"]}
+            rows[name] = {
+                "model": small,
+                "params": count_params(small),
+                "layer_params": layer_params(small),
+                "widths": sorted(set(channel_widths(space, m))),
+                "heads_kept": int(m[space.unit_type == 0].sum()),
+                "prunable_sparsity": space.sparsity(m)["prunable"],
+            }
     for folder in args.models:
         rows.update(saved_row(folder, args, device))
     return rows
@@ -127,9 +135,16 @@ def saved_row(folder: Path, args: argparse.Namespace, device: torch.device) -> d
     widths = [getattr(getattr(layer.mlp, "down_proj", None), "in_features", 0) for layer in get_adapter(small).layers]
     summary = folder.parent / "summary.json"
     sparsity = _json.loads(summary.read_text())["sparsity"]["prunable"] if summary.exists() else float("nan")
-    return {f"{folder.parent.name} (searched)": {
-        "model": small, "params": count_params(small), "layer_params": layer_params(small),
-        "widths": sorted(set(widths)), "heads_kept": None, "prunable_sparsity": sparsity}}
+    return {
+        f"{folder.parent.name} (searched)": {
+            "model": small,
+            "params": count_params(small),
+            "layer_params": layer_params(small),
+            "widths": sorted(set(widths)),
+            "heads_kept": None,
+            "prunable_sparsity": sparsity,
+        }
+    }
 
 
 # --------------------------------------------------------------------------------------------------- main
@@ -145,8 +160,8 @@ def run(args: argparse.Namespace) -> dict:
 
     work: dict[str, Callable[[nn.Module], Callable[[], float | None]]] = {}
     for b in args.batches:
-        work[f"prefill {b}x{args.seq_len}"] = lambda m, b=b: (lambda: prefill(m, inputs[b]))
-    work[f"decode {args.decode_tokens}"] = lambda m: (lambda: decode(m, prompt, args.decode_tokens, device))
+        work[f"prefill {b}x{args.seq_len}"] = lambda m, b=b: lambda: prefill(m, inputs[b])
+    work[f"decode {args.decode_tokens}"] = lambda m: lambda: decode(m, prompt, args.decode_tokens, device)
     ntok = {f"prefill {b}x{args.seq_len}": b * args.seq_len for b in args.batches}
     ntok[f"decode {args.decode_tokens}"] = args.decode_tokens
 
@@ -169,24 +184,47 @@ def run(args: argparse.Namespace) -> dict:
     for r, row in rows.items():
         limit_total = dense["params"] / row["params"]
         limit_layers = dense["layer_params"] / row["layer_params"]
-        rec = {"row": r, "params": row["params"], "layer_params": row["layer_params"], "limit_total": limit_total,
-               "limit_layers": limit_layers, "mlp_widths": row["widths"], "heads_kept": row.get("heads_kept"),
-               "prunable_sparsity": row.get("prunable_sparsity", 0.0),
-               "weights_mib": sum(p.numel() * p.element_size() for p in row["model"].parameters()) / 2**20}
+        rec = {
+            "row": r,
+            "params": row["params"],
+            "layer_params": row["layer_params"],
+            "limit_total": limit_total,
+            "limit_layers": limit_layers,
+            "mlp_widths": row["widths"],
+            "heads_kept": row.get("heads_kept"),
+            "prunable_sparsity": row.get("prunable_sparsity", 0.0),
+            "weights_mib": sum(p.numel() * p.element_size() for p in row["model"].parameters()) / 2**20,
+        }
         for w in work:
             med, med_d = statistics.median(times[(r, w)]), statistics.median(times[("dense", w)])
-            rec[w] = {"tokens_per_s": ntok[w] / med, "speedup": med_d / med,
-                      "speedup_cpu_time": statistics.median(cpu[("dense", w)]) / statistics.median(cpu[(r, w)]),
-                      "median_s": med, "times_s": times[(r, w)], "cpu_s": cpu[(r, w)]}
+            rec[w] = {
+                "tokens_per_s": ntok[w] / med,
+                "speedup": med_d / med,
+                "speedup_cpu_time": statistics.median(cpu[("dense", w)]) / statistics.median(cpu[(r, w)]),
+                "median_s": med,
+                "times_s": times[(r, w)],
+                "cpu_s": cpu[(r, w)],
+            }
         for w in mem_work:
             rec[w]["peak_extra_mib"] = memory[(r, w)]
         results.append(rec)
     return {
-        "model": args.model, "dtype": args.dtype, "device": str(device), "threads": torch.get_num_threads(),
-        "mask_method": args.mask_method, "align": args.align, "seq_len": args.seq_len, "batches": args.batches,
-        "decode_tokens": args.decode_tokens, "prompt_len": args.prompt_len, "warmup": args.warmup,
-        "repeats": args.repeats, "memory_method": peak.method, "torch": torch.__version__,
-        "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+        "model": args.model,
+        "dtype": args.dtype,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "mask_method": args.mask_method,
+        "align": args.align,
+        "seq_len": args.seq_len,
+        "batches": args.batches,
+        "decode_tokens": args.decode_tokens,
+        "prompt_len": args.prompt_len,
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+        "memory_method": peak.method,
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
         "cuda_device": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "rows": results,
     }
@@ -198,34 +236,49 @@ TARGET_FRACTION = 0.9  # prefill speed-up of the 50 % model >= this x its parame
 def markdown(res: dict) -> str:
     """The results as a markdown table, with the memory rows and the prefill target line."""
     works = [k for k in res["rows"][0] if k.startswith(("prefill", "decode"))]
-    lines = [f"{res['model']} ({res['dtype']}, {res['device']}, {res['threads']} threads); median of "
-             f"{res['repeats']} after {res['warmup']} warm-up round(s); prefill with logits_to_keep=1; decode after a "
-             f"{res['prompt_len']}-token prompt, batch 1; 'pruned' / 'aligned' rows: budget-exact {res['mask_method']} "
-             f"masks; '(searched)' rows: models saved by probprune prune; memory: {res['memory_method']}.", "",
-             "| row | params | limit (total) | limit (layers) | MLP widths | "
-             + " | ".join(f"{w} tok/s | ×" for w in works) + " |",
-             "|---|---:|---:|---:|---|" + "---:|---:|" * len(works)]
+    lines = [
+        f"{res['model']} ({res['dtype']}, {res['device']}, {res['threads']} threads); median of "
+        f"{res['repeats']} after {res['warmup']} warm-up round(s); prefill with logits_to_keep=1; decode after a "
+        f"{res['prompt_len']}-token prompt, batch 1; 'pruned' / 'aligned' rows: budget-exact {res['mask_method']} "
+        f"masks; '(searched)' rows: models saved by probprune prune; memory: {res['memory_method']}.",
+        "",
+        "| row | params | limit (total) | limit (layers) | MLP widths | "
+        + " | ".join(f"{w} tok/s | ×" for w in works)
+        + " |",
+        "|---|---:|---:|---:|---|" + "---:|---:|" * len(works),
+    ]
     for r in res["rows"]:
-        widths = "-" if r["mlp_widths"] is None else (
-            f"{r['mlp_widths'][0]}" if len(r["mlp_widths"]) == 1 else f"{r['mlp_widths'][0]}..{r['mlp_widths'][-1]}")
-        lines.append(f"| {r['row']} | {r['params'] / 1e6:.1f}M | {r['limit_total']:.2f} | {r['limit_layers']:.2f} | "
-                     f"{widths} | " + " | ".join(f"{r[w]['tokens_per_s']:,.0f} | {r[w]['speedup']:.2f}" for w in works)
-                     + " |")
+        widths = (
+            "-"
+            if r["mlp_widths"] is None
+            else (
+                f"{r['mlp_widths'][0]}" if len(r["mlp_widths"]) == 1 else f"{r['mlp_widths'][0]}..{r['mlp_widths'][-1]}"
+            )
+        )
+        lines.append(
+            f"| {r['row']} | {r['params'] / 1e6:.1f}M | {r['limit_total']:.2f} | {r['limit_layers']:.2f} | "
+            f"{widths} | " + " | ".join(f"{r[w]['tokens_per_s']:,.0f} | {r[w]['speedup']:.2f}" for w in works) + " |"
+        )
     lines += ["", "Peak extra memory above the weights (MiB):", ""]
     for r in res["rows"]:
         mem = ", ".join(f"{w}: {r[w]['peak_extra_mib']:.0f}" for w in works if "peak_extra_mib" in r[w])
         lines.append(f"- {r['row']}: weights {r['weights_mib']:.0f}; {mem}")
-    lines += ["", "× = speed-up over dense (median wall time); limit = dense params ÷ pruned params (total; "
-              "'layers' without the embedding and tied lm_head, the bound for prefill with logits_to_keep=1)."]
+    lines += [
+        "",
+        "× = speed-up over dense (median wall time); limit = dense params ÷ pruned params (total; "
+        "'layers' without the embedding and tied lm_head, the bound for prefill with logits_to_keep=1).",
+    ]
     for r in res["rows"]:
         if abs(r["prunable_sparsity"] - 0.5) > 0.01:
             continue
         for w in (w for w in works if w.startswith("prefill")):
             need = TARGET_FRACTION * r["limit_total"]
-            lines.append(f"- {r['row']}, {w}: {r[w]['speedup']:.2f} vs {TARGET_FRACTION} × limit (total) = "
-                         f"{need:.2f}: "
-                         f"{'met' if r[w]['speedup'] >= need else 'not met'} ({r[w]['speedup'] / r['limit_layers']:.2f}"
-                         f" of the layers-only limit)")
+            lines.append(
+                f"- {r['row']}, {w}: {r[w]['speedup']:.2f} vs {TARGET_FRACTION} × limit (total) = "
+                f"{need:.2f}: "
+                f"{'met' if r[w]['speedup'] >= need else 'not met'} ({r[w]['speedup'] / r['limit_layers']:.2f}"
+                f" of the layers-only limit)"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -235,10 +288,20 @@ def main() -> None:
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--sparsity", type=float, nargs="*", default=[0.3, 0.5],
-                   help="prunable sparsities of the Wanda-sp rows (none: only --models)")
-    p.add_argument("--models", type=Path, nargs="*", default=[],
-                   help="also time these saved pruned models (RUN/model folders written by probprune prune)")
+    p.add_argument(
+        "--sparsity",
+        type=float,
+        nargs="*",
+        default=[0.3, 0.5],
+        help="prunable sparsities of the Wanda-sp rows (none: only --models)",
+    )
+    p.add_argument(
+        "--models",
+        type=Path,
+        nargs="*",
+        default=[],
+        help="also time these saved pruned models (RUN/model folders written by probprune prune)",
+    )
     p.add_argument("--align", type=int, default=1, help="also time MLP widths aligned to this many channels")
     p.add_argument("--mask-method", default="wanda-sp", choices=["wanda-sp", "magnitude"])
     p.add_argument("--calib-blocks", type=int, default=8, help="128-token Brown blocks for the Wanda-sp masks")

@@ -42,8 +42,10 @@ PRESETS = {  # search presets: label -> (config file, overrides)
     "probprune-thin-only": (QUICKSTART, ["search.init=wanda-sp", "search.check_blocks=0"]),
     "probprune-paper": ("configs/smollm2/135m_paper.yaml", []),  # SmolLM2 only
     # stock shapes: every layer keeps the same heads and MLP width (unit search, its lr; Wanda-sp start)
-    "probprune-uniform": (QUICKSTART, ["mask.shape=uniform", "search.method=units", "search.init=wanda-sp",
-                                       "search.lr=0.02"]),
+    "probprune-uniform": (
+        QUICKSTART,
+        ["mask.shape=uniform", "search.method=units", "search.init=wanda-sp", "search.lr=0.02"],
+    ),
 }
 MODEL_ONLY = {"probprune-paper": "smollm2-135m"}  # presets whose config is one model's
 REC = "+rec"  # method-name suffix of the runs with reconstruction
@@ -108,8 +110,13 @@ def run_jobs(script: str, out: Path, jobs: list[tuple[str, dict]], workers: int,
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
         t = time.perf_counter()
         with log.open("w") as f:
-            rc = subprocess.call([sys.executable, script, "--out", str(out), "--job", json.dumps(spec)],
-                                 stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+            rc = subprocess.call(
+                [sys.executable, script, "--out", str(out), "--job", json.dumps(spec)],
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=ROOT,
+            )
         status = "ok" if rc == 0 else f"FAILED (rc {rc}, see {log})"
         print(f"  {name}: {status} in {time.perf_counter() - t:.0f} s", flush=True)
         return name, status
@@ -138,19 +145,32 @@ def dense_reference(out: Path, config: str, common: list[str], threads: int) -> 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--model", choices=list(MODELS), default="smollm2-135m",
-                    help="which model's quickstart config every job starts from")
+    ap.add_argument(
+        "--model",
+        choices=list(MODELS),
+        default="smollm2-135m",
+        help="which model's quickstart config every job starts from",
+    )
     ap.add_argument("--sparsities", type=float, nargs="+", default=[0.2, 0.3, 0.5])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the searches (and random)")
-    ap.add_argument("--methods", nargs="+", default=None, help="baselines and search presets (default: every "
-                    "baseline and every preset that has a config for --model)")
+    ap.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        help="baselines and search presets (default: every baseline and every preset that has a config for --model)",
+    )
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per job")
     ap.add_argument("--max-tokens", type=int, default=16384, help="held-out tokens per window length")
-    ap.add_argument("--steps", type=int, default=150, help="search steps of the paper preset (150 = the scored "
-                    "tokens of ours)")
-    ap.add_argument("--with-reconstruction", action="store_true", help="also run every method with the kept weights "
-                    "reconstructed (rows 'METHOD+rec'); plain rows pin reconstruct.enabled=false")
+    ap.add_argument(
+        "--steps", type=int, default=150, help="search steps of the paper preset (150 = the scored tokens of ours)"
+    )
+    ap.add_argument(
+        "--with-reconstruction",
+        action="store_true",
+        help="also run every method with the kept weights "
+        "reconstructed (rows 'METHOD+rec'); plain rows pin reconstruct.enabled=false",
+    )
     ap.add_argument("--quick", action="store_true", help="20 search steps, 2048 eval tokens, 0.5 only, one seed")
     ap.add_argument("--report-only", action="store_true", help="rebuild csv/md/png from the finished jobs; run nothing")
     ap.add_argument("--job", help=argparse.SUPPRESS)
@@ -166,8 +186,9 @@ def main() -> int:
         args.methods = BASELINES + [m for m in PRESETS if MODEL_ONLY.get(m, args.model) == args.model]
     for m in args.methods:
         if m not in BASELINES and m not in PRESETS:
-            ap.error(f"--methods: unknown method {m!r} (baselines: {', '.join(BASELINES)}; presets: "
-                     f"{', '.join(PRESETS)})")
+            ap.error(
+                f"--methods: unknown method {m!r} (baselines: {', '.join(BASELINES)}; presets: {', '.join(PRESETS)})"
+            )
         if MODEL_ONLY.get(m, args.model) != args.model:
             ap.error(f"--methods: {m} has a config for --model {MODEL_ONLY[m]} only")
     out = args.out
@@ -187,11 +208,22 @@ def main() -> int:
             for seed in seeds:
                 name = job_name(method, sp, seed)
                 extra = search_common if m in PINNED_STEPS or args.quick and m in PRESETS else []
-                spec = {"method": method, "out": str(out / "runs" / name), "threads": args.threads, "dense_ppl": dense,
-                        "overrides": [*common, *extra, *PRESETS.get(m, (None, SINGLE_CHANNELS))[1], *rec,
-                                      f"search.sparsity={sp}", f"seed={seed}"],
-                        "config": PRESETS[m][0] or base_config if m in PRESETS else base_config,
-                        **({} if m in PRESETS else {"baseline": m})}
+                spec = {
+                    "method": method,
+                    "out": str(out / "runs" / name),
+                    "threads": args.threads,
+                    "dense_ppl": dense,
+                    "overrides": [
+                        *common,
+                        *extra,
+                        *PRESETS.get(m, (None, SINGLE_CHANNELS))[1],
+                        *rec,
+                        f"search.sparsity={sp}",
+                        f"seed={seed}",
+                    ],
+                    "config": PRESETS[m][0] or base_config if m in PRESETS else base_config,
+                    **({} if m in PRESETS else {"baseline": m}),
+                }
                 jobs.append((name, spec))
 
     if args.report_only:
@@ -216,19 +248,23 @@ def write_results(out: Path, jobs, statuses, wall: float, label: str) -> None:
     rows = []
     for spec, s in finished(jobs):
         lens = sorted(s["pruned_ppl"], key=int)
-        rows.append({
-            "method": spec["method"],
-            "target_sparsity": float(next(o for o in spec["overrides"] if o.startswith("search.sparsity=")).split("=")[1]),
-            "seed": s["seed"],
-            **{f"ppl_{n}": s["pruned_ppl"][n] for n in lens},
-            **({f"init_ppl_{n}": s["init_ppl"][n] for n in lens} if s.get("init_ppl") else {}),
-            "prunable_sparsity": s["sparsity"]["prunable"],
-            "total_sparsity": s["sparsity"]["total"],
-            "params_total": s["params"]["pruned_total"],
-            "model": s["model"],
-            "uses_gradients": spec["method"].removesuffix(REC) == "taylor",
-            "wall_seconds": s["wall_seconds"],
-        })
+        rows.append(
+            {
+                "method": spec["method"],
+                "target_sparsity": float(
+                    next(o for o in spec["overrides"] if o.startswith("search.sparsity=")).split("=")[1]
+                ),
+                "seed": s["seed"],
+                **{f"ppl_{n}": s["pruned_ppl"][n] for n in lens},
+                **({f"init_ppl_{n}": s["init_ppl"][n] for n in lens} if s.get("init_ppl") else {}),
+                "prunable_sparsity": s["sparsity"]["prunable"],
+                "total_sparsity": s["sparsity"]["total"],
+                "params_total": s["params"]["pruned_total"],
+                "model": s["model"],
+                "uses_gradients": spec["method"].removesuffix(REC) == "taylor",
+                "wall_seconds": s["wall_seconds"],
+            }
+        )
     if not rows:
         print(f"no finished jobs under {out / 'runs'}: nothing to report")
         return
@@ -238,16 +274,23 @@ def write_results(out: Path, jobs, statuses, wall: float, label: str) -> None:
     short = sorted(short, key=lambda c: int(c.split("_")[1]))
     key = short[0]
     dense = json.loads((out / "dense.json").read_text())
-    agg = df.groupby(["target_sparsity", "method"]).agg(
-        **{f"{c}_mean": (c, "mean") for c in short},
-        **{f"{c}_min": (c, "min") for c in short},
-        **{f"{c}_max": (c, "max") for c in short},
-        seeds=("seed", "count"),
-        prunable=("prunable_sparsity", "mean"),
-        total=("total_sparsity", "mean"),
-        wall=("wall_seconds", "mean"),
-    ).reset_index()
-    lines = [f"{label}. Dense: " + ", ".join(f"PPL@{n} {v:.2f}" for n, v in sorted(dense.items(), key=lambda x: int(x[0]))), ""]
+    agg = (
+        df.groupby(["target_sparsity", "method"])
+        .agg(
+            **{f"{c}_mean": (c, "mean") for c in short},
+            **{f"{c}_min": (c, "min") for c in short},
+            **{f"{c}_max": (c, "max") for c in short},
+            seeds=("seed", "count"),
+            prunable=("prunable_sparsity", "mean"),
+            total=("total_sparsity", "mean"),
+            wall=("wall_seconds", "mean"),
+        )
+        .reset_index()
+    )
+    lines = [
+        f"{label}. Dense: " + ", ".join(f"PPL@{n} {v:.2f}" for n, v in sorted(dense.items(), key=lambda x: int(x[0]))),
+        "",
+    ]
     hdr = "| sparsity (prunable / total) | method | " + " | ".join(f"PPL@{c.split('_')[1]}" for c in short)
     lines += [hdr + " | seeds | wall s |", "|---|---|" + "---|" * len(short) + "---|---|"]
     ratios = []
@@ -260,36 +303,69 @@ def write_results(out: Path, jobs, statuses, wall: float, label: str) -> None:
                 else:
                     cells.append(f"{r[c + '_mean']:.1f}")
             label = r["method"] + (" †" if r["method"].removesuffix(REC) == "taylor" else "")
-            lines.append(f"| {r['prunable']:.1%} / {r['total']:.1%} | {label} | " + " | ".join(cells)
-                         + f" | {int(r['seeds'])} | {r['wall']:.0f} |")
+            lines.append(
+                f"| {r['prunable']:.1%} / {r['total']:.1%} | {label} | "
+                + " | ".join(cells)
+                + f" | {int(r['seeds'])} | {r['wall']:.0f} |"
+            )
         base = grp[~grp["method"].str.removesuffix(REC).isin(PRESETS)]
         for _, o in grp[grp["method"].isin(["probprune-ours", "probprune-ours" + REC])].iterrows():
             if not len(base):
                 break
             for c in short:
                 best = base.loc[base[f"{c}_mean"].idxmin()]
-                ratios.append((sp, o["method"], c.replace("ppl_", "PPL@"), best["method"],
-                               o[f"{c}_mean"] / best[f"{c}_mean"], o[f"{c}_max"] / best[f"{c}_mean"],
-                               o[f"{c}_max"] / o[f"{c}_min"], int(o["seeds"]),
-                               o[f"{c}_mean"] / float(dense[c.split("_")[1]])))
+                ratios.append(
+                    (
+                        sp,
+                        o["method"],
+                        c.replace("ppl_", "PPL@"),
+                        best["method"],
+                        o[f"{c}_mean"] / best[f"{c}_mean"],
+                        o[f"{c}_max"] / best[f"{c}_mean"],
+                        o[f"{c}_max"] / o[f"{c}_min"],
+                        int(o["seeds"]),
+                        o[f"{c}_mean"] / float(dense[c.split("_")[1]]),
+                    )
+                )
     lines += ["", "† uses one backward pass (gradients); every other method is forward-only.", ""]
     if ratios:
-        lines += ["probprune-ours (the default) against the best baseline of each column:", "",
-                  "| sparsity | ours | window | best baseline | mean ÷ best | worst seed ÷ best | max ÷ min over seeds "
-                  "| seeds | mean ÷ dense |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "probprune-ours (the default) against the best baseline of each column:",
+            "",
+            "| sparsity | ours | window | best baseline | mean ÷ best | worst seed ÷ best | max ÷ min over seeds "
+            "| seeds | mean ÷ dense |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
     for sp, ours, col, best, mean_r, worst_r, spread, n, vs_dense in ratios:
-        lines.append(f"| {sp:.0%} | {ours} | {col} | {best} | {mean_r:.3f} | {worst_r:.3f} | {spread:.3f} | {n} "
-                     f"| {vs_dense:.2f} |")
-    lines.append(f"\nwall time of the runs (each in its own process): {df['wall_seconds'].sum() / 60:.1f} min in all; "
-                 f"this invocation: {wall / 60:.1f} min")
+        lines.append(
+            f"| {sp:.0%} | {ours} | {col} | {best} | {mean_r:.3f} | {worst_r:.3f} | {spread:.3f} | {n} "
+            f"| {vs_dense:.2f} |"
+        )
+    lines.append(
+        f"\nwall time of the runs (each in its own process): {df['wall_seconds'].sum() / 60:.1f} min in all; "
+        f"this invocation: {wall / 60:.1f} min"
+    )
     (out / "quality.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     from _common import log_plot
 
-    series = [(m, grp.sort_values("prunable")["prunable"] * 100, grp.sort_values("prunable")[f"{key}_mean"],
-               "-o" if m.removesuffix(REC) in PRESETS else "--.") for m, grp in agg.groupby("method")]
-    log_plot(out / "quality.png", series, float(dense[key.split("_")[1]]), "prunable-parameter sparsity (%)",
-             f"held-out perplexity ({key.replace('ppl_', 'PPL@')}, log)", f"{label}, Brown held-out split")
+    series = [
+        (
+            m,
+            grp.sort_values("prunable")["prunable"] * 100,
+            grp.sort_values("prunable")[f"{key}_mean"],
+            "-o" if m.removesuffix(REC) in PRESETS else "--.",
+        )
+        for m, grp in agg.groupby("method")
+    ]
+    log_plot(
+        out / "quality.png",
+        series,
+        float(dense[key.split("_")[1]]),
+        "prunable-parameter sparsity (%)",
+        f"held-out perplexity ({key.replace('ppl_', 'PPL@')}, log)",
+        f"{label}, Brown held-out split",
+    )
 
 
 if __name__ == "__main__":

@@ -67,8 +67,9 @@ def main() -> None:
     gen = torch.Generator().manual_seed(args.seed)
     blocks = torch.randint(0, model.config.vocab_size, (64, args.seq_len), generator=gen)  # [n, T]
     data = CalibrationData(blocks, seed=args.seed)
-    policy = Policy(space, uniform_probs(space, args.keep), lr=0.0, total_steps=1, sparsity=1 - args.keep,
-                    seed=args.seed)
+    policy = Policy(
+        space, uniform_probs(space, args.keep), lr=0.0, total_steps=1, sparsity=1 - args.keep, seed=args.seed
+    )
     work = [(policy.sample(args.masks).numpy(), data.batch(r, args.batch)) for r in range(args.repeats + 1)]
 
     distributed.connect("local", num_cpus=3, object_store_memory=200 * 1024**2)  # 3 logical CPUs: 1 + 2 actors
@@ -85,10 +86,15 @@ def main() -> None:
         def run(masks, batch):
             torch.set_num_threads(n)
             return local.losses(masks, batch)
+
         return run
 
-    rows = {"local 1 thread": local_threads(1), "local 2 threads": local_threads(2),
-            "ray 1x1": ray1.losses, "ray 2x1": ray2.losses}
+    rows = {
+        "local 1 thread": local_threads(1),
+        "local 2 threads": local_threads(2),
+        "ray 1x1": ray1.losses,
+        "ray 2x1": ray2.losses,
+    }
     times: dict[str, list[float]] = {name: [] for name in rows}
     losses: dict[str, list[np.ndarray]] = {name: [] for name in rows}
     for r, (masks, batch) in enumerate(work):
@@ -99,24 +105,47 @@ def main() -> None:
                 times[name].append(time.perf_counter() - t0)
                 losses[name].append(out)
     torch.set_num_threads(2)
-    max_diff = max(float(np.abs(np.concatenate(losses[n]) - np.concatenate(losses["local 1 thread"])).max())
-                   for n in rows)
+    max_diff = max(
+        float(np.abs(np.concatenate(losses[n]) - np.concatenate(losses["local 1 thread"])).max()) for n in rows
+    )
     median = {n: statistics.median(t) for n, t in times.items()}
-    table = [{"row": n, "median_seconds": median[n], "tokens_per_second": tokens / median[n], "seconds": times[n]}
-             for n in rows]
+    table = [
+        {"row": n, "median_seconds": median[n], "tokens_per_second": tokens / median[n], "seconds": times[n]}
+        for n in rows
+    ]
 
     # driver overhead of a search step on the 2-actor evaluator
     ray1.close()
     steps: list[dict] = []
 
     def on_step(stats: dict) -> None:
-        steps.append({**stats, "broadcast_seconds": ray2.last_broadcast_seconds,
-                      "gather_seconds": ray2.last_gather_seconds, "busy_seconds": max(ray2.last_busy_seconds)})
+        steps.append(
+            {
+                **stats,
+                "broadcast_seconds": ray2.last_broadcast_seconds,
+                "gather_seconds": ray2.last_gather_seconds,
+                "busy_seconds": max(ray2.last_busy_seconds),
+            }
+        )
 
-    search_policy = Policy(space, uniform_probs(space, args.keep), lr=0.02, total_steps=args.repeats + 1,
-                           sparsity=1 - args.keep, seed=args.seed)
-    run_search(search_policy, ray2, data, steps=args.repeats + 1, num_samples=args.masks, batch_size=args.batch,
-               progress=False, on_step=on_step)
+    search_policy = Policy(
+        space,
+        uniform_probs(space, args.keep),
+        lr=0.02,
+        total_steps=args.repeats + 1,
+        sparsity=1 - args.keep,
+        seed=args.seed,
+    )
+    run_search(
+        search_policy,
+        ray2,
+        data,
+        steps=args.repeats + 1,
+        num_samples=args.masks,
+        batch_size=args.batch,
+        progress=False,
+        on_step=on_step,
+    )
     ray2.close()
     __import__("ray").shutdown()
     timed = steps[1:]  # step 1 is a warm-up
@@ -131,8 +160,9 @@ def main() -> None:
         "gather_seconds": med("gather_seconds"),  # dispatch + result return beyond the slowest actor's compute
         "slowest_actor_compute_seconds": med("busy_seconds"),
     }
-    overhead["driver_overhead_seconds"] = (overhead["policy_seconds"] + overhead["broadcast_seconds"]
-                                           + overhead["gather_seconds"])
+    overhead["driver_overhead_seconds"] = (
+        overhead["policy_seconds"] + overhead["broadcast_seconds"] + overhead["gather_seconds"]
+    )
     overhead["driver_overhead_percent"] = 100 * overhead["driver_overhead_seconds"] / overhead["step_seconds"]
 
     speedups = {
@@ -142,27 +172,48 @@ def main() -> None:
         "local 2 threads / local 1 thread": median["local 1 thread"] / median["local 2 threads"],
     }
     result = {
-        "model": args.model, "dtype": args.dtype, "fast_path": args.fast_path, "masks": args.masks,
-        "batch": args.batch, "seq_len": args.seq_len, "tokens_per_call": tokens, "repeats": args.repeats,
-        "keep": args.keep, "units": space.num_units, "rows": table, "speedups": speedups,
-        "driver_overhead": overhead, "max_loss_diff_vs_local": max_diff,
-        "machine": {"cpus": os.cpu_count(), "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
-                    "python": platform.python_version(), "torch": torch.__version__,
-                    "ray": __import__("ray").__version__},
+        "model": args.model,
+        "dtype": args.dtype,
+        "fast_path": args.fast_path,
+        "masks": args.masks,
+        "batch": args.batch,
+        "seq_len": args.seq_len,
+        "tokens_per_call": tokens,
+        "repeats": args.repeats,
+        "keep": args.keep,
+        "units": space.num_units,
+        "rows": table,
+        "speedups": speedups,
+        "driver_overhead": overhead,
+        "max_loss_diff_vs_local": max_diff,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "loadavg_before": load_before,
+            "loadavg_after": os.getloadavg(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "ray": __import__("ray").__version__,
+        },
     }
-    print(f"{args.model} {args.dtype}, fast_path={args.fast_path}: {args.masks} masks x {args.batch} x "
-          f"{args.seq_len} tokens = {tokens} tokens per call, median of {args.repeats} after a warm-up")
+    print(
+        f"{args.model} {args.dtype}, fast_path={args.fast_path}: {args.masks} masks x {args.batch} x "
+        f"{args.seq_len} tokens = {tokens} tokens per call, median of {args.repeats} after a warm-up"
+    )
     print(f"{'row':<18}{'seconds':>10}{'tokens/s':>12}")
     for row in table:
         print(f"{row['row']:<18}{row['median_seconds']:>10.3f}{row['tokens_per_second']:>12.0f}")
     for k, v in speedups.items():
         print(f"speed-up {k}: {v:.2f}x")
     o = overhead
-    print(f"driver overhead per step (2 actors): {o['driver_overhead_seconds'] * 1e3:.1f} ms of "
-          f"{o['step_seconds']:.3f} s = {o['driver_overhead_percent']:.2f} % (policy {o['policy_seconds'] * 1e3:.1f} ms, "
-          f"broadcast {o['broadcast_seconds'] * 1e3:.1f} ms, dispatch+gather {o['gather_seconds'] * 1e3:.1f} ms)")
-    print(f"max |loss difference| to local 1 thread: {max_diff:.2e}; load average before/after: "
-          f"{load_before[0]:.1f}/{result['machine']['loadavg_after'][0]:.1f} on {os.cpu_count()} CPUs")
+    print(
+        f"driver overhead per step (2 actors): {o['driver_overhead_seconds'] * 1e3:.1f} ms of "
+        f"{o['step_seconds']:.3f} s = {o['driver_overhead_percent']:.2f} % (policy {o['policy_seconds'] * 1e3:.1f} ms, "
+        f"broadcast {o['broadcast_seconds'] * 1e3:.1f} ms, dispatch+gather {o['gather_seconds'] * 1e3:.1f} ms)"
+    )
+    print(
+        f"max |loss difference| to local 1 thread: {max_diff:.2e}; load average before/after: "
+        f"{load_before[0]:.1f}/{result['machine']['loadavg_after'][0]:.1f} on {os.cpu_count()} CPUs"
+    )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -41,12 +41,15 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = {  # name -> LlamaConfig fields (vocabulary: SmolLM2's 49,152, tied embeddings)
-    "135M": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                 num_key_value_heads=3),
-    "360M": dict(hidden_size=960, intermediate_size=2560, num_hidden_layers=32, num_attention_heads=15,
-                 num_key_value_heads=5),
-    "1B": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-               num_key_value_heads=8),
+    "135M": dict(
+        hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3
+    ),
+    "360M": dict(
+        hidden_size=960, intermediate_size=2560, num_hidden_layers=32, num_attention_heads=15, num_key_value_heads=5
+    ),
+    "1B": dict(
+        hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8
+    ),
 }
 KEEP = 0.5
 
@@ -59,8 +62,16 @@ def build(size: str, device: str = "cpu"):
     from probprune.models.registry import get_adapter
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=49152, max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000.0,
-                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, **SIZES[size])
+    cfg = LlamaConfig(
+        vocab_size=49152,
+        max_position_embeddings=8192,
+        rms_norm_eps=1e-5,
+        rope_theta=100000.0,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        **SIZES[size],
+    )
     model = LlamaForCausalLM(cfg).to(torch.bfloat16).to(device).eval()
     return model, get_adapter(model).mask_space()
 
@@ -108,12 +119,18 @@ def job_bench(size: str, args) -> dict:
     kept = float(np.mean([space.kept_params(m) for m in masks]))
     return {
         "params": sum(p.numel() for p in model.parameters()),
-        "matmul_dense": space.prunable_params + lm_head, "matmul_masked": kept + lm_head,
+        "matmul_dense": space.prunable_params + lm_head,
+        "matmul_masked": kept + lm_head,
         "tokens": args.batch * args.seq_len,
-        "device": args.device, "dense_forward_s": statistics.median(dense_s),
-        "mask_forward_s": statistics.median(step_s) / args.masks, "search_steps_per_s": 1 / statistics.median(step_s),
-        "rss_after_load_mib": base, "inference_peak_mib": inference_peak, "search_peak_mib": search_peak,
-        "search_over_inference": search_peak / inference_peak, "memory_method": mem.method,
+        "device": args.device,
+        "dense_forward_s": statistics.median(dense_s),
+        "mask_forward_s": statistics.median(step_s) / args.masks,
+        "search_steps_per_s": 1 / statistics.median(step_s),
+        "rss_after_load_mib": base,
+        "inference_peak_mib": inference_peak,
+        "search_peak_mib": search_peak,
+        "search_over_inference": search_peak / inference_peak,
+        "memory_method": mem.method,
     }
 
 
@@ -145,27 +162,45 @@ def job_driver(folder: str, args) -> dict:
     from probprune.pipeline import prune
 
     torch.set_num_threads(1)
-    cfg = load_config(ROOT / "configs" / "smollm2" / "135m_quickstart.yaml", [
-        f"model.name_or_path={folder}", "model.dtype=bfloat16", "engine.kind=ray", "engine.num_actors=2",
-        "engine.cpus_per_actor=1", "engine.threads=1", "search.steps=2", f"search.masks_per_step={args.masks}",
-        f"search.batch_size={args.batch}", "search.init=wanda-sp", "search.check_blocks=0", "search.init_blocks=4",
-        "data.calib_blocks=16", "eval.seq_lens=[128]", "eval.max_tokens=512",
-    ])
+    cfg = load_config(
+        ROOT / "configs" / "smollm2" / "135m_quickstart.yaml",
+        [
+            f"model.name_or_path={folder}",
+            "model.dtype=bfloat16",
+            "engine.kind=ray",
+            "engine.num_actors=2",
+            "engine.cpus_per_actor=1",
+            "engine.threads=1",
+            "search.steps=2",
+            f"search.masks_per_step={args.masks}",
+            f"search.batch_size={args.batch}",
+            "search.init=wanda-sp",
+            "search.check_blocks=0",
+            "search.init_blocks=4",
+            "data.calib_blocks=16",
+            "eval.seq_lens=[128]",
+            "eval.max_tokens=512",
+        ],
+    )
     out = Path(tempfile.mkdtemp(prefix="probprune-scaling-")) / "run"
     t = time.perf_counter()
     summary = prune(cfg, out, progress=False)
-    return {"driver_peak_rss_mib": peak_rss_mib(),
-            "prune_wall_s": time.perf_counter() - t, "pruned_ppl": summary["pruned_ppl"], "output": str(out)}
+    return {
+        "driver_peak_rss_mib": peak_rss_mib(),
+        "prune_wall_s": time.perf_counter() - t,
+        "pruned_ppl": summary["pruned_ppl"],
+        "output": str(out),
+    }
 
 
 def job_ray(folder: str, args) -> dict:
     import torch
     from _common import exact_mask
 
-    from probprune.engine import ray as distributed
     from probprune.config import EngineConfig, ModelConfig
-    from probprune.models.registry import get_adapter
+    from probprune.engine import ray as distributed
     from probprune.models.loading import load_skeleton
+    from probprune.models.registry import get_adapter
 
     skeleton, _ = load_skeleton(folder, "bfloat16")
     space = get_adapter(skeleton).mask_space()
@@ -192,12 +227,37 @@ def job_ray(folder: str, args) -> dict:
 
 def run_job(kind: str, target: str, args) -> dict:
     """``python scaling.py --job KIND TARGET``: one part in a fresh process (its own peak memory, its own Ray)."""
-    cmd = [sys.executable, __file__, "--job", kind, target, "--batch", str(args.batch), "--ray-batch",
-           str(args.ray_batch), "--seq-len",
-           str(args.seq_len), "--masks", str(args.masks), "--repeats", str(args.repeats), "--out", str(args.out),
-           "--device", args.device, "--work", str(args.work)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "RAY_AUTH_MODE": "disabled",
-           "RAY_USAGE_STATS_ENABLED": "0", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "1"}
+    cmd = [
+        sys.executable,
+        __file__,
+        "--job",
+        kind,
+        target,
+        "--batch",
+        str(args.batch),
+        "--ray-batch",
+        str(args.ray_batch),
+        "--seq-len",
+        str(args.seq_len),
+        "--masks",
+        str(args.masks),
+        "--repeats",
+        str(args.repeats),
+        "--out",
+        str(args.out),
+        "--device",
+        args.device,
+        "--work",
+        str(args.work),
+    ]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "1",
+    }
     t = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     if proc.returncode != 0:
@@ -216,8 +276,12 @@ def fit(points: list[dict]) -> dict:
     a = np.stack([np.ones_like(x), x], 1)
     (c0, inv_r), *_ = np.linalg.lstsq(a / t[:, None], np.ones_like(t), rcond=None)
     pred = c0 + inv_r * x
-    return {"c0_s": float(c0), "rate_param_tokens_per_s": float(1 / inv_r),
-            "rel_error": [float(e) for e in (pred - t) / t], "max_abs_rel_error": float(np.abs((pred - t) / t).max())}
+    return {
+        "c0_s": float(c0),
+        "rate_param_tokens_per_s": float(1 / inv_r),
+        "rel_error": [float(e) for e in (pred - t) / t],
+        "max_abs_rel_error": float(np.abs((pred - t) / t).max()),
+    }
 
 
 def predict(f: dict, gpu_tflops: float, mfu: float, gpus: list[int], gpu_mem_gib: float) -> list[dict]:
@@ -247,21 +311,37 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "scaling")
     ap.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     ap.add_argument("--batch", type=int, default=2, help="sequences per mask-forward (bench, driver)")
-    ap.add_argument("--ray-batch", type=int, default=8,
-                    help="sequences per mask in the Ray step timings (the paper's 8: the rows a split shares)")
+    ap.add_argument(
+        "--ray-batch",
+        type=int,
+        default=8,
+        help="sequences per mask in the Ray step timings (the paper's 8: the rows a split shares)",
+    )
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--masks", type=int, default=2, help="masks per search step (the paper's K)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cpu", help="where bench runs (cuda: only the bench part, see --parts)")
-    ap.add_argument("--parts", nargs="+", default=["bench", "driver", "ray"], choices=["bench", "driver", "ray"],
-                    help="driver and ray measure CPU actors and the driver process")
-    ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "probprune-scaling",
-                    help="where the random models are saved as folders (≈ 2.5 GB)")
+    ap.add_argument(
+        "--parts",
+        nargs="+",
+        default=["bench", "driver", "ray"],
+        choices=["bench", "driver", "ray"],
+        help="driver and ray measure CPU actors and the driver process",
+    )
+    ap.add_argument(
+        "--work",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "probprune-scaling",
+        help="where the random models are saved as folders (≈ 2.5 GB)",
+    )
     ap.add_argument("--gpu-tflops", type=float, default=989.0, help="peak dense bf16 TFLOP/s per GPU (H100/H200)")
     ap.add_argument("--mfu", type=float, default=0.3, help="assumed model FLOP utilisation of a masked forward")
     ap.add_argument("--gpu-mem-gib", type=float, default=80.0)
-    ap.add_argument("--report-only", action="store_true",
-                    help="refit and rewrite the report from OUT/scaling.json's measured points")
+    ap.add_argument(
+        "--report-only",
+        action="store_true",
+        help="refit and rewrite the report from OUT/scaling.json's measured points",
+    )
     ap.add_argument("--job", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     sys.path.insert(0, str(Path(__file__).parent))
@@ -295,9 +375,17 @@ def main() -> int:
                 row.update(run_job(part, str(folder), args))
         points.append(row)
     if "driver" not in args.parts or "ray" not in args.parts or len(points) < 2:
-        (args.out / "scaling.json").write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()},
-                                                           "machine": machine_info(args.device), "points": points},
-                                                          indent=2) + "\n")
+        (args.out / "scaling.json").write_text(
+            json.dumps(
+                {
+                    "settings": {k: str(v) for k, v in vars(args).items()},
+                    "machine": machine_info(args.device),
+                    "points": points,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
         print(json.dumps(points, indent=2))
         return 0
     return write(args, points, machine_info(), list(load_before), time.perf_counter() - t0)
@@ -308,10 +396,18 @@ def write(args, points: list[dict], machine: dict, load_before: list[float], wal
     f = fit(points)
     gpus = [1, 8, 64]
     pred = predict(f, args.gpu_tflops, args.mfu, gpus, args.gpu_mem_gib)
-    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in ("job",
-                                                                                                    "report_only")}
-    res = {"settings": settings, "machine": machine, "loadavg_before": load_before, "wall_s": wall_s,
-           "points": points, "fit": f, "prediction": pred}
+    settings = {
+        k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in ("job", "report_only")
+    }
+    res = {
+        "settings": settings,
+        "machine": machine,
+        "loadavg_before": load_before,
+        "wall_s": wall_s,
+        "points": points,
+        "fit": f,
+        "prediction": pred,
+    }
     (args.out / "scaling.json").write_text(json.dumps(res, indent=2) + "\n")
     md = report(res, gpus)
     (args.out / "scaling.md").write_text(md)
@@ -322,31 +418,42 @@ def write(args, points: list[dict], machine: dict, load_before: list[float], wal
 def report(res: dict, gpus: list[int]) -> str:
     s, f = res["settings"], res["fit"]
     k = s["masks"]
-    lines = [f"Random LLaMA-architecture models, bf16, CPU ({res['machine']['cpus']} cores, load "
-             f"{res['loadavg_before'][0]:.2f} before), one thread per process; mask-forward = {s['batch']} x "
-             f"{s['seq_len']} tokens on the fast path at 50 % of head groups and channels; `python "
-             f"benchmarks/scaling.py`", "",
-             "| size | params | s / mask-forward | s / dense forward | search peak ÷ inference peak (RSS) | "
-             "local-engine process peak | Ray driver peak | step: 2 actors ÷ 1, "
-             f"K={k} | step: 2 actors ÷ 1, K=1 ({s['ray_batch']} rows split) | cost-model error |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"Random LLaMA-architecture models, bf16, CPU ({res['machine']['cpus']} cores, load "
+        f"{res['loadavg_before'][0]:.2f} before), one thread per process; mask-forward = {s['batch']} x "
+        f"{s['seq_len']} tokens on the fast path at 50 % of head groups and channels; `python "
+        f"benchmarks/scaling.py`",
+        "",
+        "| size | params | s / mask-forward | s / dense forward | search peak ÷ inference peak (RSS) | "
+        "local-engine process peak | Ray driver peak | step: 2 actors ÷ 1, "
+        f"K={k} | step: 2 actors ÷ 1, K=1 ({s['ray_batch']} rows split) | cost-model error |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for p, e in zip(res["points"], f["rel_error"]):
         lines.append(
             f"| {p['size']} | {p['params'] / 1e6:,.0f}M | {p['mask_forward_s']:.3f} | {p['dense_forward_s']:.3f} | "
             f"{p['search_over_inference']:.2f} | {p['inference_peak_mib'] / 1024:.2f} GiB | "
             f"{p['driver_peak_rss_mib'] / 1024:.2f} GiB | {p[f'speedup_k{k}_2_over_1']:.2f}× | "
-            f"{p['speedup_k1_2_over_1']:.2f}× | {e:+.1%} |")
-    lines += ["", f"Fit: t = {f['c0_s'] * 1e3:.1f} ms + P x tokens / {f['rate_param_tokens_per_s'] / 1e9:.2f}e9 "
-              f"(P: matmul parameters under the mask; max |error| {f['max_abs_rel_error']:.1%} over the sizes).", "",
-              f"Prediction, the paper's search (15,000 steps x K=2 masks x 8 x 128 tokens, 50 %), the fitted form "
-              f"with a GPU's rate: {s['mfu']:.0%} of {s['gpu_tflops']:g} TFLOP/s bf16 (assumed, not measured), "
-              f"c0 left out, every replica busy; minutes:", "",
-              "| model | GPUs / replica | s / mask-forward | " + " | ".join(f"{n} GPUs" for n in gpus) + " |",
-              "|---|---:|---:|" + "---:|" * len(gpus)]
+            f"{p['speedup_k1_2_over_1']:.2f}× | {e:+.1%} |"
+        )
+    lines += [
+        "",
+        f"Fit: t = {f['c0_s'] * 1e3:.1f} ms + P x tokens / {f['rate_param_tokens_per_s'] / 1e9:.2f}e9 "
+        f"(P: matmul parameters under the mask; max |error| {f['max_abs_rel_error']:.1%} over the sizes).",
+        "",
+        f"Prediction, the paper's search (15,000 steps x K=2 masks x 8 x 128 tokens, 50 %), the fitted form "
+        f"with a GPU's rate: {s['mfu']:.0%} of {s['gpu_tflops']:g} TFLOP/s bf16 (assumed, not measured), "
+        f"c0 left out, every replica busy; minutes:",
+        "",
+        "| model | GPUs / replica | s / mask-forward | " + " | ".join(f"{n} GPUs" for n in gpus) + " |",
+        "|---|---:|---:|" + "---:|" * len(gpus),
+    ]
     for r in res["prediction"]:
-        lines.append(f"| LLaMA-2 {r['model']} | {r['gpus_per_replica']} | {r['forward_s']:.3f} | "
-                     + " | ".join("n/a" if math.isinf(r["minutes"][n]) else f"{r['minutes'][n]:,.1f}"
-                                  for n in gpus) + " |")
+        lines.append(
+            f"| LLaMA-2 {r['model']} | {r['gpus_per_replica']} | {r['forward_s']:.3f} | "
+            + " | ".join("n/a" if math.isinf(r["minutes"][n]) else f"{r['minutes'][n]:,.1f}" for n in gpus)
+            + " |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -93,9 +93,9 @@ def main() -> int:
     from probprune.compaction import count_params
     from probprune.config import load_config
     from probprune.data import load_corpus, test_stream
-    from probprune.perplexity import evaluate_ppl
     from probprune.export import export_gguf
     from probprune.models.loading import load_model
+    from probprune.perplexity import evaluate_ppl
 
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -104,8 +104,11 @@ def main() -> int:
     for i, name in enumerate(args.models):
         model, tok = load_model(name, dtype="float32")
         tokens = test_stream(tok, load_corpus(cfg.data, seed=cfg.data.split_seed))[: args.max_tokens]
-        ref = float(evaluate_ppl(model, tokens, [args.seq_len], max_tokens=args.max_tokens, batch_size=4,
-                                 progress=False)[args.seq_len])
+        ref = float(
+            evaluate_ppl(model, tokens, [args.seq_len], max_tokens=args.max_tokens, batch_size=4, progress=False)[
+                args.seq_len
+            ]
+        )
         row = {"model": labels[i], "path": name, "params": count_params(model), "ppl_probprune": ref}
         del model
         for outtype in args.outtypes:
@@ -138,27 +141,38 @@ def main() -> int:
             r["decode_speedup"] = r["decode_tok_s"] / dense["decode_tok_s"]
     (args.out / "serving.json").write_text(json.dumps(rows, indent=2) + "\n")
     cols = [f"ratio_{o}" for o in args.outtypes]
-    lines = [f"llama.cpp vs probprune, held-out Brown, PPL@{args.seq_len} over {args.max_tokens} tokens, "
-             f"{args.threads} threads", "",
-             "| model | arch | params | PPL (probprune, fp32) | " + " | ".join(f"llama.cpp ÷ probprune ({o})"
-                                                                     for o in args.outtypes)
-             + " | prefill ÷ dense | decode ÷ dense | params ratio |",
-             "|---|---|---:|---:|" + "---:|" * len(cols) + "---:|---:|---:|"]
+    lines = [
+        f"llama.cpp vs probprune, held-out Brown, PPL@{args.seq_len} over {args.max_tokens} tokens, "
+        f"{args.threads} threads",
+        "",
+        "| model | arch | params | PPL (probprune, fp32) | "
+        + " | ".join(f"llama.cpp ÷ probprune ({o})" for o in args.outtypes)
+        + " | prefill ÷ dense | decode ÷ dense | params ratio |",
+        "|---|---|---:|---:|" + "---:|" * len(cols) + "---:|---:|---:|",
+    ]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['arch']} | {r['params'] / 1e6:.1f}M | {r['ppl_probprune']:.2f} | "
-                     + " | ".join(f"{r[c]:.4f}" for c in cols)
-                     + f" | {r.get('prefill_speedup', float('nan')):.2f} | {r.get('decode_speedup', float('nan')):.2f}"
-                     f" | {r['params_ratio']:.2f} |")
-    lines += ["", f"Per outtype: file size, llama.cpp PPL@{args.seq_len} ÷ the same model's f16 file, prefill "
-              f"({args.prefill}-token prompt) and decode tokens/s ({args.threads} threads)", "",
-              "| model | outtype | MiB | PPL (llama.cpp) | ÷ f16 | ÷ dense's ÷ f16 | prefill tok/s | decode tok/s |",
-              "|---|---|---:|---:|---:|---:|---:|---:|"]
+        lines.append(
+            f"| {r['model']} | {r['arch']} | {r['params'] / 1e6:.1f}M | {r['ppl_probprune']:.2f} | "
+            + " | ".join(f"{r[c]:.4f}" for c in cols)
+            + f" | {r.get('prefill_speedup', float('nan')):.2f} | {r.get('decode_speedup', float('nan')):.2f}"
+            f" | {r['params_ratio']:.2f} |"
+        )
+    lines += [
+        "",
+        f"Per outtype: file size, llama.cpp PPL@{args.seq_len} ÷ the same model's f16 file, prefill "
+        f"({args.prefill}-token prompt) and decode tokens/s ({args.threads} threads)",
+        "",
+        "| model | outtype | MiB | PPL (llama.cpp) | ÷ f16 | ÷ dense's ÷ f16 | prefill tok/s | decode tok/s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         for o in args.outtypes:
             rel = r.get(f"vs_f16_{o}", float("nan")) / dense.get(f"vs_f16_{o}", float("nan"))
-            lines.append(f"| {r['model']} | {o} | {r[f'mib_{o}']:.1f} | {r[f'ppl_llamacpp_{o}']:.2f} | "
-                         f"{r.get(f'vs_f16_{o}', float('nan')):.4f} | {rel:.4f} | {r[f'prefill_tok_s_{o}']:.0f} | "
-                         f"{r[f'decode_tok_s_{o}']:.0f} |")
+            lines.append(
+                f"| {r['model']} | {o} | {r[f'mib_{o}']:.1f} | {r[f'ppl_llamacpp_{o}']:.2f} | "
+                f"{r.get(f'vs_f16_{o}', float('nan')):.4f} | {rel:.4f} | {r[f'prefill_tok_s_{o}']:.0f} | "
+                f"{r[f'decode_tok_s_{o}']:.0f} |"
+            )
     (args.out / "serving.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -46,7 +46,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from _common import PeakMemory, exact_mask, flop_bound, machine_info, round_robin, trim_heap
 
 TARGET_SCORING = 1.6  # gathered 50% ÷ dense, at least
@@ -80,23 +79,57 @@ def child(args: argparse.Namespace) -> dict:
         with torch.inference_mode():
             model(input_ids=batch, use_cache=False)
     elif args.child == "search":
-        policy = Policy(space, uniform_probs(space, 0.5), lr=2e-3, total_steps=args.search_steps, sparsity=0.5,
-                        seed=args.seed)
+        policy = Policy(
+            space, uniform_probs(space, 0.5), lr=2e-3, total_steps=args.search_steps, sparsity=0.5, seed=args.seed
+        )
         evaluator = LocalEngine(model, space, fast_path=True)
-        run_search(policy, evaluator, CalibrationData(blocks, seed=args.seed), steps=args.search_steps,
-                   num_samples=2, batch_size=args.mem_batch, progress=False)
+        run_search(
+            policy,
+            evaluator,
+            CalibrationData(blocks, seed=args.seed),
+            steps=args.search_steps,
+            num_samples=2,
+            batch_size=args.mem_batch,
+            progress=False,
+        )
     peak = pm.peak()
     from probprune.losses import LOGIT_ELEMENTS
 
-    return {"kind": args.child, "method": pm.method, "base_mib": base, "peak_mib": peak, "extra_mib": peak - base,
-            "ru_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "logit_elements": LOGIT_ELEMENTS, "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_")}
+    return {
+        "kind": args.child,
+        "method": pm.method,
+        "base_mib": base,
+        "peak_mib": peak,
+        "extra_mib": peak - base,
+        "ru_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "logit_elements": LOGIT_ELEMENTS,
+        "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
+    }
 
 
 def run_child(kind: str, dtype: str, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, __file__, "--child", kind, "--dtype", dtype, "--device", args.device, "--threads",
-           str(args.threads), "--model", args.model, "--seq-len", str(args.seq_len), "--mem-batch",
-           str(args.mem_batch), "--search-steps", str(args.search_steps), "--seed", str(args.seed)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        kind,
+        "--dtype",
+        dtype,
+        "--device",
+        args.device,
+        "--threads",
+        str(args.threads),
+        "--model",
+        args.model,
+        "--seq-len",
+        str(args.seq_len),
+        "--mem-batch",
+        str(args.mem_batch),
+        "--search-steps",
+        str(args.search_steps),
+        "--seed",
+        str(args.seed),
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"memory child {kind!r} failed ({out.returncode}):\n{out.stderr[-3000:]}")
@@ -118,22 +151,36 @@ def scoring(model, adapter, space, batch, masks, args, device) -> list[dict]:
         "gathered 30%": lambda: gathered_losses(adapter, space, masks[0.3], batch),
         "gathered 50%": lambda: gathered_losses(adapter, space, masks[0.5], batch),
     }
-    bound = {"dense": 1.0, "masked 50%": 1.0, "gathered 0%": 1.0,
-             "gathered 30%": float(np.mean([flop_bound(space, head, m) for m in masks[0.3]])),
-             "gathered 50%": float(np.mean([flop_bound(space, head, m) for m in masks[0.5]]))}
+    bound = {
+        "dense": 1.0,
+        "masked 50%": 1.0,
+        "gathered 0%": 1.0,
+        "gathered 30%": float(np.mean([flop_bound(space, head, m) for m in masks[0.3]])),
+        "gathered 50%": float(np.mean([flop_bound(space, head, m) for m in masks[0.5]])),
+    }
     with torch.no_grad():
         wall, cpu = round_robin(rows, args.repeats, warmup=1, device=device)
     tokens = args.masks * args.batch * args.seq_len
     med = {n: statistics.median(v) for n, v in wall.items()}
     med_cpu = {n: statistics.median(v) for n, v in cpu.items()}
-    return [{"row": n, "tokens_per_s": tokens / med[n], "vs_dense": med["dense"] / med[n],
-             "vs_dense_cpu": med_cpu["dense"] / med_cpu[n], "flop_bound": bound[n], "median_s": med[n],
-             "times_s": wall[n], "cpu_s": cpu[n]} for n in rows]
+    return [
+        {
+            "row": n,
+            "tokens_per_s": tokens / med[n],
+            "vs_dense": med["dense"] / med[n],
+            "vs_dense_cpu": med_cpu["dense"] / med_cpu[n],
+            "flop_bound": bound[n],
+            "median_s": med[n],
+            "times_s": wall[n],
+            "cpu_s": cpu[n],
+        }
+        for n in rows
+    ]
 
 
 def evaluators(model, space, batch, masks, dtype, args, device) -> dict:
-    from probprune.engine import ray as distributed
     from probprune.config import EngineConfig, ModelConfig
+    from probprune.engine import ray as distributed
     from probprune.engine.local import LocalEngine
 
     cuda = device.type == "cuda"
@@ -142,14 +189,22 @@ def evaluators(model, space, batch, masks, dtype, args, device) -> dict:
     model_cfg = ModelConfig(name_or_path=args.model, dtype=dtype, device="cuda" if cuda else "cpu")
 
     def engine(n: int) -> EngineConfig:
-        return EngineConfig(kind="ray", num_actors=n, cpus_per_actor=args.threads, threads=args.threads,
-                            gpus_per_actor=(0.5 / n if cuda else 0.0), fast_path=True)
+        return EngineConfig(
+            kind="ray",
+            num_actors=n,
+            cpus_per_actor=args.threads,
+            threads=args.threads,
+            gpus_per_actor=(0.5 / n if cuda else 0.0),
+            fast_path=True,
+        )
 
     local = LocalEngine(model, space, fast_path=True)
     rays = {n: distributed.RayEngine(model_cfg, space, engine(n)) for n in (1, 2)}
-    rows = {"local": lambda: local.losses(masks, batch.cpu()),
-            "ray 1 actor": lambda: rays[1].losses(masks, batch.cpu()),
-            "ray 2 actors": lambda: rays[2].losses(masks, batch.cpu())}
+    rows = {
+        "local": lambda: local.losses(masks, batch.cpu()),
+        "ray 1 actor": lambda: rays[1].losses(masks, batch.cpu()),
+        "ray 2 actors": lambda: rays[2].losses(masks, batch.cpu()),
+    }
     results = {n: fn() for n, fn in rows.items()}  # also a warm-up, and the losses to compare
     wall, _ = round_robin(rows, args.repeats, warmup=0, device=device)
     for ev in rays.values():
@@ -158,20 +213,35 @@ def evaluators(model, space, batch, masks, dtype, args, device) -> dict:
     tokens = args.masks * args.batch * args.seq_len
     med = {n: statistics.median(v) for n, v in wall.items()}
     diff = max(float(np.abs(results[n] - results["local"]).max()) for n in rows)
-    return {"rows": [{"row": n, "tokens_per_s": tokens / med[n], "vs_local": med["local"] / med[n],
-                      "median_s": med[n], "times_s": wall[n]} for n in rows],
-            "max_loss_diff_vs_local": diff,
-            "actors": ("all actors on the same GPU" if cuda
-                       else f"{args.threads} CPU / {args.threads} thread(s) per actor")}
+    return {
+        "rows": [
+            {
+                "row": n,
+                "tokens_per_s": tokens / med[n],
+                "vs_local": med["local"] / med[n],
+                "median_s": med[n],
+                "times_s": wall[n],
+            }
+            for n in rows
+        ],
+        "max_loss_diff_vs_local": diff,
+        "actors": (
+            "all actors on the same GPU" if cuda else f"{args.threads} CPU / {args.threads} thread(s) per actor"
+        ),
+    }
 
 
 def memory(dtype: str, args: argparse.Namespace) -> dict:
     res = {kind: run_child(kind, dtype, args) for kind in ("idle", "dense", "search")}
     idle, dense, search = res["idle"], res["dense"], res["search"]
-    return {"children": res, "method": dense["method"],
-            "search_over_dense": search["peak_mib"] / dense["peak_mib"],
-            "search_over_dense_extra": ((search["peak_mib"] - idle["peak_mib"])
-                                        / max(dense["peak_mib"] - idle["peak_mib"], 1e-9))}
+    return {
+        "children": res,
+        "method": dense["method"],
+        "search_over_dense": search["peak_mib"] / dense["peak_mib"],
+        "search_over_dense_extra": (
+            (search["peak_mib"] - idle["peak_mib"]) / max(dense["peak_mib"] - idle["peak_mib"], 1e-9)
+        ),
+    }
 
 
 def run(dtype: str, args: argparse.Namespace) -> dict:
@@ -202,16 +272,18 @@ def run(dtype: str, args: argparse.Namespace) -> dict:
 # --------------------------------------------------------------------------------------------------- report
 def markdown(res: dict) -> str:
     a = res["settings"]
-    lines = [f"Throughput on {a['model']}, device {a['device']}"
-             + (f" ({res['machine']['cuda_device']})" if res["machine"]["cuda_device"] else "")
-             + f", {a['threads']} torch thread(s); scoring: {a['masks']} masks x {a['batch']} x {a['seq_len']} tokens "
-             f"per call, median of {a['repeats']} interleaved rounds after a warm-up; memory: search of "
-             f"{a['search_steps']} steps x 2 masks x {a['mem_batch']} x {a['seq_len']} vs dense inference on one "
-             f"{a['mem_batch']} x {a['seq_len']} batch, each in its own process. Load average before/after: "
-             f"{res['loadavg_before'][0]:.1f}/{res['machine']['loadavg'][0]:.1f} on {res['machine']['cpus']} CPUs.",
-             "",
-             "| dtype | measurement | tokens/s (or MiB) | ratio | ratio (CPU time) | bound | target | met |",
-             "|---|---|---:|---:|---:|---:|---:|---|"]
+    lines = [
+        f"Throughput on {a['model']}, device {a['device']}"
+        + (f" ({res['machine']['cuda_device']})" if res["machine"]["cuda_device"] else "")
+        + f", {a['threads']} torch thread(s); scoring: {a['masks']} masks x {a['batch']} x {a['seq_len']} tokens "
+        f"per call, median of {a['repeats']} interleaved rounds after a warm-up; memory: search of "
+        f"{a['search_steps']} steps x 2 masks x {a['mem_batch']} x {a['seq_len']} vs dense inference on one "
+        f"{a['mem_batch']} x {a['seq_len']} batch, each in its own process. Load average before/after: "
+        f"{res['loadavg_before'][0]:.1f}/{res['machine']['loadavg'][0]:.1f} on {res['machine']['cpus']} CPUs.",
+        "",
+        "| dtype | measurement | tokens/s (or MiB) | ratio | ratio (CPU time) | bound | target | met |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
+    ]
     for d in res["results"]:
         dt = d["dtype"]
         for r in d["scoring"]:
@@ -219,35 +291,49 @@ def markdown(res: dict) -> str:
             if r["row"] == "gathered 50%":
                 target, met = f"≥ {TARGET_SCORING}", "yes" if r["vs_dense"] >= TARGET_SCORING else "no"
             name = "dense forward" if r["row"] == "dense" else f"{r['row']} scoring ÷ dense"
-            lines.append(f"| {dt} | {name} | {r['tokens_per_s']:,.0f} | {r['vs_dense']:.2f} | "
-                         f"{r['vs_dense_cpu']:.2f} | {r['flop_bound']:.2f} | {target} | {met} |")
+            lines.append(
+                f"| {dt} | {name} | {r['tokens_per_s']:,.0f} | {r['vs_dense']:.2f} | "
+                f"{r['vs_dense_cpu']:.2f} | {r['flop_bound']:.2f} | {target} | {met} |"
+            )
         if "evaluators" in d:
             for r in d["evaluators"]["rows"]:
                 name = "local evaluator" if r["row"] == "local" else f"{r['row']} ÷ local"
                 bound = {"local": 1.0, "ray 1 actor": 1.0, "ray 2 actors": 2.0}[r["row"]]
-                lines.append(f"| {dt} | {name} | {r['tokens_per_s']:,.0f} | {r['vs_local']:.2f} | | {bound:.2f} | "
-                             "| |")
+                lines.append(f"| {dt} | {name} | {r['tokens_per_s']:,.0f} | {r['vs_local']:.2f} | | {bound:.2f} | | |")
         if "memory" in d:
             m, c = d["memory"], d["memory"]["children"]
             met = "yes" if m["search_over_dense"] <= TARGET_MEMORY else "no"
-            lines.append(f"| {dt} | peak memory: search ÷ dense inference | {c['search']['peak_mib']:,.0f} / "
-                         f"{c['dense']['peak_mib']:,.0f} | {m['search_over_dense']:.3f} | | | ≤ {TARGET_MEMORY} | "
-                         f"{met} |")
-            lines.append(f"| {dt} | extra above the loaded model: search ÷ dense | {c['search']['extra_mib']:,.0f} / "
-                         f"{c['dense']['extra_mib']:,.0f} | {m['search_over_dense_extra']:.2f} | | | | |")
+            lines.append(
+                f"| {dt} | peak memory: search ÷ dense inference | {c['search']['peak_mib']:,.0f} / "
+                f"{c['dense']['peak_mib']:,.0f} | {m['search_over_dense']:.3f} | | | ≤ {TARGET_MEMORY} | "
+                f"{met} |"
+            )
+            lines.append(
+                f"| {dt} | extra above the loaded model: search ÷ dense | {c['search']['extra_mib']:,.0f} / "
+                f"{c['dense']['extra_mib']:,.0f} | {m['search_over_dense_extra']:.2f} | | | | |"
+            )
     for d in res["results"]:
         rows = {r["row"]: r for r in d["scoring"]}
         if "gathered 0%" in rows:
             g0 = rows["gathered 0%"]["median_s"]
             lines.append("")
-            lines.append(f"{d['dtype']}: speed-up from sparsity alone (gathered ÷ gathered 0%): "
-                         + ", ".join(f"{p} {g0 / rows[f'gathered {p}']['median_s']:.2f}" for p in ("30%", "50%")
-                                     if f"gathered {p}" in rows) + ".")
-    lines += ["", "ratio: median wall time of dense (or local) ÷ that row's; bound: the FLOP bound for scoring rows "
-              "(dense matmul params incl. lm_head ÷ kept), the actor count for Ray rows. Memory: "
-              + (res["results"][0]["memory"]["method"] if "memory" in res["results"][0] else "not measured")
-              + "; a child's peak includes the resident model and libraries; 'extra' subtracts what that child held "
-              "when the peak was reset (model loaded, inputs built)."]
+            lines.append(
+                f"{d['dtype']}: speed-up from sparsity alone (gathered ÷ gathered 0%): "
+                + ", ".join(
+                    f"{p} {g0 / rows[f'gathered {p}']['median_s']:.2f}"
+                    for p in ("30%", "50%")
+                    if f"gathered {p}" in rows
+                )
+                + "."
+            )
+    lines += [
+        "",
+        "ratio: median wall time of dense (or local) ÷ that row's; bound: the FLOP bound for scoring rows "
+        "(dense matmul params incl. lm_head ÷ kept), the actor count for Ray rows. Memory: "
+        + (res["results"][0]["memory"]["method"] if "memory" in res["results"][0] else "not measured")
+        + "; a child's peak includes the resident model and libraries; 'extra' subtracts what that child held "
+        "when the peak was reset (model loaded, inputs built).",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -277,9 +363,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     load_before = list(os.getloadavg())
     results = [run(dtype, args) for dtype in args.dtype]
-    res = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "child"},
-           "targets": {"gathered_50_vs_dense_min": TARGET_SCORING, "search_vs_dense_peak_max": TARGET_MEMORY},
-           "loadavg_before": load_before, "machine": machine_info(args.device), "results": results}
+    res = {
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "child"},
+        "targets": {"gathered_50_vs_dense_min": TARGET_SCORING, "search_vs_dense_peak_max": TARGET_MEMORY},
+        "loadavg_before": load_before,
+        "machine": machine_info(args.device),
+        "results": results,
+    }
     md = markdown(res)
     print(md)
     if args.out:

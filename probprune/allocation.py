@@ -121,7 +121,7 @@ class AllocationPolicy(ScoreFunctionPolicy):
         unit_group = np.cumsum(np.r_[False, key[1:] != key[:-1]]).astype(np.int64)  # [N]
         n_groups = starts.size
         unit_rank = np.empty(n_units, dtype=np.int64)
-        for g, (lo, hi) in enumerate(zip(starts, np.r_[starts[1:], n_units])):
+        for lo, hi in zip(starts, np.r_[starts[1:], n_units]):
             order = np.argsort(-sc[lo:hi], kind="stable")  # best first, lower index first on ties
             unit_rank[lo + order] = np.arange(hi - lo)
         self.group_type = space.unit_type[starts].copy()  # [G]
@@ -231,9 +231,16 @@ class AllocationPolicy(ScoreFunctionPolicy):
         a = a.to(torch.float64)
         d = torch.ones_like(a) if metric is None else metric.to(torch.float64)
         if self.budget == "params" and self.space.include_layers:  # a layer's fraction gates its heads and channels
-            return projection.project_nested(a, self.group_type, self.group_layer, self.group_cost,
-                                             projection.layer_fixed_params(self.space),
-                                             keep * self.space.prunable_params, metric=d, fill=fill)
+            return projection.project_nested(
+                a,
+                self.group_type,
+                self.group_layer,
+                self.group_cost,
+                projection.layer_fixed_params(self.space),
+                keep * self.space.prunable_params,
+                metric=d,
+                fill=fill,
+            )
         if self.budget == "params":
             cost = torch.as_tensor(self.group_cost)
             scale = float(cost.mean()) if float(cost.mean()) > 0 else 1.0
@@ -265,8 +272,13 @@ class AllocationPolicy(ScoreFunctionPolicy):
     def expected_kept_params(self) -> float:
         """Expected prunable parameters kept by a mask from :meth:`sample` (the quantity the ``params`` budget holds):
         Σ_l a_layer·(fixed_l + Σ_g C_g·a_g), a layer without a layer group counting as a_layer = 1."""
-        return projection.nested_expected_kept(self.probs.numpy(), self.group_type, self.group_layer, self.group_cost,
-                                               projection.layer_fixed_params(self.space))
+        return projection.nested_expected_kept(
+            self.probs.numpy(),
+            self.group_type,
+            self.group_layer,
+            self.group_cost,
+            projection.layer_fixed_params(self.space),
+        )
 
     def priorities(self) -> np.ndarray:
         """``[N]`` float64 q_u = n_g·a_g − rank_u: the order in which :meth:`final_mask` keeps units."""
@@ -299,8 +311,10 @@ class AllocationPolicy(ScoreFunctionPolicy):
             UserError: the state is a unit policy's, or it belongs to another mask space.
         """
         if state.get("kind") != STATE_KIND:
-            raise UserError("the saved policy state is not an allocation search's (search.method=units?); resume it "
-                            "with the method it was started with")
+            raise UserError(
+                "the saved policy state is not an allocation search's (search.method=units?); resume it "
+                "with the method it was started with"
+            )
         probs = torch.as_tensor(state["probs"], dtype=torch.float64)
         if tuple(probs.shape) != (self.num_groups,) or int(state.get("num_units", -1)) != self.space.num_units:
             raise UserError(

@@ -29,14 +29,21 @@ import numpy as np
 import torch
 
 from .errors import UserError
+from .importance import CRITERIA, collect_input_stats, column_mean, criterion_scores
 from .mask_space import CHANNEL, HEAD, LAYER, MaskSpace
 from .models.base import FamilyAdapter
 from .projection import BUDGETS, _round_half_up, final_mask
-from .importance import CRITERIA, collect_input_stats, column_mean, criterion_scores
 
 # baseline -> the importance criterion it ranks units by (None: random); how it selects is in baseline_mask
-CRITERION = {"magnitude": "magnitude", "wanda-sp": "wanda-sp", "flap": "flap", "random": None,
-             "shortgpt": "block-influence", "taylor": "taylor", "sleb": None}
+CRITERION = {
+    "magnitude": "magnitude",
+    "wanda-sp": "wanda-sp",
+    "flap": "flap",
+    "random": None,
+    "shortgpt": "block-influence",
+    "taylor": "taylor",
+    "sleb": None,
+}
 BASELINES = tuple(CRITERION)
 USES_GRADIENTS = {b for b, c in CRITERION.items() if c is not None and CRITERIA[c].needs == "gradients"}
 SLEB_BLOCKS = 8  # calibration blocks SLEB scores each trial on (1,024 tokens at block_len 128)
@@ -122,8 +129,10 @@ def layer_units(space: MaskSpace, method: str) -> dict[int, np.ndarray]:
         return {int(space.unit_layer[u]): np.array([u]) for u in lay}
     if space.include_heads and space.include_channels:
         return {li: np.flatnonzero(space.unit_layer == li) for li in range(space.num_layers)}
-    raise UserError(f"the {method} baseline removes whole layers: set mask.layers=true, or make both heads and "
-                    "channels units (mask.heads=true mask.channels=true)")
+    raise UserError(
+        f"the {method} baseline removes whole layers: set mask.layers=true, or make both heads and "
+        "channels units (mask.heads=true mask.channels=true)"
+    )
 
 
 def shortgpt_mask(space: MaskSpace, influence: np.ndarray, sparsity: float) -> np.ndarray:
@@ -156,8 +165,9 @@ def shortgpt_mask(space: MaskSpace, influence: np.ndarray, sparsity: float) -> n
     elif influence.shape == (space.num_layers,):
         per_layer = influence
     else:
-        raise ValueError(f"influence must have shape ({space.num_units},) or ({space.num_layers},), "
-                         f"got {influence.shape}")
+        raise ValueError(
+            f"influence must have shape ({space.num_units},) or ({space.num_layers},), got {influence.shape}"
+        )
     units_of = layer_units(space, "shortgpt")
     mask = space.full_mask()
     limit = (1.0 - float(sparsity)) * space.prunable_params

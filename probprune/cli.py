@@ -44,8 +44,10 @@ def _cmd_prune(args) -> int:
         require_llama_cpp()  # a missing llama-cpp-python is reported before the run, not after it
     summary = prune(cfg, args.output, resume=args.resume, progress=not args.quiet)
     print(rf.format_summary(summary))
-    print(f"\nwrote {args.output}/{rf.MODEL} (load with probprune.load_pruned or AutoModelForCausalLM), {rf.SUMMARY}, "
-          f"{rf.MASKS}, {rf.METRICS}, {rf.CONFIG}")
+    print(
+        f"\nwrote {args.output}/{rf.MODEL} (load with probprune.load_pruned or AutoModelForCausalLM), {rf.SUMMARY}, "
+        f"{rf.MASKS}, {rf.METRICS}, {rf.CONFIG}"
+    )
     if args.export_gguf is not None:
         from .export import export_gguf
 
@@ -87,8 +89,10 @@ def _cmd_export(args) -> int:
     from .export import export_gguf
 
     res = export_gguf(args.model, args.output, outtype=args.outtype, pre_tokenizer=args.pre_tokenizer)
-    print(f"wrote {res['path']}: llama.cpp architecture '{res['arch']}', {res['layers']} layers, "
-          f"{res['bytes'] / 2**20:.1f} MiB ({args.outtype})")
+    print(
+        f"wrote {res['path']}: llama.cpp architecture '{res['arch']}', {res['layers']} layers, "
+        f"{res['bytes'] / 2**20:.1f} MiB ({args.outtype})"
+    )
     if "tensor_types" in res:  # what llama.cpp's quantizer chose, fallbacks for unfitting shapes included
         print("tensor types: " + ", ".join(f"{k} {n}" for k, n in res["tensor_types"].items()))
     return 0
@@ -103,8 +107,10 @@ def _cmd_sweep(args) -> int:
     t0 = time.perf_counter()
     cfg = load_config(resolve_config(args.config), args.overrides)
     if cfg.sweep is None:
-        raise UserError(f"--config {args.config} has no sweep section: a sweep needs sweep.lr (or sweep.lr_range) "
-                        "and/or sweep.sparsity / sweep.grid; see configs/smollm2/135m_sweep.yaml")
+        raise UserError(
+            f"--config {args.config} has no sweep section: a sweep needs sweep.lr (or sweep.lr_range) "
+            "and/or sweep.sparsity / sweep.grid; see configs/smollm2/135m_sweep.yaml"
+        )
     try:
         from .engine.ray.tune import run_sweep
     except ImportError as e:
@@ -141,8 +147,8 @@ def _cmd_plan(args) -> int:
 
 
 def _cmd_info(args) -> int:
-    from .models.registry import get_adapter
     from .models.loading import load_model
+    from .models.registry import get_adapter
 
     model, _ = load_model(args.model, args.dtype)
     adapter = get_adapter(model)
@@ -151,8 +157,10 @@ def _cmd_info(args) -> int:
     except ValueError as e:
         raise UserError(f"--head-unit {args.head_unit}: {e}") from None
     counts = space.type_counts()
-    print(f"model {args.model}: {type(model).__name__} ({adapter.family} family), {space.num_layers} decoder layers, "
-          f"{space.total_params:,} parameters ({space.prunable_params:,} prunable)")
+    print(
+        f"model {args.model}: {type(model).__name__} ({adapter.family} family), {space.num_layers} decoder layers, "
+        f"{space.total_params:,} parameters ({space.prunable_params:,} prunable)"
+    )
     print("| unit | count | parameters per unit | all units |")
     print("|---|---|---|---|")
     head_name = "query head" if space.query_heads else "head group"
@@ -177,15 +185,27 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     pr = sub.add_parser("prune", help="search a mask, compact, save and evaluate")
-    pr.add_argument("--config", required=True, help="YAML config file, or a packaged config's name (e.g. "
-                    "smollm2/135m_quickstart; see configs/)")
+    pr.add_argument(
+        "--config",
+        required=True,
+        help="YAML config file, or a packaged config's name (e.g. smollm2/135m_quickstart; see configs/)",
+    )
     pr.add_argument("--output", required=True, type=Path, help="output folder")
     pr.add_argument("--resume", action="store_true", help="continue the search checkpointed in --output")
     pr.add_argument("--quiet", action="store_true")
-    pr.add_argument("--export-gguf", type=Path, default=None, metavar="FILE",
-                    help="also write the pruned model as one GGUF file for llama.cpp (see --export-outtype)")
-    pr.add_argument("--export-outtype", default="f16", choices=OUTTYPES,
-                    help="matrix type of --export-gguf (k-quants and q4_0 need probprune[llamacpp])")
+    pr.add_argument(
+        "--export-gguf",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="also write the pruned model as one GGUF file for llama.cpp (see --export-outtype)",
+    )
+    pr.add_argument(
+        "--export-outtype",
+        default="f16",
+        choices=OUTTYPES,
+        help="matrix type of --export-gguf (k-quants and q4_0 need probprune[llamacpp])",
+    )
     pr.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. search.lr=0.01")
     pr.set_defaults(func=_cmd_prune)
 
@@ -215,15 +235,22 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--model", required=True, help="model folder (e.g. runs/X/model) or embedded:smollm2-135m")
     ex.add_argument("--format", default="gguf", choices=["gguf"])
     ex.add_argument("--output", required=True, type=Path, help="the .gguf file to write")
-    ex.add_argument("--outtype", default="f16", choices=OUTTYPES,
-                    help="matrix type: f32, f16, bf16, q8_0 written directly; q4_k_m, q5_k_m, q6_k, q4_0 by llama.cpp's "
-                         "quantizer from the f16 export (needs probprune[llamacpp])")
+    ex.add_argument(
+        "--outtype",
+        default="f16",
+        choices=OUTTYPES,
+        help="matrix type: f32, f16, bf16, q8_0 written directly; q4_k_m, q5_k_m, q6_k, q4_0 by llama.cpp's "
+        "quantizer from the f16 export (needs probprune[llamacpp])",
+    )
     ex.add_argument("--pre-tokenizer", default=None, help="llama.cpp pre-tokenizer name (default: detected)")
     ex.set_defaults(func=_cmd_export)
 
     sw = sub.add_parser("sweep", help="Ray Tune sweep of lr x sparsity (x any key): one search per trial, Pareto front")
-    sw.add_argument("--config", required=True, help="YAML config with a sweep section, or a packaged config's name "
-                    "(e.g. smollm2/135m_sweep)")
+    sw.add_argument(
+        "--config",
+        required=True,
+        help="YAML config with a sweep section, or a packaged config's name (e.g. smollm2/135m_sweep)",
+    )
     sw.add_argument("--output", required=True, type=Path, help="results folder (results.csv, pareto.md/png, best/)")
     sw.add_argument("--address", default=None, help="Ray cluster to join, e.g. auto (default: RAY_ADDRESS, else local)")
     sw.add_argument("--resume", action="store_true", help="continue the interrupted sweep of --output")
@@ -233,8 +260,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     he = sub.add_parser("heal", help="distil a pruned model toward the dense model (uses gradients, unlike the search)")
     he.add_argument("--model", required=True, help="model folder to heal, e.g. runs/X/model")
-    he.add_argument("--teacher", default=None,
-                    help="dense model (default: heal.teacher, else model.name_or_path of the run's config.yaml)")
+    he.add_argument(
+        "--teacher",
+        default=None,
+        help="dense model (default: heal.teacher, else model.name_or_path of the run's config.yaml)",
+    )
     he.add_argument("--output", required=True, type=Path, help="output folder (new or empty)")
     he.add_argument("--config", default=None, help="config (default: the run's config.yaml next to --model)")
     he.add_argument("--resume", action="store_true", help="continue the heal checkpointed in --output")
@@ -242,15 +272,25 @@ def build_parser() -> argparse.ArgumentParser:
     he.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. heal.tokens=65536")
     he.set_defaults(func=_cmd_heal)
 
-
-    pl = sub.add_parser("plan", help="memory per actor, whether it fits, replicas and time of a run, from the "
-                                     "model's config alone (no weights are read)")
+    pl = sub.add_parser(
+        "plan",
+        help="memory per actor, whether it fits, replicas and time of a run, from the "
+        "model's config alone (no weights are read)",
+    )
     pl.add_argument("--config", required=True, help="YAML config (see configs/)")
     pl.add_argument("--json", action="store_true", help="print the plan as JSON")
-    pl.add_argument("--gpu-memory", type=float, default=None, metavar="GiB",
-                    help="memory of one device (default: detected; engine.memory_gib)")
-    pl.add_argument("--no-calibrate", action="store_true",
-                    help="use the fitted CPU rate instead of a short calibration forward on the device")
+    pl.add_argument(
+        "--gpu-memory",
+        type=float,
+        default=None,
+        metavar="GiB",
+        help="memory of one device (default: detected; engine.memory_gib)",
+    )
+    pl.add_argument(
+        "--no-calibrate",
+        action="store_true",
+        help="use the fitted CPU rate instead of a short calibration forward on the device",
+    )
     pl.add_argument("overrides", nargs="*", help="config overrides key=value")
     pl.set_defaults(func=_cmd_plan)
 
@@ -258,8 +298,12 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument("--model", required=True)
     inf.add_argument("--dtype", default="float32")
     inf.add_argument("--channel-block", type=int, default=1)
-    inf.add_argument("--head-unit", choices=("group", "query"), default="group",
-                     help="head units: KV groups, or query heads (models with one KV head per layer)")
+    inf.add_argument(
+        "--head-unit",
+        choices=("group", "query"),
+        default="group",
+        help="head units: KV groups, or query heads (models with one KV head per layer)",
+    )
     inf.add_argument("--layers", action="store_true", help="also print per-layer widths")
     inf.set_defaults(func=_cmd_info)
     return p

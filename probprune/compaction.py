@@ -10,8 +10,8 @@ from __future__ import annotations
 import copy
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -19,12 +19,12 @@ from torch import nn
 
 from .errors import UserError
 from .files import dir_mode, file_mode, make_temp_dir, publish_dir
-from .mask_space import LayerKeep, MaskSpace
 from .heap import release_freed_heap
-from .shards import ShardReader, ShardWriter
+from .mask_space import LayerKeep, MaskSpace
 from .models import modeling_probprune
-from .models.registry import get_adapter
 from .models.modeling_probprune import PRUNED_CLASSES, resize_decoder_layer
+from .models.registry import get_adapter
+from .shards import ShardReader, ShardWriter
 
 
 def _rows(t: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor | None:
@@ -59,8 +59,13 @@ def surviving_layers(space: MaskSpace, mask: np.ndarray) -> list[LayerKeep | Non
 
 
 @torch.no_grad()
-def compact(model: nn.Module, space: MaskSpace, mask: np.ndarray, inplace: bool = False,
-            override: dict[int, dict[str, torch.Tensor]] | None = None) -> nn.Module:
+def compact(
+    model: nn.Module,
+    space: MaskSpace,
+    mask: np.ndarray,
+    inplace: bool = False,
+    override: dict[int, dict[str, torch.Tensor]] | None = None,
+) -> nn.Module:
     """Build the smaller model that computes what ``model`` computes under ``mask``.
 
     Args:
@@ -121,14 +126,17 @@ def _compact(
         attn_bias, mlp_bias = adapter.attn_out_bias(layer), adapter.mlp_out_bias(layer)
         if keep.kv_heads.numel():
             q_rows, kv_rows = _head_rows(keep.q_heads, d), _head_rows(keep.kv_heads, d)
-            attn_vals = {r: (_rows(p.w, q_rows if r == "q" else kv_rows), _rows(p.b, q_rows if r == "q" else kv_rows))
-                         for r, p in adapter.attn_in(layer).items()}
+            attn_vals = {
+                r: (_rows(p.w, q_rows if r == "q" else kv_rows), _rows(p.b, q_rows if r == "q" else kv_rows))
+                for r, p in adapter.attn_in(layer).items()
+            }
             o_w = _cols(adapter.attn_out(layer).weight, q_rows)
             if "o_proj" in new:
                 o_w = _replacement(new, "o_proj", o_w)
         if keep.channels.numel():
-            mlp_vals = {r: (_rows(p.w, keep.channels), _rows(p.b, keep.channels))
-                        for r, p in adapter.mlp_in(layer).items()}
+            mlp_vals = {
+                r: (_rows(p.w, keep.channels), _rows(p.b, keep.channels)) for r, p in adapter.mlp_in(layer).items()
+            }
             down_w = _cols(adapter.mlp_out(layer).weight, keep.channels)
             if "down_proj" in new:
                 down_w = _replacement(new, "down_proj", down_w)
@@ -149,8 +157,10 @@ def _compact(
         if mlp_vals is not None:
             _fill(adapter.mlp_in(layer), mlp_vals)
             adapter.mlp_out(layer).weight.data = down_w
-        for key, new_bias, old_bias in (("o_bias", adapter.attn_out_bias(layer), attn_bias),
-                                        ("down_bias", adapter.mlp_out_bias(layer), mlp_bias)):
+        for key, new_bias, old_bias in (
+            ("o_bias", adapter.attn_out_bias(layer), attn_bias),
+            ("down_bias", adapter.mlp_out_bias(layer), mlp_bias),
+        ):
             if new_bias is None:
                 continue
             value = old_bias.detach().clone() if old_bias is not None else torch.zeros_like(new_bias, device="cpu")
@@ -202,12 +212,17 @@ def layout_entry(model: nn.Module, li: int) -> dict:
     config = model.config
     if not getattr(config, "probprune_layout", None):
         adapter = get_adapter(model)
-        config.probprune_layout = [{
-            "num_key_value_heads": adapter.num_kv_heads(i),
-            "num_attention_heads": adapter.attn_out(i).in_features // adapter.head_dim if adapter.num_kv_heads(i) else 0,
-            "intermediate_size": adapter.num_channels(i),
-            "source_layer": int(getattr(adapter.attention(i), "probprune_source_layer", i)),
-        } for i in range(len(adapter.layers))]
+        config.probprune_layout = [
+            {
+                "num_key_value_heads": adapter.num_kv_heads(i),
+                "num_attention_heads": adapter.attn_out(i).in_features // adapter.head_dim
+                if adapter.num_kv_heads(i)
+                else 0,
+                "intermediate_size": adapter.num_channels(i),
+                "source_layer": int(getattr(adapter.attention(i), "probprune_source_layer", i)),
+            }
+            for i in range(len(adapter.layers))
+        ]
         base = getattr(config, "probprune_base_architecture", None) or type(model).__name__.removeprefix("ProbPruned")
         config.probprune_base_architecture = base
         model.__class__ = PRUNED_CLASSES[base]
@@ -264,9 +279,15 @@ def _put_parameter(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def compact_checkpoint(src: str | Path, space: MaskSpace, mask: np.ndarray, dst: str | Path, tokenizer=None,
-                       max_shard_bytes: int = 2 << 30,
-                       override: dict[int, dict[str, torch.Tensor]] | None = None) -> Path:
+def compact_checkpoint(
+    src: str | Path,
+    space: MaskSpace,
+    mask: np.ndarray,
+    dst: str | Path,
+    tokenizer=None,
+    max_shard_bytes: int = 2 << 30,
+    override: dict[int, dict[str, torch.Tensor]] | None = None,
+) -> Path:
     """Compact a saved model folder into ``dst`` without ever holding the model: one decoder layer at a time.
 
     The model is built on the ``meta`` device (no memory); each surviving layer's tensors are read from the source
@@ -324,8 +345,11 @@ def compact_checkpoint(src: str | Path, space: MaskSpace, mask: np.ndarray, dst:
         writer.finish()
         model.config.save_pretrained(tmp)
         for extra in src.iterdir():
-            names = ("generation_config",) if tokenizer is not None else (
-                "tokenizer", "special_tokens", "generation_config", "chat_template", "vocab", "merges")
+            names = (
+                ("generation_config",)
+                if tokenizer is not None
+                else ("tokenizer", "special_tokens", "generation_config", "chat_template", "vocab", "merges")
+            )
             if extra.is_file() and extra.name.startswith(names):
                 shutil.copy(extra, tmp / extra.name)
         _publish(model, tokenizer, tmp, dst)

@@ -163,14 +163,24 @@ def _section(cls: type) -> type:
 class ModelConfig:
     """Which model to prune and where it lives."""
 
-    name_or_path: Annotated[NonEmptyStr, Field(description=(
-        "Hugging Face hub id, local folder, `embedded:<name>` (shipped offline) or `tiny:<family>` (random test model)"
-    ))] = "embedded:smollm2-135m"
+    name_or_path: Annotated[
+        NonEmptyStr,
+        Field(
+            description=(
+                "Hugging Face hub id, local folder, `embedded:<name>` (shipped offline) or `tiny:<family>` (random test model)"
+            )
+        ),
+    ] = "embedded:smollm2-135m"
     dtype: Annotated[Literal["float32", "bfloat16", "float16"], Field(description="weights' dtype")] = "float32"
     device: Annotated[Str, _rule(_device), Field(description="where each replica's weights live")] = "cpu"
-    device_map: Annotated[DeviceMap | None, Field(description=(
-        "accelerate `device_map` that spreads one replica over several devices (a name or module -> device)"
-    ))] = None
+    device_map: Annotated[
+        DeviceMap | None,
+        Field(
+            description=(
+                "accelerate `device_map` that spreads one replica over several devices (a name or module -> device)"
+            )
+        ),
+    ] = None
     trust_remote_code: Annotated[Bool, Field(description="let transformers run the checkpoint's own code")] = False
 
 
@@ -178,33 +188,39 @@ class ModelConfig:
 class DataConfig:
     """Calibration and held-out text."""
 
-    source: Annotated[Literal["brown", "hf", "files"], Field(description=(
-        "`brown`: the embedded Brown corpus; `hf`: a `datasets` dataset; `files`: `data.paths`"
-    ))] = "brown"
+    source: Annotated[
+        Literal["brown", "hf", "files"],
+        Field(description=("`brown`: the embedded Brown corpus; `hf`: a `datasets` dataset; `files`: `data.paths`")),
+    ] = "brown"
     dataset: Annotated[Str | None, Field(description="hf: dataset name, e.g. `wikitext`, `allenai/c4`")] = None
-    dataset_config: Annotated[Str | None, Field(description=(
-        "hf: dataset config, e.g. `wikitext-2-raw-v1`, `en`"
-    ))] = None
+    dataset_config: Annotated[Str | None, Field(description=("hf: dataset config, e.g. `wikitext-2-raw-v1`, `en`"))] = (
+        None
+    )
     text_field: Annotated[NonEmptyStr, Field(description="hf / .jsonl: the record field holding the text")] = "text"
     train_split: Annotated[NonEmptyStr, Field(description="hf: calibration split")] = "train"
     test_split: Annotated[NonEmptyStr, Field(description="hf: held-out split")] = "test"
     paths: Annotated[list[DataPath], Field(description="files: calibration .txt / .jsonl files or folders")] = field(
         default_factory=list
     )
-    test_paths: Annotated[list[DataPath], Field(description=(
-        "files: held-out files (else `data.test_fraction` of `data.paths`)"
-    ))] = field(default_factory=list)
+    test_paths: Annotated[
+        list[DataPath], Field(description=("files: held-out files (else `data.test_fraction` of `data.paths`)"))
+    ] = field(default_factory=list)
     test_fraction: Annotated[Fraction, Field(description="brown / files: share of files held out")] = 0.1
-    split_seed: Annotated[Int, Field(ge=0, description=(
-        "seed of the split by file: fixed, so every run seed sees one test set"
-    ))] = 0
+    split_seed: Annotated[
+        Int, Field(ge=0, description=("seed of the split by file: fixed, so every run seed sees one test set"))
+    ] = 0
     block_len: Annotated[Int, Field(ge=8, description="calibration block length in tokens")] = 128
     calib_blocks: Annotated[Int, Field(ge=1, description="calibration blocks drawn from the calibration split")] = 1024
-    bos: Annotated[Literal["auto"] | Bool, Field(description=(
-        "a BOS token first in every calibration block and evaluation window: `auto` = where the model family "
-        "prescribes it (Gemma 3), none elsewhere (LLaMA-family numbers stay comparable with LLM-Pruner's protocol); "
-        "`true` / `false` force it"
-    ))] = "auto"
+    bos: Annotated[
+        Literal["auto"] | Bool,
+        Field(
+            description=(
+                "a BOS token first in every calibration block and evaluation window: `auto` = where the model family "
+                "prescribes it (Gemma 3), none elsewhere (LLaMA-family numbers stay comparable with LLM-Pruner's protocol); "
+                "`true` / `false` force it"
+            )
+        ),
+    ] = "auto"
 
 
 @_section
@@ -212,27 +228,45 @@ class MaskConfig:
     """Which units are prunable and how channels are grouped."""
 
     heads: Annotated[Bool, Field(description="attention head units are prunable")] = True
-    head_unit: Annotated[Literal["group", "query"], Field(description=(
-        "`group`: a head unit is one KV group with its query heads; `query`: one query head (models with one KV "
-        "head per layer, e.g. small Gemma 3, where a KV group is the layer's whole attention)"
-    ))] = "group"
+    head_unit: Annotated[
+        Literal["group", "query"],
+        Field(
+            description=(
+                "`group`: a head unit is one KV group with its query heads; `query`: one query head (models with one KV "
+                "head per layer, e.g. small Gemma 3, where a KV group is the layer's whole attention)"
+            )
+        ),
+    ] = "group"
     channels: Annotated[Bool, Field(description="MLP channel units are prunable")] = True
-    layers: Annotated[Bool, Field(description=(
-        "whole decoder layers are units too (needs `search.budget: params`)"
-    ))] = False
-    channel_block: Annotated[Int, Field(ge=1, description=(
-        "MLP channels per channel unit; every kept MLP width is a multiple of it (the paper: 1)"
-    ))] = 128
-    block_order: Annotated[Literal["index", "metric"], Field(description=(
-        "how channel blocks are formed in a layer: `metric` groups channels of similar Wanda-sp rank (the "
-        "permutation is saved), `index` takes them in order (the paper)"
-    ))] = "metric"
+    layers: Annotated[
+        Bool, Field(description=("whole decoder layers are units too (needs `search.budget: params`)"))
+    ] = False
+    channel_block: Annotated[
+        Int,
+        Field(
+            ge=1, description=("MLP channels per channel unit; every kept MLP width is a multiple of it (the paper: 1)")
+        ),
+    ] = 128
+    block_order: Annotated[
+        Literal["index", "metric"],
+        Field(
+            description=(
+                "how channel blocks are formed in a layer: `metric` groups channels of similar Wanda-sp rank (the "
+                "permutation is saved), `index` takes them in order (the paper)"
+            )
+        ),
+    ] = "metric"
     align: Annotated[Int, Field(ge=1, description="round kept MLP widths to a multiple of this (1 = off)")] = 1
-    shape: Annotated[Literal["free", "uniform"], Field(description=(
-        "`free`: per-layer widths; `uniform`: every layer keeps the same number of head groups and the same MLP "
-        "width (the search still learns which ones), so the pruned model is a stock checkpoint; needs "
-        "`search.method: units` and a `search.init` other than `best`"
-    ))] = "free"
+    shape: Annotated[
+        Literal["free", "uniform"],
+        Field(
+            description=(
+                "`free`: per-layer widths; `uniform`: every layer keeps the same number of head groups and the same MLP "
+                "width (the search still learns which ones), so the pruned model is a stock checkpoint; needs "
+                "`search.method: units` and a `search.init` other than `best`"
+            )
+        ),
+    ] = "free"
 
 
 @_section
@@ -240,45 +274,86 @@ class SearchConfig:
     """The policy-gradient search (defaults = the recommended search; the paper's is `preset: paper`)."""
 
     sparsity: Annotated[Fraction, Field(description="fraction of prunable parameters removed")] = 0.5
-    budget: Annotated[Literal["per_type", "params"], Field(description=(
-        "`per_type`: heads and channels each at the keep ratio; `params`: one parameter budget over all units"
-    ))] = "per_type"
-    method: Annotated[Literal["units", "allocation"], Field(description=(
-        "`allocation`: one keep fraction per (layer, unit type), units inside a layer ranked by Wanda-sp; "
-        "`units`: one keep probability per unit (the paper)"
-    ))] = "allocation"
+    budget: Annotated[
+        Literal["per_type", "params"],
+        Field(
+            description=(
+                "`per_type`: heads and channels each at the keep ratio; `params`: one parameter budget over all units"
+            )
+        ),
+    ] = "per_type"
+    method: Annotated[
+        Literal["units", "allocation"],
+        Field(
+            description=(
+                "`allocation`: one keep fraction per (layer, unit type), units inside a layer ranked by Wanda-sp; "
+                "`units`: one keep probability per unit (the paper)"
+            )
+        ),
+    ] = "allocation"
     steps: Annotated[Int, Field(ge=1, description="policy-gradient steps")] = 150
     masks_per_step: Annotated[Int, Field(ge=1, description="K: masks sampled and scored per step")] = 4
     batch_size: Annotated[Int, Field(ge=1, description="calibration blocks per step")] = 4
     lr: Annotated[Number, Field(gt=0, description="learning rate of the keep-probability logits")] = 0.1
     lr_schedule: Annotated[Literal["cosine", "constant"], Field(description="learning-rate schedule")] = "cosine"
-    baseline: Annotated[Literal["ema", "loo"], Field(description=(
-        "`loo`: each sample's baseline is the mean loss of the other K-1 (needs K >= 2); `ema`: moving average"
-    ))] = "loo"
+    baseline: Annotated[
+        Literal["ema", "loo"],
+        Field(
+            description=(
+                "`loo`: each sample's baseline is the mean loss of the other K-1 (needs K >= 2); `ema`: moving average"
+            )
+        ),
+    ] = "loo"
     ema_window: Annotated[Int, Field(ge=1, description="steps averaged by the `ema` baseline")] = 5
-    score_scaling: Annotated[Literal["sqrt", "exact"], Field(description=(
-        "scaling of the policy-gradient score: `sqrt` divides k - n*s by sqrt(n*s*(1-s)), `exact` by s*(1-s)"
-    ))] = "sqrt"
-    sampling: Annotated[Literal["independent", "antithetic"], Field(description=(
-        "`antithetic` samples masks in mirrored pairs (needs an even K)"
-    ))] = "independent"
-    init: Annotated[Literal["wanda-sp", "uniform", "random", "best"], Field(description=(
-        "start of the search: `best` = the forward-only baseline mask (or Wanda-sp init) with the lowest "
-        "check-set loss, pulled toward it as probs = (1 - init_mix) * mask + init_mix * (1 - sparsity); "
-        "`wanda` is read as `wanda-sp`"
-    ))] = "best"
-    init_blocks: Annotated[Int, Field(ge=1, description=(
-        "calibration blocks of the input statistics (Wanda-sp scores, `mask.block_order: metric`)"
-    ))] = 32
+    score_scaling: Annotated[
+        Literal["sqrt", "exact"],
+        Field(
+            description=(
+                "scaling of the policy-gradient score: `sqrt` divides k - n*s by sqrt(n*s*(1-s)), `exact` by s*(1-s)"
+            )
+        ),
+    ] = "sqrt"
+    sampling: Annotated[
+        Literal["independent", "antithetic"],
+        Field(description=("`antithetic` samples masks in mirrored pairs (needs an even K)")),
+    ] = "independent"
+    init: Annotated[
+        Literal["wanda-sp", "uniform", "random", "best"],
+        Field(
+            description=(
+                "start of the search: `best` = the forward-only baseline mask (or Wanda-sp init) with the lowest "
+                "check-set loss, pulled toward it as probs = (1 - init_mix) * mask + init_mix * (1 - sparsity); "
+                "`wanda` is read as `wanda-sp`"
+            )
+        ),
+    ] = "best"
+    init_blocks: Annotated[
+        Int,
+        Field(
+            ge=1,
+            description=("calibration blocks of the input statistics (Wanda-sp scores, `mask.block_order: metric`)"),
+        ),
+    ] = 32
     init_mix: Annotated[Fraction, Field(description="`best`: weight of the uniform keep ratio in the start")] = 0.25
-    objective: Annotated[Literal["ce", "kl"], Field(description=(
-        "`kl`: KL(dense || masked) on the calibration tokens (needs `engine.fast_path`); `ce`: next-token "
-        "cross-entropy (the paper)"
-    ))] = "kl"
-    check_blocks: Annotated[Int, Field(ge=0, description=(
-        "calibration blocks held out of the search's batches: the warm start is chosen on them, and the search "
-        "returns its own final mask or its start, whichever has the lower cross-entropy there (0 = off, the paper)"
-    ))] = 32
+    objective: Annotated[
+        Literal["ce", "kl"],
+        Field(
+            description=(
+                "`kl`: KL(dense || masked) on the calibration tokens (needs `engine.fast_path`); `ce`: next-token "
+                "cross-entropy (the paper)"
+            )
+        ),
+    ] = "kl"
+    check_blocks: Annotated[
+        Int,
+        Field(
+            ge=0,
+            description=(
+                "calibration blocks held out of the search's batches: the warm start is chosen on them, and the search "
+                "returns its own final mask or its start, whichever has the lower cross-entropy there (0 = off, the paper)"
+            ),
+        ),
+    ] = 32
     checkpoint_every: Annotated[Int, Field(ge=1, description="steps between search checkpoints")] = 50
     log_every: Annotated[Int, Field(ge=1, description="steps between log lines")] = 1
 
@@ -293,30 +368,48 @@ class EngineConfig:
     gpus_per_actor: Annotated[Number, Field(ge=0, description="ray: GPUs reserved per actor")] = 0.0
     threads: Annotated[Int | None, Field(ge=1, description="torch threads per process (null = torch's)")] = None
     address: Annotated[Str | None, Field(description="ray: cluster address, e.g. `auto`")] = None
-    fast_path: Annotated[Bool, Field(description=(
-        "score masks with gathered weights (compute only kept units); false: the batched masked forward"
-    ))] = True
-    scoring: Annotated[Literal["auto", "gathered", "batched"] | None, Field(description=(
-        "how masks are scored: `gathered` (each mask at its pruned width), `batched` (all K masks as per-row masks "
-        "in one dense forward), `auto` (time both on the first step, keep the faster); null = from `fast_path`"
-    ))] = None
-    memory_gib: Annotated[Number | None, Field(gt=0, description=(
-        "memory one device offers the run, GiB (null = detected: free GPU memory, or available RAM); `probprune "
-        "prune` refuses at start a configuration that `probprune plan` says does not fit"
-    ))] = None
+    fast_path: Annotated[
+        Bool,
+        Field(
+            description=(
+                "score masks with gathered weights (compute only kept units); false: the batched masked forward"
+            )
+        ),
+    ] = True
+    scoring: Annotated[
+        Literal["auto", "gathered", "batched"] | None,
+        Field(
+            description=(
+                "how masks are scored: `gathered` (each mask at its pruned width), `batched` (all K masks as per-row masks "
+                "in one dense forward), `auto` (time both on the first step, keep the faster); null = from `fast_path`"
+            )
+        ),
+    ] = None
+    memory_gib: Annotated[
+        Number | None,
+        Field(
+            gt=0,
+            description=(
+                "memory one device offers the run, GiB (null = detected: free GPU memory, or available RAM); `probprune "
+                "prune` refuses at start a configuration that `probprune plan` says does not fit"
+            ),
+        ),
+    ] = None
     max_retries: Annotated[Int, Field(ge=0, description="ray: times a lost actor's work is retried")] = 3
-    placement: Annotated[Literal["default", "spread"], Field(description=(
-        "ray: how actors are placed: `default` (Ray's: fills a node before the next) or `spread`"
-    ))] = "default"
+    placement: Annotated[
+        Literal["default", "spread"],
+        Field(description=("ray: how actors are placed: `default` (Ray's: fills a node before the next) or `spread`")),
+    ] = "default"
 
 
 @_section
 class EvalConfig:
     """Held-out perplexity evaluation."""
 
-    seq_lens: Annotated[list[Annotated[Int, Field(ge=8)]], Field(min_length=1, description=(
-        "window lengths in tokens, one perplexity each"
-    ))] = field(default_factory=lambda: [128, 2048])
+    seq_lens: Annotated[
+        list[Annotated[Int, Field(ge=8)]],
+        Field(min_length=1, description=("window lengths in tokens, one perplexity each")),
+    ] = field(default_factory=lambda: [128, 2048])
     max_tokens: Annotated[Int, Field(ge=1, description="held-out tokens evaluated per window length")] = 32768
     batch_size: Annotated[Int, Field(ge=1, description="windows per forward")] = 4
 
@@ -326,26 +419,44 @@ class ReconstructConfig:
     """Forward-only reconstruction of the kept output columns once the mask is chosen (:mod:`probprune.reconstruct`)."""
 
     enabled: Annotated[Bool, Field(description="re-fit the kept weights after the mask is chosen")] = False
-    target: Annotated[Literal["local", "dense"], Field(description=(
-        "`local`: the dense sublayer on the pruned model's own input; `dense`: the dense model's own activations"
-    ))] = "local"
-    mode: Annotated[Literal["bias", "refit", "refit+bias"], Field(description=(
-        "`refit`: ridge least squares of the kept output columns (no new parameters); `bias`: a mean-compensation "
-        "output bias; `refit+bias`: both"
-    ))] = "refit"
-    damping: Annotated[Number, Field(ge=0, description=(
-        "ridge λ relative to the mean diagonal of the Gram matrix"
-    ))] = 0.1
-    blocks: Annotated[Int, Field(ge=1, description=(
-        "calibration blocks used, the first ones (at most all but the check set)"
-    ))] = 128
-    removed_layers: Annotated[Bool, Field(description=(
-        "fold each span of removed layers into the down_proj of the kept layer before it (ReplaceMe; no new "
-        "parameters)"
-    ))] = False
-    choose: Annotated[Bool, Field(description=(
-        "the check-set choice compares search result and start, each with and without reconstruction"
-    ))] = True
+    target: Annotated[
+        Literal["local", "dense"],
+        Field(
+            description=(
+                "`local`: the dense sublayer on the pruned model's own input; `dense`: the dense model's own activations"
+            )
+        ),
+    ] = "local"
+    mode: Annotated[
+        Literal["bias", "refit", "refit+bias"],
+        Field(
+            description=(
+                "`refit`: ridge least squares of the kept output columns (no new parameters); `bias`: a mean-compensation "
+                "output bias; `refit+bias`: both"
+            )
+        ),
+    ] = "refit"
+    damping: Annotated[
+        Number, Field(ge=0, description=("ridge λ relative to the mean diagonal of the Gram matrix"))
+    ] = 0.1
+    blocks: Annotated[
+        Int, Field(ge=1, description=("calibration blocks used, the first ones (at most all but the check set)"))
+    ] = 128
+    removed_layers: Annotated[
+        Bool,
+        Field(
+            description=(
+                "fold each span of removed layers into the down_proj of the kept layer before it (ReplaceMe; no new "
+                "parameters)"
+            )
+        ),
+    ] = False
+    choose: Annotated[
+        Bool,
+        Field(
+            description=("the check-set choice compares search result and start, each with and without reconstruction")
+        ),
+    ] = True
 
 
 @_section
@@ -355,13 +466,15 @@ class SweepConfig:
     lr: Annotated[list[Annotated[Number, Field(gt=0)]], Field(description="values of `search.lr`")] = field(
         default_factory=list
     )
-    lr_range: Annotated[list[Annotated[Number, Field(gt=0)]] | None, Field(description=(
-        "[low, high]: `search.lr` drawn log-uniformly (instead of `sweep.lr`)"
-    ))] = None
+    lr_range: Annotated[
+        list[Annotated[Number, Field(gt=0)]] | None,
+        Field(description=("[low, high]: `search.lr` drawn log-uniformly (instead of `sweep.lr`)")),
+    ] = None
     sparsity: Annotated[list[Fraction], Field(description="values of `search.sparsity`")] = field(default_factory=list)
-    grid: Annotated[dict[Any, Any], Field(description=(
-        "more dotted keys -> lists of values, e.g. `{search.masks_per_step: [2, 8]}`"
-    ))] = field(default_factory=dict)
+    grid: Annotated[
+        dict[Any, Any],
+        Field(description=("more dotted keys -> lists of values, e.g. `{search.masks_per_step: [2, 8]}`")),
+    ] = field(default_factory=dict)
     num_samples: Annotated[Int, Field(ge=1, description="Tune samples per grid point")] = 1
     scheduler: Annotated[Literal["none", "asha"], Field(description="Tune trial scheduler")] = "none"
     search_alg: Annotated[Literal["grid", "optuna"], Field(description="Tune search algorithm")] = "grid"
@@ -381,12 +494,14 @@ class HealConfig:
     """
 
     tokens: Annotated[Int, Field(ge=0, description="calibration tokens to train on (0: no healing in `prune`)")] = 0
-    teacher: Annotated[Str | None, Field(description=(
-        "the dense model to distil from (default: `model.name_or_path`, the model the run pruned)"
-    ))] = None
-    teacher_dtype: Annotated[Literal["auto", "float32", "bfloat16", "float16"], Field(description=(
-        "teacher weights' dtype (`auto`: `model.dtype`)"
-    ))] = "auto"
+    teacher: Annotated[
+        Str | None,
+        Field(description=("the dense model to distil from (default: `model.name_or_path`, the model the run pruned)")),
+    ] = None
+    teacher_dtype: Annotated[
+        Literal["auto", "float32", "bfloat16", "float16"],
+        Field(description=("teacher weights' dtype (`auto`: `model.dtype`)")),
+    ] = "auto"
     block_len: Annotated[Int, Field(ge=8, description="tokens per training sequence")] = 128
     batch_size: Annotated[Int, Field(ge=1, description="sequences per optimizer step, over all workers together")] = 4
     grad_accum: Annotated[Int, Field(ge=1, description="micro-batches per step on each worker")] = 1
@@ -394,37 +509,40 @@ class HealConfig:
     warmup: Annotated[Number, Field(ge=0, lt=1, description="share of the steps spent warming up")] = 0.05
     weight_decay: Annotated[Number, Field(ge=0, description="AdamW weight decay")] = 0.0
     max_grad_norm: Annotated[Number, Field(ge=0, description="gradient-norm clipping (0: none)")] = 1.0
-    ce_weight: Annotated[Number, Field(ge=0, le=1, description=(
-        "loss = (1 - w)·KL(teacher ‖ student) + w·cross-entropy with the text"
-    ))] = 0.0
-    method: Annotated[Literal["full", "lora"], Field(description=(
-        "`full`: every parameter; `lora`: low-rank adapters (peft), merged back at the end"
-    ))] = "full"
+    ce_weight: Annotated[
+        Number, Field(ge=0, le=1, description=("loss = (1 - w)·KL(teacher ‖ student) + w·cross-entropy with the text"))
+    ] = 0.0
+    method: Annotated[
+        Literal["full", "lora"],
+        Field(description=("`full`: every parameter; `lora`: low-rank adapters (peft), merged back at the end")),
+    ] = "full"
     lora_rank: Annotated[Int, Field(ge=1, description="LoRA rank")] = 16
     lora_alpha: Annotated[Number, Field(gt=0, description="LoRA alpha")] = 32.0
-    lora_targets: Annotated[list[Str], Field(description=(
-        "LoRA module names ([] = every linear layer except the output head)"
-    ))] = field(default_factory=list)
-    autocast: Annotated[Literal["auto", "bf16", "off"], Field(description=(
-        "`auto`: bf16 autocast on CUDA, off on CPU"
-    ))] = "auto"
-    save_dtype: Annotated[Literal["float32", "bfloat16", "float16"], Field(description=(
-        "dtype of the healed model's saved weights"
-    ))] = "float32"
-    eval_every: Annotated[Int, Field(ge=0, description=(
-        "held-out perplexity every N steps (0: before and after only)"
-    ))] = 0
+    lora_targets: Annotated[
+        list[Str], Field(description=("LoRA module names ([] = every linear layer except the output head)"))
+    ] = field(default_factory=list)
+    autocast: Annotated[
+        Literal["auto", "bf16", "off"], Field(description=("`auto`: bf16 autocast on CUDA, off on CPU"))
+    ] = "auto"
+    save_dtype: Annotated[
+        Literal["float32", "bfloat16", "float16"], Field(description=("dtype of the healed model's saved weights"))
+    ] = "float32"
+    eval_every: Annotated[
+        Int, Field(ge=0, description=("held-out perplexity every N steps (0: before and after only)"))
+    ] = 0
     checkpoint_every: Annotated[Int, Field(ge=1, description="steps between training checkpoints")] = 50
-    workers: Annotated[Int, Field(ge=1, description=(
-        "> 1: data-parallel with Ray Train, one worker per GPU (or CPU slot)"
-    ))] = 1
+    workers: Annotated[
+        Int, Field(ge=1, description=("> 1: data-parallel with Ray Train, one worker per GPU (or CPU slot)"))
+    ] = 1
 
 
 def _heal_rules(h: HealConfig) -> list[str]:
     per_step = h.grad_accum * h.workers
     if h.batch_size % per_step:
-        return [f"heal.batch_size ({h.batch_size}) must be a multiple of heal.grad_accum ({h.grad_accum}) x "
-                f"heal.workers ({h.workers})"]
+        return [
+            f"heal.batch_size ({h.batch_size}) must be a multiple of heal.grad_accum ({h.grad_accum}) x "
+            f"heal.workers ({h.workers})"
+        ]
     return []
 
 
@@ -545,8 +663,13 @@ def _members(tp: Any) -> list[Any]:
     return [_unwrap(alt)[0] for alt in _alternatives(tp)]
 
 
-_BOUND_TYPES = {"gt": annotated_types.Gt, "ge": annotated_types.Ge, "lt": annotated_types.Lt, "le": annotated_types.Le,
-                "min_length": annotated_types.MinLen}
+_BOUND_TYPES = {
+    "gt": annotated_types.Gt,
+    "ge": annotated_types.Ge,
+    "lt": annotated_types.Lt,
+    "le": annotated_types.Le,
+    "min_length": annotated_types.MinLen,
+}
 
 
 def _constraints(tp: Any) -> dict[str, Any]:
@@ -734,25 +857,35 @@ def _cross_field(cfg: Config, bad: set[str]) -> list[str]:
     if ok("search.sampling", "search.masks_per_step") and s.sampling == "antithetic" and s.masks_per_step % 2:
         errors.append(f"search.sampling='antithetic' requires an even search.masks_per_step, got {s.masks_per_step}")
     if ok("search.init", "search.check_blocks") and s.init == "best" and s.check_blocks < 1:
-        errors.append("search.init='best' chooses its start on the check set and requires search.check_blocks >= 1, "
-                      f"got {s.check_blocks}")
+        errors.append(
+            "search.init='best' chooses its start on the check set and requires search.check_blocks >= 1, "
+            f"got {s.check_blocks}"
+        )
     if ok("engine.scoring", "engine.fast_path") and e.scoring == "gathered" and not e.fast_path:
         errors.append("engine.scoring='gathered' is the fast path and contradicts engine.fast_path=false")
     if ok("search.batch_size", "search.check_blocks", "data.calib_blocks") and (
         s.batch_size + s.check_blocks > d.calib_blocks
     ):
-        errors.append(f"search.batch_size ({s.batch_size}) + search.check_blocks ({s.check_blocks}) must be <= "
-                      f"data.calib_blocks ({d.calib_blocks})")
+        errors.append(
+            f"search.batch_size ({s.batch_size}) + search.check_blocks ({s.check_blocks}) must be <= "
+            f"data.calib_blocks ({d.calib_blocks})"
+        )
     if ok("search.init_blocks", "data.calib_blocks") and s.init_blocks > d.calib_blocks:
         errors.append(f"search.init_blocks ({s.init_blocks}) must be <= data.calib_blocks ({d.calib_blocks})")
     if ok("mask.shape", "search.method") and m.shape == "uniform" and s.method != "units":
-        errors.append("mask.shape='uniform' learns which units each layer keeps, not how many: it requires "
-                      f"search.method='units', got {s.method!r}")
+        errors.append(
+            "mask.shape='uniform' learns which units each layer keeps, not how many: it requires "
+            f"search.method='units', got {s.method!r}"
+        )
     if ok("mask.shape", "search.init") and m.shape == "uniform" and s.init == "best":
-        errors.append("mask.shape='uniform' starts from the Wanda-sp ranking: search.init='best' may pick a "
-                      "non-uniform baseline; use search.init='wanda-sp', 'uniform' or 'random'")
-    if ok("mask.shape", "mask.layers", "search.budget") and m.shape == "uniform" and (
-        m.layers or s.budget != "per_type"
+        errors.append(
+            "mask.shape='uniform' starts from the Wanda-sp ranking: search.init='best' may pick a "
+            "non-uniform baseline; use search.init='wanda-sp', 'uniform' or 'random'"
+        )
+    if (
+        ok("mask.shape", "mask.layers", "search.budget")
+        and m.shape == "uniform"
+        and (m.layers or s.budget != "per_type")
     ):
         errors.append("mask.shape='uniform' requires mask.layers=false and search.budget='per_type'")
     if ok("mask.shape", "mask.align") and m.shape == "uniform" and m.align > 1:
@@ -980,8 +1113,10 @@ def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
     errors: list[str] = []
     _apply_to_dict(data, overrides, errors)
     if _PRESET_KEY in data:
-        errors.append(f"override '{_PRESET_KEY}={data.pop(_PRESET_KEY)}': a preset applies when a config is loaded "
-                      "(load_config), under the file; a built config already sets every field")
+        errors.append(
+            f"override '{_PRESET_KEY}={data.pop(_PRESET_KEY)}': a preset applies when a config is loaded "
+            "(load_config), under the file; a built config already sets every field"
+        )
     return _finish(data, errors)
 
 
@@ -1003,8 +1138,10 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as exc:
-        raise UserError(f"cannot read config file {path}: it is not UTF-8 text (byte {exc.start}: "
-                        f"{exc.object[exc.start:exc.start + 1]!r})") from None
+        raise UserError(
+            f"cannot read config file {path}: it is not UTF-8 text (byte {exc.start}: "
+            f"{exc.object[exc.start : exc.start + 1]!r})"
+        ) from None
     except OSError as exc:
         raise UserError(f"cannot read config file {path}: {exc.strerror or exc}") from None
     except yaml.MarkedYAMLError as exc:
@@ -1090,8 +1227,12 @@ def reference_markdown() -> str:
         "",
     ]
     if _RENAMED_KEYS:
-        lines += ["Old key names that still load (with a warning): "
-                  + ", ".join(f"`{o}` → `{n}`" for o, n in _RENAMED_KEYS.items()) + ".", ""]
+        lines += [
+            "Old key names that still load (with a warning): "
+            + ", ".join(f"`{o}` → `{n}`" for o, n in _RENAMED_KEYS.items())
+            + ".",
+            "",
+        ]
     hints = _hints(Config)
     paper = _read_yaml(_PRESETS / "paper.yaml")
     for top in dataclasses.fields(Config):
@@ -1102,13 +1243,18 @@ def reference_markdown() -> str:
         if top.name == "sweep":
             lines += ["The section is optional (`null`, the default: no sweep).", ""]
         lines += [_HEADER, "|---|---|---|---|---|---|"]
-        lines += [_row(f"{top.name}.{f.name}", f, _hints(cls)[f.name], paper.get(top.name, {}))
-                  for f in dataclasses.fields(cls)]
+        lines += [
+            _row(f"{top.name}.{f.name}", f, _hints(cls)[f.name], paper.get(top.name, {}))
+            for f in dataclasses.fields(cls)
+        ]
         lines.append("")
     lines += ["## Top level", "", _HEADER, "|---|---|---|---|---|---|"]
     lines += [_row(f.name, f, hints[f.name], paper) for f in dataclasses.fields(Config) if f.name not in _SECTIONS]
-    lines.append(f"| `{_PRESET_KEY}` | a string or null | `null` | | one of "
-                 + ", ".join(repr(p) for p in presets()) + " | settings loaded under the file's |")
+    lines.append(
+        f"| `{_PRESET_KEY}` | a string or null | `null` | | one of "
+        + ", ".join(repr(p) for p in presets())
+        + " | settings loaded under the file's |"
+    )
     return "\n".join(lines) + "\n"
 
 

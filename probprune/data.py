@@ -31,9 +31,10 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence, TypeVar
+from typing import Any, TypeVar
 
 import torch
 from tqdm.auto import tqdm
@@ -411,7 +412,7 @@ def _load_hf(cfg: Any) -> Corpus:
     def rows(split: str) -> list[str]:
         try:
             ds = datasets.load_dataset(cfg.dataset, cfg.dataset_config, split=split)
-        except Exception as e:  # noqa: BLE001 - any hub/cache failure means the same thing to the user
+        except Exception as e:
             raise UserError(
                 f"data.dataset={cfg.dataset!r} (config {cfg.dataset_config!r}, split {split!r}) could not be "
                 f"loaded: {type(e).__name__}: {e}. Without hub access use data.source=brown (the embedded corpus) "
@@ -510,7 +511,7 @@ def cached_token_stream(
     if path.is_file():
         try:
             return torch.load(path, weights_only=True).long()
-        except Exception:  # noqa: BLE001 - a corrupt cache entry is just recomputed
+        except Exception:
             pass
     stream = tokenize_stream(tokenizer, docs)
     dtype = torch.int32 if stream.numel() == 0 or int(stream.max()) < 2**31 else torch.long
@@ -562,13 +563,16 @@ def resolve_bos(setting: bool | str, tokenizer: Any, family_wants_bos: bool) -> 
     if bos is None and setting == "auto":
         return None
     if bos is None:
-        raise UserError(f"data.bos={setting!r} needs a beginning-of-sequence token, but the tokenizer has none "
-                        "(bos_token_id is None): set data.bos=false")
+        raise UserError(
+            f"data.bos={setting!r} needs a beginning-of-sequence token, but the tokenizer has none "
+            "(bos_token_id is None): set data.bos=false"
+        )
     return int(bos)
 
 
-def cut_windows(tokens: torch.Tensor, length: int, max_windows: int | None = None,
-                bos_id: int | None = None) -> torch.LongTensor:
+def cut_windows(
+    tokens: torch.Tensor, length: int, max_windows: int | None = None, bos_id: int | None = None
+) -> torch.LongTensor:
     """Non-overlapping windows of ``length`` tokens from the start of a token stream (full windows only).
 
     Without ``bos_id`` a window is ``length`` consecutive stream tokens; with it, the BOS id followed by the next

@@ -61,8 +61,12 @@ log = logging.getLogger(__name__)
 
 DIRECT_OUTTYPES = ("f32", "f16", "bf16", "q8_0")  # written by this module
 # quantized by llama.cpp from the f16 export: outtype -> the name of llama.cpp's file type (llama_ftype)
-LLAMA_QUANTS = {"q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
-                "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K", "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0"}
+LLAMA_QUANTS = {
+    "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
+    "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
+    "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K",
+    "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
+}
 OUTTYPES = (*DIRECT_OUTTYPES, *LLAMA_QUANTS)
 SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM")
 # llama.cpp's pre-tokenizer name for a byte-level BPE tokenizer, keyed by the sha256 of the ids it gives PROBE_TEXT.
@@ -109,7 +113,7 @@ def _check_supported(model: torch.nn.Module) -> None:
     from .models.modeling_probprune import EmptyAttention, EmptyMLP
 
     cfg = model.config
-    arch = (getattr(cfg, "probprune_base_architecture", None) or (cfg.architectures or [type(model).__name__])[0])
+    arch = getattr(cfg, "probprune_base_architecture", None) or (cfg.architectures or [type(model).__name__])[0]
     if arch not in SUPPORTED:
         raise UserError(f"GGUF export supports {', '.join(SUPPORTED)}; this model is {arch}")
     if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
@@ -169,8 +173,10 @@ def _write_tokenizer(writer, folder: Path, tokenizer, vocab_size: int, pre_token
         raise UserError(f"GGUF export: {folder} has no tokenizer.json (a fast tokenizer is needed)")
     spec = json.loads(tj.read_text(encoding="utf-8"))
     if (spec.get("model") or {}).get("type") != "BPE" or "ByteLevel" not in json.dumps(spec.get("pre_tokenizer")):
-        raise UserError("GGUF export supports byte-level BPE tokenizers (GPT-2 style); this tokenizer is "
-                        f"{(spec.get('model') or {}).get('type')!r}")
+        raise UserError(
+            "GGUF export supports byte-level BPE tokenizers (GPT-2 style); this tokenizer is "
+            f"{(spec.get('model') or {}).get('type')!r}"
+        )
     vocab = tokenizer.get_vocab()  # token -> id, added tokens included
     by_id = {i: t for t, i in vocab.items()}
     added = {a["content"]: a for a in spec.get("added_tokens", [])}
@@ -189,8 +195,10 @@ def _write_tokenizer(writer, folder: Path, tokenizer, vocab_size: int, pre_token
     if pre_tokenizer is None:
         pre_tokenizer = PRE_TOKENIZERS.get(tokenizer_fingerprint(tokenizer))
         if pre_tokenizer is None:
-            log.warning("GGUF export: unknown byte-level BPE pre-tokenizer; writing 'default' (pass "
-                        "--pre-tokenizer NAME with llama.cpp's name for it if text generation in llama.cpp matters)")
+            log.warning(
+                "GGUF export: unknown byte-level BPE pre-tokenizer; writing 'default' (pass "
+                "--pre-tokenizer NAME with llama.cpp's name for it if text generation in llama.cpp matters)"
+            )
             pre_tokenizer = "default"
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre_tokenizer)
@@ -210,8 +218,11 @@ def _tensor(writer, name: str, t: torch.Tensor, outtype: str) -> None:
     if data.ndim == 1 or outtype == "f32":
         writer.add_tensor(name, np.ascontiguousarray(data, dtype=np.float32))
         return
-    kind = {"f16": gguf.GGMLQuantizationType.F16, "bf16": gguf.GGMLQuantizationType.BF16,
-            "q8_0": gguf.GGMLQuantizationType.Q8_0}[outtype]
+    kind = {
+        "f16": gguf.GGMLQuantizationType.F16,
+        "bf16": gguf.GGMLQuantizationType.BF16,
+        "q8_0": gguf.GGMLQuantizationType.Q8_0,
+    }[outtype]
     if kind == gguf.GGMLQuantizationType.F16:
         writer.add_tensor(name, data.astype(np.float16))
         return
@@ -227,9 +238,11 @@ def require_llama_cpp():
     try:
         import llama_cpp
     except ImportError:
-        raise UserError("k-quant and q4_0 GGUF files are made by llama.cpp's quantizer: pip install "
-                        "'probprune[llamacpp]' (llama-cpp-python; builds llama.cpp from source, about 12 CPU-minutes "
-                        f"once), or use --outtype {' / '.join(DIRECT_OUTTYPES)}") from None
+        raise UserError(
+            "k-quant and q4_0 GGUF files are made by llama.cpp's quantizer: pip install "
+            "'probprune[llamacpp]' (llama-cpp-python; builds llama.cpp from source, about 12 CPU-minutes "
+            f"once), or use --outtype {' / '.join(DIRECT_OUTTYPES)}"
+        ) from None
     return llama_cpp
 
 
@@ -248,8 +261,10 @@ def quantize_gguf(src: str | Path, dst: str | Path, outtype: str, threads: int =
     params.nthread = threads
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
     if rc != 0:
-        raise UserError(f"llama.cpp could not quantize {src} to {outtype} (llama_model_quantize returned {rc}; "
-                        "its log above says why)")
+        raise UserError(
+            f"llama.cpp could not quantize {src} to {outtype} (llama_model_quantize returned {rc}; "
+            "its log above says why)"
+        )
 
 
 def cpu_has_amx() -> bool:
@@ -299,8 +314,9 @@ def tensor_types(path: str | Path) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def export_gguf(model_dir: str | Path, output: str | Path, outtype: str = "f16",
-                pre_tokenizer: str | None = None) -> dict[str, Any]:
+def export_gguf(
+    model_dir: str | Path, output: str | Path, outtype: str = "f16", pre_tokenizer: str | None = None
+) -> dict[str, Any]:
     """Write ``model_dir`` (a folder ``probprune prune`` wrote, or any supported model) as one GGUF file.
 
     Args:
@@ -390,8 +406,14 @@ def _write_gguf(model_dir: str | Path, output: Path, outtype: str, pre_tokenizer
         writer.add_value_length(head_dim)
         writer.add_rope_dimension_count(head_dim)
         writer.add_vocab_size(int(cfg.vocab_size))
-        writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                              "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype])
+        writer.add_file_type(
+            {
+                "f32": gguf.LlamaFileType.ALL_F32,
+                "f16": gguf.LlamaFileType.MOSTLY_F16,
+                "bf16": gguf.LlamaFileType.MOSTLY_BF16,
+                "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+            }[outtype]
+        )
         _write_tokenizer(writer, folder, tokenizer, int(cfg.vocab_size), pre_tokenizer)
 
         base = model.model
@@ -439,5 +461,10 @@ def _write_gguf(model_dir: str | Path, output: Path, outtype: str, pre_tokenizer
         if isinstance(err, OSError):
             raise UserError(f"could not write {output}: {err}") from None
         raise
-    return {"path": str(output), "arch": arch, "layers": len(shapes), "bytes": output.stat().st_size,
-            "shapes": [{"n_head": w[0], "n_head_kv": w[1], "n_ff": w[2]} for w in written]}
+    return {
+        "path": str(output),
+        "arch": arch,
+        "layers": len(shapes),
+        "bytes": output.stat().st_size,
+        "shapes": [{"n_head": w[0], "n_head_kv": w[1], "n_ff": w[2]} for w in written],
+    }

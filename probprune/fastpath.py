@@ -21,7 +21,7 @@ mask's matmuls may not fill the device, it might.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -37,8 +37,10 @@ def _check_binary(masks: torch.Tensor) -> None:
     bad = (masks != 0) & (masks != 1)
     if bool(bad.any()):
         v = float(masks[bad][0])
-        raise ValueError(f"the gathered path needs 0/1 masks (a unit is kept or not), got a value {v}; "
-                         "use probprune.masked_forward.masked_losses for soft masks")
+        raise ValueError(
+            f"the gathered path needs 0/1 masks (a unit is kept or not), got a value {v}; "
+            "use probprune.masked_forward.masked_losses for soft masks"
+        )
 
 
 def _as_masks(space: MaskSpace, masks: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -101,8 +103,15 @@ def _plan_on_devices(adapter: FamilyAdapter, plan: list[LayerKeep | None]) -> li
     return out
 
 
-def _run_layers(adapter: FamilyAdapter, inputs: _Inputs, plan: list[LayerKeep | None], ws: fn.Workspace,
-                h: torch.Tensor, layers: range, entering: list[torch.Tensor] | None = None) -> torch.Tensor:
+def _run_layers(
+    adapter: FamilyAdapter,
+    inputs: _Inputs,
+    plan: list[LayerKeep | None],
+    ws: fn.Workspace,
+    h: torch.Tensor,
+    layers: range,
+    entering: list[torch.Tensor] | None = None,
+) -> torch.Tensor:
     """Run ``layers`` of the decoder under a plan already on its devices (:func:`_plan_on_devices`), from ``h``
     ``[B, T, H]``; with ``entering``, append the hidden state that enters each layer. Returns ``[B, T, H]``."""
     for li in layers:
@@ -124,8 +133,9 @@ def _final_norm(adapter: FamilyAdapter, h: torch.Tensor) -> torch.Tensor:
     return norm(h.to(next(norm.parameters()).device))
 
 
-def _forward_plan(adapter: FamilyAdapter, inputs: _Inputs, plan: list[LayerKeep | None],
-                  ws: fn.Workspace) -> torch.Tensor:
+def _forward_plan(
+    adapter: FamilyAdapter, inputs: _Inputs, plan: list[LayerKeep | None], ws: fn.Workspace
+) -> torch.Tensor:
     """Decoder stack + final norm under one mask's plan (:meth:`MaskSpace.plan`). Returns ``[B, T, H]``."""
     h = _run_layers(adapter, inputs, _plan_on_devices(adapter, plan), ws, inputs.embeds, range(len(adapter.layers)))
     return _final_norm(adapter, h)
@@ -191,8 +201,10 @@ def gathered_losses(
             ``masks_per_forward != 1``.
     """
     if masks_per_forward != 1:
-        raise ValueError(f"masks_per_forward must be 1 on the gathered path (got {masks_per_forward}): several masks "
-                         "per forward does not pay on CPU; use probprune.masked_forward.masked_losses(max_rows=...) to batch")
+        raise ValueError(
+            f"masks_per_forward must be 1 on the gathered path (got {masks_per_forward}): several masks "
+            "per forward does not pay on CPU; use probprune.masked_forward.masked_losses(max_rows=...) to batch"
+        )
     m = _as_masks(space, masks)
     _check_batch(batch, 2)
     uniq, inverse = torch.unique(m, dim=0, return_inverse=True)  # [U, N], [K]

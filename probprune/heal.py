@@ -24,9 +24,10 @@ import math
 import random
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,8 +47,9 @@ _CHECKPOINT_VERSION = 1
 
 
 # ------------------------------------------------------------------------------------------------------------ loss
-def distill_loss(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor, input_ids: torch.Tensor,
-                 ce_weight: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+def distill_loss(
+    student_logits: torch.Tensor, teacher_logprobs: torch.Tensor, input_ids: torch.Tensor, ce_weight: float = 0.0
+) -> tuple[torch.Tensor, dict[str, float]]:
     """(1 − ce_weight)·KL(teacher ‖ student) + ce_weight·CE, each a mean over tokens.
 
     Args:
@@ -90,8 +92,10 @@ class BlockStream:
 
         self.blocks = cut_windows(tokens, int(block_len), None, bos_id)  # [n, T]; with bos_id the BOS first
         if self.blocks.shape[0] < 1:
-            raise UserError(f"heal.block_len={block_len}: the calibration split has only {tokens.numel()} tokens, "
-                            "less than one block")
+            raise UserError(
+                f"heal.block_len={block_len}: the calibration split has only {tokens.numel()} tokens, "
+                "less than one block"
+            )
         self.seed = int(seed)
         self._perm: tuple[int, torch.Tensor] | None = None
 
@@ -160,8 +164,10 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, targets: list[str] | N
     wanted = list(targets) if targets else sorted(linear)
     missing = [t for t in wanted if t not in linear]
     if missing:
-        raise UserError(f"heal.lora_targets={list(targets or [])!r}: {missing} name no linear layer of the model "
-                        f"(its linear layers: {sorted(linear)})")
+        raise UserError(
+            f"heal.lora_targets={list(targets or [])!r}: {missing} name no linear layer of the model "
+            f"(its linear layers: {sorted(linear)})"
+        )
     cfg = LoraConfig(r=int(rank), lora_alpha=float(alpha), lora_dropout=0.0, target_modules=wanted, bias="none")
     return get_peft_model(model, cfg)
 
@@ -224,12 +230,13 @@ def check_memory(need: dict[str, int], device: torch.device) -> int:
 
         free, where = psutil.virtual_memory().available, "this machine (available memory)"
     if need["total"] > free:
-        gib = lambda x: f"{x / 2**30:.2f} GiB"  # noqa: E731
+        gib = lambda x: f"{x / 2**30:.2f} GiB"
         raise UserError(
             f"heal: one worker needs about {gib(need['total'])} (student {gib(need['student'])} with gradients and "
             f"optimizer state, teacher {gib(need['teacher'])}, activations {gib(need['activations'])}) but "
             f"{where} has {gib(free)}; lower heal.batch_size or raise heal.grad_accum, use heal.method=lora, a "
-            "bfloat16 heal.teacher_dtype, or a larger device")
+            "bfloat16 heal.teacher_dtype, or a larger device"
+        )
     return int(free)
 
 
@@ -289,14 +296,29 @@ def _trainable(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(path: Path, model: nn.Module, opt, sched, step: int, tokens_seen: int, history: list,
-                    fingerprint: str, before: dict | None) -> None:
+def save_checkpoint(
+    path: Path,
+    model: nn.Module,
+    opt,
+    sched,
+    step: int,
+    tokens_seen: int,
+    history: list,
+    fingerprint: str,
+    before: dict | None,
+) -> None:
     """Write the training state atomically (:func:`probprune.files.write_atomic`)."""
     state = {
-        "version": _CHECKPOINT_VERSION, "fingerprint": fingerprint, "step": step, "tokens_seen": tokens_seen,
+        "version": _CHECKPOINT_VERSION,
+        "fingerprint": fingerprint,
+        "step": step,
+        "tokens_seen": tokens_seen,
         "model": {n: p.detach().clone() for n, p in _trainable(model).items()},
-        "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": _rng_state(),
-        "history": history, "before": before,
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "rng": _rng_state(),
+        "history": history,
+        "before": before,
     }
     write_atomic(path, lambda tmp: torch.save(state, tmp))
 
@@ -305,7 +327,7 @@ def checkpoint_fingerprint(path: Path) -> str | None:
     """The fingerprint stored in a heal checkpoint (None if unreadable)."""
     try:
         return torch.load(path, map_location="cpu", weights_only=False).get("fingerprint")
-    except Exception:  # noqa: BLE001 - an unreadable checkpoint is reported by the caller
+    except Exception:
         return None
 
 
@@ -318,8 +340,15 @@ def _evaluate(model: nn.Module, job: HealJob, label: str) -> dict[str, dict[str,
 
     out = {}
     for name, tokens in {"test": job.test_tokens, **job.extra_eval}.items():
-        res = evaluate_ppl(model, tokens, job.seq_lens, max_tokens=job.eval_max_tokens,
-                           batch_size=job.eval_batch_size, progress=job.progress, bos_id=job.bos_id)
+        res = evaluate_ppl(
+            model,
+            tokens,
+            job.seq_lens,
+            max_tokens=job.eval_max_tokens,
+            batch_size=job.eval_batch_size,
+            progress=job.progress,
+            bos_id=job.bos_id,
+        )
         out[name] = {str(k): float(v) for k, v in res.items()}
     log.info("%s perplexity: %s", label, out)
     return out
@@ -343,10 +372,15 @@ class _Dist:
             torch.distributed.barrier()
 
 
-def train_worker(job: HealJob, rank: int = 0, world_size: int = 1,
-                 prepare: Callable[[nn.Module], nn.Module] | None = None,
-                 report: Callable[[dict], None] | None = None,
-                 stop_after: int | None = None, on_step: Callable[[int, dict], None] | None = None) -> dict | None:
+def train_worker(
+    job: HealJob,
+    rank: int = 0,
+    world_size: int = 1,
+    prepare: Callable[[nn.Module], nn.Module] | None = None,
+    report: Callable[[dict], None] | None = None,
+    stop_after: int | None = None,
+    on_step: Callable[[int, dict], None] | None = None,
+) -> dict | None:
     """The training loop of one worker; rank 0 evaluates, writes checkpoints, metrics and the healed model.
 
     Args:
@@ -384,8 +418,13 @@ def train_worker(job: HealJob, rank: int = 0, world_size: int = 1,
     need = memory_estimate(student, teacher, h, lora)
     free = check_memory(need, device)
     if rank == 0:
-        log.info("memory per worker: student %.2f GiB, teacher %.2f GiB, activations %.2f GiB (free %.1f GiB)",
-                 need["student"] / 2**30, need["teacher"] / 2**30, need["activations"] / 2**30, free / 2**30)
+        log.info(
+            "memory per worker: student %.2f GiB, teacher %.2f GiB, activations %.2f GiB (free %.1f GiB)",
+            need["student"] / 2**30,
+            need["teacher"] / 2**30,
+            need["activations"] / 2**30,
+            free / 2**30,
+        )
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=h.lr, weight_decay=h.weight_decay)
     steps = job.steps
@@ -407,8 +446,9 @@ def train_worker(job: HealJob, rank: int = 0, world_size: int = 1,
     model = prepare(student) if prepare is not None else student
     if before is None and rank == 0:
         before = _evaluate(_unwrap(model), job, "before healing")
-        before["teacher"] = {"test": job.teacher_ppl} if job.teacher_ppl is not None else _evaluate(teacher, job,
-                                                                                                      "teacher")
+        before["teacher"] = (
+            {"test": job.teacher_ppl} if job.teacher_ppl is not None else _evaluate(teacher, job, "teacher")
+        )
     use_autocast = h.autocast == "bf16" or (h.autocast == "auto" and device.type == "cuda")
     micro = h.batch_size // (world_size * h.grad_accum)
     t0, t_train = time.perf_counter(), 0.0
@@ -448,9 +488,17 @@ def train_worker(job: HealJob, rank: int = 0, world_size: int = 1,
             tokens_seen += h.batch_size * h.block_len
             dt = time.perf_counter() - ts
             t_train += dt
-            rec = {"step": step + 1, "loss": loss_g, "kl": kl_g, "ce": None if math.isnan(ce_g) else ce_g,
-                   "lr": sched.get_last_lr()[0], "grad_norm": grad_norm, "tokens": tokens_seen,
-                   "tokens_per_s": h.batch_size * h.block_len / dt, "seconds": t_train}
+            rec = {
+                "step": step + 1,
+                "loss": loss_g,
+                "kl": kl_g,
+                "ce": None if math.isnan(ce_g) else ce_g,
+                "lr": sched.get_last_lr()[0],
+                "grad_norm": grad_norm,
+                "tokens": tokens_seen,
+                "tokens_per_s": h.batch_size * h.block_len / dt,
+                "seconds": t_train,
+            }
             history.append(rec)
             in_update = False
             if h.eval_every and (step + 1) % h.eval_every == 0 and step + 1 < steps and rank == 0:
@@ -466,16 +514,18 @@ def train_worker(job: HealJob, rank: int = 0, world_size: int = 1,
                 report({k: v for k, v in rec.items() if k != "eval"})
             if (step + 1) % h.checkpoint_every == 0 or step + 1 == steps or (stop_after and step + 1 == stop_after):
                 if rank == 0:
-                    save_checkpoint(ckpt, _unwrap(model), opt, sched, step + 1, tokens_seen, history,
-                                    job.fingerprint, before)
+                    save_checkpoint(
+                        ckpt, _unwrap(model), opt, sched, step + 1, tokens_seen, history, job.fingerprint, before
+                    )
                 saved_step = step + 1
                 dist.barrier()
             if on_step is not None and rank == 0:
                 on_step(step + 1, rec)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM (the CLI turns it into one): keep the last whole step
         if rank == 0 and not in_update and len(history) > saved_step:
-            save_checkpoint(ckpt, _unwrap(model), opt, sched, len(history), tokens_seen, history, job.fingerprint,
-                            before)
+            save_checkpoint(
+                ckpt, _unwrap(model), opt, sched, len(history), tokens_seen, history, job.fingerprint, before
+            )
             log.warning("healing interrupted after step %d; checkpoint written, continue with --resume", len(history))
         raise
     finally:
@@ -492,16 +542,23 @@ def train_worker(job: HealJob, rank: int = 0, world_size: int = 1,
     healed = healed.to(_dtype(h.save_dtype))
     save_pruned(healed, out / "model", tok)
     first = history[: max(1, min(10, len(history) // 10))]
-    last = history[-max(1, min(10, len(history) // 10)):]
+    last = history[-max(1, min(10, len(history) // 10)) :]
     teacher_ppl = before.pop("teacher")
     return {
-        "teacher_ppl": teacher_ppl, "before_ppl": before, "after_ppl": after, "steps": steps, "tokens_seen": tokens_seen,
-        "train_seconds": round(t_train, 2), "wall_seconds_this_process": round(time.perf_counter() - t0, 2),
+        "teacher_ppl": teacher_ppl,
+        "before_ppl": before,
+        "after_ppl": after,
+        "steps": steps,
+        "tokens_seen": tokens_seen,
+        "train_seconds": round(t_train, 2),
+        "wall_seconds_this_process": round(time.perf_counter() - t0, 2),
         "tokens_per_s": round(tokens_seen / t_train, 2) if t_train else None,
-        "first_kl": float(np.mean([r["kl"] for r in first])), "last_kl": float(np.mean([r["kl"] for r in last])),
-        "evals": [{"step": r["step"], "tokens": r["tokens"], "seconds": r["seconds"], "ppl": r["eval"]}
-                  for r in evals],
-        "memory_per_worker_bytes": need, "workers": world_size, "method": h.method,
+        "first_kl": float(np.mean([r["kl"] for r in first])),
+        "last_kl": float(np.mean([r["kl"] for r in last])),
+        "evals": [{"step": r["step"], "tokens": r["tokens"], "seconds": r["seconds"], "ppl": r["eval"]} for r in evals],
+        "memory_per_worker_bytes": need,
+        "workers": world_size,
+        "method": h.method,
     }
 
 
@@ -538,8 +595,8 @@ def _vocab_size(name_or_path: str) -> tuple[int, int | None]:
 
 def _wants_bos(name_or_path: str) -> bool:
     """Whether the model's family prescribes a BOS token first in every sequence (from its shapes only)."""
-    from .models.registry import get_adapter
     from .models.loading import load_skeleton
+    from .models.registry import get_adapter
 
     model, _ = load_skeleton(name_or_path)
     return get_adapter(model).wants_bos
@@ -552,32 +609,49 @@ def check_heal_output(output: Path, resume: bool) -> bool:
     has_files = output.exists() and any(p.name != LOCK_NAME for p in output.iterdir())  # our own lock aside
     if not resume:
         if has_files:
-            raise UserError(f"--output {output} is not empty; pass --resume to continue a heal there, or choose "
-                            "another folder")
+            raise UserError(
+                f"--output {output} is not empty; pass --resume to continue a heal there, or choose another folder"
+            )
         return False
     if (output / CHECKPOINT_NAME).exists():
         if (output / SUMMARY).exists():
             raise UserError(f"--resume: {output} already holds a finished heal ({SUMMARY})")
         return True
     if has_files:
-        raise UserError(f"--resume: {output} holds no heal checkpoint ({CHECKPOINT_NAME}); choose an empty or new "
-                        "--output (without --resume)")
+        raise UserError(
+            f"--resume: {output} holds no heal checkpoint ({CHECKPOINT_NAME}); choose an empty or new "
+            "--output (without --resume)"
+        )
     return False
 
 
 def heal_fingerprint(cfg: Any, student: str, teacher: str) -> str:
     """Hash of everything that decides the training trajectory (not the evaluation settings)."""
-    d = {"student": str(student), "teacher": teacher, "heal": asdict(cfg.heal), "data": asdict(cfg.data),
-         "seed": cfg.seed, "device": cfg.model.device}
+    d = {
+        "student": str(student),
+        "teacher": teacher,
+        "heal": asdict(cfg.heal),
+        "data": asdict(cfg.data),
+        "seed": cfg.seed,
+        "device": cfg.model.device,
+    }
     d["heal"].pop("eval_every"), d["heal"].pop("checkpoint_every")
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 @holds_output_lock("output")
-def heal(cfg: Any, model: str | Path, output: str | Path, teacher: str | None = None, resume: bool = False,
-         progress: bool = True, teacher_ppl: dict[str, float] | None = None,
-         extra_eval: dict[str, torch.Tensor] | None = None, stop_after: int | None = None,
-         on_step: Callable[[int, dict], None] | None = None) -> dict[str, Any]:
+def heal(
+    cfg: Any,
+    model: str | Path,
+    output: str | Path,
+    teacher: str | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    teacher_ppl: dict[str, float] | None = None,
+    extra_eval: dict[str, torch.Tensor] | None = None,
+    stop_after: int | None = None,
+    on_step: Callable[[int, dict], None] | None = None,
+) -> dict[str, Any]:
     """Heal the model in folder ``model`` toward ``teacher``; write ``output/model``, ``summary.json``,
     ``metrics.jsonl``, ``config.yaml`` and the checkpoint ``heal_checkpoint.pt``.
 
@@ -616,11 +690,14 @@ def heal(cfg: Any, model: str | Path, output: str | Path, teacher: str | None = 
     v_student, context = _vocab_size(model)
     v_teacher, _ = _vocab_size(teacher)
     if v_student != v_teacher:
-        raise UserError(f"--teacher {teacher}: its vocabulary has {v_teacher} tokens but the model to heal ({model}) "
-                        f"has {v_student}; distillation needs the same tokenizer")
+        raise UserError(
+            f"--teacher {teacher}: its vocabulary has {v_teacher} tokens but the model to heal ({model}) "
+            f"has {v_student}; distillation needs the same tokenizer"
+        )
     if context is not None and hc.block_len > context:
-        raise UserError(f"heal.block_len={hc.block_len} exceeds the model's context (max_position_embeddings="
-                        f"{context})")
+        raise UserError(
+            f"heal.block_len={hc.block_len} exceeds the model's context (max_position_embeddings={context})"
+        )
     tok = load_tokenizer(model)
     bos_id = resolve_bos(cfg.data.bos, tok, _wants_bos(model))
     corpus = load_corpus(cfg.data, seed=cfg.data.split_seed)
@@ -628,15 +705,30 @@ def heal(cfg: Any, model: str | Path, output: str | Path, teacher: str | None = 
     BlockStream(calib, hc.block_len, cfg.seed, bos_id)  # a corpus too short for one block fails here, before any write
     fp = heal_fingerprint(cfg, model, teacher)
     if resuming and checkpoint_fingerprint(output / CHECKPOINT_NAME) != fp:
-        raise UserError(f"--resume: the heal checkpoint in {output} belongs to other settings (model, teacher, data "
-                        "or heal.* differ); run it with the settings in its config.yaml, or choose another --output")
+        raise UserError(
+            f"--resume: the heal checkpoint in {output} belongs to other settings (model, teacher, data "
+            "or heal.* differ); run it with the settings in its config.yaml, or choose another --output"
+        )
     teacher_dtype = cfg.model.dtype if hc.teacher_dtype == "auto" else hc.teacher_dtype
     device = cfg.model.device if cfg.model.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     job = HealJob(
-        student=model, teacher=teacher, teacher_dtype=teacher_dtype, heal=asdict(hc), seed=cfg.seed, device=device,
-        calib_tokens=calib, test_tokens=test_stream(tok, corpus), seq_lens=list(cfg.eval.seq_lens),
-        eval_max_tokens=cfg.eval.max_tokens, eval_batch_size=cfg.eval.batch_size, output=str(output),
-        resume=resuming, fingerprint=fp, progress=progress, teacher_ppl=teacher_ppl, extra_eval=dict(extra_eval or {}),
+        student=model,
+        teacher=teacher,
+        teacher_dtype=teacher_dtype,
+        heal=asdict(hc),
+        seed=cfg.seed,
+        device=device,
+        calib_tokens=calib,
+        test_tokens=test_stream(tok, corpus),
+        seq_lens=list(cfg.eval.seq_lens),
+        eval_max_tokens=cfg.eval.max_tokens,
+        eval_batch_size=cfg.eval.batch_size,
+        output=str(output),
+        resume=resuming,
+        fingerprint=fp,
+        progress=progress,
+        teacher_ppl=teacher_ppl,
+        extra_eval=dict(extra_eval or {}),
         bos_id=bos_id,
     )
     from .files import dir_mode
@@ -662,13 +754,25 @@ def heal(cfg: Any, model: str | Path, output: str | Path, teacher: str | None = 
     if "interrupted_at_step" in result:
         return result
     summary = {
-        "model": model, "teacher": teacher, "teacher_dtype": teacher_dtype, "data": corpus.name, "seed": cfg.seed,
-        "heal": asdict(hc), **result,
-        "ratio_to_teacher": {name: {k: round(v / result["teacher_ppl"][name][k], 4) for k, v in ppl.items()}
-                             for name, ppl in result["after_ppl"].items() if name in result["teacher_ppl"]},
+        "model": model,
+        "teacher": teacher,
+        "teacher_dtype": teacher_dtype,
+        "data": corpus.name,
+        "seed": cfg.seed,
+        "heal": asdict(hc),
+        **result,
+        "ratio_to_teacher": {
+            name: {k: round(v / result["teacher_ppl"][name][k], 4) for k, v in ppl.items()}
+            for name, ppl in result["after_ppl"].items()
+            if name in result["teacher_ppl"]
+        },
         "calibration_tokens_available": int(calib.numel()),
-        "eval": {"seq_lens": list(cfg.eval.seq_lens), "max_tokens": cfg.eval.max_tokens,
-                 "held_out_tokens": int(job.test_tokens.numel()), "protocol": protocol(bos_id)},
+        "eval": {
+            "seq_lens": list(cfg.eval.seq_lens),
+            "max_tokens": cfg.eval.max_tokens,
+            "held_out_tokens": int(job.test_tokens.numel()),
+            "protocol": protocol(bos_id),
+        },
         "wall_seconds": round(time.perf_counter() - t_start, 2),
     }
     write_text_atomic(output / SUMMARY, json.dumps(summary, indent=2) + "\n")
@@ -679,18 +783,24 @@ def format_heal_summary(summary: dict[str, Any]) -> str:
     """The table ``probprune heal`` prints: teacher, before and after, per held-out set and window length."""
     lens = list(summary["teacher_ppl"]["test"])
     rows = ["| model | held-out | " + " | ".join(f"PPL@{n}" for n in lens) + " |", "|" + "---|" * (2 + len(lens))]
-    for label, key in (("teacher (dense)", "teacher_ppl"), ("before healing", "before_ppl"),
-                       ("after healing", "after_ppl")):
+    for label, key in (
+        ("teacher (dense)", "teacher_ppl"),
+        ("before healing", "before_ppl"),
+        ("after healing", "after_ppl"),
+    ):
         for name, ppl in summary[key].items():
             rows.append(f"| {label} | {name} | " + " | ".join(f"{ppl.get(n, float('nan')):.2f}" for n in lens) + " |")
-    foot = (f"healed {summary['tokens_seen']:,} tokens in {summary['steps']} steps ({summary['method']}, "
-            f"{summary['workers']} worker(s)), {summary['tokens_per_s']} tokens/s, KL {summary['first_kl']:.3f} -> "
-            f"{summary['last_kl']:.3f} nats/token; wall time {summary['wall_seconds']:.0f} s")
+    foot = (
+        f"healed {summary['tokens_seen']:,} tokens in {summary['steps']} steps ({summary['method']}, "
+        f"{summary['workers']} worker(s)), {summary['tokens_per_s']} tokens/s, KL {summary['first_kl']:.3f} -> "
+        f"{summary['last_kl']:.3f} nats/token; wall time {summary['wall_seconds']:.0f} s"
+    )
     return "\n".join(rows) + "\n\n" + foot
 
 
-def heal_run(cfg: Any, run: str | Path, dense_ppl: dict[str, float] | None = None,
-             progress: bool = True) -> dict[str, Any]:
+def heal_run(
+    cfg: Any, run: str | Path, dense_ppl: dict[str, float] | None = None, progress: bool = True
+) -> dict[str, Any]:
     """The last step of ``probprune prune … heal.tokens=N``: heal ``run/model`` toward ``model.name_or_path`` (or
     ``heal.teacher``) into ``run/heal`` and return the record for the run's ``summary.json``.
 
@@ -698,8 +808,26 @@ def heal_run(cfg: Any, run: str | Path, dense_ppl: dict[str, float] | None = Non
     """
     run = Path(run)
     teacher_ppl = dense_ppl if cfg.heal.teacher_dtype in ("auto", cfg.model.dtype) else None
-    s = heal(cfg, run / "model", run / "heal", teacher=cfg.heal.teacher or cfg.model.name_or_path,
-             teacher_ppl=teacher_ppl, progress=progress)
-    keys = ("teacher_ppl", "before_ppl", "after_ppl", "ratio_to_teacher", "steps", "tokens_seen", "tokens_per_s",
-            "train_seconds", "wall_seconds", "method", "first_kl", "last_kl")
+    s = heal(
+        cfg,
+        run / "model",
+        run / "heal",
+        teacher=cfg.heal.teacher or cfg.model.name_or_path,
+        teacher_ppl=teacher_ppl,
+        progress=progress,
+    )
+    keys = (
+        "teacher_ppl",
+        "before_ppl",
+        "after_ppl",
+        "ratio_to_teacher",
+        "steps",
+        "tokens_seen",
+        "tokens_per_s",
+        "train_seconds",
+        "wall_seconds",
+        "method",
+        "first_kl",
+        "last_kl",
+    )
     return {"model": "heal/model", **{k: s[k] for k in keys}}

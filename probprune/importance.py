@@ -32,8 +32,8 @@ Calibration statistics come from :func:`collect_input_stats`, one forward pass o
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -42,9 +42,8 @@ from torch import nn
 
 from .errors import UserError
 from .mask_space import CHANNEL, HEAD, LAYER, MaskSpace
-from .models.registry import model_device
 from .models.base import FamilyAdapter
-
+from .models.registry import model_device
 
 
 # ------------------------------------------------------------------------------------------- calibration stats
@@ -92,9 +91,11 @@ def collect_input_stats(adapter: FamilyAdapter, blocks: torch.Tensor, batch_size
             x = x.reshape(-1, x.shape[-1])  # [B*T, C]
             entry = acc[key][li]
             if entry is None:
-                entry = acc[key][li] = {"sumsq": torch.zeros(x.shape[-1], dtype=torch.float64, device=x.device),
-                                        "sum": torch.zeros(x.shape[-1], dtype=torch.float64, device=x.device),
-                                        "count": 0}
+                entry = acc[key][li] = {
+                    "sumsq": torch.zeros(x.shape[-1], dtype=torch.float64, device=x.device),
+                    "sum": torch.zeros(x.shape[-1], dtype=torch.float64, device=x.device),
+                    "count": 0,
+                }
             entry["sumsq"] += (x * x).sum(0)
             entry["sum"] += x.sum(0)
             entry["count"] += x.shape[0]
@@ -460,13 +461,16 @@ class Criterion:
     summary: str
 
 
-CRITERIA: dict[str, Criterion] = {c.name: c for c in (
-    Criterion("wanda-sp", "stats", "Σ |W|·‖X‖ over the output-projection columns a unit feeds"),
-    Criterion("magnitude", "weights", "L2 norm of the weights a unit owns"),
-    Criterion("flap", "stats", "Var(X)·‖W‖² fluctuation, standardised per unit type across layers"),
-    Criterion("taylor", "gradients", "Σ |w·∂L/∂w| over the weights a unit owns"),
-    Criterion("block-influence", "stats", "1 − cos(layer input, layer output); layer units only"),
-)}
+CRITERIA: dict[str, Criterion] = {
+    c.name: c
+    for c in (
+        Criterion("wanda-sp", "stats", "Σ |W|·‖X‖ over the output-projection columns a unit feeds"),
+        Criterion("magnitude", "weights", "L2 norm of the weights a unit owns"),
+        Criterion("flap", "stats", "Var(X)·‖W‖² fluctuation, standardised per unit type across layers"),
+        Criterion("taylor", "gradients", "Σ |w·∂L/∂w| over the weights a unit owns"),
+        Criterion("block-influence", "stats", "1 − cos(layer input, layer output); layer units only"),
+    )
+}
 
 
 def criterion_scores(

@@ -8,7 +8,7 @@ are cast to float32 before the softmax whatever the model's dtype, and only a fe
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -62,8 +62,9 @@ def teacher_logprobs(adapter, hidden: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def sequence_losses(adapter, hidden: torch.Tensor, input_ids: torch.Tensor,
-                    teacher: torch.Tensor | None = None, to_cpu: bool = True) -> torch.Tensor:
+def sequence_losses(
+    adapter, hidden: torch.Tensor, input_ids: torch.Tensor, teacher: torch.Tensor | None = None, to_cpu: bool = True
+) -> torch.Tensor:
     """Per-sequence mean over next-token positions of the cross-entropy (or of KL(teacher ‖ model)).
 
     Args:

@@ -142,8 +142,10 @@ class MaskSpace:
         if self.query_heads and self.include_heads:
             many = [li for li, ls in enumerate(self.layers) if ls.num_kv_heads > 1]
             if many:
-                raise ValueError(f"query-head units need at most one KV head per layer; layer {many[0]} has "
-                                 f"{self.layers[many[0]].num_kv_heads} (use KV-group units)")
+                raise ValueError(
+                    f"query-head units need at most one KV head per layer; layer {many[0]} has "
+                    f"{self.layers[many[0]].num_kv_heads} (use KV-group units)"
+                )
         types, lays, idx, cost = [], [], [], []
         if self.include_heads:
             for li, ls in enumerate(self.layers):
@@ -266,7 +268,8 @@ class MaskSpace:
                 heads[:, ul[hsel], ui[hsel]] = m[:, hsel]
                 for li, ls in enumerate(self.layers):
                     qheads[:, li, : ls.num_query_heads] = heads[:, li, : ls.num_kv_heads].repeat_interleave(
-                        ls.group_size, dim=1)
+                        ls.group_size, dim=1
+                    )
         src, dst = self._channel_scatter()
         if src.numel():
             channels.view(k, -1)[:, dst] = m[:, src]  # every channel takes its block's value, in one indexing op
@@ -319,8 +322,9 @@ class MaskSpace:
         if e["layers"].dim() == 1:
             e = {key: v[None] for key, v in e.items()}
         # numpy: a few microseconds per small op where torch takes tens (this runs per mask and layer)
-        keep_layer, heads, qheads, channels = (e[key][k].detach().cpu().numpy() > 0.5
-                                               for key in ("layers", "heads", "qheads", "channels"))
+        keep_layer, heads, qheads, channels = (
+            e[key][k].detach().cpu().numpy() > 0.5 for key in ("layers", "heads", "qheads", "channels")
+        )
         out: list[LayerKeep | None] = []
         for li, ls in enumerate(self.layers):
             if not keep_layer[li]:

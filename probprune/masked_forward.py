@@ -14,16 +14,16 @@ K·B rows. On a GPU where one pruned-width mask-forward is launch-bound this can
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import numpy as np
 import torch
 
 from .losses import sequence_losses, teacher_logprobs
 from .mask_space import MaskSpace
-from .models.registry import model_device
 from .models.base import FamilyAdapter
+from .models.registry import model_device
 
 
 def _scale_rows(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
@@ -134,8 +134,11 @@ def masked_losses(
     Returns:
         ``[K]`` float64: mean over the batch of each sequence's mean next-token loss under each mask.
     """
-    masks_t = masks.detach().to("cpu", torch.float32) if isinstance(masks, torch.Tensor) else torch.from_numpy(
-        np.array(masks, dtype=np.float32))  # a copy: a read-only array (Ray's object store) must not be aliased
+    masks_t = (
+        masks.detach().to("cpu", torch.float32)
+        if isinstance(masks, torch.Tensor)
+        else torch.from_numpy(np.array(masks, dtype=np.float32))
+    )  # a copy: a read-only array (Ray's object store) must not be aliased
     if masks_t.dim() == 1:
         masks_t = masks_t[None]
     uniq, inverse = torch.unique(masks_t, dim=0, return_inverse=True)  # [U, N], [K]

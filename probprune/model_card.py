@@ -60,13 +60,15 @@ def base_model_info(name_or_path: str) -> tuple[str | None, str | None]:
     if local.exists():
         meta = _front_matter(local / CARD_NAME)
         base = meta.get("base_model")
-        return (base[0] if isinstance(base, list) and base else base if isinstance(base, str) else None,
-                meta.get("license"))
+        return (
+            base[0] if isinstance(base, list) and base else base if isinstance(base, str) else None,
+            meta.get("license"),
+        )
     try:
         from huggingface_hub import try_to_load_from_cache
 
         cached = try_to_load_from_cache(name_or_path, CARD_NAME)
-    except Exception:  # noqa: BLE001 - a malformed id or an unreadable cache: the licence stays unknown
+    except Exception:
         cached = None
     meta = _front_matter(Path(cached)) if isinstance(cached, str) else {}
     return name_or_path, meta.get("license")
@@ -85,10 +87,13 @@ def _dense_shape(name_or_path: str) -> dict[str, int] | None:
             from .models.loading import resolve_model_path
 
             c = AutoConfig.from_pretrained(resolve_model_path(name_or_path))
-        return {"layers": c.num_hidden_layers, "heads": c.num_attention_heads,
-                "kv_heads": getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
-                "mlp": c.intermediate_size}
-    except Exception as err:  # noqa: BLE001 - the card is still written, without the dense column
+        return {
+            "layers": c.num_hidden_layers,
+            "heads": c.num_attention_heads,
+            "kv_heads": getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
+            "mlp": c.intermediate_size,
+        }
+    except Exception as err:
         log.warning("model card: cannot read the base model's config (%s); the widths table has no dense column", err)
         return None
 
@@ -99,9 +104,15 @@ def _layout(model_config: dict[str, Any]) -> list[dict[str, int]]:
         return layout
     n = model_config["num_hidden_layers"]
     src = model_config.get("probprune_source_layers") or list(range(n))
-    return [{"num_attention_heads": model_config["num_attention_heads"],
-             "num_key_value_heads": model_config["num_key_value_heads"],
-             "intermediate_size": model_config["intermediate_size"], "source_layer": s} for s in src]
+    return [
+        {
+            "num_attention_heads": model_config["num_attention_heads"],
+            "num_key_value_heads": model_config["num_key_value_heads"],
+            "intermediate_size": model_config["intermediate_size"],
+            "source_layer": s,
+        }
+        for s in src
+    ]
 
 
 def widths_table(model_config: dict[str, Any], dense: dict[str, int] | None) -> str:
@@ -111,9 +122,11 @@ def widths_table(model_config: dict[str, Any], dense: dict[str, int] | None) -> 
     rows = ["| layer | from dense layer | query heads | KV heads | MLP channels |", "|---|---|---|---|---|"]
     layout = _layout(model_config)
     for i, s in enumerate(layout):
-        rows.append(f"| {i} | {s.get('source_layer', i)} | {of(s['num_attention_heads'], d.get('heads'))} | "
-                    f"{of(s['num_key_value_heads'], d.get('kv_heads'))} | "
-                    f"{of(s['intermediate_size'], d.get('mlp'))} |")
+        rows.append(
+            f"| {i} | {s.get('source_layer', i)} | {of(s['num_attention_heads'], d.get('heads'))} | "
+            f"{of(s['num_key_value_heads'], d.get('kv_heads'))} | "
+            f"{of(s['intermediate_size'], d.get('mlp'))} |"
+        )
     if dense:
         gone = sorted(set(range(dense["layers"])) - {s.get("source_layer", i) for i, s in enumerate(layout)})
         if gone:
@@ -133,25 +146,41 @@ def _ppl_table(summary: dict[str, Any]) -> str:
 
     rows.append(row("dense (base model)", summary["dense_ppl"], p["dense_total"], {"prunable": 0, "total": 0}))
     if summary.get("init_ppl"):
-        rows.append(row(f"start of the search ({summary['init']})", summary["init_ppl"], summary["init_total"],
-                        summary["init_sparsity"]))
-    rows.append(row(f"**this model** ({summary.get('method_label', 'probprune search')})", summary["pruned_ppl"],
-                    p["pruned_total"], sp))
+        rows.append(
+            row(
+                f"start of the search ({summary['init']})",
+                summary["init_ppl"],
+                summary["init_total"],
+                summary["init_sparsity"],
+            )
+        )
+    rows.append(
+        row(
+            f"**this model** ({summary.get('method_label', 'probprune search')})",
+            summary["pruned_ppl"],
+            p["pruned_total"],
+            sp,
+        )
+    )
     return "\n".join(rows)
 
 
 def _protocol(summary: dict[str, Any], cfg: Config) -> str:
     ev, cal = summary["eval"], summary["calibration"]
     s = summary.get("search") or {}
-    text = (f"Perplexity = exp(mean next-token cross-entropy) over non-overlapping windows of the given length on the "
-            f"held-out split of `{summary['data']}` (split by file, never seen in calibration; at most "
-            f"{ev['max_tokens']:,} of its {ev['held_out_tokens']:,} tokens per length), computed in "
-            f"`{summary['dtype']}`. Calibration: {cal['blocks']:,} blocks of {cal['block_len']} tokens from the "
-            f"training split, seed {summary['seed']}. Prunable sparsity counts attention and MLP parameters; total "
-            f"sparsity counts every parameter (embeddings included).")
+    text = (
+        f"Perplexity = exp(mean next-token cross-entropy) over non-overlapping windows of the given length on the "
+        f"held-out split of `{summary['data']}` (split by file, never seen in calibration; at most "
+        f"{ev['max_tokens']:,} of its {ev['held_out_tokens']:,} tokens per length), computed in "
+        f"`{summary['dtype']}`. Calibration: {cal['blocks']:,} blocks of {cal['block_len']} tokens from the "
+        f"training split, seed {summary['seed']}. Prunable sparsity counts attention and MLP parameters; total "
+        f"sparsity counts every parameter (embeddings included)."
+    )
     if s:
-        text += (f" Search: {s['steps']} steps × {s['num_samples']} masks × {s['batch_size']} sequences "
-                 f"({s.get('method')}, {s.get('objective')} objective, lr {s.get('lr')}).")
+        text += (
+            f" Search: {s['steps']} steps × {s['num_samples']} masks × {s['batch_size']} sequences "
+            f"({s.get('method')}, {s.get('objective')} objective, lr {s.get('lr')})."
+        )
     return text
 
 
@@ -170,8 +199,10 @@ def _units(cfg: Config) -> str:
 def _command(summary: dict[str, Any]) -> str:
     method = summary.get("method")
     if method:
-        return (f"probprune baseline --method {method} --sparsity {summary['sparsity']['prunable']:g} "
-                "--config config.yaml --output runs/reproduced")
+        return (
+            f"probprune baseline --method {method} --sparsity {summary['sparsity']['prunable']:g} "
+            "--config config.yaml --output runs/reproduced"
+        )
     return "probprune prune --config config.yaml --output runs/reproduced"
 
 
@@ -208,45 +239,91 @@ def render_card(model_dir: str | Path, summary: dict[str, Any], cfg: Config) -> 
     parts = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", ""]
     title = cfg.name if cfg.name != "probprune" else f"{(base or cfg.model.name_or_path).split('/')[-1]}-pruned"
     parts += [f"# {title} (pruned with probprune)", ""]
-    parts += [f"{source} with {sp['prunable']:.1%} of its attention and MLP parameters removed by structured pruning "
-              f"({summary.get('method_label', 'probprune search')}): {p['pruned_total']:,} of "
-              f"{p['dense_total']:,} parameters remain ({sp['total']:.1%} fewer). Units removed: {_units(cfg)}; "
-              "nothing was fine-tuned afterwards. "
-              f"Weights are stored in `{model_config.get('dtype', summary['dtype'])}`.", ""]
-    parts += ["## What was removed", "",
-              "Kept / dense, per decoder layer" + (" (layers have different widths)" if per_layer else "") + ":", "",
-              widths_table(model_config, _dense_shape(cfg.model.name_or_path)), ""]
+    parts += [
+        f"{source} with {sp['prunable']:.1%} of its attention and MLP parameters removed by structured pruning "
+        f"({summary.get('method_label', 'probprune search')}): {p['pruned_total']:,} of "
+        f"{p['dense_total']:,} parameters remain ({sp['total']:.1%} fewer). Units removed: {_units(cfg)}; "
+        "nothing was fine-tuned afterwards. "
+        f"Weights are stored in `{model_config.get('dtype', summary['dtype'])}`.",
+        "",
+    ]
+    parts += [
+        "## What was removed",
+        "",
+        "Kept / dense, per decoder layer" + (" (layers have different widths)" if per_layer else "") + ":",
+        "",
+        widths_table(model_config, _dense_shape(cfg.model.name_or_path)),
+        "",
+    ]
     parts += ["## Quality", "", _ppl_table(summary), "", _protocol(summary, cfg), ""]
-    parts += ["## How to load it", "", "```python", "import probprune", "",
-              'model = probprune.load_pruned("PATH/TO/THIS/FOLDER")  # dtype="auto": the saved dtype; device_map= too',
-              "```", ""]
+    parts += [
+        "## How to load it",
+        "",
+        "```python",
+        "import probprune",
+        "",
+        'model = probprune.load_pruned("PATH/TO/THIS/FOLDER")  # dtype="auto": the saved dtype; device_map= too',
+        "```",
+        "",
+    ]
     if per_layer:
         digest = hashlib.sha256(modeling.read_bytes()).hexdigest()[:16] if modeling.exists() else "?"
-        parts += ["Its layers have different widths (`probprune_layout` in `config.json`), which stock transformers "
-                  "classes cannot build. `probprune.load_pruned` builds them with probprune's own classes and runs no "
-                  "code from this folder. Without probprune, `AutoModelForCausalLM.from_pretrained(path, "
-                  "trust_remote_code=True)` imports and **executes** this folder's `modeling_probprune.py` (probprune's "
-                  f"pruned-model classes, sha256 {digest}…): read it first, and use that only for folders you trust.",
-                  ""]
+        parts += [
+            "Its layers have different widths (`probprune_layout` in `config.json`), which stock transformers "
+            "classes cannot build. `probprune.load_pruned` builds them with probprune's own classes and runs no "
+            "code from this folder. Without probprune, `AutoModelForCausalLM.from_pretrained(path, "
+            "trust_remote_code=True)` imports and **executes** this folder's `modeling_probprune.py` (probprune's "
+            f"pruned-model classes, sha256 {digest}…): read it first, and use that only for folders you trust.",
+            "",
+        ]
     else:
-        parts += ["Every layer has the same shape, so this is a stock checkpoint: "
-                  "`AutoModelForCausalLM.from_pretrained(path)` loads it too; `trust_remote_code=True` is not needed "
-                  "and would execute nothing (the folder holds no Python file).", ""]
-    parts += ["## llama.cpp (GGUF)", "", "```bash",
-              "probprune export --model PATH/TO/THIS/FOLDER --output model-f16.gguf --outtype f16",
-              "pip install 'probprune[llamacpp]'  # k-quants use llama.cpp's own quantizer",
-              "probprune export --model PATH/TO/THIS/FOLDER --output model-q4_k_m.gguf --outtype q4_k_m", "```", "",
-              ("Layers of different widths are written as llama.cpp's `deci` architecture (per-layer head counts "
-               "and MLP widths, as for Nemotron-NAS models)." if per_layer else
-               "The file uses llama.cpp's plain `llama` architecture."), ""]
+        parts += [
+            "Every layer has the same shape, so this is a stock checkpoint: "
+            "`AutoModelForCausalLM.from_pretrained(path)` loads it too; `trust_remote_code=True` is not needed "
+            "and would execute nothing (the folder holds no Python file).",
+            "",
+        ]
+    parts += [
+        "## llama.cpp (GGUF)",
+        "",
+        "```bash",
+        "probprune export --model PATH/TO/THIS/FOLDER --output model-f16.gguf --outtype f16",
+        "pip install 'probprune[llamacpp]'  # k-quants use llama.cpp's own quantizer",
+        "probprune export --model PATH/TO/THIS/FOLDER --output model-q4_k_m.gguf --outtype q4_k_m",
+        "```",
+        "",
+        (
+            "Layers of different widths are written as llama.cpp's `deci` architecture (per-layer head counts "
+            "and MLP widths, as for Nemotron-NAS models)."
+            if per_layer
+            else "The file uses llama.cpp's plain `llama` architecture."
+        ),
+        "",
+    ]
     as_run = _as_run()
-    parts += ["## Reproduce", "", "Save the config below as `config.yaml` and run (same seed, same data, same numbers "
-              "up to the thread count's float rounding):", "", "```bash", _command(summary), "```", ""]
+    parts += [
+        "## Reproduce",
+        "",
+        "Save the config below as `config.yaml` and run (same seed, same data, same numbers "
+        "up to the thread count's float rounding):",
+        "",
+        "```bash",
+        _command(summary),
+        "```",
+        "",
+    ]
     if as_run:
         parts += [f"This folder was written by `{as_run}`.", ""]
-    parts += ["<details><summary>config.yaml</summary>", "", "```yaml",
-              yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None).strip(), "```", "",
-              "</details>", ""]
+    parts += [
+        "<details><summary>config.yaml</summary>",
+        "",
+        "```yaml",
+        yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None).strip(),
+        "```",
+        "",
+        "</details>",
+        "",
+    ]
     return "\n".join(parts)
 
 

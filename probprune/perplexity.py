@@ -43,12 +43,15 @@ def protocol(bos_id: int | None) -> str:
     """The evaluation protocol in words (``summary.json``'s ``eval.protocol``)."""
     if bos_id is None:
         return "non-overlapping windows"
-    return (f"non-overlapping windows, each the BOS (id {bos_id}) then seq_len - 1 held-out tokens; the BOS is never "
-            "a target, so a window scores seq_len - 1 tokens")
+    return (
+        f"non-overlapping windows, each the BOS (id {bos_id}) then seq_len - 1 held-out tokens; the BOS is never "
+        "a target, so a window scores seq_len - 1 tokens"
+    )
 
 
-def held_out_windows(tokens: torch.Tensor, seq_len: int, max_tokens: int | None,
-                     bos_id: int | None = None) -> torch.Tensor:
+def held_out_windows(
+    tokens: torch.Tensor, seq_len: int, max_tokens: int | None, bos_id: int | None = None
+) -> torch.Tensor:
     """The non-overlapping full windows ``[W, seq_len]`` from the start of ``tokens``, at most
     ``max_tokens // seq_len`` of them; with ``bos_id`` each is the BOS then ``seq_len - 1`` stream tokens
     (:func:`probprune.data.cut_windows`).
@@ -112,9 +115,10 @@ def perplexity(
     model.eval()
     total_nll = 0.0  # float64 accumulator
     try:
-        with torch.inference_mode(), tqdm(
-            total=n_windows, desc=desc or f"ppl@{eff_len}", unit="win", disable=not progress, leave=False
-        ) as bar:
+        with (
+            torch.inference_mode(),
+            tqdm(total=n_windows, desc=desc or f"ppl@{eff_len}", unit="win", disable=not progress, leave=False) as bar,
+        ):
             for start in range(0, n_windows, batch_size):
                 x = windows[start : start + batch_size].to(device)  # [B, T]
                 logits = model(input_ids=x, use_cache=False).logits  # [B, T, V]

@@ -15,10 +15,11 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,15 +30,29 @@ from .data import load_corpus, resolve_bos, test_stream
 from .engine import Engine
 from .engine.tasks import baseline_mask, criterion_scores, flap_compensation, input_stats, warm_start_candidates
 from .errors import UserError
-from .perplexity import protocol
 from .mask_space import MaskSpace
+from .perplexity import protocol
 from .policy import Policy, random_probs, scores_to_probs, uniform_probs
 from .run_folder import RunFolder, masks_record
 from .runlock import holds_output_lock
 from .session import Session, build_space, measure, prepare
 
-__all__ = ["Session", "build_space", "prepare", "measure", "prune", "run_baseline", "evaluate_folder",
-           "initial_probs", "final_mask", "build_policy", "fingerprint", "warm_start", "choose", "finish"]
+__all__ = [
+    "Session",
+    "build_space",
+    "prepare",
+    "measure",
+    "prune",
+    "run_baseline",
+    "evaluate_folder",
+    "initial_probs",
+    "final_mask",
+    "build_policy",
+    "fingerprint",
+    "warm_start",
+    "choose",
+    "finish",
+]
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +68,14 @@ def initial_probs(s: Session) -> np.ndarray:
         probs = uniform_probs(s.space, keep)
     else:
         probs = random_probs(s.space, keep, torch.Generator().manual_seed(s.cfg.seed))
-    return projection.project(s.space, torch.as_tensor(probs, dtype=torch.float64), sc.sparsity, sc.budget,
-                              fill=True).numpy()  # on the budget: with layer units ρ everywhere keeps only ≈ ρ²
+    return projection.project(
+        s.space, torch.as_tensor(probs, dtype=torch.float64), sc.sparsity, sc.budget, fill=True
+    ).numpy()  # on the budget: with layer units ρ everywhere keeps only ≈ ρ²
 
 
-def final_mask(cfg: Config, space: MaskSpace, probs: np.ndarray | torch.Tensor,
-               mask: np.ndarray | None = None) -> np.ndarray:
+def final_mask(
+    cfg: Config, space: MaskSpace, probs: np.ndarray | torch.Tensor, mask: np.ndarray | None = None
+) -> np.ndarray:
     """The deterministic mask under ``cfg``: with ``mask.shape=uniform`` the same count of top units in every layer
     (a stock-shaped model), else ``mask`` or the budget's top units by ``probs``, kept MLP widths rounded to
     ``mask.align``."""
@@ -95,8 +112,9 @@ def warm_start(s: Session, check: torch.Tensor | None) -> Start:
     from .warmstart import choose_start
 
     with s.timed("warm_start"):
-        candidates = s.engine.run(warm_start_candidates, s.space, s.init_blocks(), s.stats, sc.sparsity, sc.budget,
-                                  mask)
+        candidates = s.engine.run(
+            warm_start_candidates, s.space, s.init_blocks(), s.stats, sc.sparsity, sc.budget, mask
+        )
         warm = choose_start(s.engine, candidates, check, sc.batch_size, s.space, sc.init_mix, sc.sparsity, sc.budget)
     return Start(f"best: {warm.name}", warm.mask, warm.probs, warm)
 
@@ -106,9 +124,17 @@ def build_policy(cfg: Config, space: MaskSpace, init_probs: np.ndarray, engine: 
     The allocation policy ranks units inside each group by Wanda-sp (computed by ``engine`` from ``stats``, which
     it requires: :func:`prepare` collects them)."""
     sc = cfg.search
-    common = dict(lr=sc.lr, total_steps=sc.steps, sparsity=sc.sparsity, lr_schedule=sc.lr_schedule,
-                  baseline=sc.baseline, ema_window=sc.ema_window, score_scaling=sc.score_scaling, budget=sc.budget,
-                  seed=cfg.seed)
+    common = dict(
+        lr=sc.lr,
+        total_steps=sc.steps,
+        sparsity=sc.sparsity,
+        lr_schedule=sc.lr_schedule,
+        baseline=sc.baseline,
+        ema_window=sc.ema_window,
+        score_scaling=sc.score_scaling,
+        budget=sc.budget,
+        seed=cfg.seed,
+    )
     if sc.method == "allocation":
         from .allocation import AllocationPolicy
 
@@ -162,9 +188,15 @@ def reconstruct(s: Session, mask: np.ndarray):
 
 # --------------------------------------------------------------------------------------------------- the jobs
 @holds_output_lock("output")
-def prune(cfg: Config, output: str | Path, resume: bool = False, progress: bool = True,
-          on_step: Callable[[dict], None] | None = None, stop_after: int | None = None,
-          dense_ppl: dict[str, float] | None = None) -> dict[str, Any]:
+def prune(
+    cfg: Config,
+    output: str | Path,
+    resume: bool = False,
+    progress: bool = True,
+    on_step: Callable[[dict], None] | None = None,
+    stop_after: int | None = None,
+    dense_ppl: dict[str, float] | None = None,
+) -> dict[str, Any]:
     """``probprune prune``: search a mask, compact, save, evaluate; return the summary (also ``summary.json``).
 
     ``dense_ppl`` (from an earlier run on the same model, data and eval settings) skips the dense evaluation;
@@ -187,12 +219,24 @@ def prune(cfg: Config, output: str | Path, resume: bool = False, progress: bool 
             init_ppl = measure(s, start.mask, f"init-only ({start.name})")
         policy = build_policy(cfg, s.space, start.probs, s.engine, s.stats)
         if hasattr(s.engine, "estimate") and sc.steps > 20:  # a cluster run: say what it will cost before it starts
-            log.info("%s", s.engine.estimate(search_data.batch(0, sc.batch_size), steps=sc.steps,
-                                             num_samples=sc.masks_per_step))
+            log.info(
+                "%s",
+                s.engine.estimate(search_data.batch(0, sc.batch_size), steps=sc.steps, num_samples=sc.masks_per_step),
+            )
         result = run_search(
-            policy, s.engine, search_data, steps=sc.steps, num_samples=sc.masks_per_step, batch_size=sc.batch_size,
-            checkpoint_dir=run.path, checkpoint_every=sc.checkpoint_every, log_every=sc.log_every,
-            resume=run.resuming, fingerprint=fingerprint(cfg, s.space), progress=progress, on_step=on_step,
+            policy,
+            s.engine,
+            search_data,
+            steps=sc.steps,
+            num_samples=sc.masks_per_step,
+            batch_size=sc.batch_size,
+            checkpoint_dir=run.path,
+            checkpoint_every=sc.checkpoint_every,
+            log_every=sc.log_every,
+            resume=run.resuming,
+            fingerprint=fingerprint(cfg, s.space),
+            progress=progress,
+            on_step=on_step,
             stop_after=stop_after,
         )
         s.timings["search"] = result.wall_seconds
@@ -201,16 +245,22 @@ def prune(cfg: Config, output: str | Path, resume: bool = False, progress: bool 
         final, rec, probs, check_record = choose(s, policy, result, start, check)
         summary = finish(s, run, final, t_start, dense_ppl, probs=probs, start=start, init_ppl=init_ppl, rec=rec)
     if start.warm is not None:
-        summary["warm_start"] = {"chosen": start.warm.name, "mix": sc.init_mix,
-                                 "check_losses": start.warm.check_losses}
+        summary["warm_start"] = {"chosen": start.warm.name, "mix": sc.init_mix, "check_losses": start.warm.check_losses}
     if check_record is not None:
         summary["check"] = check_record
     losses = [h["loss_mean"] for h in result.history if np.isfinite(h["loss_mean"])]
     summary["search"] = {
-        "steps": sc.steps, "num_samples": sc.masks_per_step, "batch_size": sc.batch_size, "lr": sc.lr,
-        "baseline": sc.baseline, "budget": sc.budget, "method": sc.method, "objective": sc.objective,
+        "steps": sc.steps,
+        "num_samples": sc.masks_per_step,
+        "batch_size": sc.batch_size,
+        "lr": sc.lr,
+        "baseline": sc.baseline,
+        "budget": sc.budget,
+        "method": sc.method,
+        "objective": sc.objective,
         "forwards": policy.step_count * sc.masks_per_step,
-        "dropped_samples": result.dropped_samples, "resumed_from_step": result.resumed_from_step,
+        "dropped_samples": result.dropped_samples,
+        "resumed_from_step": result.resumed_from_step,
         "first_loss": float(np.mean(losses[:10])) if losses else None,
         "last_loss": float(np.mean(losses[-10:])) if losses else None,
         "engine": cfg.engine.kind,
@@ -227,8 +277,9 @@ def prune(cfg: Config, output: str | Path, resume: bool = False, progress: bool 
 
 
 @holds_output_lock("output")
-def run_baseline(cfg: Config, method: str, output: str | Path, progress: bool = True,
-                 dense_ppl: dict[str, float] | None = None) -> dict[str, Any]:
+def run_baseline(
+    cfg: Config, method: str, output: str | Path, progress: bool = True, dense_ppl: dict[str, float] | None = None
+) -> dict[str, Any]:
     """``probprune baseline``: a built-in baseline's mask through the same compaction, saving and evaluation."""
     from .baselines import BASELINES, USES_GRADIENTS
 
@@ -248,8 +299,9 @@ def run_baseline(cfg: Config, method: str, output: str | Path, progress: bool = 
             blocks, stats = s.init_blocks(), s.stats
             if method == "flap" and stats is None:
                 stats = s.engine.run(input_stats, blocks)
-            mask = s.engine.run(baseline_mask, method, s.space, blocks, cfg.search.sparsity, cfg.seed,
-                                cfg.search.budget, stats)
+            mask = s.engine.run(
+                baseline_mask, method, s.space, blocks, cfg.search.sparsity, cfg.seed, cfg.search.budget, stats
+            )
         rec, label = None, method + (" (uses gradients)" if method in USES_GRADIENTS else "")
         if cfg.reconstruct.enabled:  # replaces FLAP's compensation (both would count the removed columns twice)
             rec, label = reconstruct(s, mask), label + " + reconstruction"
@@ -267,9 +319,9 @@ def run_baseline(cfg: Config, method: str, output: str | Path, progress: bool = 
 def evaluate_folder(cfg: Config, tasks: str | None = None, limit: int | None = None) -> dict[str, Any]:
     """``probprune eval``: held-out perplexity of any model (and lm-eval tasks when asked), in this process."""
     from .compaction import count_params
-    from .perplexity import evaluate_ppl
-    from .models.registry import get_adapter
     from .models.loading import load_model
+    from .models.registry import get_adapter
+    from .perplexity import evaluate_ppl
 
     m = cfg.model
     model, tok = load_model(m.name_or_path, m.dtype, m.device, m.device_map, m.trust_remote_code)
@@ -277,9 +329,14 @@ def evaluate_folder(cfg: Config, tasks: str | None = None, limit: int | None = N
     tokens = test_stream(tok, load_corpus(cfg.data, seed=cfg.data.split_seed))
     e = cfg.eval
     ppl = evaluate_ppl(model, tokens, e.seq_lens, max_tokens=e.max_tokens, batch_size=e.batch_size, bos_id=bos_id)
-    out: dict[str, Any] = {"model": m.name_or_path, "params": count_params(model), "data": cfg.data.source,
-                           "ppl": {str(k): float(v) for k, v in ppl.items()}, "max_tokens": e.max_tokens,
-                           "protocol": protocol(bos_id)}
+    out: dict[str, Any] = {
+        "model": m.name_or_path,
+        "params": count_params(model),
+        "data": cfg.data.source,
+        "ppl": {str(k): float(v) for k, v in ppl.items()},
+        "max_tokens": e.max_tokens,
+        "protocol": protocol(bos_id),
+    }
     if tasks:
         from .lm_eval_hook import run_lm_eval
 
@@ -296,9 +353,18 @@ def _closing(s: Session) -> Iterator[Session]:
         s.engine.close()
 
 
-def finish(s: Session, run: RunFolder, final: np.ndarray, t_start: float, dense_ppl: dict[str, float],
-           probs: Any = None, start: Start | None = None, init_ppl: dict[str, float] | None = None,
-           label: str = "probprune search", rec: Any = None) -> dict[str, Any]:
+def finish(
+    s: Session,
+    run: RunFolder,
+    final: np.ndarray,
+    t_start: float,
+    dense_ppl: dict[str, float],
+    probs: Any = None,
+    start: Start | None = None,
+    init_ppl: dict[str, float] | None = None,
+    label: str = "probprune search",
+    rec: Any = None,
+) -> dict[str, Any]:
     """Compact and save the final mask (with ``rec``'s re-fitted weights), evaluate it, write ``masks.pt``; return
     the summary (written by the caller once complete)."""
     from .compaction import count_params
@@ -310,26 +376,47 @@ def finish(s: Session, run: RunFolder, final: np.ndarray, t_start: float, dense_
         pruned_ppl = measure(s, final, label, rec)
     run.write_masks(masks_record(space, final, probs, *((start.mask, start.probs) if start else ())))
     dense_total = count_params(s.model)
-    summary: dict[str, Any] = {"model": cfg.model.name_or_path, "dtype": cfg.model.dtype, "data": cfg.data.source,
-                               "seed": cfg.seed, "method_label": label, "dense_ppl": dense_ppl}
+    summary: dict[str, Any] = {
+        "model": cfg.model.name_or_path,
+        "dtype": cfg.model.dtype,
+        "data": cfg.data.source,
+        "seed": cfg.seed,
+        "method_label": label,
+        "dense_ppl": dense_ppl,
+    }
     if start is not None:
         init = _mask_record(space, start.mask, dense_total)
-        summary.update(init=start.name, init_ppl=init_ppl, init_sparsity=init["sparsity"],
-                       init_total=init["pruned_total"])
+        summary.update(
+            init=start.name, init_ppl=init_ppl, init_sparsity=init["sparsity"], init_total=init["pruned_total"]
+        )
     kept = _mask_record(space, final, dense_total)
-    summary.update({
-        "pruned_ppl": pruned_ppl,
-        "sparsity": kept["sparsity"],
-        "params": {"dense_total": dense_total, "pruned_total": pruned_total,
-                   "dense_prunable": space.prunable_params, "pruned_prunable": kept["kept_prunable"]},
-        "units": {**space.type_counts(), "kept": {k: int(final[space.type_slice(t)].sum())
-                                                  for k, t in (("head", 0), ("channel", 1), ("layer", 2))}},
-        "calibration": {"blocks": len(s.calib), "block_len": cfg.data.block_len, "bos_id": s.bos_id},
-        "eval": {"seq_lens": list(dense_ppl), "max_tokens": cfg.eval.max_tokens,
-                 "held_out_tokens": int(s.test_tokens.numel()), "protocol": protocol(s.bos_id)},
-        "timings": {k: round(v, 2) for k, v in s.timings.items()},
-        "wall_seconds": round(time.perf_counter() - t_start, 2),
-    })
+    summary.update(
+        {
+            "pruned_ppl": pruned_ppl,
+            "sparsity": kept["sparsity"],
+            "params": {
+                "dense_total": dense_total,
+                "pruned_total": pruned_total,
+                "dense_prunable": space.prunable_params,
+                "pruned_prunable": kept["kept_prunable"],
+            },
+            "units": {
+                **space.type_counts(),
+                "kept": {
+                    k: int(final[space.type_slice(t)].sum()) for k, t in (("head", 0), ("channel", 1), ("layer", 2))
+                },
+            },
+            "calibration": {"blocks": len(s.calib), "block_len": cfg.data.block_len, "bos_id": s.bos_id},
+            "eval": {
+                "seq_lens": list(dense_ppl),
+                "max_tokens": cfg.eval.max_tokens,
+                "held_out_tokens": int(s.test_tokens.numel()),
+                "protocol": protocol(s.bos_id),
+            },
+            "timings": {k: round(v, 2) for k, v in s.timings.items()},
+            "wall_seconds": round(time.perf_counter() - t_start, 2),
+        }
+    )
     if rec is not None and cfg.reconstruct.enabled:
         from .reconstruct import summary_record
 
@@ -339,5 +426,8 @@ def finish(s: Session, run: RunFolder, final: np.ndarray, t_start: float, dense_
 
 def _mask_record(space: MaskSpace, mask: np.ndarray, dense_total: int) -> dict[str, Any]:
     kept = space.kept_params(mask)
-    return {"sparsity": {k: round(v, 6) for k, v in space.sparsity(mask).items()}, "kept_prunable": kept,
-            "pruned_total": dense_total - (space.prunable_params - kept)}
+    return {
+        "sparsity": {k: round(v, 6) for k, v in space.sparsity(mask).items()},
+        "kept_prunable": kept,
+        "pruned_total": dense_total - (space.prunable_params - kept),
+    }

@@ -126,8 +126,20 @@ def model_shape(model: torch.nn.Module) -> Shape:
     prunable = layers * (attn + 3 * hidden * inter)
     params = sum(p.numel() for p in model.parameters())  # parameters() yields tied weights once
     eager = getattr(model.config, "_attn_implementation", "sdpa") == "eager"
-    return Shape(layers, hidden, inter, heads, kv, head_dim, vocab, getattr(cfg, "max_position_embeddings", None),
-                 params, prunable + vocab * hidden, prunable, eager)
+    return Shape(
+        layers,
+        hidden,
+        inter,
+        heads,
+        kv,
+        head_dim,
+        vocab,
+        getattr(cfg, "max_position_embeddings", None),
+        params,
+        prunable + vocab * hidden,
+        prunable,
+        eager,
+    )
 
 
 # ------------------------------------------------------------------------------------------------------- memory
@@ -151,10 +163,23 @@ def logits_bytes(shape: Shape, positions: int) -> int:
     return 3 * 4 * chunk
 
 
-def memory_terms(shape: Shape, *, nbytes: int, batch: int, seq_len: int, num_samples: int, scoring: str,
-                 objective: str, sparsity: float, eval_len: int, eval_batch: int, runtime: int,
-                 checkpoint_bytes: int | None = None, max_rows: int | None = None,
-                 data_peak: int = 0) -> tuple[dict[str, int], dict]:
+def memory_terms(
+    shape: Shape,
+    *,
+    nbytes: int,
+    batch: int,
+    seq_len: int,
+    num_samples: int,
+    scoring: str,
+    objective: str,
+    sparsity: float,
+    eval_len: int,
+    eval_batch: int,
+    runtime: int,
+    checkpoint_bytes: int | None = None,
+    max_rows: int | None = None,
+    data_peak: int = 0,
+) -> tuple[dict[str, int], dict]:
     """Each memory term of one actor (bytes) and the phase totals ``{"search", "evaluation", "loading"}``."""
     weights = shape.params * nbytes
     rows = batch if scoring == "gathered" else max(batch, min(num_samples * batch, max_rows or num_samples * batch))
@@ -166,10 +191,18 @@ def memory_terms(shape: Shape, *, nbytes: int, batch: int, seq_len: int, num_sam
     # the logits [batch, T, V] in the model dtype, then one row in float32 and its log-softmax
     eval_logits = eval_batch * eval_len * shape.vocab * nbytes + 2 * 4 * eval_len * shape.vocab
     pruned = int(weights - sparsity * shape.prunable * nbytes)
-    terms = {"runtime": runtime, "weights": weights, "activations": fwd["activations"], "kv": fwd["kv"],
-             "gathered_layer": gathered, "teacher": teacher, "logits": logits,
-             "eval_activations": ev["activations"] + ev["kv"] + eval_logits, "eval_pruned_weights": pruned,
-             "data_loading_peak": data_peak}
+    terms = {
+        "runtime": runtime,
+        "weights": weights,
+        "activations": fwd["activations"],
+        "kv": fwd["kv"],
+        "gathered_layer": gathered,
+        "teacher": teacher,
+        "logits": logits,
+        "eval_activations": ev["activations"] + ev["kv"] + eval_logits,
+        "eval_pruned_weights": pruned,
+        "data_loading_peak": data_peak,
+    }
     phases = {
         "search": runtime + weights + fwd["activations"] + fwd["kv"] + gathered + teacher + logits,
         "evaluation": runtime + weights + pruned + terms["eval_activations"],
@@ -248,8 +281,14 @@ def device_capacity(device: str, gpu_memory_gib: float | None = None) -> tuple[i
 
 # --------------------------------------------------------------------------------------------------------- time
 @torch.no_grad()
-def calibrate(device: str = "cpu", dtype: str = "float32", tokens: int = 1024, hidden: int | None = None,
-              layers: int = 4, repeats: int = 3) -> Rate:
+def calibrate(
+    device: str = "cpu",
+    dtype: str = "float32",
+    tokens: int = 1024,
+    hidden: int | None = None,
+    layers: int = 4,
+    repeats: int = 3,
+) -> Rate:
     """Measure the cost model's constants on ``device``: time a random Llama layer stack (``layers`` x ``hidden``,
     MLP 3·hidden; hidden 512 on CPU, 2048 on a GPU) at one token (the per-layer overhead ``a``) and at ``tokens``
     (the matmul rate ``R`` from the time above the overhead), and a weight gather (copy bandwidth). Best of
@@ -259,9 +298,15 @@ def calibrate(device: str = "cpu", dtype: str = "float32", tokens: int = 1024, h
     dt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     dev = torch.device(device)
     hidden = hidden or (512 if dev.type == "cpu" else 2048)
-    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers,
-                      num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64, vocab_size=256,
-                      max_position_embeddings=4096)
+    cfg = LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=3 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=hidden // 64,
+        vocab_size=256,
+        max_position_embeddings=4096,
+    )
     torch.manual_seed(0)
     with dev:
         stack = LlamaModel(cfg).to(dt).eval()
@@ -280,8 +325,9 @@ def calibrate(device: str = "cpu", dtype: str = "float32", tokens: int = 1024, h
 
     seq = min(128, tokens)
     sizes = [(1, 1), (max(1, tokens // seq), seq)]  # [rows, T]: one token (overhead only), then the run's tokens
-    ts = [timed(lambda s=s: stack(input_ids=torch.zeros(s, dtype=torch.long, device=dev), use_cache=False))
-          for s in sizes]
+    ts = [
+        timed(lambda s=s: stack(input_ids=torch.zeros(s, dtype=torch.long, device=dev), use_cache=False)) for s in sizes
+    ]
     n = [r * t for r, t in sizes]
     overhead = ts[0] / layers
     rate = layers * per_layer * n[1] / max(ts[1] - ts[0], 1e-9)
@@ -294,15 +340,21 @@ def calibrate(device: str = "cpu", dtype: str = "float32", tokens: int = 1024, h
     logits = torch.randn(256, 8192, device=dev)  # [n, V] float32
     targets = torch.zeros(256, dtype=torch.long, device=dev)
     t_loss = timed(lambda: token_losses(logits, targets))
-    return Rate(overhead, rate, bw, str(dev),
-                f"calibrated: {layers} random Llama layers x {hidden}, {dtype}, 1 and {n[1]} tokens",
-                logits.numel() / max(t_loss, 1e-9))
+    return Rate(
+        overhead,
+        rate,
+        bw,
+        str(dev),
+        f"calibrated: {layers} random Llama layers x {hidden}, {dtype}, 1 and {n[1]} tokens",
+        logits.numel() / max(t_loss, 1e-9),
+    )
 
 
 def fitted_cpu_rate() -> Rate:
     """The CPU fit of ``benchmarks/scaling.py`` (c0 over its 30-layer model, gathers folded into R)."""
-    return Rate(CPU_FIT["c0_s"] / CPU_FIT["layers"], CPU_FIT["rate_param_tokens_per_s"], math.inf, "cpu",
-                CPU_FIT["source"])
+    return Rate(
+        CPU_FIT["c0_s"] / CPU_FIT["layers"], CPU_FIT["rate_param_tokens_per_s"], math.inf, "cpu", CPU_FIT["source"]
+    )
 
 
 def _sync(dev: torch.device) -> None:
@@ -310,8 +362,19 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
-def step_seconds(shape: Shape, rate: Rate, *, batch: int, seq_len: int, num_samples: int, sparsity: float,
-                 scoring: str, objective: str, replicas: int, nbytes: int) -> tuple[float, float]:
+def step_seconds(
+    shape: Shape,
+    rate: Rate,
+    *,
+    batch: int,
+    seq_len: int,
+    num_samples: int,
+    sparsity: float,
+    scoring: str,
+    objective: str,
+    replicas: int,
+    nbytes: int,
+) -> tuple[float, float]:
     """``(seconds per mask-forward, seconds per search step)`` by the cost model (see the module docstring)."""
     tokens = batch * seq_len
     c0 = shape.layers * rate.layer_overhead_s
@@ -319,12 +382,17 @@ def step_seconds(shape: Shape, rate: Rate, *, batch: int, seq_len: int, num_samp
     loss = tokens * shape.vocab / rate.loss_logits_per_s * (2 if objective == "kl" else 1)  # KL: p·(log p − log q)
     teacher = 0.0
     if objective == "kl":  # the dense forward and its log-softmax, once per step's batch
-        teacher = c0 + shape.matmul * tokens / rate.rate_param_tokens_per_s + tokens * shape.vocab / \
-            rate.loss_logits_per_s
+        teacher = (
+            c0 + shape.matmul * tokens / rate.rate_param_tokens_per_s + tokens * shape.vocab / rate.loss_logits_per_s
+        )
     busy = max(1, min(replicas, num_samples))  # whole masks go to replicas
     if scoring == "gathered":
-        per_mask = c0 + kept * tokens / rate.rate_param_tokens_per_s + (1 - sparsity) * shape.prunable * nbytes * 2 \
-            / rate.copy_bytes_per_s + loss
+        per_mask = (
+            c0
+            + kept * tokens / rate.rate_param_tokens_per_s
+            + (1 - sparsity) * shape.prunable * nbytes * 2 / rate.copy_bytes_per_s
+            + loss
+        )
         step = math.ceil(num_samples / busy) * per_mask + teacher
     else:
         dense = shape.matmul * tokens / rate.rate_param_tokens_per_s + loss
@@ -334,8 +402,15 @@ def step_seconds(shape: Shape, rate: Rate, *, batch: int, seq_len: int, num_samp
 
 
 # --------------------------------------------------------------------------------------------------------- plan
-def make_plan(cfg: Any, model: torch.nn.Module | None = None, *, gpu_memory_gib: float | None = None,
-              rate: Rate | None = None, calibrate_rate: bool = True, load_data: bool = True) -> Plan:
+def make_plan(
+    cfg: Any,
+    model: torch.nn.Module | None = None,
+    *,
+    gpu_memory_gib: float | None = None,
+    rate: Rate | None = None,
+    calibrate_rate: bool = True,
+    load_data: bool = True,
+) -> Plan:
     """The plan of ``cfg`` (a :class:`probprune.config.Config`): memory per actor, whether it fits, replicas, time.
 
     Args:
@@ -376,11 +451,21 @@ def make_plan(cfg: Any, model: torch.nn.Module | None = None, *, gpu_memory_gib:
     del held
 
     def phases_for(batch: int, scoring_path: str) -> tuple[dict[str, int], dict[str, int]]:
-        return memory_terms(shape, nbytes=nbytes, batch=batch, seq_len=cfg.data.block_len,
-                            num_samples=sc.masks_per_step, scoring=scoring_path, objective=sc.objective,
-                            sparsity=sc.sparsity, eval_len=eval_len, eval_batch=eval_batch, runtime=runtime,
-                            checkpoint_bytes=_checkpoint_bytes(cfg.model.name_or_path) if device == "cpu" else 0,
-                            data_peak=data_peak if device == "cpu" else 0)
+        return memory_terms(
+            shape,
+            nbytes=nbytes,
+            batch=batch,
+            seq_len=cfg.data.block_len,
+            num_samples=sc.masks_per_step,
+            scoring=scoring_path,
+            objective=sc.objective,
+            sparsity=sc.sparsity,
+            eval_len=eval_len,
+            eval_batch=eval_batch,
+            runtime=runtime,
+            checkpoint_bytes=_checkpoint_bytes(cfg.model.name_or_path) if device == "cpu" else 0,
+            data_peak=data_peak if device == "cpu" else 0,
+        )
 
     # "auto" is decided by measurement at run time: plan for the larger of the two paths
     paths = ("gathered", "batched") if scoring == "auto" else (scoring,)
@@ -391,6 +476,7 @@ def make_plan(cfg: Any, model: torch.nn.Module | None = None, *, gpu_memory_gib:
     fits = None if capacity is None else peak * per_device <= capacity
     max_batch = None
     if capacity is not None:
+
         def ok(b: int) -> bool:
             return all(max(phases_for(b, p)[1].values()) * per_device <= capacity for p in paths)
 
@@ -413,13 +499,44 @@ def make_plan(cfg: Any, model: torch.nn.Module | None = None, *, gpu_memory_gib:
         else:
             rate = fitted_cpu_rate()
     timing_path = "gathered" if scoring == "auto" else scoring
-    per_mask, step = step_seconds(shape, rate, batch=sc.batch_size, seq_len=cfg.data.block_len,
-                                  num_samples=sc.masks_per_step, sparsity=sc.sparsity, scoring=timing_path,
-                                  objective=sc.objective, replicas=replicas, nbytes=nbytes)
-    return Plan(cfg.model.name_or_path, cfg.model.dtype, device, scoring, sc.objective, replicas, per_device,
-                sc.batch_size, cfg.data.block_len, sc.masks_per_step, sc.steps, sc.sparsity, terms, peak, peak_phase,
-                capacity, source, fits, max_batch, per_mask, step, step * sc.steps,
-                {k: v for k, v in asdict(rate).items()}, phases)
+    per_mask, step = step_seconds(
+        shape,
+        rate,
+        batch=sc.batch_size,
+        seq_len=cfg.data.block_len,
+        num_samples=sc.masks_per_step,
+        sparsity=sc.sparsity,
+        scoring=timing_path,
+        objective=sc.objective,
+        replicas=replicas,
+        nbytes=nbytes,
+    )
+    return Plan(
+        cfg.model.name_or_path,
+        cfg.model.dtype,
+        device,
+        scoring,
+        sc.objective,
+        replicas,
+        per_device,
+        sc.batch_size,
+        cfg.data.block_len,
+        sc.masks_per_step,
+        sc.steps,
+        sc.sparsity,
+        terms,
+        peak,
+        peak_phase,
+        capacity,
+        source,
+        fits,
+        max_batch,
+        per_mask,
+        step,
+        step * sc.steps,
+        {k: v for k, v in asdict(rate).items()},
+        phases,
+    )
 
 
 def shape_context(model: torch.nn.Module) -> int | None:
@@ -433,8 +550,9 @@ def _load_data(cfg: Any, tok: Any, context: int | None) -> tuple:
     from .data import CalibrationData, load_corpus, test_stream
 
     corpus = load_corpus(cfg.data, seed=cfg.data.split_seed)
-    calib = CalibrationData.from_corpus(tok, corpus, cfg.data.block_len, cfg.data.calib_blocks, seed=cfg.seed,
-                                        max_context=context)
+    calib = CalibrationData.from_corpus(
+        tok, corpus, cfg.data.block_len, cfg.data.calib_blocks, seed=cfg.seed, max_context=context
+    )
     return corpus, calib, test_stream(tok, corpus)
 
 
@@ -443,8 +561,15 @@ def _warm_up_kernels() -> None:
     """One forward of a 2-layer, 64-wide random Llama: loads the CPU kernel libraries a run's first forward loads."""
     from transformers import LlamaConfig, LlamaModel
 
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=4, vocab_size=64, max_position_embeddings=64)
+    cfg = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=64,
+        max_position_embeddings=64,
+    )
     LlamaModel(cfg).eval()(input_ids=torch.zeros(2, 16, dtype=torch.long), use_cache=False)
 
 
@@ -464,7 +589,8 @@ def _checkpoint_bytes(name_or_path: str) -> int:
     if not folder.is_dir():
         return 0
     return sum(p.stat().st_size for p in folder.glob("*.safetensors")) or sum(
-        p.stat().st_size for p in folder.glob("*.bin"))
+        p.stat().st_size for p in folder.glob("*.bin")
+    )
 
 
 def check_fits(plan: Plan) -> None:
@@ -475,9 +601,9 @@ def check_fits(plan: Plan) -> None:
         need = plan.peak_bytes * plan.actors_per_device
         raise UserError(
             f"this configuration does not fit: {_gib(need)} needed per device ({plan.actors_per_device} actor(s) x "
-            f"{_gib(plan.peak_bytes)} at the {plan.peak_phase} peak: " +
-            ", ".join(f"{k} {_gib(v)}" for k, v in plan.memory.items() if v) +
-            f") > {_gib(plan.capacity_bytes or 0)} ({plan.capacity_source}); largest search.batch_size that fits: "
+            f"{_gib(plan.peak_bytes)} at the {plan.peak_phase} peak: "
+            + ", ".join(f"{k} {_gib(v)}" for k, v in plan.memory.items() if v)
+            + f") > {_gib(plan.capacity_bytes or 0)} ({plan.capacity_source}); largest search.batch_size that fits: "
             f"{plan.max_batch_size}. See probprune plan --config ... for the breakdown"
         )
 
@@ -488,19 +614,25 @@ def _gib(n: float) -> str:
 
 def format_plan(plan: Plan) -> str:
     """A human-readable table of ``plan``."""
-    lines = [f"plan for {plan.model} ({plan.dtype}, {plan.device}), scoring={plan.scoring}, "
-             f"objective={plan.objective}, K={plan.num_samples} masks x {plan.batch_size} x {plan.seq_len} tokens, "
-             f"sparsity {plan.sparsity:g}", "", "| memory per actor | GiB |", "|---|---:|"]
+    lines = [
+        f"plan for {plan.model} ({plan.dtype}, {plan.device}), scoring={plan.scoring}, "
+        f"objective={plan.objective}, K={plan.num_samples} masks x {plan.batch_size} x {plan.seq_len} tokens, "
+        f"sparsity {plan.sparsity:g}",
+        "",
+        "| memory per actor | GiB |",
+        "|---|---:|",
+    ]
     lines += [f"| {k} | {v / GIB:.3f} |" for k, v in plan.memory.items()]
     lines += [f"| **peak ({plan.peak_phase})** | **{plan.peak_bytes / GIB:.3f}** |", ""]
     fit = {True: "fits", False: "DOES NOT FIT", None: "unknown"}[plan.fits]
     cap = "?" if plan.capacity_bytes is None else f"{plan.capacity_bytes / GIB:.1f} GiB"
-    lines += [f"device: {cap} ({plan.capacity_source}); {plan.actors_per_device} actor(s) per device: {fit}; "
-              f"largest search.batch_size that fits: {plan.max_batch_size}",
-              f"replicas: {plan.replicas}",
-              f"time: {plan.seconds_per_mask:.4g} s per mask-forward, {plan.seconds_per_step:.4g} s per step, "
-              f"{plan.total_seconds / 60:.1f} min for {plan.steps} steps (search only; rate: {plan.rate['source']}, "
-              f"R = {plan.rate['rate_param_tokens_per_s'] / 1e9:.1f}e9 parameter-tokens/s, "
-              f"{plan.rate['layer_overhead_s'] * 1e3:.2f} ms per layer)"]
+    lines += [
+        f"device: {cap} ({plan.capacity_source}); {plan.actors_per_device} actor(s) per device: {fit}; "
+        f"largest search.batch_size that fits: {plan.max_batch_size}",
+        f"replicas: {plan.replicas}",
+        f"time: {plan.seconds_per_mask:.4g} s per mask-forward, {plan.seconds_per_step:.4g} s per step, "
+        f"{plan.total_seconds / 60:.1f} min for {plan.steps} steps (search only; rate: {plan.rate['source']}, "
+        f"R = {plan.rate['rate_param_tokens_per_s'] / 1e9:.1f}e9 parameter-tokens/s, "
+        f"{plan.rate['layer_overhead_s'] * 1e3:.2f} ms per layer)",
+    ]
     return "\n".join(lines)
-

@@ -19,9 +19,8 @@ state); each subclass adds only its parameterisation, sampling, scores, projecti
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-
 import math
+from abc import ABC, abstractmethod
 from typing import Any
 
 import numpy as np
@@ -157,9 +156,7 @@ def uniform_probs(space: MaskSpace, keep_ratio: float) -> np.ndarray:
     return np.full(space.num_units, float(keep_ratio), dtype=np.float64)
 
 
-def random_probs(
-    space: MaskSpace, keep_ratio: float, generator: torch.Generator | np.random.Generator
-) -> np.ndarray:
+def random_probs(space: MaskSpace, keep_ratio: float, generator: torch.Generator | np.random.Generator) -> np.ndarray:
     """Uniform random probabilities in [0, 1], shifted per unit type to mean ``keep_ratio``, clamped.
 
     Args:

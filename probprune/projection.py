@@ -154,8 +154,15 @@ def project(space: MaskSpace, s: torch.Tensor, sparsity: float, budget: str, fil
     keep = 1.0 - float(sparsity)
     if budget == "params" and space.include_layers:
         x = torch.as_tensor(s, dtype=torch.float64)
-        out = project_nested(x, space.unit_type, space.unit_layer, space.cost, layer_fixed_params(space),
-                             keep * space.prunable_params, fill=fill)
+        out = project_nested(
+            x,
+            space.unit_type,
+            space.unit_layer,
+            space.cost,
+            layer_fixed_params(space),
+            keep * space.prunable_params,
+            fill=fill,
+        )
         return out.to(s.dtype)
     if budget == "params":
         cost = torch.as_tensor(space.cost, dtype=torch.float64)
@@ -247,8 +254,10 @@ def uniform_final_mask(space: MaskSpace, s: torch.Tensor | np.ndarray, sparsity:
         sizes = {g.size for g in groups}
         widths = {tuple(space.cost[g]) for g in groups}
         if len(sizes) != 1 or len(widths) != 1 or len(set(space.cost[groups[0]])) != 1:
-            raise UserError("mask.shape='uniform' needs the same units in every layer, all of one size (MLP width a "
-                            f"multiple of mask.channel_block={space.channel_block})")
+            raise UserError(
+                "mask.shape='uniform' needs the same units in every layer, all of one size (MLP width a "
+                f"multiple of mask.channel_block={space.channel_block})"
+            )
         k = min(groups[0].size, _round_half_up(keep * groups[0].size))
         for g in groups:
             mask[g[np.argsort(-probs[g], kind="stable")[:k]]] = 1.0
@@ -374,8 +383,12 @@ def project_nested(
     layer_p, weighted = _nested_terms(clamped.numpy(), types, layers, cost, fixed)
     w = np.where(types == LAYER, fixed[layers] + weighted[layers], cost * layer_p[layers])  # [M] ∇E at clamp(x)
     if e0 < budget:  # filling: a layer with nothing kept inside still gets its own weight, so it can rise
-        w = np.where(types == LAYER, fixed[layers] + np.bincount(
-            layers[types != LAYER], weights=cost[types != LAYER], minlength=fixed.size)[layers] * 0.5, w)
+        w = np.where(
+            types == LAYER,
+            fixed[layers]
+            + np.bincount(layers[types != LAYER], weights=cost[types != LAYER], minlength=fixed.size)[layers] * 0.5,
+            w,
+        )
         w = np.where((types != LAYER) & (w == 0), cost * 0.5, w)
     w = torch.as_tensor(w / max(float(w.mean()), 1e-300))
     if metric is not None:
@@ -410,8 +423,9 @@ def expected_kept_params(space: MaskSpace, s: torch.Tensor | np.ndarray) -> floa
     Returns:
         The expectation, in parameters.
     """
-    return nested_expected_kept(_as_probs(space, s), space.unit_type, space.unit_layer, space.cost,
-                                layer_fixed_params(space))
+    return nested_expected_kept(
+        _as_probs(space, s), space.unit_type, space.unit_layer, space.cost, layer_fixed_params(space)
+    )
 
 
 def expected_sparsity(space: MaskSpace, s: torch.Tensor | np.ndarray) -> float:

@@ -41,8 +41,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -50,11 +51,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .compaction import surviving_layers
+from .engine.tasks import split_shares
 from .errors import UserError
 from .mask_space import LayerKeep, MaskSpace
 from .models import functional as fn
 from .models.base import FamilyAdapter
-from .engine.tasks import split_shares
 
 log = logging.getLogger(__name__)
 
@@ -102,16 +103,24 @@ def _full_slice(adapter: FamilyAdapter, layer: nn.Module, which: str, ws: fn.Wor
     return fn.gather_mlp(adapter, layer, None, ws)
 
 
-def _kept_slice(adapter: FamilyAdapter, layer: nn.Module, which: str, keep: LayerKeep, ws: fn.Workspace,
-                weight: torch.Tensor | None, bias: torch.Tensor | None):
+def _kept_slice(
+    adapter: FamilyAdapter,
+    layer: nn.Module,
+    which: str,
+    keep: LayerKeep,
+    ws: fn.Workspace,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+):
     """The kept units' slice of one sublayer (None: nothing kept), its output columns/bias replaced if given."""
     dev = adapter.layer_device(layer)
     keep = LayerKeep(*(t.to(dev) for t in (keep.kv_heads, keep.q_heads, keep.channels)))
     if which == ATTN:
         if keep.kv_heads.numel() == 0:
             return None
-        every = (keep.kv_heads.numel() == adapter.num_kv_heads(layer)
-                 and keep.q_heads.numel() == adapter.num_query_heads(layer))
+        every = keep.kv_heads.numel() == adapter.num_kv_heads(
+            layer
+        ) and keep.q_heads.numel() == adapter.num_query_heads(layer)
         sl = fn.gather_attention(adapter, layer, None if every else keep.kv_heads, None if every else keep.q_heads, ws)
         w_key, b_key = "w_o", "b_o"
     else:
@@ -176,9 +185,18 @@ def out_columns(model: nn.Module, adapter: FamilyAdapter, li: int, which: str, c
 
 
 @torch.no_grad()
-def sublayer_stats(model: nn.Module, adapter: FamilyAdapter, li: int, which: str, cols: torch.Tensor | None,
-                   hidden: torch.Tensor, dense: torch.Tensor | None, gram: bool, batch_size: int = 4,
-                   span: Sequence[int] = ()) -> tuple[dict | None, torch.Tensor | None]:
+def sublayer_stats(
+    model: nn.Module,
+    adapter: FamilyAdapter,
+    li: int,
+    which: str,
+    cols: torch.Tensor | None,
+    hidden: torch.Tensor,
+    dense: torch.Tensor | None,
+    gram: bool,
+    batch_size: int = 4,
+    span: Sequence[int] = (),
+) -> tuple[dict | None, torch.Tensor | None]:
     """Statistics of one sublayer's least-squares problem on one share of the blocks (sums: shares add up).
 
     Args:
@@ -204,8 +222,12 @@ def sublayer_stats(model: nn.Module, adapter: FamilyAdapter, li: int, which: str
     stats = None
     if cols is not None:
         k, hsz = int(cols.numel()), w0.shape[0]
-        stats = {"z": torch.zeros(k, dtype=torch.float64), "y": torch.zeros(hsz, dtype=torch.float64),
-                 "yy": 0.0, "n": 0}
+        stats = {
+            "z": torch.zeros(k, dtype=torch.float64),
+            "y": torch.zeros(hsz, dtype=torch.float64),
+            "yy": 0.0,
+            "n": 0,
+        }
         if gram:
             stats.update(zz=torch.zeros(k, k, dtype=torch.float64), zy=torch.zeros(k, hsz, dtype=torch.float64))
         cols_dev = cols.to(dev)
@@ -232,9 +254,17 @@ def sublayer_stats(model: nn.Module, adapter: FamilyAdapter, li: int, which: str
 
 
 @torch.no_grad()
-def sublayer_advance(model: nn.Module, adapter: FamilyAdapter, li: int, which: str, keep: LayerKeep,
-                     hidden: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-                     batch_size: int = 4) -> torch.Tensor:
+def sublayer_advance(
+    model: nn.Module,
+    adapter: FamilyAdapter,
+    li: int,
+    which: str,
+    keep: LayerKeep,
+    hidden: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    batch_size: int = 4,
+) -> torch.Tensor:
     """The pruned residual stream ``[n, T, H]`` after sublayer ``which`` of layer ``li``, with its kept output
     columns replaced by ``weight`` ``[H, k]`` and ``bias`` ``[H]`` added (None: as they are)."""
     layer = adapter.layers[li]
@@ -246,8 +276,9 @@ def sublayer_advance(model: nn.Module, adapter: FamilyAdapter, li: int, which: s
     return out
 
 
-def _span_delta(adapter: FamilyAdapter, li: int, span: Sequence[int], h: torch.Tensor,
-                out: torch.Tensor) -> torch.Tensor:
+def _span_delta(
+    adapter: FamilyAdapter, li: int, span: Sequence[int], h: torch.Tensor, out: torch.Tensor
+) -> torch.Tensor:
     """What the dense layers ``span`` add to the residual stream after MLP sublayer ``li`` writes ``out`` onto
     ``h``: ``[b, T, H]`` (exact as an addition to the MLP output for pre-norm blocks)."""
     layer = adapter.layers[li]
@@ -271,8 +302,9 @@ def merge_sums(parts: Sequence[dict | None]) -> dict | None:
 
 
 # -------------------------------------------------------------------------------------------------- solving
-def solve(stats: dict, w0: torch.Tensor, mode: str, damping: float) -> tuple[torch.Tensor | None,
-                                                                               torch.Tensor | None, dict]:
+def solve(
+    stats: dict, w0: torch.Tensor, mode: str, damping: float
+) -> tuple[torch.Tensor | None, torch.Tensor | None, dict]:
     """Solve one sublayer from its summed statistics (float64).
 
     Args:
@@ -405,8 +437,10 @@ def reconstruct(
                 cols = None  # nothing removed (and no removed layer to fold in), or nothing kept: left as it is
         weight = bias = None
         if cols is not None or dense is not None:
-            args = [(li, which, cols, hidden[i], None if dense is None else dense[i], gram, batch_size, span)
-                    for i in range(len(shares))]
+            args = [
+                (li, which, cols, hidden[i], None if dense is None else dense[i], gram, batch_size, span)
+                for i in range(len(shares))
+            ]
             parts = replicas.map(sublayer_stats, args)
             if dense is not None:
                 dense = [p[1] for p in parts]
@@ -422,21 +456,31 @@ def reconstruct(
                     bias = bias.float()
                     rec.biases.setdefault(li, {})[which] = bias
         if keep is not None:
-            hidden = replicas.map(sublayer_advance, [(li, which, keep, hidden[i], weight, bias, batch_size)
-                                                     for i in range(len(shares))])
+            hidden = replicas.map(
+                sublayer_advance, [(li, which, keep, hidden[i], weight, bias, batch_size) for i in range(len(shares))]
+            )
     rec.seconds = time.perf_counter() - t0
     errs = [(v["err_before"], v["err_after"]) for v in rec.info.values() if np.isfinite(v["err_before"])]
     if errs:
         before, after = np.mean(errs, 0)
-        log.info("reconstruction (%s, %s, damping %g) of %d sublayers on %d tokens: mean relative error %.4f -> %.4f",
-                 mode, target, damping, len(rec.info), blocks.numel(), before, after)
+        log.info(
+            "reconstruction (%s, %s, damping %g) of %d sublayers on %d tokens: mean relative error %.4f -> %.4f",
+            mode,
+            target,
+            damping,
+            len(rec.info),
+            blocks.numel(),
+            before,
+            after,
+        )
     return rec
 
 
 # ---------------------------------------------------------------------------------------- scoring a result
 @torch.no_grad()
-def reconstructed_hidden(adapter: FamilyAdapter, space: MaskSpace, mask: np.ndarray, rec: Reconstruction | None,
-                         input_ids: torch.Tensor) -> torch.Tensor:
+def reconstructed_hidden(
+    adapter: FamilyAdapter, space: MaskSpace, mask: np.ndarray, rec: Reconstruction | None, input_ids: torch.Tensor
+) -> torch.Tensor:
     """Final hidden states ``[B, T, H]`` (after the last norm) of the model under ``mask`` with ``rec`` applied, on
     the gathered path (the pruned width only); equals the compacted reconstructed model's."""
     plan = surviving_layers(space, mask)
@@ -456,8 +500,15 @@ def reconstructed_hidden(adapter: FamilyAdapter, space: MaskSpace, mask: np.ndar
 
 
 @torch.no_grad()
-def reconstructed_nll(model: nn.Module, adapter: FamilyAdapter, space: MaskSpace, mask: np.ndarray,
-                      rec: Reconstruction | None, windows: torch.Tensor, batch_size: int = 4) -> tuple[float, int]:
+def reconstructed_nll(
+    model: nn.Module,
+    adapter: FamilyAdapter,
+    space: MaskSpace,
+    mask: np.ndarray,
+    rec: Reconstruction | None,
+    windows: torch.Tensor,
+    batch_size: int = 4,
+) -> tuple[float, int]:
     """Weight task: summed next-token cross-entropy (float64) and predicted-token count of the reconstructed model
     on ``windows`` ``[W, T]`` (as :func:`probprune.engine.tasks.window_nll`)."""
     from .losses import next_token_logits, token_losses
@@ -473,17 +524,25 @@ def reconstructed_nll(model: nn.Module, adapter: FamilyAdapter, space: MaskSpace
     return total, count
 
 
-def reconstructed_loss(replicas: Any, space: MaskSpace, mask: np.ndarray, rec: Reconstruction | None,
-                       blocks: torch.Tensor, batch_size: int = 4) -> float:
+def reconstructed_loss(
+    replicas: Any,
+    space: MaskSpace,
+    mask: np.ndarray,
+    rec: Reconstruction | None,
+    blocks: torch.Tensor,
+    batch_size: int = 4,
+) -> float:
     """Mean next-token cross-entropy of the reconstructed model on ``blocks``, the blocks split among the replicas."""
-    shares = [(space, mask, rec, blocks[lo:hi], batch_size) for lo, hi in split_shares(blocks.shape[0],
-                                                                                   replicas.num_replicas)]
+    shares = [
+        (space, mask, rec, blocks[lo:hi], batch_size) for lo, hi in split_shares(blocks.shape[0], replicas.num_replicas)
+    ]
     parts = replicas.map(reconstructed_nll, shares)
     return sum(p[0] for p in parts) / sum(p[1] for p in parts)
 
 
-def reconstruct_local(model: nn.Module, space: MaskSpace, mask: np.ndarray, blocks: torch.Tensor,
-                      **kwargs: Any) -> Reconstruction:
+def reconstruct_local(
+    model: nn.Module, space: MaskSpace, mask: np.ndarray, blocks: torch.Tensor, **kwargs: Any
+) -> Reconstruction:
     """:func:`reconstruct` on a model held by this process."""
     from .engine.local import LocalEngine
 
@@ -497,9 +556,19 @@ def for_session(s: Any, mask: np.ndarray) -> Reconstruction:
     first ``reconstruct.blocks`` calibration blocks (:func:`session_blocks`)."""
     r = s.cfg.reconstruct
     blocks = s.calib.first(session_blocks(s))
-    return reconstruct(s.engine, s.adapter, s.space, mask, blocks, target=r.target, mode=r.mode,
-                       damping=r.damping, batch_size=s.cfg.eval.batch_size, progress=s.progress,
-                       removed_layers=r.removed_layers)
+    return reconstruct(
+        s.engine,
+        s.adapter,
+        s.space,
+        mask,
+        blocks,
+        target=r.target,
+        mode=r.mode,
+        damping=r.damping,
+        batch_size=s.cfg.eval.batch_size,
+        progress=s.progress,
+        removed_layers=r.removed_layers,
+    )
 
 
 def session_blocks(s: Any) -> int:
@@ -508,8 +577,9 @@ def session_blocks(s: Any) -> int:
     return max(1, min(s.cfg.reconstruct.blocks, len(s.calib) - s.cfg.search.check_blocks))
 
 
-def choose_final(s: Any, final: np.ndarray, start: np.ndarray,
-                 check: torch.Tensor) -> tuple[np.ndarray, Reconstruction | None, dict[str, Any]]:
+def choose_final(
+    s: Any, final: np.ndarray, start: np.ndarray, check: torch.Tensor
+) -> tuple[np.ndarray, Reconstruction | None, dict[str, Any]]:
     """:func:`probprune.warmstart.choose_final` over the models as they may be returned: the search's result and its
     start, each as it is and reconstructed, scored on the check set; the lowest loss wins (ties: the search's, then
     the reconstructed one), so reconstruction is kept only where it helps there.
@@ -527,16 +597,30 @@ def choose_final(s: Any, final: np.ndarray, start: np.ndarray,
     loss = {}
     for name, m in masks.items():
         loss[(name, True)] = reconstructed_loss(s.engine, s.space, m, recs[name], check, bs)
-        loss[(name, False)] = (loss[("search", False)] if same and name == "start"
-                               else reconstructed_loss(s.engine, s.space, m, None, check, bs))
+        loss[(name, False)] = (
+            loss[("search", False)]
+            if same and name == "start"
+            else reconstructed_loss(s.engine, s.space, m, None, check, bs)
+        )
     order = [("search", True), ("search", False), ("start", True), ("start", False)]
     name, rec_on = min(order, key=lambda k: (loss[k], order.index(k)))
-    log.info("check set: search result %.4f (reconstructed %.4f), start %.4f (reconstructed %.4f): returning the "
-             "%s%s", loss[("search", False)], loss[("search", True)], loss[("start", False)], loss[("start", True)],
-             name, ", reconstructed" if rec_on else "")
-    record = {"search_loss": float(loss[("search", False)]), "start_loss": float(loss[("start", False)]),
-              "search_loss_reconstructed": float(loss[("search", True)]),
-              "start_loss_reconstructed": float(loss[("start", True)]), "returned": name, "reconstructed": rec_on}
+    log.info(
+        "check set: search result %.4f (reconstructed %.4f), start %.4f (reconstructed %.4f): returning the %s%s",
+        loss[("search", False)],
+        loss[("search", True)],
+        loss[("start", False)],
+        loss[("start", True)],
+        name,
+        ", reconstructed" if rec_on else "",
+    )
+    record = {
+        "search_loss": float(loss[("search", False)]),
+        "start_loss": float(loss[("start", False)]),
+        "search_loss_reconstructed": float(loss[("search", True)]),
+        "start_loss_reconstructed": float(loss[("start", True)]),
+        "returned": name,
+        "reconstructed": rec_on,
+    }
     return np.asarray(masks[name]), (recs[name] if rec_on else None), record
 
 
@@ -545,7 +629,13 @@ def summary_record(s: Any, rec: Reconstruction) -> dict[str, Any]:
     fit error before and after (where measured), and its wall time."""
     r = s.cfg.reconstruct
     errs = [(v["err_before"], v["err_after"]) for v in rec.info.values() if np.isfinite(v["err_before"])]
-    return {"target": r.target, "mode": r.mode, "damping": r.damping, "removed_layers": r.removed_layers,
-            "blocks": session_blocks(s), "sublayers": len(rec.info),
-            "mean_rel_error": [round(float(x), 5) for x in np.mean(errs, 0)] if errs else None,
-            "seconds": round(rec.seconds, 2)}
+    return {
+        "target": r.target,
+        "mode": r.mode,
+        "damping": r.damping,
+        "removed_layers": r.removed_layers,
+        "blocks": session_blocks(s),
+        "sublayers": len(rec.info),
+        "mean_rel_error": [round(float(x), 5) for x in np.mean(errs, 0)] if errs else None,
+        "seconds": round(rec.seconds, 2),
+    }

@@ -71,15 +71,19 @@ class RunFolder:
             if has_files and (output / SUMMARY).exists():
                 raise UserError(f"--output {output} already holds a finished run ({SUMMARY}); choose another folder")
             if has_files:
-                raise UserError(f"--output {output} is not empty; pass --resume to continue a search there, or choose "
-                                "another folder")
+                raise UserError(
+                    f"--output {output} is not empty; pass --resume to continue a search there, or choose "
+                    "another folder"
+                )
             return False
         if (output / CHECKPOINT).exists():
             return True
         if has_files:
-            raise UserError(f"--resume: {output} holds no search checkpoint ({CHECKPOINT}), so there is nothing to "
-                            "resume and probprune will not write into a folder it did not create; choose an empty or "
-                            "new --output (without --resume)")
+            raise UserError(
+                f"--resume: {output} holds no search checkpoint ({CHECKPOINT}), so there is nothing to "
+                "resume and probprune will not write into a folder it did not create; choose an empty or "
+                "new --output (without --resume)"
+            )
         log.warning("--resume: %s holds no search checkpoint: nothing to resume, starting a new search", output)
         return False
 
@@ -141,7 +145,7 @@ def _read_checkpoint(path: Path) -> dict[str, Any]:
     """
     try:
         state = torch.load(path, weights_only=True)
-    except Exception as err:  # noqa: BLE001 - corrupt, truncated, or a pickle with code in it
+    except Exception as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(
             f"--resume: cannot read the search checkpoint {path} ({type(err).__name__}: {first[:200]}); it is corrupt "
@@ -149,8 +153,10 @@ def _read_checkpoint(path: Path) -> dict[str, Any]:
             "to start the search over, or choose another --output"
         ) from None
     if not isinstance(state, dict) or not isinstance(state.get("policy"), dict):
-        raise UserError(f"--resume: {path} is not a probprune search checkpoint (no policy state in it); delete it to "
-                        "start the search over, or choose another --output")
+        raise UserError(
+            f"--resume: {path} is not a probprune search checkpoint (no policy state in it); delete it to "
+            "start the search over, or choose another --output"
+        )
     return state
 
 
@@ -203,13 +209,20 @@ def trim_metrics(path: Path, upto_step: int) -> None:
     write_text_atomic(path, "".join(ln + "\n" for ln in keep))
 
 
-def masks_record(space: Any, final: np.ndarray, probs: Any = None, init_mask: np.ndarray | None = None,
-                 init_probs: np.ndarray | None = None) -> dict[str, Any]:
+def masks_record(
+    space: Any,
+    final: np.ndarray,
+    probs: Any = None,
+    init_mask: np.ndarray | None = None,
+    init_probs: np.ndarray | None = None,
+) -> dict[str, Any]:
     """What ``masks.pt`` holds: the final mask, the unit layout and, for a search, its probabilities and start."""
     record: dict[str, Any] = {
         "final_mask": torch.as_tensor(final),
-        "unit_type": torch.as_tensor(space.unit_type), "unit_layer": torch.as_tensor(space.unit_layer),
-        "unit_index": torch.as_tensor(space.unit_index), "cost": torch.as_tensor(space.cost),
+        "unit_type": torch.as_tensor(space.unit_type),
+        "unit_layer": torch.as_tensor(space.unit_layer),
+        "unit_index": torch.as_tensor(space.unit_index),
+        "cost": torch.as_tensor(space.cost),
         "channel_block": space.channel_block,
         "channel_perm": [torch.from_numpy(np.array(p)) for p in space.channel_perm],
     }
@@ -234,31 +247,48 @@ def format_summary(summary: dict[str, Any]) -> str:
 
     rows = [head, sep, row("dense", summary["dense_ppl"], p["dense_total"], {"prunable": 0.0, "total": 0.0})]
     if summary.get("init_ppl"):
-        rows.append(row(f"init only ({summary['init']})", summary["init_ppl"], summary["init_total"],
-                        summary["init_sparsity"]))
-    rows.append(row(summary.get("method_label", "probprune search"), summary["pruned_ppl"], p["pruned_total"],
-                    summary["sparsity"]))
+        rows.append(
+            row(f"init only ({summary['init']})", summary["init_ppl"], summary["init_total"], summary["init_sparsity"])
+        )
+    rows.append(
+        row(
+            summary.get("method_label", "probprune search"),
+            summary["pruned_ppl"],
+            p["pruned_total"],
+            summary["sparsity"],
+        )
+    )
     s = summary.get("search", {})
-    foot = (f"model {summary['model']} ({summary['dtype']}), data {summary['data']} held-out split, seed "
-            f"{summary['seed']}; perplexity over non-overlapping windows, at most {summary['eval']['max_tokens']} "
-            f"held-out tokens per length; ")
+    foot = (
+        f"model {summary['model']} ({summary['dtype']}), data {summary['data']} held-out split, seed "
+        f"{summary['seed']}; perplexity over non-overlapping windows, at most {summary['eval']['max_tokens']} "
+        f"held-out tokens per length; "
+    )
     if s:
-        foot += (f"search {s['steps']} steps x {s['num_samples']} masks x {s['batch_size']} sequences"
-                 f" ({s.get('method', 'units')}, {s.get('objective', 'ce')} objective); ")
+        foot += (
+            f"search {s['steps']} steps x {s['num_samples']} masks x {s['batch_size']} sequences"
+            f" ({s.get('method', 'units')}, {s.get('objective', 'ce')} objective); "
+        )
     foot += f"wall time {summary['wall_seconds']:.0f} s"
     ws, chk = summary.get("warm_start"), summary.get("check")
     if ws:
         cands = ", ".join(f"{k} {v:.3f}" for k, v in sorted(ws["check_losses"].items(), key=lambda kv: kv[1]))
         foot += f"\nwarm start: {ws['chosen']} (check-set cross-entropy: {cands})"
     if chk:
-        foot += (f"\ncheck set ({chk['tokens']:,} held-out calibration tokens): search result {chk['search_loss']:.3f}, "
-                 f"start {chk['start_loss']:.3f}: returned the {chk['returned']}")
+        foot += (
+            f"\ncheck set ({chk['tokens']:,} held-out calibration tokens): search result {chk['search_loss']:.3f}, "
+            f"start {chk['start_loss']:.3f}: returned the {chk['returned']}"
+        )
         if "search_loss_reconstructed" in chk:
-            foot += (f"; reconstructed: search result {chk['search_loss_reconstructed']:.3f}, start "
-                     f"{chk['start_loss_reconstructed']:.3f}: returned "
-                     + ("reconstructed" if chk["reconstructed"] else "without reconstruction"))
+            foot += (
+                f"; reconstructed: search result {chk['search_loss_reconstructed']:.3f}, start "
+                f"{chk['start_loss_reconstructed']:.3f}: returned "
+                + ("reconstructed" if chk["reconstructed"] else "without reconstruction")
+            )
     rec = summary.get("reconstruct")
     if rec:
-        foot += (f"\nreconstruction: {rec['mode']}, target {rec['target']}, damping {rec['damping']}, "
-                 f"{rec['blocks']} calibration blocks, {rec['sublayers']} sublayers solved in {rec['seconds']:.0f} s")
+        foot += (
+            f"\nreconstruction: {rec['mode']}, target {rec['target']}, damping {rec['damping']}, "
+            f"{rec['blocks']} calibration blocks, {rec['sublayers']} sublayers solved in {rec['seconds']:.0f} s"
+        )
     return "\n".join(rows) + "\n\n" + foot

@@ -22,8 +22,9 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 from .errors import UserError
 
@@ -61,7 +62,7 @@ class OutputLock:
         self._fd: int | None = None
         self._created_folder = False
 
-    def acquire(self) -> "OutputLock":
+    def acquire(self) -> OutputLock:
         """Take the lock (creating the folder if needed).
 
         Raises:
@@ -81,9 +82,11 @@ class OutputLock:
                 except BlockingIOError:
                     os.close(fd)
                     self._drop_created_folder()
-                    raise UserError(f"--output {self.folder} is being written by another probprune run "
-                                    f"({_describe(_read_holder(self.path))}); wait for it to end or choose another "
-                                    "folder") from None
+                    raise UserError(
+                        f"--output {self.folder} is being written by another probprune run "
+                        f"({_describe(_read_holder(self.path))}); wait for it to end or choose another "
+                        "folder"
+                    ) from None
                 try:  # the holder before us may have removed the file between our open and our flock: retry
                     same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
                 except FileNotFoundError:
@@ -93,10 +96,15 @@ class OutputLock:
                 os.close(fd)
             stale = _read_holder(self.path)
             if stale:
-                log.warning("%s: taking over the lock of a run that is no longer running (%s)", self.folder,
-                            _describe(stale))
-            holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
-                      "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else "python"}
+                log.warning(
+                    "%s: taking over the lock of a run that is no longer running (%s)", self.folder, _describe(stale)
+                )
+            holder = {
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "started": time.time(),
+                "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else "python",
+            }
             os.ftruncate(fd, 0)
             os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
         except OSError as err:
@@ -123,7 +131,7 @@ class OutputLock:
             except OSError:
                 pass
 
-    def __enter__(self) -> "OutputLock":
+    def __enter__(self) -> OutputLock:
         return self.acquire()
 
     def __exit__(self, *exc: object) -> None:

@@ -11,19 +11,21 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from .data import CalibrationData
-from .run_folder import CHECKPOINT, METRICS, load_checkpoint, save_checkpoint, trim_metrics
 from .engine.base import Engine
 from .policy import Policy
+from .run_folder import CHECKPOINT, METRICS, load_checkpoint, save_checkpoint, trim_metrics
 
 log = logging.getLogger(__name__)
+
 
 @dataclass
 class SearchResult:
@@ -113,8 +115,12 @@ def run_search(
         result.eval_seconds += t2 - t1
         if metrics is not None and (stats["step"] % log_every == 0 or stats["step"] == steps):
             with metrics.open("a") as f:
-                f.write(json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-                                    for k, v in stats.items()}) + "\n")
+                f.write(
+                    json.dumps(
+                        {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in stats.items()}
+                    )
+                    + "\n"
+                )
         if ckpt is not None and (stats["step"] % checkpoint_every == 0 or stats["step"] == end):
             save_checkpoint(ckpt, policy, {"fingerprint": fingerprint, "step": stats["step"]})
         if on_step is not None:
@@ -122,7 +128,9 @@ def run_search(
         finite = [x for x in stats["losses"] if math.isfinite(x)]
         spread = (max(finite) - min(finite)) if finite else float("nan")
         bar.set_postfix(  # the spread of the step's losses: how differently the sampled masks do
-            loss=f"{stats['loss_mean']:.3f}", spread=f"{spread:.3f}", sparsity=f"{stats['expected_sparsity']:.3f}",
+            loss=f"{stats['loss_mean']:.3f}",
+            spread=f"{spread:.3f}",
+            sparsity=f"{stats['expected_sparsity']:.3f}",
             refresh=False,
         )
         bar.update(1)

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,10 +22,10 @@ from .data import CalibrationData, load_corpus, resolve_bos, test_stream
 from .engine import Engine, build_engine, load_for_engine
 from .engine.tasks import channel_ranking, input_stats, merge_stats, split_shares
 from .errors import UserError
-from .perplexity import max_context
 from .mask_space import MaskSpace
-from .models.registry import get_adapter
 from .models.base import FamilyAdapter
+from .models.registry import get_adapter
+from .perplexity import max_context
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +75,15 @@ def prepare(cfg: Config, need_stats: bool = True, progress: bool = True) -> Sess
     adapter = get_adapter(model)
     bos_id = resolve_bos(cfg.data.bos, tok, adapter.wants_bos)
     corpus = load_corpus(cfg.data, seed=cfg.data.split_seed)
-    calib = CalibrationData.from_corpus(tok, corpus, cfg.data.block_len, cfg.data.calib_blocks, seed=cfg.seed,
-                                        max_context=max_context(model), bos_id=bos_id)
+    calib = CalibrationData.from_corpus(
+        tok,
+        corpus,
+        cfg.data.block_len,
+        cfg.data.calib_blocks,
+        seed=cfg.seed,
+        max_context=max_context(model),
+        bos_id=bos_id,
+    )
     test_tokens = test_stream(tok, corpus)
     engine = build_engine(cfg, model, build_space(cfg, adapter, None))  # the final space once stats are in
     try:
@@ -83,8 +91,11 @@ def prepare(cfg: Config, need_stats: bool = True, progress: bool = True) -> Sess
         stats = None
         if need_stats and (wants or cfg.search.method == "allocation"):
             blocks = calib.first(min(cfg.search.init_blocks, len(calib)))
-            stats = merge_stats(engine.map(input_stats, [(blocks[lo:hi],) for lo, hi in
-                                                         split_shares(blocks.shape[0], engine.num_replicas)]))
+            stats = merge_stats(
+                engine.map(
+                    input_stats, [(blocks[lo:hi],) for lo, hi in split_shares(blocks.shape[0], engine.num_replicas)]
+                )
+            )
         space = build_space(cfg, adapter, stats, engine)
         engine.set_space(space)
     except BaseException:
@@ -102,8 +113,12 @@ def build_space(cfg: Config, adapter: FamilyAdapter, stats: dict | None, engine:
         perm = engine.run(channel_ranking, stats)
     try:
         return adapter.mask_space(
-            heads=cfg.mask.heads, channels=cfg.mask.channels, layers=cfg.mask.layers,
-            channel_block=cfg.mask.channel_block, channel_perm=perm, query_heads=cfg.mask.head_unit == "query",
+            heads=cfg.mask.heads,
+            channels=cfg.mask.channels,
+            layers=cfg.mask.layers,
+            channel_block=cfg.mask.channel_block,
+            channel_perm=perm,
+            query_heads=cfg.mask.head_unit == "query",
         )
     except ValueError as e:
         raise UserError(f"mask.head_unit={cfg.mask.head_unit!r}: {e}") from None
@@ -113,7 +128,8 @@ def measure(s: Session, mask: np.ndarray | None, label: str, rec: Any = None) ->
     """Held-out perplexity of the model under ``mask`` (None: dense) with ``rec``'s re-fitted weights
     (:class:`~probprune.reconstruct.Reconstruction`), by the evaluation protocol."""
     e = s.cfg.eval
-    ppl = s.engine.perplexity(mask, s.test_tokens, e.seq_lens, e.max_tokens, e.batch_size, s.progress, rec,
-                              bos_id=s.bos_id)
+    ppl = s.engine.perplexity(
+        mask, s.test_tokens, e.seq_lens, e.max_tokens, e.batch_size, s.progress, rec, bos_id=s.bos_id
+    )
     log.info("%s perplexity: %s", label, ppl)
     return ppl

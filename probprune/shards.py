@@ -21,8 +21,15 @@ import torch
 from .errors import UserError
 
 _DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
     "BOOL": torch.bool,
 }
 _NAMES = {v: k for k, v in _DTYPES.items()}
@@ -54,8 +61,10 @@ class ShardReader:
         elif (folder / "model.safetensors").exists():
             files = [folder / "model.safetensors"]
         else:
-            raise UserError(f"streamed compaction reads safetensors checkpoints: {folder} has neither "
-                            "model.safetensors nor model.safetensors.index.json")
+            raise UserError(
+                f"streamed compaction reads safetensors checkpoints: {folder} has neither "
+                "model.safetensors nor model.safetensors.index.json"
+            )
         self.entries: dict[str, tuple[Path, int, dict]] = {}
         for path in files:
             header, start = _header(path)
@@ -155,6 +164,5 @@ class ShardWriter:
             os.replace(self.folder / self.files[0][0], self.folder / "model.safetensors")
             return
         total = sum((self.folder / f).stat().st_size for f, _ in self.files)
-        index = {"metadata": {"total_size": total},
-                 "weight_map": {n: f for f, names in self.files for n in names}}
+        index = {"metadata": {"total_size": total}, "weight_map": {n: f for f, names in self.files for n in names}}
         (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))

@@ -35,8 +35,7 @@ import yaml
 
 from .config import Config, SweepConfig, config_from_dict, config_to_dict
 from .errors import UserError
-from .files import write_atomic
-from .files import write_text_atomic
+from .files import write_atomic, write_text_atomic
 
 __all__ = [
     "Grid",
@@ -85,8 +84,10 @@ class LogUniform:
 
 def _require(sw: SweepConfig | None) -> SweepConfig:
     if sw is None:
-        raise UserError("the config has no 'sweep' section; add one with sweep.lr and sweep.sparsity lists "
-                        "(see configs/smollm2/135m_sweep.yaml)")
+        raise UserError(
+            "the config has no 'sweep' section; add one with sweep.lr and sweep.sparsity lists "
+            "(see configs/smollm2/135m_sweep.yaml)"
+        )
     return sw
 
 
@@ -269,10 +270,12 @@ def best_configs(df: pd.DataFrame, base: Config, param_keys: Sequence[str], fold
         target = float(cfg.search.sparsity)
         path = folder / f"sparsity_{target:.2f}.yaml"
         settings = ", ".join(f"{k}={v}" for k, v in params.items())
-        header = (f"# Best trial of sweep '{base.name}' at target sparsity {target:g}: trial {row['trial_id']}, "
-                  f"held-out PPL {row['ppl']:.4g} (prunable sparsity {row['prunable_sparsity']:.2%}).\n"
-                  f"# Trial parameters: {settings}\n#\n# To rerun it (and keep the pruned model), run:\n"
-                  f"#   probprune prune --config {shown_path(path)} --output runs/{base.name}-best-{target:.2f}\n\n")
+        header = (
+            f"# Best trial of sweep '{base.name}' at target sparsity {target:g}: trial {row['trial_id']}, "
+            f"held-out PPL {row['ppl']:.4g} (prunable sparsity {row['prunable_sparsity']:.2%}).\n"
+            f"# Trial parameters: {settings}\n#\n# To rerun it (and keep the pruned model), run:\n"
+            f"#   probprune prune --config {shown_path(path)} --output runs/{base.name}-best-{target:.2f}\n\n"
+        )
         write_text_atomic(path, header + yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None))
         out[target] = path
     return out
@@ -308,13 +311,22 @@ def format_table(df: pd.DataFrame, param_keys: Sequence[str]) -> str:
     """A markdown table of ``df``'s trials: parameters, prunable / total sparsity, held-out PPL at each window."""
     ppl_cols = [c for c in df.columns if _is_ppl_col(c)] or ["ppl"]
     params = [column_name(k) for k in param_keys]
-    head = ["trial", *params, "prunable sparsity", "total sparsity", *(f"PPL@{c[4:]}" if c != "ppl" else "PPL"
-                                                                       for c in ppl_cols)]
+    head = [
+        "trial",
+        *params,
+        "prunable sparsity",
+        "total sparsity",
+        *(f"PPL@{c[4:]}" if c != "ppl" else "PPL" for c in ppl_cols),
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for _, r in df.iterrows():
-        cells = [str(r["trial_id"]), *(_fmt(_plain(r[p])) for p in params),
-                 _fmt(r.get("prunable_sparsity"), "pct"), _fmt(r.get("total_sparsity"), "pct"),
-                 *(_fmt(r.get(c), "ppl") for c in ppl_cols)]
+        cells = [
+            str(r["trial_id"]),
+            *(_fmt(_plain(r[p])) for p in params),
+            _fmt(r.get("prunable_sparsity"), "pct"),
+            _fmt(r.get("total_sparsity"), "pct"),
+            *(_fmt(r.get(c), "ppl") for c in ppl_cols),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -334,14 +346,29 @@ def plot_front(df: pd.DataFrame, front: pd.DataFrame, path: str | Path, title: s
     try:
         if not done.empty:
             c = done["lr"] if "lr" in done and done["lr"].notna().all() else None
-            sc = ax.scatter(done["prunable_sparsity"] * 100, done["ppl"], c=c, cmap="viridis", s=36,
-                            norm=matplotlib.colors.LogNorm() if c is not None and (c > 0).all() else None,
-                            label="trials", zorder=2)
+            sc = ax.scatter(
+                done["prunable_sparsity"] * 100,
+                done["ppl"],
+                c=c,
+                cmap="viridis",
+                s=36,
+                norm=matplotlib.colors.LogNorm() if c is not None and (c > 0).all() else None,
+                label="trials",
+                zorder=2,
+            )
             if c is not None:
                 fig.colorbar(sc, ax=ax, label="lr")
         if not front.empty:
-            ax.plot(front["prunable_sparsity"] * 100, front["ppl"], color="crimson", marker="o", mfc="none", ms=10,
-                    label="Pareto front", zorder=3)
+            ax.plot(
+                front["prunable_sparsity"] * 100,
+                front["ppl"],
+                color="crimson",
+                marker="o",
+                mfc="none",
+                ms=10,
+                label="Pareto front",
+                zorder=3,
+            )
         dense = done["dense_ppl"].dropna() if "dense_ppl" in done else pd.Series(dtype=float)
         if not dense.empty:
             ax.axhline(float(dense.iloc[0]), color="grey", ls="--", lw=1, label="dense")
@@ -377,15 +404,22 @@ def _protocol(cfg: Config, df: pd.DataFrame) -> str:
     lens = sorted(int(c[4:]) for c in df.columns if _is_ppl_col(c)) or list(e.seq_lens)
     walls = df["wall_seconds"].dropna() if "wall_seconds" in df else pd.Series(dtype=float)
     wall = f"; trial wall time {walls.min():.0f}-{walls.max():.0f} s" if not walls.empty else ""
-    return (f"model {cfg.model.name_or_path} ({cfg.model.dtype}), data {d.source} held-out split, seed {cfg.seed}; "
-            f"PPL = exp(mean token cross-entropy) over non-overlapping windows of {', '.join(map(str, lens))} tokens, "
-            f"at most {e.max_tokens} held-out tokens per length; 'ppl' is the shortest window. Calibration "
-            f"{d.calib_blocks} blocks x {d.block_len} tokens; each trial searches {s.steps} steps x "
-            f"{s.masks_per_step} masks x {s.batch_size} sequences (unless the sweep varies them){wall}.")
+    return (
+        f"model {cfg.model.name_or_path} ({cfg.model.dtype}), data {d.source} held-out split, seed {cfg.seed}; "
+        f"PPL = exp(mean token cross-entropy) over non-overlapping windows of {', '.join(map(str, lens))} tokens, "
+        f"at most {e.max_tokens} held-out tokens per length; 'ppl' is the shortest window. Calibration "
+        f"{d.calib_blocks} blocks x {d.block_len} tokens; each trial searches {s.steps} steps x "
+        f"{s.masks_per_step} masks x {s.batch_size} sequences (unless the sweep varies them){wall}."
+    )
 
 
-def write_results(df: pd.DataFrame, base: Config, param_keys: Sequence[str], output_dir: str | Path,
-                  experiment_path: str | None = None) -> SweepOutputs:
+def write_results(
+    df: pd.DataFrame,
+    base: Config,
+    param_keys: Sequence[str],
+    output_dir: str | Path,
+    experiment_path: str | None = None,
+) -> SweepOutputs:
     """Write ``results.csv`` (all trials), ``pareto.md`` (front + all trials, with the evaluation protocol),
     ``pareto.png`` and ``best/sparsity_<target>.yaml`` under ``output_dir``.
     """
@@ -395,22 +429,39 @@ def write_results(df: pd.DataFrame, base: Config, param_keys: Sequence[str], out
     write_atomic(csv, lambda tmp: df.to_csv(tmp, index=False))
     front = pareto_front(df)
     best = best_configs(df, base, param_keys, out / "best")
-    png = plot_front(df, front, out / "pareto.png", title=f"{base.name}: {len(_finished(df, 'prunable_sparsity', 'ppl'))}"
-                     f" trials, Pareto front")
+    png = plot_front(
+        df,
+        front,
+        out / "pareto.png",
+        title=f"{base.name}: {len(_finished(df, 'prunable_sparsity', 'ppl'))} trials, Pareto front",
+    )
     status = df["status"].value_counts().to_dict() if "status" in df else {}
     md = [f"# Sweep {base.name}", ""]
     if experiment_path:
         md += [f"Tune experiment: `{shown_path(experiment_path)}`", ""]
-    md += ["## Pareto front (prunable sparsity vs held-out perplexity)", "", format_table(front, param_keys), "",
-           "## All trials", "", format_table(df, param_keys), "",
-           "Trials: " + ", ".join(f"{n} {k}" for k, n in status.items()) + ".", "", _protocol(base, df), ""]
+    md += [
+        "## Pareto front (prunable sparsity vs held-out perplexity)",
+        "",
+        format_table(front, param_keys),
+        "",
+        "## All trials",
+        "",
+        format_table(df, param_keys),
+        "",
+        "Trials: " + ", ".join(f"{n} {k}" for k, n in status.items()) + ".",
+        "",
+        _protocol(base, df),
+        "",
+    ]
     dense = df["dense_ppl"].dropna() if "dense_ppl" in df else pd.Series(dtype=float)
     if not dense.empty:
         md[-1:-1] = [f"Dense model: PPL {float(dense.iloc[0]):.2f} (shortest window).", ""]
     if best:
         md += ["## Best config per sparsity target", ""]
-        md += [f"- {t:g}: `{shown_path(p)}` (`probprune prune --config {shown_path(p)} --output DIR`)"
-               for t, p in best.items()]
+        md += [
+            f"- {t:g}: `{shown_path(p)}` (`probprune prune --config {shown_path(p)} --output DIR`)"
+            for t, p in best.items()
+        ]
         md.append("")
     markdown = out / "pareto.md"
     write_text_atomic(markdown, "\n".join(md))
@@ -421,10 +472,19 @@ def format_report(df: pd.DataFrame, sw: SweepConfig, out: Path, seconds: float) 
     """What a finished sweep prints: the Pareto front, trial counts and where the results, tables, plot and best
     configs were written."""
     counts = df["status"].value_counts().to_dict() if len(df) else {}
-    lines = ["", "Pareto front (prunable sparsity vs held-out perplexity):", "",
-             format_table(pareto_front(df), list(search_space(sw))), "",
-             f"{len(df)} trials ({', '.join(f'{n} {k}' for k, n in counts.items())}) in {seconds:.0f} s",
-             f"results: {out / 'results.csv'}", f"tables:  {out / 'pareto.md'}", f"plot:    {out / 'pareto.png'}"]
-    lines += [f"best:    {path}   (probprune prune --config {path} --output DIR)"
-              for path in sorted((out / "best").glob("*.yaml"))]
+    lines = [
+        "",
+        "Pareto front (prunable sparsity vs held-out perplexity):",
+        "",
+        format_table(pareto_front(df), list(search_space(sw))),
+        "",
+        f"{len(df)} trials ({', '.join(f'{n} {k}' for k, n in counts.items())}) in {seconds:.0f} s",
+        f"results: {out / 'results.csv'}",
+        f"tables:  {out / 'pareto.md'}",
+        f"plot:    {out / 'pareto.png'}",
+    ]
+    lines += [
+        f"best:    {path}   (probprune prune --config {path} --output DIR)"
+        for path in sorted((out / "best").glob("*.yaml"))
+    ]
     return "\n".join(lines)

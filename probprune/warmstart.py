@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 from . import projection
-from .errors import UserError
 from .engine.base import Engine
+from .errors import UserError
 from .mask_space import MaskSpace
 from .models.base import FamilyAdapter
 
@@ -91,9 +91,7 @@ def candidate_masks(
     return out
 
 
-def check_losses(
-    engine: Engine, masks: np.ndarray, check: torch.Tensor, batch_size: int
-) -> np.ndarray:
+def check_losses(engine: Engine, masks: np.ndarray, check: torch.Tensor, batch_size: int) -> np.ndarray:
     """Mean next-token cross-entropy of each mask over all check blocks.
 
     Args:
@@ -151,8 +149,11 @@ def choose_start(
     losses = check_losses(engine, np.stack([candidates[n] for n in names]), check, batch_size)  # [C]
     best = int(np.argmin(losses))
     table = {n: float(v) for n, v in zip(names, losses)}
-    log.info("warm start: check-set loss %s; starting from %s",
-             ", ".join(f"{n} {v:.4f}" for n, v in table.items()), names[best])
+    log.info(
+        "warm start: check-set loss %s; starting from %s",
+        ", ".join(f"{n} {v:.4f}" for n, v in table.items()),
+        names[best],
+    )
     mask = candidates[names[best]]
     return WarmStart(names[best], mask, warm_probs(space, mask, mix, sparsity, budget), table)
 

@@ -48,8 +48,10 @@ def check_align(space: MaskSpace, align: int) -> None:
     if align == 1:
         return
     if not space.include_channels:
-        raise UserError(f"mask.align ({align}) rounds MLP widths, but the mask space has no channel units: set "
-                        "mask.channels=true or mask.align=1")
+        raise UserError(
+            f"mask.align ({align}) rounds MLP widths, but the mask space has no channel units: set "
+            "mask.channels=true or mask.align=1"
+        )
     if align % space.channel_block:
         raise UserError(
             f"mask.align ({align}) must be a multiple of mask.channel_block ({space.channel_block}): kept widths are "
@@ -122,7 +124,7 @@ def align_mask(
             cand = units[sel]
             order.extend(cand[np.argsort(-prio[cand], kind="stable")].tolist())
         per_chunk = align // b
-        pieces = [order[i: i + per_chunk] for i in range(0, len(order), per_chunk)]
+        pieces = [order[i : i + per_chunk] for i in range(0, len(order), per_chunk)]
         narrow = units[~full].tolist()
         if narrow:
             if pieces and len(pieces[-1]) < per_chunk:

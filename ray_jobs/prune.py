@@ -38,8 +38,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--num-actors", type=int, help="Ray actors, one model replica each (default: engine.num_actors)")
     p.add_argument("--address", help="Ray cluster to join, e.g. auto (default: engine.address, else a local Ray)")
     p.add_argument("--resume", action="store_true", help="continue the search checkpointed in --output")
-    p.add_argument("--smoke-test", action="store_true", help=f"run {SMOKE_CONFIG.relative_to(SMOKE_CONFIG.parents[2])}"
-                   " on 2 CPU actors")
+    p.add_argument(
+        "--smoke-test",
+        action="store_true",
+        help=f"run {SMOKE_CONFIG.relative_to(SMOKE_CONFIG.parents[2])} on 2 CPU actors",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     if args.smoke_test:
@@ -83,9 +86,12 @@ class CostReport:
         eval_s = statistics.median(s["eval_seconds"] for s in window)
         per_forward = eval_s * self.actors / self.k
         remaining = self.steps - done
-        print(f"estimated search time: {remaining} more steps x {step_s:.3g} s/step = {remaining * step_s:.0f} s "
-              f"({self.k} forwards/step x {per_forward:.3g} s/forward / {self.actors} actors + "
-              f"{step_s - eval_s:.3g} s driver; {how})", flush=True)
+        print(
+            f"estimated search time: {remaining} more steps x {step_s:.3g} s/step = {remaining * step_s:.0f} s "
+            f"({self.k} forwards/step x {per_forward:.3g} s/forward / {self.actors} actors + "
+            f"{step_s - eval_s:.3g} s driver; {how})",
+            flush=True,
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,8 +112,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"probprune: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        return termination.report_interrupt("ray_jobs/prune.py", f"the search resumes from its last checkpoint: "
-                                            f"{resume_command(args)}")
+        return termination.report_interrupt(
+            "ray_jobs/prune.py", f"the search resumes from its last checkpoint: {resume_command(args)}"
+        )
     print(format_summary(summary))
     print(f"\noutput: {args.output}")
     return 0

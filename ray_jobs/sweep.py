@@ -45,8 +45,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--output", help="results folder (--smoke-test: a temporary folder if not given)")
     p.add_argument("--address", help="Ray cluster to join, e.g. auto (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted sweep of --output")
-    p.add_argument("--smoke-test", action="store_true",
-                   help=f"run {SMOKE_CONFIG.relative_to(SMOKE_CONFIG.parents[2])}: 2 lrs x 2 sparsities, tiny model")
+    p.add_argument(
+        "--smoke-test",
+        action="store_true",
+        help=f"run {SMOKE_CONFIG.relative_to(SMOKE_CONFIG.parents[2])}: 2 lrs x 2 sparsities, tiny model",
+    )
     args = p.parse_args(argv)
     if args.smoke_test:
         args.config = args.config or str(SMOKE_CONFIG)
@@ -69,8 +72,10 @@ def main(argv: list[str] | None = None) -> int:
         from probprune.sweep import format_report, num_trials, search_space
 
         if cfg.sweep is not None:
-            print(f"sweep {cfg.name}: {num_trials(cfg.sweep)} trials over {', '.join(search_space(cfg.sweep))}",
-                  flush=True)
+            print(
+                f"sweep {cfg.name}: {num_trials(cfg.sweep)} trials over {', '.join(search_space(cfg.sweep))}",
+                flush=True,
+            )
         df = run_sweep(cfg, args.output, address=args.address, smoke=args.smoke_test, resume=args.resume)
     except UserError as e:
         print(f"probprune: error: {e}", file=sys.stderr)
@@ -78,8 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         cmd = ["python", "ray_jobs/sweep.py", "--config", args.config, *args.overrides, "--output", args.output]
         cmd += ["--address", args.address] if args.address else []
-        return termination.report_interrupt("ray_jobs/sweep.py", "finished trials are kept and the sweep continues "
-                                            f"with: {shlex.join([*cmd, '--resume'])}")
+        return termination.report_interrupt(
+            "ray_jobs/sweep.py",
+            f"finished trials are kept and the sweep continues with: {shlex.join([*cmd, '--resume'])}",
+        )
     print(format_report(df, cfg.sweep, Path(args.output), time.perf_counter() - t0))
     return 0 if (df["status"] == "finished").any() else 1
 

@@ -39,13 +39,23 @@ def ray_cluster():
     evaluators fit at once. Shut down at the end of the session.
     """
     import ray  # the test extra installs Ray: a missing Ray is a broken set-up, not a skip
+
     if ray.is_initialized():  # someone else started it: use it, leave it running
         yield ray
         return
-    env = {k: os.environ[k] for k in ("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "TOKENIZERS_PARALLELISM",
-                                      "HF_HUB_OFFLINE", "PROBPRUNE_CACHE") if k in os.environ}
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=100 * 1024**2,
-             runtime_env={"env_vars": env}, logging_level="WARNING")
+    env = {
+        k: os.environ[k]
+        for k in ("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "TOKENIZERS_PARALLELISM", "HF_HUB_OFFLINE", "PROBPRUNE_CACHE")
+        if k in os.environ
+    }
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        object_store_memory=100 * 1024**2,
+        runtime_env={"env_vars": env},
+        logging_level="WARNING",
+    )
     yield ray
     ray.shutdown()
 
@@ -71,7 +81,7 @@ def hetero_tiny():
     model = tiny_model("llama", num_hidden_layers=4)
     space = get_adapter(model).mask_space(channel_block=8)
     mask = space.full_mask()
-    units = lambda t, li: np.flatnonzero((space.unit_type == t) & (space.unit_layer == li))  # noqa: E731
+    units = lambda t, li: np.flatnonzero((space.unit_type == t) & (space.unit_layer == li))
     mask[units(HEAD, 0)[:1]] = 0
     mask[units(CHANNEL, 0)[:5]] = 0
     mask[units(HEAD, 1)] = 0  # layer 1: no attention

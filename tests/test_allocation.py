@@ -12,8 +12,8 @@ import torch
 from probprune.allocation import AllocationPolicy
 from probprune.baselines import uniform_per_layer_mask
 from probprune.data import CalibrationData
-from probprune.errors import ConfigError, UserError
 from probprune.engine.local import LocalEngine
+from probprune.errors import ConfigError, UserError
 from probprune.mask_space import CHANNEL, HEAD, LAYER, LayerShape, MaskSpace
 from probprune.models import get_adapter, tiny_model
 from probprune.policy import Policy, uniform_probs
@@ -110,8 +110,7 @@ def test_exact_score_is_unbiased():
     # E[(k − n a)/(a(1 − a)) · L(k)] = d E[L] / da; L = k² on one group: E[k²] = n a (1 − a) + n² a², derivative
     # n (1 − 2a) + 2 n² a. A single channel group (n = 10) at a = 0.3: 10·0.4 + 2·100·0.3 = 64.
     space = MaskSpace([SHAPE], channel_block=4, include_heads=False)
-    p = AllocationPolicy(space, np.arange(10.0), lr=0.1, total_steps=10, sparsity=0.0, score_scaling="exact",
-                         seed=1)
+    p = AllocationPolicy(space, np.arange(10.0), lr=0.1, total_steps=10, sparsity=0.0, score_scaling="exact", seed=1)
     p.probs = torch.tensor([0.3], dtype=torch.float64)
     masks = p.sample(200_000)
     k = p.counts(masks)[:, 0]
@@ -278,8 +277,19 @@ def test_run_search_drives_the_allocation_policy_and_resumes(tmp_path):
     def run(out, **kw):
         p = AllocationPolicy(space, scores, lr=0.1, total_steps=6, sparsity=0.5, seed=2)
         ev = LocalEngine(model, space, fast_path=False)
-        return run_search(p, ev, data, steps=6, num_samples=2, batch_size=2, checkpoint_dir=out, checkpoint_every=2,
-                          progress=False, fingerprint="fp", **kw)
+        return run_search(
+            p,
+            ev,
+            data,
+            steps=6,
+            num_samples=2,
+            batch_size=2,
+            checkpoint_dir=out,
+            checkpoint_every=2,
+            progress=False,
+            fingerprint="fp",
+            **kw,
+        )
 
     full = run(tmp_path / "a")
     run(tmp_path / "b", stop_after=3)
@@ -300,8 +310,9 @@ def test_metric_projection_is_weighted_projection_at_unit_metric_and_meets_kkt()
     y = torch.rand(12, generator=gen, dtype=torch.float64) * 1.4
     c = torch.randint(1, 5, (12,), generator=gen).double()
     budget = 0.5 * float(c.sum())
-    torch.testing.assert_close(_project_metric(y, torch.ones(12, dtype=torch.float64), c, budget),
-                               project_weighted(y, c, budget))
+    torch.testing.assert_close(
+        _project_metric(y, torch.ones(12, dtype=torch.float64), c, budget), project_weighted(y, c, budget)
+    )
     d = torch.rand(12, generator=gen, dtype=torch.float64) + 0.1
     x = _project_metric(y, d, c, budget)
     assert float((c * x).sum()) == pytest.approx(budget)
@@ -314,15 +325,23 @@ def test_prune_pipeline_runs_the_allocation_search_with_aligned_widths(tmp_path)
     import json
     from pathlib import Path
 
-    from probprune.widths import channel_widths
     from probprune.config import apply_overrides, load_config
     from probprune.pipeline import prune
+    from probprune.widths import channel_widths
 
     smoke = Path(__file__).parents[1] / "configs" / "tiny" / "smoke.yaml"
-    cfg = apply_overrides(load_config(smoke), [
-        "search.method=allocation", "search.steps=3", "mask.channel_block=4", "mask.block_order=metric",
-        "mask.align=16", "eval.seq_lens=[32]", "eval.max_tokens=256",
-    ])
+    cfg = apply_overrides(
+        load_config(smoke),
+        [
+            "search.method=allocation",
+            "search.steps=3",
+            "mask.channel_block=4",
+            "mask.block_order=metric",
+            "mask.align=16",
+            "eval.seq_lens=[32]",
+            "eval.max_tokens=256",
+        ],
+    )
     summary = prune(cfg, tmp_path / "run", progress=False)
     masks = torch.load(tmp_path / "run" / "masks.pt", weights_only=False)
     final, init = masks["final_mask"].numpy(), masks["init_mask"].numpy()
@@ -354,8 +373,24 @@ def test_allocation_and_unit_policy_share_the_score_function_base():
         assert su[key] == sa[key]
     assert unit.total_dropped == alloc.total_dropped == 1
     with pytest.raises(ConfigError) as err:
-        make_policy(space, lr=float("nan"), total_steps=0, sparsity=2, ema_window=0, lr_schedule="x", baseline="y",
-                    score_scaling="z", budget="v")
+        make_policy(
+            space,
+            lr=float("nan"),
+            total_steps=0,
+            sparsity=2,
+            ema_window=0,
+            lr_schedule="x",
+            baseline="y",
+            score_scaling="z",
+            budget="v",
+        )
     assert [e.split(" ")[0] for e in err.value.errors] == [
-        "lr", "total_steps", "sparsity", "ema_window", "lr_schedule", "baseline", "score_scaling", "budget"
+        "lr",
+        "total_steps",
+        "sparsity",
+        "ema_window",
+        "lr_schedule",
+        "baseline",
+        "score_scaling",
+        "budget",
     ]

@@ -102,15 +102,27 @@ CASES = [
     ("init_mix", [*PRUNE, "search.init_mix=1"], r"search\.init_mix.*must be in \(0, 1\)", None),
     ("check<0", [*PRUNE, "search.check_blocks=-1"], r"search\.check_blocks.*must be >= 0", None),
     ("batch>blocks", [*PRUNE, "search.batch_size=100"], r"search\.batch_size \(100\).*data\.calib_blocks \(64\)", None),
-    ("check>blocks", [*PRUNE, "search.check_blocks=63"], r"search\.check_blocks \(63\).*data\.calib_blocks \(64\)",
-     None),
+    (
+        "check>blocks",
+        [*PRUNE, "search.check_blocks=63"],
+        r"search\.check_blocks \(63\).*data\.calib_blocks \(64\)",
+        None,
+    ),
     ("init_blocks", [*PRUNE, "search.init_blocks=65"], r"search\.init_blocks \(65\).*data\.calib_blocks \(64\)", None),
     ("best-no-check", [*PRUNE, "search.init=best"], r"search\.init='best'.*search\.check_blocks >= 1, got 0", None),
-    ("gathered-no-fast", [*PRUNE, "engine.scoring=gathered", "engine.fast_path=false"],
-     r"engine\.scoring='gathered'.*contradicts engine\.fast_path=false", None),
+    (
+        "gathered-no-fast",
+        [*PRUNE, "engine.scoring=gathered", "engine.fast_path=false"],
+        r"engine\.scoring='gathered'.*contradicts engine\.fast_path=false",
+        None,
+    ),
     ("does-not-fit", [*PRUNE, "engine.memory_gib=0.05"], r"does not fit: .* > 0\.05 GiB", None),
-    ("loo-K1", [*PRUNE, "search.baseline=loo", "search.masks_per_step=1"], r"search\.baseline='loo'.*masks_per_step >= 2",
-     None),
+    (
+        "loo-K1",
+        [*PRUNE, "search.baseline=loo", "search.masks_per_step=1"],
+        r"search\.baseline='loo'.*masks_per_step >= 2",
+        None,
+    ),
     ("antithetic-odd", [*PRUNE, "search.sampling=antithetic", "search.masks_per_step=3"], r"antithetic.*even.*3", None),
     ("typo-key", [*PRUNE, "serach.steps=3"], r"serach.*search", None),
     ("typo-field", [*PRUNE, "search.stpes=3"], r"search\.stpes.*search\.steps", None),
@@ -140,47 +152,124 @@ CASES = [
     ("config-missing", ["prune", "--config", "{tmp}/nope.yaml", "--output", "{out}"], r"config file not found", None),
     ("config-dir", ["prune", "--config", "{tmp}/cfgdir", "--output", "{out}"], r"is a directory", "config_dir"),
     ("config-not-utf8", ["prune", "--config", "{tmp}/c.yaml", "--output", "{out}"], r"not UTF-8", "not_utf8"),
-    ("config-bad-yaml", ["prune", "--config", "{tmp}/c.yaml", "--output", "{out}"], r"cannot parse config.*line",
-     "bad_yaml"),
+    (
+        "config-bad-yaml",
+        ["prune", "--config", "{tmp}/c.yaml", "--output", "{out}"],
+        r"cannot parse config.*line",
+        "bad_yaml",
+    ),
     ("config-list", ["prune", "--config", "{tmp}/c.yaml", "--output", "{out}"], r"must hold a mapping", "yaml_list"),
     # ---- model folders
-    ("model-missing", [*PRUNE, "model.name_or_path=/nonexistent/model"], r"model\.name_or_path.*/nonexistent/model",
-     None),
+    (
+        "model-missing",
+        [*PRUNE, "model.name_or_path=/nonexistent/model"],
+        r"model\.name_or_path.*/nonexistent/model",
+        None,
+    ),
     ("model-no-config", [*PRUNE, "model.name_or_path={tmp}/emptymodel"], r"no config\.json", "no_config_json"),
-    ("model-truncated", [*PRUNE, "model.name_or_path={tmp}/pruned"], r"model\.name_or_path.*truncated or corrupt",
-     "truncated"),
-    ("model-unsupported", [*PRUNE, "model.name_or_path={tmp}/gpt2"], r"unsupported architecture .GPT2.*supports LlamaForCausalLM", "gpt2"),
+    (
+        "model-truncated",
+        [*PRUNE, "model.name_or_path={tmp}/pruned"],
+        r"model\.name_or_path.*truncated or corrupt",
+        "truncated",
+    ),
+    (
+        "model-unsupported",
+        [*PRUNE, "model.name_or_path={tmp}/gpt2"],
+        r"unsupported architecture .GPT2.*supports LlamaForCausalLM",
+        "gpt2",
+    ),
     ("eval-missing", ["eval", "--model", "/nonexistent/model"], r"/nonexistent/model", None),
     # ---- data
-    ("data-missing-file", [*PRUNE, "data.source=files", "data.paths=[{tmp}/none.txt]"], r"none\.txt.*does not exist",
-     None),
-    ("data-empty", [*PRUNE, "data.source=files", "data.paths=[{tmp}/empty.txt]"], r"empty|too short|no text",
-     "empty_corpus"),
-    ("data-too-short", [*PRUNE, "data.source=files", "data.paths=[{tmp}/tiny.txt]"], r"data\.paths=.*tiny\.txt.*only one",
-     "tiny_corpus"),
-    ("data-no-text-files", [*PRUNE, "data.source=files", "data.paths=[{tmp}/notext]"], r"names no \.txt or \.jsonl",
-     "no_text_folder"),
+    (
+        "data-missing-file",
+        [*PRUNE, "data.source=files", "data.paths=[{tmp}/none.txt]"],
+        r"none\.txt.*does not exist",
+        None,
+    ),
+    (
+        "data-empty",
+        [*PRUNE, "data.source=files", "data.paths=[{tmp}/empty.txt]"],
+        r"empty|too short|no text",
+        "empty_corpus",
+    ),
+    (
+        "data-too-short",
+        [*PRUNE, "data.source=files", "data.paths=[{tmp}/tiny.txt]"],
+        r"data\.paths=.*tiny\.txt.*only one",
+        "tiny_corpus",
+    ),
+    (
+        "data-no-text-files",
+        [*PRUNE, "data.source=files", "data.paths=[{tmp}/notext]"],
+        r"names no \.txt or \.jsonl",
+        "no_text_folder",
+    ),
     ("calib-too-many", [*PRUNE, "data.calib_blocks=100000000"], r"data\.calib_blocks=100000000.*only has", None),
     ("block-over-context", [*PRUNE, "data.block_len=100000"], r"data\.block_len=100000.*context", None),
     # ---- output folders and resume
-    ("output-is-file", ["prune", "--config", SMOKE, "--output", "{tmp}/out_file"], r"exists and is not a folder",
-     "output_file"),
+    (
+        "output-is-file",
+        ["prune", "--config", SMOKE, "--output", "{tmp}/out_file"],
+        r"exists and is not a folder",
+        "output_file",
+    ),
     ("output-not-empty", ["prune", "--config", SMOKE, "--output", "{tmp}/busy"], r"is not empty", "output_nonempty"),
-    ("resume-user-folder", ["prune", "--config", SMOKE, "--output", "{tmp}/resume", "--resume"],
-     r"holds no search checkpoint", "user_model"),
-    ("resume-corrupt", ["prune", "--config", SMOKE, "--output", "{tmp}/resume", "--resume"],
-     r"cannot read the search checkpoint", "corrupt_ckpt"),
-    ("resume-malicious", ["prune", "--config", SMOKE, "--output", "{tmp}/resume", "--resume"],
-     r"cannot read the search checkpoint", "malicious_ckpt"),
-    ("resume-other-settings", ["prune", "--config", SMOKE, "--output", "{tmp}/resume", "--resume", "search.steps=2",
-                               "search.sparsity=0.3"], r"belongs to a different search", "finished_run"),
-    ("rerun-finished", ["prune", "--config", SMOKE, "--output", "{tmp}/resume", "search.steps=2"],
-     r"already holds a finished run", "finished_run"),
+    (
+        "resume-user-folder",
+        ["prune", "--config", SMOKE, "--output", "{tmp}/resume", "--resume"],
+        r"holds no search checkpoint",
+        "user_model",
+    ),
+    (
+        "resume-corrupt",
+        ["prune", "--config", SMOKE, "--output", "{tmp}/resume", "--resume"],
+        r"cannot read the search checkpoint",
+        "corrupt_ckpt",
+    ),
+    (
+        "resume-malicious",
+        ["prune", "--config", SMOKE, "--output", "{tmp}/resume", "--resume"],
+        r"cannot read the search checkpoint",
+        "malicious_ckpt",
+    ),
+    (
+        "resume-other-settings",
+        ["prune", "--config", SMOKE, "--output", "{tmp}/resume", "--resume", "search.steps=2", "search.sparsity=0.3"],
+        r"belongs to a different search",
+        "finished_run",
+    ),
+    (
+        "rerun-finished",
+        ["prune", "--config", SMOKE, "--output", "{tmp}/resume", "search.steps=2"],
+        r"already holds a finished run",
+        "finished_run",
+    ),
     # ---- baselines
-    ("baseline-sparsity", ["baseline", "--method", "flap", "--sparsity", "1.5", "--config", SMOKE, "--output", "{out}"],
-     r"search\.sparsity.*1\.5", None),
-    ("baseline-no-units", ["baseline", "--method", "flap", "--sparsity", "0.5", "--config", SMOKE, "--output",
-                           "{out}", "mask.heads=false", "mask.channels=false"], r"at least one of mask\.heads", None),
+    (
+        "baseline-sparsity",
+        ["baseline", "--method", "flap", "--sparsity", "1.5", "--config", SMOKE, "--output", "{out}"],
+        r"search\.sparsity.*1\.5",
+        None,
+    ),
+    (
+        "baseline-no-units",
+        [
+            "baseline",
+            "--method",
+            "flap",
+            "--sparsity",
+            "0.5",
+            "--config",
+            SMOKE,
+            "--output",
+            "{out}",
+            "mask.heads=false",
+            "mask.channels=false",
+        ],
+        r"at least one of mask\.heads",
+        None,
+    ),
 ]
 
 
@@ -292,8 +381,20 @@ def test_ray_engine_bad_input_is_refused_before_any_output(case_id, overrides, p
 
     out = tmp_path / "out"
     env = {**os.environ, "RAY_ADDRESS": ""}
-    cmd = [sys.executable, "-m", "probprune.cli", "prune", "--config", SMOKE, "--output", str(out), "--quiet",
-           "engine.kind=ray", "engine.threads=1", *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "probprune.cli",
+        "prune",
+        "--config",
+        SMOKE,
+        "--output",
+        str(out),
+        "--quiet",
+        "engine.kind=ray",
+        "engine.threads=1",
+        *overrides,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("probprune: error:")]
     assert proc.returncode == 2, proc.stderr[-2000:]
@@ -329,9 +430,23 @@ def test_sigterm_stops_a_run_with_the_resume_hint(tmp_path):
     import time
 
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "probprune.cli", "prune", "--config", SMOKE, "--output", str(out),
-                             "--quiet", "search.steps=100000", "search.checkpoint_every=5"],
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "probprune.cli",
+            "prune",
+            "--config",
+            SMOKE,
+            "--output",
+            str(out),
+            "--quiet",
+            "search.steps=100000",
+            "search.checkpoint_every=5",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 120
     while not (out / "search_checkpoint.pt").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)

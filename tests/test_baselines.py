@@ -15,18 +15,18 @@ from probprune.baselines import (
     sleb_mask,
     uniform_per_layer_mask,
 )
-from probprune.reconstruct import Reconstruction
 from probprune.compaction import compact, save_pruned
 from probprune.errors import UserError
-from probprune.mask_space import CHANNEL, HEAD, LAYER, LayerShape, MaskSpace
-from probprune.models import get_adapter, tiny_model
-from probprune.models.loading import load_pruned
 from probprune.importance import (
     collect_input_stats,
     flap_scores,
     magnitude_scores,
     wanda_sp_scores,
 )
+from probprune.mask_space import CHANNEL, HEAD, LAYER, LayerShape, MaskSpace
+from probprune.models import get_adapter, tiny_model
+from probprune.models.loading import load_pruned
+from probprune.reconstruct import Reconstruction
 
 torch.set_num_threads(1)
 
@@ -107,9 +107,23 @@ def test_bad_arguments_raise_user_errors(setup) -> None:
 def test_uniform_per_layer_largest_remainder_by_next_best_score() -> None:
     shape = LayerShape(num_kv_heads=4, group_size=1, head_dim=2, hidden_size=4, intermediate_size=2)
     space = MaskSpace(layers=[shape] * 3, include_channels=False, total_params=1000)
-    scores = np.array([9, 8, 1, 0,  # layer 0: third best 1
-                       5, 4, 3, 2,  # layer 1: third best 3
-                       7, 6, 2.5, 9.5], dtype=float)  # layer 2: third best 6 <- gets the extra unit
+    scores = np.array(
+        [
+            9,
+            8,
+            1,
+            0,  # layer 0: third best 1
+            5,
+            4,
+            3,
+            2,  # layer 1: third best 3
+            7,
+            6,
+            2.5,
+            9.5,
+        ],
+        dtype=float,
+    )  # layer 2: third best 6 <- gets the extra unit
     mask = uniform_per_layer_mask(space, scores, sparsity=0.4)  # keep round(0.6 * 12) = 7 = 2 + 2 + 2 + 1
     assert mask.tolist() == [1, 1, 0, 0, 1, 1, 0, 0, 1, 1, 0, 1]  # layer 2 keeps 9.5, 7, 6
     mask = uniform_per_layer_mask(space, scores, sparsity=0.0)
@@ -132,8 +146,10 @@ def test_wanda_and_magnitude_keep_each_layers_top_units(setup) -> None:
     model, adapter = setup
     space = adapter.mask_space(channel_block=8)
     stats = collect_input_stats(adapter, BLOCKS)
-    for method, scores in (("wanda-sp", wanda_sp_scores(adapter, space, stats)),
-                           ("magnitude", magnitude_scores(adapter, space))):
+    for method, scores in (
+        ("wanda-sp", wanda_sp_scores(adapter, space, stats)),
+        ("magnitude", magnitude_scores(adapter, space)),
+    ):
         mask = baseline_mask(method, adapter, space, BLOCKS, sparsity=0.5)
         for t in (HEAD, CHANNEL):
             for li in range(3):
@@ -253,8 +269,10 @@ def test_flap_bias_compensation_keeps_removed_columns_mean(tmp_path) -> None:
     # reference: the dense model with the removed inputs of o_proj / down_proj replaced by their calibration means
     hooks = []
     for li, layer in enumerate(model.model.layers):
-        for mod, key, cols in ((layer.self_attn.o_proj, "o_proj", removed_cols[li]),
-                               (layer.mlp.down_proj, "down_proj", removed_ch[li])):
+        for mod, key, cols in (
+            (layer.self_attn.o_proj, "o_proj", removed_cols[li]),
+            (layer.mlp.down_proj, "down_proj", removed_ch[li]),
+        ):
             mean = torch.tensor(stats[key][li]["sum"] / stats[key][li]["count"], dtype=torch.float32)
 
             def pre(m, args, cols=torch.as_tensor(cols), mean=mean):

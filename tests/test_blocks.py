@@ -8,11 +8,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from probprune.compaction import compact, count_params, save_pruned
-from probprune.models.loading import load_pruned
-from probprune.masked_forward import masked_logits
-from probprune.mask_space import CHANNEL, HEAD
-from probprune.models import get_adapter, tiny_model
 from probprune.importance import channel_wanda_scores, collect_input_stats, rank_channels, wanda_sp_scores
+from probprune.mask_space import CHANNEL, HEAD
+from probprune.masked_forward import masked_logits
+from probprune.models import get_adapter, tiny_model
+from probprune.models.loading import load_pruned
 
 TOL = dict(rtol=1e-5, atol=1e-5)  # fp32
 BLOCK = 4
@@ -55,7 +55,9 @@ def test_blocks_hold_ranked_channels():
             mask = space.full_mask()
             mask[units[b]] = 0
             chans = space.expand(mask)["channels"][li]
-            np.testing.assert_array_equal(np.flatnonzero(chans.numpy() < 0.5), np.sort(perm[b * BLOCK:(b + 1) * BLOCK]))
+            np.testing.assert_array_equal(
+                np.flatnonzero(chans.numpy() < 0.5), np.sort(perm[b * BLOCK : (b + 1) * BLOCK])
+            )
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])

@@ -65,11 +65,17 @@ def _gpt2_folder(path: Path) -> Path:
 
 
 BAD = {
-    "missing model path": (["model.name_or_path=/nonexistent/model"], "model.name_or_path: path not found: /nonexistent/model"),
+    "missing model path": (
+        ["model.name_or_path=/nonexistent/model"],
+        "model.name_or_path: path not found: /nonexistent/model",
+    ),
     "sparsity 1.5": (["search.sparsity=1.5"], r"search.sparsity must be in \(0, 1\), got 1.5"),
     "unknown key": (["search.lrr=0.1"], r"unknown config key 'search.lrr' \(did you mean 'search.lr'\?\)"),
     "block above context": (["data.block_len=512"], r"data.block_len=512 .*256"),
-    "too-short corpus": (["data.calib_blocks=10000000"], r"data.calib_blocks=10000000 but the calibration split only has"),
+    "too-short corpus": (
+        ["data.calib_blocks=10000000"],
+        r"data.calib_blocks=10000000 but the calibration split only has",
+    ),
 }
 
 
@@ -131,8 +137,23 @@ def test_info_prints_units_and_costs(capsys):
 
 def test_baseline_and_eval(tmp_path, capsys):
     out = tmp_path / "wanda"
-    assert main(["baseline", "--method", "wanda-sp", "--sparsity", "0.3", "--config", SMOKE, "--output", str(out),
-                 "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "baseline",
+                "--method",
+                "wanda-sp",
+                "--sparsity",
+                "0.3",
+                "--config",
+                SMOKE,
+                "--output",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     s = json.loads((out / "summary.json").read_text())
     assert s["method"] == "wanda-sp" and s["sparsity"]["prunable"] == pytest.approx(0.3, abs=0.02)
     capsys.readouterr()

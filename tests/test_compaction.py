@@ -7,10 +7,10 @@ from transformers import AutoModelForCausalLM
 
 from probprune.compaction import compact, count_params, save_pruned
 from probprune.errors import UserError
-from probprune.models.loading import load_pruned
-from probprune.masked_forward import masked_logits
 from probprune.mask_space import CHANNEL, HEAD, LAYER
+from probprune.masked_forward import masked_logits
 from probprune.models import get_adapter, tiny_model
+from probprune.models.loading import load_pruned
 
 TOL = dict(rtol=1e-5, atol=1e-5)  # fp32
 
@@ -45,8 +45,16 @@ def test_masked_equals_compacted_equals_reloaded(tiny_kind, tmp_path):
     assert torch.equal(out, small.generate(x[:1, :4], max_new_tokens=6, do_sample=False))
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     assert [(s["num_key_value_heads"], s["intermediate_size"]) for s in cfg["probprune_layout"]] == [
-        (int(mask[space.type_slice(HEAD)][li * space.layers[0].num_kv_heads:(li + 1) * space.layers[0].num_kv_heads].sum()),
-         int(mask[space.type_slice(CHANNEL)][li * 96:(li + 1) * 96].sum())) for li in range(space.num_layers)]
+        (
+            int(
+                mask[space.type_slice(HEAD)][
+                    li * space.layers[0].num_kv_heads : (li + 1) * space.layers[0].num_kv_heads
+                ].sum()
+            ),
+            int(mask[space.type_slice(CHANNEL)][li * 96 : (li + 1) * 96].sum()),
+        )
+        for li in range(space.num_layers)
+    ]
 
 
 def test_original_model_untouched_by_compaction():
@@ -90,7 +98,7 @@ def test_empty_sublayers(empty, tmp_path):
     if empty in ("heads", "both"):
         mask[0:4] = 0  # all KV groups of layer 0
     if empty in ("channels", "both"):
-        mask[space.type_slice(CHANNEL).start: space.type_slice(CHANNEL).start + 96] = 0  # all channels of layer 0
+        mask[space.type_slice(CHANNEL).start : space.type_slice(CHANNEL).start + 96] = 0  # all channels of layer 0
     x = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(2))
     want = masked_logits(adapter, space, mask, x)
     small = compact(model, space, mask)
@@ -162,10 +170,13 @@ def test_streamed_compaction_of_a_sharded_checkpoint_equals_compact_then_save(ki
     space2 = get_adapter(got).mask_space(channel_block=4)
     mask2 = _random_mask(space2, 4, p=0.7)
     again = compact_checkpoint(out, space2, mask2, tmp_path / "again")
-    torch.testing.assert_close(load_pruned(again)(input_ids=x).logits, compact(got, space2, mask2)(input_ids=x).logits,
-                               rtol=0, atol=0)
-    assert json.loads((again / "config.json").read_text())["probprune_source_layers"] == \
-        compact(got, space2, mask2).config.probprune_source_layers
+    torch.testing.assert_close(
+        load_pruned(again)(input_ids=x).logits, compact(got, space2, mask2)(input_ids=x).logits, rtol=0, atol=0
+    )
+    assert (
+        json.loads((again / "config.json").read_text())["probprune_source_layers"]
+        == compact(got, space2, mask2).config.probprune_source_layers
+    )
 
 
 def test_streamed_compaction_needs_safetensors(tmp_path):

@@ -55,7 +55,14 @@ def test_quickstart_values():
     assert (cfg.mask.channel_block, cfg.mask.block_order) == (128, "metric")  # benchmarks/results/granularity
     s = cfg.search
     assert (s.sparsity, s.budget, s.steps, s.masks_per_step, s.batch_size, s.lr, s.baseline, s.init) == (
-        0.5, "per_type", 150, 4, 4, 0.1, "loo", "best"
+        0.5,
+        "per_type",
+        150,
+        4,
+        4,
+        0.1,
+        "loo",
+        "best",
     )
     assert (s.method, s.objective, s.check_blocks, s.init_mix) == ("allocation", "kl", 32, 0.25)  # quality benchmark
     assert (cfg.eval.seq_lens, cfg.eval.max_tokens) == ([128, 2048], 16384)
@@ -66,7 +73,13 @@ def test_paper_configs_follow_the_paper():
     for rel, lr in [("llama2/7b_paper.yaml", 2e-3), ("llama3/8b_paper.yaml", 6e-3), ("smollm2/135m_paper.yaml", 2e-3)]:
         s = load_config(REPO / "configs" / rel).search
         assert (s.lr, s.masks_per_step, s.batch_size, s.baseline, s.ema_window, s.score_scaling, s.budget) == (
-            lr, 2, 8, "ema", 5, "sqrt", "per_type"
+            lr,
+            2,
+            8,
+            "ema",
+            5,
+            "sqrt",
+            "per_type",
         ), rel
     cfg = load_config(REPO / "configs/llama2/7b_paper.yaml")
     assert (cfg.data.dataset, cfg.data.dataset_config, cfg.search.steps) == ("allenai/c4", "en", 15000)
@@ -75,7 +88,10 @@ def test_paper_configs_follow_the_paper():
 def test_ray_and_sweep_configs():
     cfg = load_config(REPO / "configs/llama2/70b_ray_multinode.yaml")
     assert (cfg.engine.kind, cfg.engine.num_actors, cfg.engine.gpus_per_actor, cfg.model.device_map) == (
-        "ray", 4, 4.0, "auto"
+        "ray",
+        4,
+        4.0,
+        "auto",
     )
     sweep_cfg = load_config(REPO / "configs/smollm2/135m_sweep.yaml")
     sweep = sweep_cfg.sweep
@@ -230,8 +246,10 @@ def test_wrong_type(override: str, message: str):
         ("data.source=web", "data.source must be one of 'brown', 'hf', 'files', got 'web'"),
         ("engine.kind=dask", "engine.kind must be one of 'local', 'ray', got 'dask'"),
         ("model.device=gpu", "model.device must be one of 'cpu', 'cuda', 'cuda:N', 'auto', got 'gpu'"),
-        ("model.device_map=everywhere", "model.device_map must be one of 'auto', 'balanced', 'balanced_low_0', "
-         "'sequential', got 'everywhere'"),
+        (
+            "model.device_map=everywhere",
+            "model.device_map must be one of 'auto', 'balanced', 'balanced_low_0', 'sequential', got 'everywhere'",
+        ),
         ("search.init=zeros", "search.init must be one of 'wanda-sp', 'uniform', 'random', 'best', got 'zeros'"),
     ],
 )

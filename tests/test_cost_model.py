@@ -73,8 +73,20 @@ def test_replica_sizes_on_80gb_gpus(cm):
 
 def test_estimate_table(cm):
     ref = cm.REFERENCE.matmul
-    rows = cm.estimate(ref_tps=1000.0, ref_params=ref, speedup_mode=2.0, sparsity=0.5, measured=None, ref_bound=1.65,
-                       gpus=[1, 8, 64], tokens=30_720_000, k=2, gpu_mem_gib=80, activation_gib=4, usable=0.9)
+    rows = cm.estimate(
+        ref_tps=1000.0,
+        ref_params=ref,
+        speedup_mode=2.0,
+        sparsity=0.5,
+        measured=None,
+        ref_bound=1.65,
+        gpus=[1, 8, 64],
+        tokens=30_720_000,
+        k=2,
+        gpu_mem_gib=80,
+        activation_gib=4,
+        usable=0.9,
+    )
     by = {r["model"]: r for r in rows}
     seven = by["7B"]
     tps = 1000.0 * ref / cm.MODELS["7B"].matmul

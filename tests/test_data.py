@@ -91,9 +91,7 @@ def test_brown_to_text_exact():
         "\tMayor/nn-tl Allen/np Jr./np ./.\n\n\tNext/ap para/nn !/.\n"
     )
     expected = (
-        'The jury said "no evidence", and it didn\'t (see) 1/2. It\'s \'fine\'; ok?'
-        "\n\nMayor Allen Jr."
-        "\n\nNext para!"
+        "The jury said \"no evidence\", and it didn't (see) 1/2. It's 'fine'; ok?\n\nMayor Allen Jr.\n\nNext para!"
     )
     assert brown_to_text(raw) == expected
 

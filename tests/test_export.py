@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import hetero_tiny
 
 from probprune.compaction import compact, save_pruned
 from probprune.errors import UserError
@@ -14,8 +15,6 @@ from probprune.export import export_gguf, unpermute_rope_rows
 from probprune.mask_space import CHANNEL, HEAD
 from probprune.models import get_adapter, tiny_model
 from probprune.models.loading import byte_tokenizer
-
-from conftest import hetero_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,8 +65,9 @@ def test_heterogeneous_model_exports_as_deci_with_exact_tensors(hetero, tmp_path
     assert _field(reader, "deci.embedding_length") == cfg.hidden_size
     assert _field(reader, "deci.context_length") == cfg.max_position_embeddings
     assert _field(reader, "deci.attention.key_length") == _field(reader, "deci.attention.value_length") == 8
-    assert _field(reader, "deci.rope.freq_base") == pytest.approx(float(cfg.rope_theta if hasattr(cfg, "rope_theta")
-                                                                        else cfg.rope_parameters["rope_theta"]))
+    assert _field(reader, "deci.rope.freq_base") == pytest.approx(
+        float(cfg.rope_theta if hasattr(cfg, "rope_theta") else cfg.rope_parameters["rope_theta"])
+    )
     assert _field(reader, "deci.attention.layer_norm_rms_epsilon") == pytest.approx(cfg.rms_norm_eps)
     assert _field(reader, "deci.vocab_size") == cfg.vocab_size
     assert len(_field(reader, "tokenizer.ggml.tokens")) == cfg.vocab_size
@@ -83,10 +83,12 @@ def test_heterogeneous_model_exports_as_deci_with_exact_tensors(hetero, tmp_path
     for i, (n_head, n_kv) in enumerate([(6, 3), (0, 0), (8, 4), (8, 4)]):
         p = f"model.layers.{i}."
         if n_head:
-            np.testing.assert_array_equal(unpermute_rope_rows(t[f"blk.{i}.attn_q.weight"], n_head),
-                                          sd[p + "self_attn.q_proj.weight"])
-            np.testing.assert_array_equal(unpermute_rope_rows(t[f"blk.{i}.attn_k.weight"], n_kv),
-                                          sd[p + "self_attn.k_proj.weight"])
+            np.testing.assert_array_equal(
+                unpermute_rope_rows(t[f"blk.{i}.attn_q.weight"], n_head), sd[p + "self_attn.q_proj.weight"]
+            )
+            np.testing.assert_array_equal(
+                unpermute_rope_rows(t[f"blk.{i}.attn_k.weight"], n_kv), sd[p + "self_attn.k_proj.weight"]
+            )
             np.testing.assert_array_equal(t[f"blk.{i}.attn_v.weight"], sd[p + "self_attn.v_proj.weight"])
             np.testing.assert_array_equal(t[f"blk.{i}.attn_output.weight"], sd[p + "self_attn.o_proj.weight"])
             np.testing.assert_array_equal(t[f"blk.{i}.attn_norm.weight"], sd[p + "input_layernorm.weight"])
@@ -131,11 +133,13 @@ def test_q8_0_export_is_close(hetero, tmp_path):
 
 
 def test_unsupported_models_and_arguments_are_refused(tmp_path):
-    with pytest.raises(UserError, match="GGUF export supports LlamaForCausalLM, MistralForCausalLM; this model is "
-                                        "Qwen2ForCausalLM"):
+    with pytest.raises(
+        UserError, match="GGUF export supports LlamaForCausalLM, MistralForCausalLM; this model is Qwen2ForCausalLM"
+    ):
         export_gguf("tiny:qwen2", tmp_path / "x.gguf")
-    with pytest.raises(UserError, match="--outtype must be one of f32, f16, bf16, q8_0, q4_k_m, q5_k_m, q6_k, q4_0, "
-                                        "got 'q4'"):
+    with pytest.raises(
+        UserError, match="--outtype must be one of f32, f16, bf16, q8_0, q4_k_m, q5_k_m, q6_k, q4_0, got 'q4'"
+    ):
         export_gguf("tiny:llama", tmp_path / "x.gguf", outtype="q4")
     with pytest.raises(UserError, match="path not found"):
         export_gguf(tmp_path / "missing", tmp_path / "x.gguf")
@@ -179,11 +183,13 @@ def test_load_pruned_runs_no_code_from_the_folder(hetero, tmp_path):
 def test_uniform_shape_search_gives_a_stock_checkpoint(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from probprune.models.loading import load_pruned
     from probprune.config import load_config
+    from probprune.models.loading import load_pruned
     from probprune.pipeline import prune
 
-    cfg = load_config(ROOT / "configs" / "tiny" / "smoke.yaml", ["mask.shape=uniform", "mask.channel_block=8", "search.steps=4"])
+    cfg = load_config(
+        ROOT / "configs" / "tiny" / "smoke.yaml", ["mask.shape=uniform", "mask.channel_block=8", "search.steps=4"]
+    )
     summary = prune(cfg, tmp_path / "run", progress=False)
     folder = tmp_path / "run" / "model"
     assert not (folder / "modeling_probprune.py").exists()
@@ -206,12 +212,18 @@ def test_uniform_shape_search_gives_a_stock_checkpoint(tmp_path):
             assert probs[kept].min() >= probs[dropped].max()
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["mask.shape=uniform", "search.method=allocation"], "mask.shape='uniform'.*requires search.method='units'"),
-    (["mask.shape=uniform", "search.init=best", "search.check_blocks=4"], "mask.shape='uniform'.*search.init='best'"),
-    (["mask.shape=uniform", "mask.layers=true", "search.budget=params"], "requires mask.layers=false"),
-    (["mask.shape=round"], "mask.shape.*'free', 'uniform'"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["mask.shape=uniform", "search.method=allocation"], "mask.shape='uniform'.*requires search.method='units'"),
+        (
+            ["mask.shape=uniform", "search.init=best", "search.check_blocks=4"],
+            "mask.shape='uniform'.*search.init='best'",
+        ),
+        (["mask.shape=uniform", "mask.layers=true", "search.budget=params"], "requires mask.layers=false"),
+        (["mask.shape=round"], "mask.shape.*'free', 'uniform'"),
+    ],
+)
 def test_uniform_shape_settings_are_checked(overrides, message):
     from probprune.config import load_config
     from probprune.errors import ConfigError
@@ -293,9 +305,15 @@ def _model_with_gguf_weights(pruned, path):
 
     t = _tensors(gguf.GGUFReader(str(path)))
     model = copy.deepcopy(pruned)
-    roles = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-             "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-             "ffn_down": "mlp.down_proj"}
+    roles = {
+        "attn_q": "self_attn.q_proj",
+        "attn_k": "self_attn.k_proj",
+        "attn_v": "self_attn.v_proj",
+        "attn_output": "self_attn.o_proj",
+        "ffn_gate": "mlp.gate_proj",
+        "ffn_up": "mlp.up_proj",
+        "ffn_down": "mlp.down_proj",
+    }
     for i, (layer, shape) in enumerate(zip(model.model.layers, layer_shapes(model))):
         for name, module in roles.items():
             key = f"blk.{i}.{name}.weight"
@@ -323,7 +341,7 @@ def hetero256(tmp_path_factory):
     model = tiny_model("llama", num_hidden_layers=4, hidden_size=256, intermediate_size=512, head_dim=32)
     space = get_adapter(model).mask_space(channel_block=32)
     mask = space.full_mask()
-    units = lambda t, li: np.flatnonzero((space.unit_type == t) & (space.unit_layer == li))  # noqa: E731
+    units = lambda t, li: np.flatnonzero((space.unit_type == t) & (space.unit_layer == li))
     mask[units(HEAD, 0)[:1]] = 0
     mask[units(CHANNEL, 0)[:5]] = 0
     mask[units(HEAD, 1)] = 0

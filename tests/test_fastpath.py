@@ -6,8 +6,8 @@ import torch
 
 from probprune.compaction import compact
 from probprune.fastpath import fast_forward_hidden, gathered_losses
-from probprune.masked_forward import masked_losses, masks_applied
 from probprune.mask_space import CHANNEL, HEAD, LAYER
+from probprune.masked_forward import masked_losses, masks_applied
 from probprune.models import get_adapter, tiny_model
 
 FP32_TOL = 1e-5
@@ -88,14 +88,18 @@ def test_output_biases_are_kept_when_a_sublayer_is_empty():
     space = _space(adapter, 4)
     masks = _edge_masks(space, seed=2)
     x = _batch(2)
-    np.testing.assert_allclose(gathered_losses(adapter, space, masks, x), masked_losses(adapter, space, masks, x),
-                               rtol=0, atol=FP32_TOL)
+    np.testing.assert_allclose(
+        gathered_losses(adapter, space, masks, x), masked_losses(adapter, space, masks, x), rtol=0, atol=FP32_TOL
+    )
 
 
-@pytest.mark.parametrize("kind,overrides", [
-    ("mistral", {}),  # tiny_config pins sliding_window=None: set on the shared config below
-    ("qwen2", dict(use_sliding_window=True, sliding_window=5, max_window_layers=1)),  # layer 1 slides, layer 0 not
-])
+@pytest.mark.parametrize(
+    "kind,overrides",
+    [
+        ("mistral", {}),  # tiny_config pins sliding_window=None: set on the shared config below
+        ("qwen2", dict(use_sliding_window=True, sliding_window=5, max_window_layers=1)),  # layer 1 slides, layer 0 not
+    ],
+)
 def test_sliding_window_shorter_than_the_sequence(kind, overrides):
     model = tiny_model(kind, **overrides)
     if kind == "mistral":
@@ -124,8 +128,9 @@ def test_already_pruned_model_with_empty_sublayers():
     masks = (np.random.default_rng(4).random((4, space.num_units)) < 0.6).astype(np.float32)
     masks[0] = 1
     x = _batch(4)
-    np.testing.assert_allclose(gathered_losses(adapter, space, masks, x), masked_losses(adapter, space, masks, x),
-                               rtol=0, atol=FP32_TOL)
+    np.testing.assert_allclose(
+        gathered_losses(adapter, space, masks, x), masked_losses(adapter, space, masks, x), rtol=0, atol=FP32_TOL
+    )
 
 
 def test_parameters_are_unchanged(tiny_kind):

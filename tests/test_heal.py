@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import hetero_tiny
 
 from probprune.compaction import save_pruned
 from probprune.config import load_config
@@ -29,15 +30,15 @@ from probprune.models import tiny_model
 from probprune.models.loading import byte_tokenizer, load_pruned
 from probprune.models.modeling_probprune import EmptyAttention, EmptyMLP
 
-from conftest import hetero_tiny
-
 ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: exact comparisons independent of threads
 
-_WORDS = ("the of and to a in that is was he for it with as his on be at by this had not are but from or have an "
-          "they which one you were her all she there would their we him been has when who will more no if out so "
-          "said what up its about into than them can only other new some could time these two may then do first").split()
+_WORDS = (
+    "the of and to a in that is was he for it with as his on be at by this had not are but from or have an "
+    "they which one you were her all she there would their we him been has when who will more no if out so "
+    "said what up its about into than them can only other new some could time these two may then do first"
+).split()
 
 
 @pytest.fixture(scope="module")
@@ -58,10 +59,22 @@ def folders(tmp_path_factory):
 
 
 def _cfg(root, *extra):
-    return load_config(None, [
-        "data.source=files", f"data.paths=[{root}/doc0.txt,{root}/doc1.txt]", f"data.test_paths=[{root}/doc2.txt]",
-        "eval.seq_lens=[32]", "eval.max_tokens=1024", "heal.tokens=1536", "heal.block_len=32", "heal.batch_size=4",
-        "heal.lr=3e-3", "heal.warmup=0.1", *extra])
+    return load_config(
+        None,
+        [
+            "data.source=files",
+            f"data.paths=[{root}/doc0.txt,{root}/doc1.txt]",
+            f"data.test_paths=[{root}/doc2.txt]",
+            "eval.seq_lens=[32]",
+            "eval.max_tokens=1024",
+            "heal.tokens=1536",
+            "heal.block_len=32",
+            "heal.batch_size=4",
+            "heal.lr=3e-3",
+            "heal.warmup=0.1",
+            *extra,
+        ],
+    )
 
 
 def _kl_on_held_out(student, teacher, tokens: torch.Tensor) -> float:
@@ -82,11 +95,15 @@ def test_a_student_equal_to_the_teacher_has_zero_loss_and_zero_gradient(folders)
     assert abs(float(loss.detach())) < 1e-6 and parts["kl"] < 1e-6
     grads = {n: p.grad.abs().max() for n, p in student.named_parameters() if p.grad is not None}
     # autograd reaches every parameter of the pruned classes except the norms in front of emptied sublayers
-    assert set(dict(student.named_parameters())) - set(grads) == {"model.layers.1.input_layernorm.weight",
-                                                                   "model.layers.2.post_attention_layernorm.weight"}
+    assert set(dict(student.named_parameters())) - set(grads) == {
+        "model.layers.1.input_layernorm.weight",
+        "model.layers.2.post_attention_layernorm.weight",
+    }
     assert float(torch.stack(list(grads.values())).max()) < 1e-6
-    assert freeze_unused(student) == ["model.layers.1.input_layernorm.weight",
-                                      "model.layers.2.post_attention_layernorm.weight"]
+    assert freeze_unused(student) == [
+        "model.layers.1.input_layernorm.weight",
+        "model.layers.2.post_attention_layernorm.weight",
+    ]
     # the cross-entropy mix is the plain next-token loss at ce_weight=1
     loss_ce, _ = distill_loss(student(input_ids=x).logits, t_logp, x, ce_weight=1.0)
     want = torch.nn.functional.cross_entropy(student(input_ids=x).logits[:, :-1].reshape(-1, 260), x[:, 1:].reshape(-1))
@@ -146,8 +163,13 @@ def test_a_lora_healed_model_saves_reloads_and_exports_with_identical_logits(fol
     from probprune.export import export_gguf
 
     out = tmp_path / "lora"
-    heal(_cfg(folders, "heal.method=lora", "heal.lora_rank=4", "heal.tokens=512", "heal.lr=1e-2"),
-         folders / "run" / "model", out, teacher=str(folders / "teacher"), progress=False)
+    heal(
+        _cfg(folders, "heal.method=lora", "heal.lora_rank=4", "heal.tokens=512", "heal.lr=1e-2"),
+        folders / "run" / "model",
+        out,
+        teacher=str(folders / "teacher"),
+        progress=False,
+    )
     # the model as trained: the student with the checkpoint's adapters, merged in memory
     state = torch.load(out / CHECKPOINT_NAME, weights_only=False)
     in_memory = apply_lora(load_student(folders / "run" / "model"), 4, 32.0)
@@ -169,8 +191,9 @@ def test_a_lora_healed_model_saves_reloads_and_exports_with_identical_logits(fol
     before = export_gguf(folders / "run" / "model", tmp_path / "before.gguf", outtype="f32")
     assert res["arch"] == before["arch"] == "deci" and res["shapes"] == before["shapes"]  # exported as before
     tensors = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}
-    np.testing.assert_array_equal(tensors["blk.0.ffn_down.weight"].reshape(64, -1),
-                                  reloaded.model.layers[0].mlp.down_proj.weight.detach().numpy())
+    np.testing.assert_array_equal(
+        tensors["blk.0.ffn_down.weight"].reshape(64, -1), reloaded.model.layers[0].mlp.down_proj.weight.detach().numpy()
+    )
 
 
 def test_resume_after_a_kill_gives_the_weights_of_an_uninterrupted_run(folders, tmp_path):
@@ -185,6 +208,7 @@ def test_resume_after_a_kill_gives_the_weights_of_an_uninterrupted_run(folders, 
     with pytest.raises(KeyboardInterrupt):
         heal(cfg, model, tmp_path / "b", teacher=teacher, progress=False, on_step=kill)
     assert torch.load(tmp_path / "b" / CHECKPOINT_NAME, weights_only=False)["step"] == 8  # saved at the interrupt
+
     def hard_kill(step, rec):
         if step == 7:  # not an interrupt the loop sees (as SIGKILL): nothing is saved
             raise SystemExit(137)
@@ -215,9 +239,14 @@ def test_two_ray_train_workers_follow_the_loss_curve_of_one_worker(folders, tmp_
     Tolerance: the gradients differ only in float summation order (DDP's all-reduce), 1e-4 relative on the loss."""
     model, teacher = folders / "run" / "model", str(folders / "teacher")
     one = heal(_cfg(folders, "heal.tokens=768"), model, tmp_path / "one", teacher=teacher, progress=False)
-    two = heal(_cfg(folders, "heal.tokens=768", "heal.workers=2", "engine.cpus_per_actor=0.5"), model,
-               tmp_path / "two", teacher=teacher, progress=False)
-    curve = lambda d: [json.loads(x)["loss"] for x in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    two = heal(
+        _cfg(folders, "heal.tokens=768", "heal.workers=2", "engine.cpus_per_actor=0.5"),
+        model,
+        tmp_path / "two",
+        teacher=teacher,
+        progress=False,
+    )
+    curve = lambda d: [json.loads(x)["loss"] for x in (d / "metrics.jsonl").read_text().splitlines()]
     c1, c2 = curve(tmp_path / "one"), curve(tmp_path / "two")
     assert len(c1) == len(c2) == 6 and c1[-1] < c1[0]
     np.testing.assert_allclose(c2, c1, rtol=1e-4)
@@ -240,9 +269,17 @@ def test_block_stream_is_a_function_of_the_step_only():
 def test_bad_input_is_refused_with_the_field_named_and_nothing_written(folders, tmp_path, capsys):
     from probprune.cli import main
 
-    base = ["heal", "--model", str(folders / "run" / "model"), "--teacher", str(folders / "teacher"),
-            "data.source=files", f"data.paths=[{folders}/doc0.txt]", f"data.test_paths=[{folders}/doc2.txt]",
-            "heal.block_len=32"]
+    base = [
+        "heal",
+        "--model",
+        str(folders / "run" / "model"),
+        "--teacher",
+        str(folders / "teacher"),
+        "data.source=files",
+        f"data.paths=[{folders}/doc0.txt]",
+        f"data.test_paths=[{folders}/doc2.txt]",
+        "heal.block_len=32",
+    ]
     other = tiny_model("llama", vocab_size=300)
     other.save_pretrained(tmp_path / "other")
     byte_tokenizer().save_pretrained(tmp_path / "other")
@@ -270,8 +307,10 @@ def test_bad_input_is_refused_with_the_field_named_and_nothing_written(folders, 
 def test_prune_with_heal_tokens_heals_at_the_end_of_the_run(tmp_path):
     from probprune.pipeline import prune
 
-    cfg = load_config(ROOT / "configs" / "tiny" / "smoke.yaml", ["heal.tokens=512", "heal.block_len=32", "heal.lr=3e-3",
-                                                  "eval.seq_lens=[32]"])
+    cfg = load_config(
+        ROOT / "configs" / "tiny" / "smoke.yaml",
+        ["heal.tokens=512", "heal.block_len=32", "heal.lr=3e-3", "eval.seq_lens=[32]"],
+    )
     summary = prune(cfg, tmp_path / "run", progress=False)
     h = summary["heal"]
     assert h["model"] == "heal/model" and h["tokens_seen"] == 512 and h["steps"] == 4
@@ -279,7 +318,9 @@ def test_prune_with_heal_tokens_heals_at_the_end_of_the_run(tmp_path):
     assert h["after_ppl"]["test"]["32"] < h["before_ppl"]["test"]["32"]
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["heal"] == h
     healed = load_pruned(tmp_path / "run" / "heal" / "model")
-    assert [p.shape for p in healed.parameters()] == [p.shape for p in load_pruned(tmp_path / "run" / "model").parameters()]
+    assert [p.shape for p in healed.parameters()] == [
+        p.shape for p in load_pruned(tmp_path / "run" / "model").parameters()
+    ]
 
 
 def test_the_student_trains_in_float32_even_from_a_bfloat16_folder(tmp_path):
@@ -287,8 +328,12 @@ def test_the_student_trains_in_float32_even_from_a_bfloat16_folder(tmp_path):
     save_pruned(pruned.to(torch.bfloat16), tmp_path / "bf16", byte_tokenizer())
     student = load_student(tmp_path / "bf16")
     assert {p.dtype for p in student.parameters()} == {torch.float32}
-    torch.testing.assert_close(student.model.layers[0].mlp.down_proj.weight,
-                               pruned.model.layers[0].mlp.down_proj.weight.float(), rtol=0, atol=0)
+    torch.testing.assert_close(
+        student.model.layers[0].mlp.down_proj.weight,
+        pruned.model.layers[0].mlp.down_proj.weight.float(),
+        rtol=0,
+        atol=0,
+    )
 
 
 def test_sigterm_saves_the_last_step_and_the_cli_resumes_to_the_same_weights(folders, tmp_path):
@@ -299,11 +344,26 @@ def test_sigterm_saves_the_last_step_and_the_cli_resumes_to_the_same_weights(fol
     import time
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    args = [sys.executable, "-m", "probprune.cli", "heal", "--quiet", "--model", str(folders / "run" / "model"),
-            "--teacher", str(folders / "teacher"), "data.source=files",
-            f"data.paths=[{folders}/doc0.txt,{folders}/doc1.txt]", f"data.test_paths=[{folders}/doc2.txt]",
-            "eval.seq_lens=[32]", "eval.max_tokens=256", "heal.tokens=12800", "heal.block_len=32", "heal.lr=3e-3",
-            "heal.checkpoint_every=1000"]
+    args = [
+        sys.executable,
+        "-m",
+        "probprune.cli",
+        "heal",
+        "--quiet",
+        "--model",
+        str(folders / "run" / "model"),
+        "--teacher",
+        str(folders / "teacher"),
+        "data.source=files",
+        f"data.paths=[{folders}/doc0.txt,{folders}/doc1.txt]",
+        f"data.test_paths=[{folders}/doc2.txt]",
+        "eval.seq_lens=[32]",
+        "eval.max_tokens=256",
+        "heal.tokens=12800",
+        "heal.block_len=32",
+        "heal.lr=3e-3",
+        "heal.checkpoint_every=1000",
+    ]
     subprocess.run([*args, "--output", str(tmp_path / "a")], env=env, check=True, capture_output=True)
     proc = subprocess.Popen([*args, "--output", str(tmp_path / "b")], env=env, stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "b" / "metrics.jsonl"

@@ -8,8 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from probprune.mask_space import CHANNEL, HEAD, LAYER
-from probprune.models import get_adapter, tiny_model
 from probprune.importance import (
     block_influence_scores,
     channel_wanda_scores,
@@ -20,6 +18,8 @@ from probprune.importance import (
     taylor_scores,
     wanda_sp_scores,
 )
+from probprune.mask_space import CHANNEL, HEAD, LAYER
+from probprune.models import get_adapter, tiny_model
 
 torch.set_num_threads(1)
 

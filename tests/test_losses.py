@@ -35,6 +35,7 @@ def test_sequence_losses_equal_the_model_logits_in_small_chunks(kind, monkeypatc
     assert got.shape == (3,) and got.dtype == torch.float32
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     teacher = losses.teacher_logprobs(adapter, hidden)
-    torch.testing.assert_close(teacher.view(3, 8, -1), torch.log_softmax(logits[:, :-1].float(), -1), rtol=1e-5,
-                               atol=1e-5)
+    torch.testing.assert_close(
+        teacher.view(3, 8, -1), torch.log_softmax(logits[:, :-1].float(), -1), rtol=1e-5, atol=1e-5
+    )
     assert float(losses.sequence_losses(adapter, hidden, x, teacher).abs().max()) < 1e-6

@@ -77,8 +77,13 @@ def test_sequence_nll_matches_cross_entropy():
     model, adapter, _ = _setup()
     x = torch.randint(0, 256, (2, 11), generator=torch.Generator().manual_seed(5))
     logits = model(input_ids=x).logits
-    want = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
-                                             reduction="none").view(2, -1).mean(1)
+    want = (
+        torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="none"
+        )
+        .view(2, -1)
+        .mean(1)
+    )
     torch.testing.assert_close(sequence_nll(adapter, x), want, rtol=1e-5, atol=1e-6)
 
 

@@ -42,10 +42,14 @@ def test_prune_writes_a_model_card_with_hub_metadata(base_folder, tmp_path):
     assert len(rows) == model_cfg["num_hidden_layers"]  # one widths row per decoder layer
     layout = model_cfg["probprune_layout"] or [  # a stock-shaped result: one shape for all layers
         {k: model_cfg[k] for k in ("num_attention_heads", "num_key_value_heads", "intermediate_size")}
-        | {"source_layer": src} for src in model_cfg["probprune_source_layers"]]
+        | {"source_layer": src}
+        for src in model_cfg["probprune_source_layers"]
+    ]
     for li, s in enumerate(layout):
-        assert rows[li] == (f"| {li} | {s['source_layer']} | {s['num_attention_heads']} / 8 | "
-                            f"{s['num_key_value_heads']} / 4 | {s['intermediate_size']} / 96 |")
+        assert rows[li] == (
+            f"| {li} | {s['source_layer']} | {s['num_attention_heads']} / 8 | "
+            f"{s['num_key_value_heads']} / 4 | {s['intermediate_size']} / 96 |"
+        )
     assert sum(s["num_key_value_heads"] for s in layout) == 4  # half of the 2 x 4 KV groups are kept
     for n in ("32", "64"):
         assert f"{summary['pruned_ppl'][n]:.2f}" in text and f"{summary['dense_ppl'][n]:.2f}" in text
@@ -72,7 +76,9 @@ def test_baseline_card_gives_the_baseline_command(tmp_path):
     card = ModelCard.load(out / "model" / "README.md")
     assert "base_model" not in card.data.to_dict() and "license" not in card.data.to_dict()  # random weights
     _check_remote_code_note(card.text, out / "model")
-    assert "probprune baseline --method wanda-sp --sparsity 0.5 --config config.yaml --output runs/reproduced" in card.text
+    assert (
+        "probprune baseline --method wanda-sp --sparsity 0.5 --config config.yaml --output runs/reproduced" in card.text
+    )
 
 
 def test_per_layer_card_says_what_trust_remote_code_executes(tmp_path):

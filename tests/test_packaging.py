@@ -27,8 +27,11 @@ def test_configs_resolve_by_path_then_by_name(tmp_path, monkeypatch):
     assert resolve_config(None) is None
     assert {"tiny/smoke", "smollm2/135m_quickstart", "llama2/13b_ray_8gpu"} <= set(packaged_configs())
     assert len(packaged_configs()) == len(list((ROOT / "configs").rglob("*.yaml")))
-    with pytest.raises(UserError, match=r"config file not found: smollm2/135m_quikstart, and no packaged config of "
-                                        r"that name \(closest packaged configs: smollm2/135m_quickstart"):
+    with pytest.raises(
+        UserError,
+        match=r"config file not found: smollm2/135m_quikstart, and no packaged config of "
+        r"that name \(closest packaged configs: smollm2/135m_quickstart",
+    ):
         resolve_config("smollm2/135m_quikstart")
 
 
@@ -49,8 +52,22 @@ def test_wheel_installed_outside_the_checkout_runs_info_and_a_prune_by_config_na
     for name in ("probprune", "configs"):
         shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", ".", "-w",
-          str(tmp_path / "dist")], src, env)
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            ".",
+            "-w",
+            str(tmp_path / "dist"),
+        ],
+        src,
+        env,
+    )
     wheel = next((tmp_path / "dist").glob("probprune-*.whl"))
     files = set(zipfile.ZipFile(wheel).namelist())
     modules = {p.relative_to(ROOT).as_posix() for p in (ROOT / "probprune").rglob("*.py")}
@@ -73,11 +90,19 @@ def test_wheel_installed_outside_the_checkout_runs_info_and_a_prune_by_config_na
 
     _run([str(cli), "prune", "--config", "tiny/smoke", "--output", "run", "--quiet", "search.steps=2"], work, env)
     assert (work / "run" / "summary.json").exists() and (work / "run" / "model" / "README.md").exists()
-    code = ("import probprune, torch; m = probprune.load_pruned('run/model'); "
-            "print(type(m).__module__, m.dtype, m(torch.tensor([[1, 2, 3]])).logits.shape)")
+    code = (
+        "import probprune, torch; m = probprune.load_pruned('run/model'); "
+        "print(type(m).__module__, m.dtype, m(torch.tensor([[1, 2, 3]])).logits.shape)"
+    )
     out = _run([str(py), "-c", code], work, env).stdout
     assert "torch.float32 torch.Size([1, 3, 260])" in out
-    bad = subprocess.run([str(cli), "prune", "--config", "tiny/smokee", "--output", "x"], cwd=work, env=env,
-                         capture_output=True, text=True, timeout=300)
+    bad = subprocess.run(
+        [str(cli), "prune", "--config", "tiny/smokee", "--output", "x"],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert bad.returncode == 2 and "closest packaged configs: tiny/smoke" in bad.stderr
     assert not (work / "x").exists()

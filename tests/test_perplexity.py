@@ -68,7 +68,8 @@ def test_perplexity_with_bos_scores_seq_len_minus_one_tokens_per_window(model, t
     capped = perplexity(model, tokens, seq_len=32, max_tokens=100, progress=False, bos_id=bos)
     assert capped["windows"] == 3 and capped["tokens"] == 3 * 31  # max_tokens // seq_len windows, as without BOS
     assert evaluate_ppl(model, tokens, [32], batch_size=2, progress=False, bos_id=bos)[32] == pytest.approx(
-        result["ppl"], rel=1e-6)
+        result["ppl"], rel=1e-6
+    )
 
 
 def test_perplexity_max_tokens_cap(model, tokens):

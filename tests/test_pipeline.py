@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from probprune import pipeline
-from probprune.run_folder import format_summary
 from probprune.allocation import AllocationPolicy
 from probprune.config import apply_overrides, load_config
 from probprune.errors import UserError
 from probprune.mask_space import HEAD
 from probprune.policy import Policy
+from probprune.run_folder import format_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,8 +58,11 @@ def test_uniform_shape_final_mask_keeps_the_same_units_per_layer():
     s = pipeline.prepare(cfg)
     probs = torch.rand(s.space.num_units, generator=torch.Generator().manual_seed(0)).double()
     mask = pipeline.final_mask(cfg, s.space, probs)
-    per_layer = {(int(t), int(li)): int(mask[(s.space.unit_type == t) & (s.space.unit_layer == li)].sum())
-                 for t in (HEAD, 1) for li in range(s.space.num_layers)}
+    per_layer = {
+        (int(t), int(li)): int(mask[(s.space.unit_type == t) & (s.space.unit_layer == li)].sum())
+        for t in (HEAD, 1)
+        for li in range(s.space.num_layers)
+    }
     assert len({v for (t, _), v in per_layer.items() if t == HEAD}) == 1
     assert len({v for (t, _), v in per_layer.items() if t == 1}) == 1
 
@@ -82,8 +85,11 @@ def test_the_summary_records_the_scoring_path_and_its_measured_timings(tmp_path)
     from probprune.config import load_config
     from probprune.pipeline import prune
 
-    s = prune(load_config(SMOKE, ["engine.scoring=auto", "search.steps=2", "search.objective=kl"]), tmp_path / "a",
-              progress=False)
+    s = prune(
+        load_config(SMOKE, ["engine.scoring=auto", "search.steps=2", "search.objective=kl"]),
+        tmp_path / "a",
+        progress=False,
+    )
     rec = s["search"]["scoring"]
     assert rec["path"] in ("gathered", "batched") and rec["chosen_by"] == "measured on the first call"
     assert set(rec["seconds_per_mask"]) == {"gathered", "batched"} and min(rec["seconds_per_mask"].values()) > 0

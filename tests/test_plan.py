@@ -32,8 +32,10 @@ def test_memory_terms_follow_the_shapes():
     assert plan.memory["weights"] == shape.params * 4 == sum(p.numel() for p in model.parameters()) * 4
     assert plan.memory["teacher"] == 3 * 31 * 260 * 4  # [B·(T−1), V] float32
     assert plan.memory["gathered_layer"] == shape.layer_params * 4
-    batched, _ = _plan(["search.objective=kl", "search.masks_per_step=4", "search.batch_size=3", "engine.scoring=batched"],
-                       gpu_memory_gib=1)
+    batched, _ = _plan(
+        ["search.objective=kl", "search.masks_per_step=4", "search.batch_size=3", "engine.scoring=batched"],
+        gpu_memory_gib=1,
+    )
     assert batched.memory["activations"] == 4 * plan.memory["activations"]  # K·B rows in one forward
     assert batched.memory["gathered_layer"] == 0 and plan.fits and plan.capacity_bytes == GIB
     assert plan.max_batch_size > 3
@@ -47,8 +49,18 @@ def test_step_time_is_the_cost_model():
     assert plan.seconds_per_mask == pytest.approx(per_mask, rel=1e-9)
     assert plan.seconds_per_step == pytest.approx(2 * per_mask, rel=1e-9)
     assert plan.total_seconds == pytest.approx(6 * 2 * per_mask, rel=1e-9)
-    per_mask_b, step_b = step_seconds(shape, FIXED, batch=2, seq_len=32, num_samples=2, sparsity=0.5,
-                                      scoring="batched", objective="ce", replicas=1, nbytes=4)
+    per_mask_b, step_b = step_seconds(
+        shape,
+        FIXED,
+        batch=2,
+        seq_len=32,
+        num_samples=2,
+        sparsity=0.5,
+        scoring="batched",
+        objective="ce",
+        replicas=1,
+        nbytes=4,
+    )
     assert step_b == pytest.approx(2 * 0.001 + 2 * shape.matmul * 64 / 1e10, rel=1e-9)
 
 
@@ -89,12 +101,22 @@ print(json.dumps({"rc": rc, "peak": peak}))
 def _measured_vs_planned(config: str, output: Path, overrides: list[str]) -> tuple[int, int]:
     """Peak resident memory of a real `prune` run and `plan`'s peak, each in its own process."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    run = subprocess.run([sys.executable, "-c", _MEASURE, "prune", "--config", config, "--output", str(output),
-                          "--quiet", *overrides], capture_output=True, text=True, env=env, timeout=1800)
+    run = subprocess.run(
+        [sys.executable, "-c", _MEASURE, "prune", "--config", config, "--output", str(output), "--quiet", *overrides],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=1800,
+    )
     measured = json.loads(run.stdout.strip().splitlines()[-1])
     assert measured["rc"] == 0, run.stderr[-2000:]
-    plan = subprocess.run([sys.executable, "-m", "probprune.cli", "plan", "--config", config, "--json",
-                           "--no-calibrate", *overrides], capture_output=True, text=True, env=env, timeout=600)
+    plan = subprocess.run(
+        [sys.executable, "-m", "probprune.cli", "plan", "--config", config, "--json", "--no-calibrate", *overrides],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     return measured["peak"], json.loads(plan.stdout)["peak_bytes"]
 
 
@@ -106,6 +128,7 @@ def test_plan_matches_the_peak_memory_of_a_tiny_run(tmp_path):
 @pytest.mark.slow
 def test_plan_matches_the_peak_memory_of_a_smollm2_run(tmp_path):
     cfg = str(ROOT / "configs" / "smollm2" / "135m_paper.yaml")
-    measured, planned = _measured_vs_planned(cfg, tmp_path / "run", ["search.steps=2", "engine.threads=1",
-                                                                    "data.calib_blocks=64", "eval.max_tokens=8192"])
+    measured, planned = _measured_vs_planned(
+        cfg, tmp_path / "run", ["search.steps=2", "engine.threads=1", "data.calib_blocks=64", "eval.max_tokens=8192"]
+    )
     assert abs(planned / measured - 1) <= 0.10, (planned / 2**20, measured / 2**20)

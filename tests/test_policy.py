@@ -341,11 +341,27 @@ def test_policy_settings_are_validated_together() -> None:
 def test_settings_errors_are_listed_in_a_fixed_order() -> None:
     # the shared base validates; Policy's "sampling" choice is listed before "budget"
     space = make_space()
-    bad = dict(lr=float("nan"), total_steps=1.5, sparsity=2, ema_window=0, lr_schedule="x", baseline="y",
-               score_scaling="z", budget="v")
+    bad = dict(
+        lr=float("nan"),
+        total_steps=1.5,
+        sparsity=2,
+        ema_window=0,
+        lr_schedule="x",
+        baseline="y",
+        score_scaling="z",
+        budget="v",
+    )
     with pytest.raises(ConfigError) as err:
         Policy(space, uniform_probs(space, 0.5), sampling="w", **bad)
     assert [e.split(" ")[0] for e in err.value.errors] == [
-        "lr", "total_steps", "sparsity", "ema_window", "lr_schedule", "baseline", "score_scaling", "sampling", "budget"
+        "lr",
+        "total_steps",
+        "sparsity",
+        "ema_window",
+        "lr_schedule",
+        "baseline",
+        "score_scaling",
+        "sampling",
+        "budget",
     ]
     assert err.value.errors[-2] == "sampling must be one of 'independent', 'antithetic', got 'w'"

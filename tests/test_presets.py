@@ -31,12 +31,37 @@ REPO = Path(__file__).parents[1]
 # the paper's value): each must resolve to exactly the same settings now.
 RESOLVED_BEFORE = json.loads((REPO / "tests" / "data" / "resolved_configs.json").read_text())
 # The defaults of that code for the search and the mask space: the paper's method.
-PAPER_MASK = {"heads": True, "head_unit": "group", "channels": True, "layers": False, "channel_block": 1,
-              "block_order": "index", "align": 1, "shape": "free"}
-PAPER_SEARCH = {"sparsity": 0.5, "budget": "per_type", "method": "units", "steps": 300, "masks_per_step": 2,
-                "batch_size": 8, "lr": 0.002, "lr_schedule": "cosine", "baseline": "ema", "ema_window": 5,
-                "score_scaling": "sqrt", "sampling": "independent", "init": "wanda-sp", "init_blocks": 32,
-                "init_mix": 0.25, "objective": "ce", "check_blocks": 0, "checkpoint_every": 50, "log_every": 1}
+PAPER_MASK = {
+    "heads": True,
+    "head_unit": "group",
+    "channels": True,
+    "layers": False,
+    "channel_block": 1,
+    "block_order": "index",
+    "align": 1,
+    "shape": "free",
+}
+PAPER_SEARCH = {
+    "sparsity": 0.5,
+    "budget": "per_type",
+    "method": "units",
+    "steps": 300,
+    "masks_per_step": 2,
+    "batch_size": 8,
+    "lr": 0.002,
+    "lr_schedule": "cosine",
+    "baseline": "ema",
+    "ema_window": 5,
+    "score_scaling": "sqrt",
+    "sampling": "independent",
+    "init": "wanda-sp",
+    "init_blocks": 32,
+    "init_mix": 0.25,
+    "objective": "ce",
+    "check_blocks": 0,
+    "checkpoint_every": 50,
+    "log_every": 1,
+}
 
 
 # configs shipped after the record was taken (nothing to compare them with)
@@ -54,8 +79,10 @@ def test_every_shipped_config_resolves_as_before(rel: str):
     now, before = config_to_dict(load_config(REPO / "configs" / rel)), RESOLVED_BEFORE[rel]
     for section, values in before.items():
         if isinstance(values, dict) and section != "sweep":
-            renamed = {config_module._RENAMED_KEYS.get(f"{section}.{k}", f"{section}.{k}").split(".")[1]: v
-                       for k, v in values.items()}  # keys renamed since the record was taken
+            renamed = {
+                config_module._RENAMED_KEYS.get(f"{section}.{k}", f"{section}.{k}").split(".")[1]: v
+                for k, v in values.items()
+            }  # keys renamed since the record was taken
             assert {k: now[section][k] for k in renamed} == renamed, section
         else:
             assert now[section] == values, section
@@ -72,13 +99,26 @@ def test_paper_configs_name_the_preset():
 def test_defaults_are_the_quickstart_search():
     quick = load_config(REPO / "configs/smollm2/135m_quickstart.yaml")
     # the quickstart sets the run's name, a bfloat16 model and a shorter evaluation; everything else is the default
-    assert quick == Config(model=ModelConfig(dtype="bfloat16"), eval=EvalConfig(max_tokens=16384),
-                           name="smollm2-135m-quickstart")
+    assert quick == Config(
+        model=ModelConfig(dtype="bfloat16"), eval=EvalConfig(max_tokens=16384), name="smollm2-135m-quickstart"
+    )
     s, m = Config().search, Config().mask
-    assert (s.method, s.init, s.objective, s.check_blocks, s.baseline, s.lr) == ("allocation", "best", "kl", 32,
-                                                                                "loo", 0.1)
-    assert (s.masks_per_step, s.batch_size, s.steps, s.init_mix, m.channel_block, m.block_order) == (4, 4, 150, 0.25, 128,
-                                                                                                  "metric")
+    assert (s.method, s.init, s.objective, s.check_blocks, s.baseline, s.lr) == (
+        "allocation",
+        "best",
+        "kl",
+        32,
+        "loo",
+        0.1,
+    )
+    assert (s.masks_per_step, s.batch_size, s.steps, s.init_mix, m.channel_block, m.block_order) == (
+        4,
+        4,
+        150,
+        0.25,
+        128,
+        "metric",
+    )
 
 
 def test_the_paper_preset_is_the_old_default_method():
@@ -95,11 +135,24 @@ def test_preset_file_overrides_layering(tmp_path: Path):
     assert (cfg.search.method, cfg.search.masks_per_step, cfg.mask.channel_block) == ("units", 2, 1)  # the preset
     assert (cfg.search.lr, cfg.search.steps) == (0.05, 7)  # the file, then the override
     # the preset may also come from the command line, and a saved config needs no preset
-    assert load_config(REPO / "configs/tiny/smoke.yaml") == load_config(None, [
-        "preset=paper", "model.name_or_path=tiny:llama", "data.block_len=32", "data.calib_blocks=64",
-        "search.steps=6", "search.batch_size=2", "search.lr=0.02", "search.init_blocks=8", "search.checkpoint_every=3",
-        "engine.threads=1", "eval.seq_lens=[32, 64]", "eval.max_tokens=2048", "name=tiny-smoke",
-    ])
+    assert load_config(REPO / "configs/tiny/smoke.yaml") == load_config(
+        None,
+        [
+            "preset=paper",
+            "model.name_or_path=tiny:llama",
+            "data.block_len=32",
+            "data.calib_blocks=64",
+            "search.steps=6",
+            "search.batch_size=2",
+            "search.lr=0.02",
+            "search.init_blocks=8",
+            "search.checkpoint_every=3",
+            "engine.threads=1",
+            "eval.seq_lens=[32, 64]",
+            "eval.max_tokens=2048",
+            "name=tiny-smoke",
+        ],
+    )
     saved = config_module.save_config(cfg, tmp_path / "saved.yaml")
     assert "preset" not in saved.read_text() and load_config(saved) == cfg
 
@@ -126,15 +179,23 @@ def test_uniform_shape_says_what_else_to_set():
 
 
 def test_default_rules_hold_for_the_new_defaults():
-    with pytest.raises(ConfigError, match=re.escape("search.init='best' chooses its start on the check set and "
-                                                    "requires search.check_blocks >= 1, got 0")):
+    with pytest.raises(
+        ConfigError,
+        match=re.escape(
+            "search.init='best' chooses its start on the check set and requires search.check_blocks >= 1, got 0"
+        ),
+    ):
         load_config(None, ["search.check_blocks=0"])
     # the KL objective has a path without gathers too (the batched masked forward): fast_path=false is allowed
     assert load_config(None, ["engine.fast_path=false"]).search.objective == "kl"
-    with pytest.raises(ConfigError, match=re.escape("engine.scoring='gathered' is the fast path and contradicts "
-                                                    "engine.fast_path=false")):
+    with pytest.raises(
+        ConfigError,
+        match=re.escape("engine.scoring='gathered' is the fast path and contradicts engine.fast_path=false"),
+    ):
         load_config(None, ["engine.fast_path=false", "engine.scoring=gathered"])
-    with pytest.raises(ConfigError, match=re.escape("search.baseline='loo' requires search.masks_per_step >= 2, got 1")):
+    with pytest.raises(
+        ConfigError, match=re.escape("search.baseline='loo' requires search.masks_per_step >= 2, got 1")
+    ):
         load_config(None, ["search.masks_per_step=1"])
     with pytest.raises(ConfigError, match=re.escape("mask.align (64) must be a multiple of mask.channel_block (128)")):
         load_config(None, ["mask.align=64"])
@@ -148,8 +209,9 @@ def test_renamed_keys_load_as_the_new_key_with_one_warning(caplog, tmp_path: Pat
         cfg = load_config(path)
     assert cfg.search.masks_per_step == 6
     warnings = [r.getMessage() for r in caplog.records]
-    assert warnings == ["config key 'search.num_samples' is deprecated: it is now 'search.masks_per_step' (read as "
-                        "such)"]
+    assert warnings == [
+        "config key 'search.num_samples' is deprecated: it is now 'search.masks_per_step' (read as such)"
+    ]
     # in overrides, in config_from_dict and as a sweep.grid key
     assert load_config(None, ["search.num_samples=8"]).search.masks_per_step == 8
     assert config_from_dict({"search": {"num_samples": 2}}).search.masks_per_step == 2
@@ -159,10 +221,13 @@ def test_renamed_keys_load_as_the_new_key_with_one_warning(caplog, tmp_path: Pat
     assert load_config(path, ["search.masks_per_step=2"]).search.masks_per_step == 2
     path.write_text("search:\n  masks_per_step: 6\n")
     assert load_config(path, ["search.num_samples=2"]).search.masks_per_step == 2
-    with pytest.raises(ConfigError, match=re.escape(
-        "config sets both 'search.num_samples' and its new name 'search.masks_per_step'; keep only "
-        "'search.masks_per_step'"
-    )):
+    with pytest.raises(
+        ConfigError,
+        match=re.escape(
+            "config sets both 'search.num_samples' and its new name 'search.masks_per_step'; keep only "
+            "'search.masks_per_step'"
+        ),
+    ):
         config_from_dict({"search": {"num_samples": 2, "masks_per_step": 4}})
     # sweep.num_samples (Tune's samples per grid point) keeps its name
     assert load_config(None, ["sweep.num_samples=3"]).sweep.num_samples == 3
@@ -171,8 +236,9 @@ def test_renamed_keys_load_as_the_new_key_with_one_warning(caplog, tmp_path: Pat
 def test_the_configuration_reference_is_generated_from_the_classes():
     committed = (REPO / "docs" / "configuration.md").read_text()
     assert reference_markdown() == committed, "python -m probprune.config --markdown > docs/configuration.md"
-    out = subprocess.run([sys.executable, "-m", "probprune.config", "--markdown"], capture_output=True, text=True,
-                         cwd=REPO, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "probprune.config", "--markdown"], capture_output=True, text=True, cwd=REPO, check=True
+    ).stdout
     assert out == committed
 
 
@@ -192,16 +258,21 @@ def test_the_documented_defaults_are_the_dataclass_defaults():
         assert config_module.yaml.safe_load(documented[key]) == value, key
 
 
-@pytest.mark.parametrize("data, message", [
-    ({"name": ""}, "name must not be empty, got ''"),
-    ({"model": {"device_map": {"lm_head": 1.5}}},
-     "model.device_map must map module names to a device (int or str); bad entries: ['lm_head'], got {'lm_head': 1.5}"),
-    ({"model": {"device_map": [1]}}, "model.device_map must be a string or a mapping or null, got [1]"),
-    ({"engine": {"cpus_per_actor": float("inf")}}, "engine.cpus_per_actor must be a finite number, got inf"),
-    ({"search": {1: 2}}, "unknown config key 'search.1'"),
-    ({"sweep": 3}, "sweep must be a mapping or null, got 3"),
-    ({"sweep": {"grid": {"eval.seq_lens": [[128, 4]]}}}, "sweep.grid['eval.seq_lens'][0][1] must be >= 8, got 4"),
-])
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"name": ""}, "name must not be empty, got ''"),
+        (
+            {"model": {"device_map": {"lm_head": 1.5}}},
+            "model.device_map must map module names to a device (int or str); bad entries: ['lm_head'], got {'lm_head': 1.5}",
+        ),
+        ({"model": {"device_map": [1]}}, "model.device_map must be a string or a mapping or null, got [1]"),
+        ({"engine": {"cpus_per_actor": float("inf")}}, "engine.cpus_per_actor must be a finite number, got inf"),
+        ({"search": {1: 2}}, "unknown config key 'search.1'"),
+        ({"sweep": 3}, "sweep must be a mapping or null, got 3"),
+        ({"sweep": {"grid": {"eval.seq_lens": [[128, 4]]}}}, "sweep.grid['eval.seq_lens'][0][1] must be >= 8, got 4"),
+    ],
+)
 def test_one_message_per_field_for_each_kind_of_error(data, message):
     with pytest.raises(ConfigError) as info:
         config_from_dict(data)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from probprune.compaction import compact, save_pruned
+from probprune.engine.local import LocalEngine
 from probprune.errors import UserError
 from probprune.mask_space import CHANNEL, HEAD
 from probprune.models import get_adapter, tiny_model
@@ -19,7 +20,6 @@ from probprune.reconstruct import (
     reconstructed_hidden,
     reconstructed_loss,
 )
-from probprune.engine.local import LocalEngine
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
@@ -54,7 +54,9 @@ def test_a_layer_that_keeps_everything_is_left_exactly_as_it_is(target, mode):
     assert set(rec.weights) | set(rec.biases) == {1}
     plain, fitted = compact(model, space, mask), compact(model, space, mask, override=rec.override())
     for li in (0, 2):
-        for (name, a), b in zip(plain.model.layers[li].state_dict().items(), fitted.model.layers[li].state_dict().values()):
+        for (name, a), b in zip(
+            plain.model.layers[li].state_dict().items(), fitted.model.layers[li].state_dict().values()
+        ):
             assert torch.equal(a, b), name
     if mode == "bias":
         assert fitted.model.layers[1].mlp.down_proj.bias.abs().max() > 0
@@ -64,8 +66,10 @@ def test_a_layer_that_keeps_everything_is_left_exactly_as_it_is(target, mode):
     assert not full.weights and not full.biases
     x = _blocks(model, 2, 12, seed=1)
     with torch.no_grad():
-        assert torch.equal(compact(model, space, space.full_mask(), override=full.override())(x).logits,
-                           compact(model, space, space.full_mask())(x).logits)
+        assert torch.equal(
+            compact(model, space, space.full_mask(), override=full.override())(x).logits,
+            compact(model, space, space.full_mask())(x).logits,
+        )
 
 
 @pytest.mark.parametrize("which", ["down_proj", "o_proj"])
@@ -88,8 +92,8 @@ def test_the_solve_equals_a_direct_lstsq_of_the_same_ridge_problem(which):
     y = z @ w0.T  # the dense sublayer on the same input, [nT, H]
     zs = z[:, cols]
     lam = damping * float(torch.diagonal(zs.T @ zs).mean())
-    a = torch.cat([zs, lam ** 0.5 * torch.eye(cols.numel(), dtype=torch.float64)])
-    b = torch.cat([y, lam ** 0.5 * w0[:, cols].T])
+    a = torch.cat([zs, lam**0.5 * torch.eye(cols.numel(), dtype=torch.float64)])
+    b = torch.cat([y, lam**0.5 * w0[:, cols].T])
     want = torch.linalg.lstsq(a, b).solution.T  # [H, k]
     got = rec.weights[0][which]
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
@@ -148,11 +152,10 @@ def _uniform_mask(space):
 @pytest.mark.parametrize("mode", ["refit", "refit+bias"])
 def test_a_reconstructed_model_saves_reloads_and_exports_exactly(mode, tmp_path):
     import gguf
+    from test_export import _tensors, llama_cpp_logits  # the GGUF reader and runtime of the export tests
     from transformers import AutoModelForCausalLM
 
     from probprune.export import export_gguf, unpermute_rope_rows
-
-    from test_export import _tensors, llama_cpp_logits  # the GGUF reader and runtime of the export tests
 
     model = tiny_model("llama", num_hidden_layers=3)
     space = get_adapter(model).mask_space(channel_block=8)
@@ -178,8 +181,10 @@ def test_a_reconstructed_model_saves_reloads_and_exports_exactly(mode, tmp_path)
         np.testing.assert_array_equal(t[f"blk.{i}.attn_output.weight"], sd[p + "self_attn.o_proj.weight"])
         np.testing.assert_array_equal(t[f"blk.{i}.ffn_down.weight"], sd[p + "mlp.down_proj.weight"])
         n_kv = res["shapes"][i]["n_head_kv"]
-        np.testing.assert_array_equal(unpermute_rope_rows(torch.from_numpy(t[f"blk.{i}.attn_k.weight"].copy()), n_kv).numpy(),
-                                      sd[p + "self_attn.k_proj.weight"])
+        np.testing.assert_array_equal(
+            unpermute_rope_rows(torch.from_numpy(t[f"blk.{i}.attn_k.weight"].copy()), n_kv).numpy(),
+            sd[p + "self_attn.k_proj.weight"],
+        )
         if mode == "refit+bias":
             np.testing.assert_array_equal(t[f"blk.{i}.attn_output.bias"], sd[p + "self_attn.o_proj.bias"])
             np.testing.assert_array_equal(t[f"blk.{i}.ffn_down.bias"], sd[p + "mlp.down_proj.bias"])
@@ -247,14 +252,23 @@ def test_prune_with_reconstruction_on_actors_equals_local(ray_cluster, tmp_path,
     from probprune.config import apply_overrides, load_config
 
     root = Path(__file__).resolve().parents[1]
-    base = load_config(root / "configs" / "tiny" / "smoke.yaml", [
-        "reconstruct.enabled=true", "reconstruct.mode=refit+bias", "reconstruct.target=dense", "reconstruct.blocks=8",
-        "search.init=best", "mask.layers=true", "search.budget=params", "search.check_blocks=4"])
+    base = load_config(
+        root / "configs" / "tiny" / "smoke.yaml",
+        [
+            "reconstruct.enabled=true",
+            "reconstruct.mode=refit+bias",
+            "reconstruct.target=dense",
+            "reconstruct.blocks=8",
+            "search.init=best",
+            "mask.layers=true",
+            "search.budget=params",
+            "search.check_blocks=4",
+        ],
+    )
     local = pipeline.prune(base, tmp_path / "local", progress=False)
     plain = pipeline.prune(apply_overrides(base, ["reconstruct.enabled=false"]), tmp_path / "plain", progress=False)
     chk = local["check"]
-    best = min(chk["search_loss"], chk["start_loss"], chk["search_loss_reconstructed"],
-               chk["start_loss_reconstructed"])
+    best = min(chk["search_loss"], chk["start_loss"], chk["search_loss_reconstructed"], chk["start_loss_reconstructed"])
     assert chk[f"{chk['returned']}_loss" + ("_reconstructed" if chk["reconstructed"] else "")] == best
     for key in ("search_loss", "start_loss"):  # the plain models' check losses, as the plain run measured them
         assert chk[key] == pytest.approx(plain["check"][key], rel=1e-6)
@@ -267,10 +281,17 @@ def test_prune_with_reconstruction_on_actors_equals_local(ray_cluster, tmp_path,
     from probprune.models import loading
 
     monkeypatch.setattr(loading, "load_model", no_weights_on_the_driver)  # nothing in this process may load weights
-    ray = pipeline.prune(apply_overrides(base, ["engine.kind=ray", "engine.num_actors=2", "engine.cpus_per_actor=0.5",
-                                                "engine.threads=1"]), tmp_path / "ray", progress=False)
-    assert torch.equal(torch.load(tmp_path / "local" / "masks.pt")["final_mask"],
-                       torch.load(tmp_path / "ray" / "masks.pt")["final_mask"])
+    ray = pipeline.prune(
+        apply_overrides(
+            base, ["engine.kind=ray", "engine.num_actors=2", "engine.cpus_per_actor=0.5", "engine.threads=1"]
+        ),
+        tmp_path / "ray",
+        progress=False,
+    )
+    assert torch.equal(
+        torch.load(tmp_path / "local" / "masks.pt")["final_mask"],
+        torch.load(tmp_path / "ray" / "masks.pt")["final_mask"],
+    )
     for key in ("search_loss", "start_loss", "search_loss_reconstructed", "start_loss_reconstructed"):
         assert ray["check"][key] == pytest.approx(local["check"][key], rel=1e-5)
     assert ray["check"]["reconstructed"] == local["check"]["reconstructed"]
@@ -303,7 +324,8 @@ def test_every_baseline_takes_the_reconstruction_option(method, tmp_path):
     with torch.no_grad():  # refit adds no parameter: the FLAP bias is replaced, not added
         assert load_pruned(tmp_path / "run" / "model")(ids).logits.isfinite().all()
     assert summary["params"]["pruned_total"] == summary["params"]["dense_total"] - (
-        summary["params"]["dense_prunable"] - summary["params"]["pruned_prunable"])
+        summary["params"]["dense_prunable"] - summary["params"]["pruned_prunable"]
+    )
 
 
 def test_a_removed_layer_is_folded_into_the_down_proj_before_it():
@@ -327,7 +349,7 @@ def test_a_removed_layer_is_folded_into_the_down_proj_before_it():
     w0 = adapter.mlp_out(0).weight.detach().double()
     y = z @ w0.T + (hs[2] - hs[1]).flatten(0, 1)  # [nT, H]
     lam = damping * float(torch.diagonal(z.T @ z).mean())
-    a = torch.cat([z, lam ** 0.5 * torch.eye(z.shape[1], dtype=torch.float64)])
-    b = torch.cat([y, lam ** 0.5 * w0.T])
+    a = torch.cat([z, lam**0.5 * torch.eye(z.shape[1], dtype=torch.float64)])
+    b = torch.cat([y, lam**0.5 * w0.T])
     want = torch.linalg.lstsq(a, b).solution.T
     torch.testing.assert_close(rec.weights[0]["down_proj"], want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))

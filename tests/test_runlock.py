@@ -44,15 +44,27 @@ prune(load_config(sys.argv[3], ["search.steps=8"]), out, progress=False, on_step
 
 def test_a_second_run_into_a_locked_folder_is_refused_and_the_first_finishes(tmp_path):
     out, go = tmp_path / "run", tmp_path / "go"
-    first = subprocess.Popen([sys.executable, "-c", FIRST, str(out), str(go), SMOKE], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, env=ENV)
+    first = subprocess.Popen(
+        [sys.executable, "-c", FIRST, str(out), str(go), SMOKE],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
     _wait_for(out / "metrics.jsonl", first)  # the first run is in its search, holding the lock
     holder = json.loads((out / LOCK_NAME).read_text())
     assert holder["pid"] == first.pid
-    for cmd in (["prune", "--config", SMOKE, "--output", str(out), "--resume"],
-                ["baseline", "--method", "wanda-sp", "--sparsity", "0.5", "--config", SMOKE, "--output", str(out)]):
-        second = subprocess.run([sys.executable, "-m", "probprune.cli", *cmd, "--quiet"], capture_output=True,
-                                text=True, env=ENV, timeout=300)
+    for cmd in (
+        ["prune", "--config", SMOKE, "--output", str(out), "--resume"],
+        ["baseline", "--method", "wanda-sp", "--sparsity", "0.5", "--config", SMOKE, "--output", str(out)],
+    ):
+        second = subprocess.run(
+            [sys.executable, "-m", "probprune.cli", *cmd, "--quiet"],
+            capture_output=True,
+            text=True,
+            env=ENV,
+            timeout=300,
+        )
         assert second.returncode == 2, second.stderr[-2000:]
         assert f"is being written by another probprune run (pid {first.pid} on " in second.stderr
         assert first.poll() is None  # the first is unaffected
@@ -68,8 +80,10 @@ def test_a_second_run_into_a_locked_folder_is_refused_and_the_first_finishes(tmp
 
 def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path, caplog):
     folder = tmp_path / "run"
-    code = ("import os, signal, sys; from probprune.runlock import OutputLock; OutputLock(sys.argv[1]).acquire(); "
-            "os.kill(os.getpid(), signal.SIGKILL)")
+    code = (
+        "import os, signal, sys; from probprune.runlock import OutputLock; OutputLock(sys.argv[1]).acquire(); "
+        "os.kill(os.getpid(), signal.SIGKILL)"
+    )
     dead = subprocess.run([sys.executable, "-c", code, str(folder)], env=ENV, timeout=120)
     assert dead.returncode == -signal.SIGKILL
     stale_pid = json.loads((folder / LOCK_NAME).read_text())["pid"]  # the file stays; the kernel dropped the lock
@@ -84,8 +98,11 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path, caplog):
 def test_lock_in_process_refuses_a_second_holder_and_cleans_up(tmp_path):
     folder = tmp_path / "new" / "run"
     with OutputLock(folder):
-        with pytest.raises(UserError, match=rf"--output {folder} is being written by another probprune run "
-                                            rf"\(pid {os.getpid()} on "):
+        with pytest.raises(
+            UserError,
+            match=rf"--output {folder} is being written by another probprune run "
+            rf"\(pid {os.getpid()} on ",
+        ):
             OutputLock(folder).acquire()
         assert (folder / LOCK_NAME).exists()
     assert not folder.exists()  # created by the lock alone: removed with it
@@ -100,7 +117,11 @@ def test_prune_holds_the_lock_while_it_runs(tmp_path):
 
     out = tmp_path / "run"
     seen = []
-    prune(load_config(SMOKE, ["search.steps=2"]), out, progress=False,
-          on_step=lambda stats: seen.append(json.loads((out / LOCK_NAME).read_text())["pid"]))
+    prune(
+        load_config(SMOKE, ["search.steps=2"]),
+        out,
+        progress=False,
+        on_step=lambda stats: seen.append(json.loads((out / LOCK_NAME).read_text())["pid"]),
+    )
     assert seen == [os.getpid(), os.getpid()]
     assert not (out / LOCK_NAME).exists() and (out / "summary.json").exists()

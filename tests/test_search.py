@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from probprune.data import CalibrationData
-from probprune.errors import UserError
 from probprune.engine.local import LocalEngine
+from probprune.errors import UserError
 from probprune.models import get_adapter, tiny_model
 from probprune.policy import Policy, uniform_probs
 from probprune.run_folder import CHECKPOINT as CHECKPOINT_NAME
@@ -26,8 +26,19 @@ def _setup(seed=0):
 def _run(tmp, **kw):
     model, space, data, policy = _setup()
     ev = LocalEngine(model, space, fast_path=False)
-    return run_search(policy, ev, data, steps=8, num_samples=3, batch_size=2, checkpoint_dir=tmp,
-                      checkpoint_every=2, progress=False, fingerprint="fp", **kw)
+    return run_search(
+        policy,
+        ev,
+        data,
+        steps=8,
+        num_samples=3,
+        batch_size=2,
+        checkpoint_dir=tmp,
+        checkpoint_every=2,
+        progress=False,
+        fingerprint="fp",
+        **kw,
+    )
 
 
 def test_resume_equals_uninterrupted_run(tmp_path):
@@ -48,8 +59,18 @@ def test_resume_refuses_a_checkpoint_of_another_search(tmp_path):
     _run(tmp_path, stop_after=2)
     model, space, data, policy = _setup()
     with pytest.raises(UserError, match="belongs to a different search"):
-        run_search(policy, LocalEngine(model, space, fast_path=False), data, steps=8, num_samples=3,
-                   batch_size=2, checkpoint_dir=tmp_path, resume=True, fingerprint="other", progress=False)
+        run_search(
+            policy,
+            LocalEngine(model, space, fast_path=False),
+            data,
+            steps=8,
+            num_samples=3,
+            batch_size=2,
+            checkpoint_dir=tmp_path,
+            resume=True,
+            fingerprint="other",
+            progress=False,
+        )
 
 
 def test_checkpoint_written_atomically(tmp_path):
@@ -77,8 +98,15 @@ class _FlakyEvaluator:
 
 def test_non_finite_losses_are_dropped_and_counted():
     model, space, data, policy = _setup()
-    res = run_search(policy, _FlakyEvaluator(LocalEngine(model, space, fast_path=False)), data, steps=4,
-                     num_samples=3, batch_size=2, progress=False)
+    res = run_search(
+        policy,
+        _FlakyEvaluator(LocalEngine(model, space, fast_path=False)),
+        data,
+        steps=4,
+        num_samples=3,
+        batch_size=2,
+        progress=False,
+    )
     assert res.dropped_samples == 4
     assert torch.isfinite(res.policy.probs).all()
     assert all(h["n_dropped"] == 1 for h in res.history)

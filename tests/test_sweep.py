@@ -40,8 +40,11 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def test_search_space_and_grid_expansion():
     sw = SweepConfig(lr=[0.01, 0.02], sparsity=[0.3, 0.5], grid={"search.masks_per_step": [2, 4, 8]}, num_samples=2)
     space = search_space(sw)
-    assert space == {"search.lr": Grid((0.01, 0.02)), "search.sparsity": Grid((0.3, 0.5)),
-                     "search.masks_per_step": Grid((2, 4, 8))}
+    assert space == {
+        "search.lr": Grid((0.01, 0.02)),
+        "search.sparsity": Grid((0.3, 0.5)),
+        "search.masks_per_step": Grid((2, 4, 8)),
+    }
     points = expand_grid(sw)
     assert len(points) == 12 and num_trials(sw) == 24
     assert points[0] == {"search.lr": 0.01, "search.sparsity": 0.3, "search.masks_per_step": 2}
@@ -81,8 +84,9 @@ def _table() -> pd.DataFrame:
         ("t6", 0.02, 0.7, 2, math.nan, math.nan, "stopped"),
         ("t7", 0.05, 0.7, 2, 0.70, 10.0, "error"),  # not finished: never on the front, whatever its numbers
     ]
-    df = pd.DataFrame(rows, columns=["trial_id", "lr", "sparsity", "search.masks_per_step", "prunable_sparsity", "ppl",
-                                     "status"])
+    df = pd.DataFrame(
+        rows, columns=["trial_id", "lr", "sparsity", "search.masks_per_step", "prunable_sparsity", "ppl", "status"]
+    )
     df["ppl_32"] = df["ppl"]
     df["total_sparsity"] = df["prunable_sparsity"] * 0.6
     df["dense_ppl"] = 30.0
@@ -99,8 +103,14 @@ def test_pareto_front_by_hand():
 
 
 def test_pareto_front_ties_and_empty():
-    df = pd.DataFrame({"trial_id": ["a", "b", "c"], "prunable_sparsity": [0.5, 0.5, 0.3], "ppl": [10.0, 10.0, 10.0],
-                       "status": ["finished"] * 3})
+    df = pd.DataFrame(
+        {
+            "trial_id": ["a", "b", "c"],
+            "prunable_sparsity": [0.5, 0.5, 0.3],
+            "ppl": [10.0, 10.0, 10.0],
+            "status": ["finished"] * 3,
+        }
+    )
     assert pareto_front(df)["trial_id"].tolist() == ["a"]  # b duplicates a; c prunes less at the same PPL
     assert pareto_front(df.assign(status="stopped")).empty
 
@@ -119,8 +129,11 @@ def test_best_configs_load_with_load_config(tmp_path):
     expect = {0.3: (0.05, 4), 0.4: (0.02, 2), 0.5: (0.05, 4)}  # t1, t5, t3
     for target, path in paths.items():
         cfg = load_config(path)
-        assert (cfg.search.lr, cfg.search.sparsity, cfg.search.masks_per_step) == (*expect[target][:1], target,
-                                                                               expect[target][1])
+        assert (cfg.search.lr, cfg.search.sparsity, cfg.search.masks_per_step) == (
+            *expect[target][:1],
+            target,
+            expect[target][1],
+        )
         assert cfg.sweep is None
         assert (cfg.model, cfg.data, cfg.eval) == (base.model, base.data, base.eval)
         assert isinstance(cfg.search.masks_per_step, int)
@@ -129,13 +142,32 @@ def test_best_configs_load_with_load_config(tmp_path):
 
 def test_results_table_from_records():
     records = [
-        {"trial_id": "b", "status": "finished", "params": {"search.lr": 0.1, "search.sparsity": 0.5},
-         "metrics": {"final": True, "ppl": 12.0, "ppl_64": 9.0, "ppl_32": 12.0, "prunable_sparsity": 0.5,
-                     "total_sparsity": 0.3, "dense_ppl": 8.0, "init_ppl": 15.0, "params_total": 100, "step": 6,
-                     "calib_loss": 2.5, "wall_seconds": 3.0}},
+        {
+            "trial_id": "b",
+            "status": "finished",
+            "params": {"search.lr": 0.1, "search.sparsity": 0.5},
+            "metrics": {
+                "final": True,
+                "ppl": 12.0,
+                "ppl_64": 9.0,
+                "ppl_32": 12.0,
+                "prunable_sparsity": 0.5,
+                "total_sparsity": 0.3,
+                "dense_ppl": 8.0,
+                "init_ppl": 15.0,
+                "params_total": 100,
+                "step": 6,
+                "calib_loss": 2.5,
+                "wall_seconds": 3.0,
+            },
+        },
         # stopped early (ASHA): its last "ppl" is exp(calibration loss), not a held-out perplexity
-        {"trial_id": "a", "status": "finished", "params": {"search.lr": 0.1, "search.sparsity": 0.3},
-         "metrics": {"final": False, "ppl": 11.0, "step": 2, "calib_loss": 2.4}},
+        {
+            "trial_id": "a",
+            "status": "finished",
+            "params": {"search.lr": 0.1, "search.sparsity": 0.3},
+            "metrics": {"final": False, "ppl": 11.0, "step": 2, "calib_loss": 2.4},
+        },
         {"trial_id": "c", "status": "error", "params": {"search.lr": 0.2, "search.sparsity": 0.3}, "metrics": {}},
     ]
     df = results_table(records, ["search.lr", "search.sparsity"])
@@ -168,16 +200,21 @@ def _assert_is_front(df: pd.DataFrame, front: pd.DataFrame) -> None:
     done = df[df["status"] == "finished"]
 
     def beats(a, b) -> bool:
-        return (a["prunable_sparsity"] >= b["prunable_sparsity"] and a["ppl"] <= b["ppl"]
-                and (a["prunable_sparsity"] > b["prunable_sparsity"] or a["ppl"] < b["ppl"]))
+        return (
+            a["prunable_sparsity"] >= b["prunable_sparsity"]
+            and a["ppl"] <= b["ppl"]
+            and (a["prunable_sparsity"] > b["prunable_sparsity"] or a["ppl"] < b["ppl"])
+        )
 
     on = set(front["trial_id"])
     assert on
     for _, f in front.iterrows():
         assert not any(beats(r, f) for _, r in done.iterrows())
     for _, r in done[~done["trial_id"].isin(on)].iterrows():
-        assert any(beats(f, r) or (f["prunable_sparsity"], f["ppl"]) == (r["prunable_sparsity"], r["ppl"])
-                   for _, f in front.iterrows())
+        assert any(
+            beats(f, r) or (f["prunable_sparsity"], f["ppl"]) == (r["prunable_sparsity"], r["ppl"])
+            for _, f in front.iterrows()
+        )
 
 
 @pytest.fixture(scope="module")
@@ -204,8 +241,17 @@ def test_smoke_sweep_results(smoke_sweep):
     cfg, out, df = smoke_sweep
     csv = pd.read_csv(out / "results.csv")
     assert len(csv) == 4 and (csv["status"] == "finished").all()
-    for col in ("lr", "sparsity", "ppl", "ppl_32", "ppl_64", "prunable_sparsity", "total_sparsity", "dense_ppl",
-                "checkpoint"):
+    for col in (
+        "lr",
+        "sparsity",
+        "ppl",
+        "ppl_32",
+        "ppl_64",
+        "prunable_sparsity",
+        "total_sparsity",
+        "dense_ppl",
+        "checkpoint",
+    ):
         assert col in csv.columns, col
     assert sorted(zip(csv["lr"], csv["sparsity"])) == [(0.01, 0.3), (0.01, 0.5), (0.05, 0.3), (0.05, 0.5)]
     assert (csv["ppl"] == csv["ppl_32"]).all() and (csv["steps"] == cfg.search.steps).all()
@@ -247,8 +293,9 @@ def test_interrupted_sweep_resumes_from_checkpoints(smoke_sweep, tmp_path, capfd
     from probprune.engine.ray.tune import run_sweep
 
     _, _, smoke_df = smoke_sweep
-    cfg = load_config(SMOKE_SWEEP, [f"sweep.storage_path={tmp_path / 'tune'}", "sweep.lr=[0.05]",
-                                    "sweep.sparsity=[0.5]"])
+    cfg = load_config(
+        SMOKE_SWEEP, [f"sweep.storage_path={tmp_path / 'tune'}", "sweep.lr=[0.05]", "sweep.sparsity=[0.5]"]
+    )
     out = tmp_path / "out"
     with pytest.raises(UserError, match="no sweep to resume at"):
         run_sweep(cfg, out, resume=True, smoke=True)
@@ -257,8 +304,20 @@ def test_interrupted_sweep_resumes_from_checkpoints(smoke_sweep, tmp_path, capfd
     with pytest.raises(UserError, match="exists already; pass --resume"):
         run_sweep(cfg, tmp_path / "out", smoke=True)
     with pytest.raises(UserError, match="the config differs from the one this sweep started with"):
-        run_sweep(load_config(SMOKE_SWEEP, [f"sweep.storage_path={tmp_path / 'tune'}", "sweep.lr=[0.05]",
-                                            "sweep.sparsity=[0.5]", "search.steps=7"]), out, resume=True, smoke=True)
+        run_sweep(
+            load_config(
+                SMOKE_SWEEP,
+                [
+                    f"sweep.storage_path={tmp_path / 'tune'}",
+                    "sweep.lr=[0.05]",
+                    "sweep.sparsity=[0.5]",
+                    "search.steps=7",
+                ],
+            ),
+            out,
+            resume=True,
+            smoke=True,
+        )
     capfd.readouterr()
     resumed = run_sweep(cfg, out, resume=True, smoke=True)
     printed = "".join(capfd.readouterr())
@@ -284,8 +343,10 @@ def test_sweep_user_errors(tmp_path, monkeypatch):
         run_sweep(load_config(SMOKE_SWEEP, ["sweep.search_alg=optuna"]), tmp_path / "b")
     monkeypatch.undo()
     with pytest.raises(ConfigError, match="search.baseline='loo' requires search.masks_per_step >= 2, got 1"):
-        run_sweep(load_config(SMOKE_SWEEP, ["search.baseline=loo", "sweep.grid={search.masks_per_step: [1, 2]}"]),
-                  tmp_path / "c")
+        run_sweep(
+            load_config(SMOKE_SWEEP, ["search.baseline=loo", "sweep.grid={search.masks_per_step: [1, 2]}"]),
+            tmp_path / "c",
+        )
 
 
 def test_sweep_job_cli_errors(capsys):

@@ -17,9 +17,22 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled", "RAY_
 
 
 def _start(out: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(ROOT / "ray_jobs" / "prune.py"), "--smoke-test", "--output", str(out),
-                             "--no-progress", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=ENV, cwd=ROOT)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "ray_jobs" / "prune.py"),
+            "--smoke-test",
+            "--output",
+            str(out),
+            "--no-progress",
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+        cwd=ROOT,
+    )
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, seconds: float = 600) -> None:
@@ -48,9 +61,23 @@ def test_sigterm_mid_search_then_resume_completes(tmp_path):
     err = _terminated(proc)
     assert f"search.checkpoint_every=2 --output {out} --num-actors 2 --resume" in err
     assert not (out / "summary.json").exists() and not (out / LOCK_NAME).exists()
-    done = subprocess.run([sys.executable, str(ROOT / "ray_jobs" / "prune.py"), "--smoke-test", "--output", str(out),
-                           "--no-progress", *steps, "--resume"], capture_output=True, text=True, env=ENV, cwd=ROOT,
-                          timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "ray_jobs" / "prune.py"),
+            "--smoke-test",
+            "--output",
+            str(out),
+            "--no-progress",
+            *steps,
+            "--resume",
+        ],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        cwd=ROOT,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     import json
 

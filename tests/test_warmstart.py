@@ -12,15 +12,15 @@ import torch.nn.functional as F
 from probprune.allocation import AllocationPolicy
 from probprune.baselines import baseline_mask
 from probprune.compaction import compact, save_pruned
-from probprune.models.loading import load_pruned
 from probprune.config import load_config
-from probprune.errors import ConfigError
 from probprune.engine.local import LocalEngine
-from probprune.masked_forward import masked_logits
-from probprune.mask_space import CHANNEL, HEAD
-from probprune.models import get_adapter, tiny_model
-from probprune.policy import Policy
+from probprune.errors import ConfigError
 from probprune.importance import collect_input_stats, wanda_sp_scores
+from probprune.mask_space import CHANNEL, HEAD
+from probprune.masked_forward import masked_logits
+from probprune.models import get_adapter, tiny_model
+from probprune.models.loading import load_pruned
+from probprune.policy import Policy
 from probprune.warmstart import candidate_masks, check_losses, choose_final, choose_start
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,8 +109,10 @@ def test_pipeline_warm_start_and_guard_end_to_end(tmp_path) -> None:
     from probprune.pipeline import prepare, prune
 
     # lr 5 on 6 steps: the search wanders far from its start; the guard must still return the better of the two
-    cfg = load_config(SMOKE, ["search.init=best", "search.check_blocks=8", "search.method=allocation",
-                              "search.lr=5", "search.objective=kl"])
+    cfg = load_config(
+        SMOKE,
+        ["search.init=best", "search.check_blocks=8", "search.method=allocation", "search.lr=5", "search.objective=kl"],
+    )
     summary = prune(cfg, tmp_path / "run", progress=False)
     ws, chk = summary["warm_start"], summary["check"]
     assert ws["chosen"] in ws["check_losses"] and ws["check_losses"][ws["chosen"]] == min(ws["check_losses"].values())
@@ -120,8 +122,7 @@ def test_pipeline_warm_start_and_guard_end_to_end(tmp_path) -> None:
     s = prepare(cfg)
     _, check = s.calib.hold_out(8)
     ev = LocalEngine(s.model, s.space)
-    final_loss, start_loss = check_losses(ev, np.stack([rec["final_mask"].numpy(), rec["init_mask"].numpy()]),
-                                          check, 2)
+    final_loss, start_loss = check_losses(ev, np.stack([rec["final_mask"].numpy(), rec["init_mask"].numpy()]), check, 2)
     assert final_loss <= start_loss + 1e-9
     assert chk["returned"] == ("search" if chk["search_loss"] <= chk["start_loss"] else "start")
     assert summary["search"]["objective"] == "kl"
@@ -131,8 +132,9 @@ def test_pipeline_warm_start_and_guard_end_to_end(tmp_path) -> None:
 def test_allocation_search_can_drop_a_whole_layer_and_the_model_reloads_exactly(tiny, tmp_path) -> None:
     model, adapter, space, blocks, _ = tiny
     stats = collect_input_stats(adapter, blocks)
-    policy = AllocationPolicy(space, wanda_sp_scores(adapter, space, stats), lr=0.5, total_steps=80, sparsity=0.5,
-                              baseline="loo", seed=0)
+    policy = AllocationPolicy(
+        space, wanda_sp_scores(adapter, space, stats), lr=0.5, total_steps=80, sparsity=0.5, baseline="loo", seed=0
+    )
     weight = np.where(space.unit_layer == 1, 1.0, -0.3)  # [N] units of layer 1 cost loss, every other unit helps
 
     def losses(masks):  # a loss that wants layer 1 gone and the budget spent elsewhere, plus noise
@@ -170,15 +172,25 @@ def test_baselines_and_search_build_identical_blocks(tmp_path) -> None:
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["search.init=best"], "search.init='best' chooses its start on the check set and requires "
-                               "search.check_blocks >= 1, got 0"),
-        (["engine.scoring=gathered", "engine.fast_path=false"], "engine.scoring='gathered' is the fast path and "
-                                                                 "contradicts engine.fast_path=false"),
+        (
+            ["search.init=best"],
+            "search.init='best' chooses its start on the check set and requires search.check_blocks >= 1, got 0",
+        ),
+        (
+            ["engine.scoring=gathered", "engine.fast_path=false"],
+            "engine.scoring='gathered' is the fast path and contradicts engine.fast_path=false",
+        ),
         (["engine.scoring=fast"], "engine.scoring.*must be one of 'auto', 'gathered', 'batched'"),
-        (["search.check_blocks=63"], r"search.batch_size \(2\) \+ search.check_blocks \(63\) must be <= "
-                                     r"data.calib_blocks \(64\)"),
-        (["search.batch_size=100"], r"search.batch_size \(100\) \+ search.check_blocks \(0\) must be <= "
-                                    r"data.calib_blocks \(64\)"),
+        (
+            ["search.check_blocks=63"],
+            r"search.batch_size \(2\) \+ search.check_blocks \(63\) must be <= "
+            r"data.calib_blocks \(64\)",
+        ),
+        (
+            ["search.batch_size=100"],
+            r"search.batch_size \(100\) \+ search.check_blocks \(0\) must be <= "
+            r"data.calib_blocks \(64\)",
+        ),
         (["search.init_blocks=65"], r"search.init_blocks \(65\) must be <= data.calib_blocks \(64\)"),
         (["search.init_mix=1.0"], r"search.init_mix.*must be in \(0, 1\)"),
         (["search.objective=mse"], "search.objective.*must be one of 'ce', 'kl'"),
@@ -194,8 +206,10 @@ def test_the_default_on_smollm2_starts_at_shortgpt_and_never_returns_worse(tmp_p
     """The quickstart config, end to end on the real SmolLM2-135M and Brown text, with a short search."""
     from probprune.pipeline import prune
 
-    cfg = load_config(ROOT / "configs" / "smollm2" / "135m_quickstart.yaml",
-                      ["search.steps=3", "search.check_blocks=8", "eval.max_tokens=2048", "eval.seq_lens=[128]"])
+    cfg = load_config(
+        ROOT / "configs" / "smollm2" / "135m_quickstart.yaml",
+        ["search.steps=3", "search.check_blocks=8", "eval.max_tokens=2048", "eval.seq_lens=[128]"],
+    )
     summary = prune(cfg, tmp_path / "run", progress=False)
     losses = summary["warm_start"]["check_losses"]
     assert set(losses) == {"init", "shortgpt", "wanda-sp", "flap", "magnitude"}
@@ -204,6 +218,7 @@ def test_the_default_on_smollm2_starts_at_shortgpt_and_never_returns_worse(tmp_p
     assert losses["shortgpt"] < min(v for k, v in losses.items() if k != "shortgpt") - 0.5
     chk = summary["check"]
     assert min(chk["search_loss"], chk["start_loss"]) == (
-        chk["search_loss"] if chk["returned"] == "search" else chk["start_loss"])
+        chk["search_loss"] if chk["returned"] == "search" else chk["start_loss"]
+    )
     assert summary["sparsity"]["prunable"] == pytest.approx(0.5, abs=1e-9)
     assert summary["pruned_ppl"]["128"] < 0.9 * summary["init_ppl"]["128"] or chk["returned"] == "start"

@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from probprune.widths import align_mask, channel_widths, check_align
 from probprune.compaction import compact
 from probprune.errors import UserError
-from probprune.masked_forward import masked_logits
+from probprune.importance import collect_input_stats, rank_channels
 from probprune.mask_space import CHANNEL, HEAD, LAYER, LayerShape, MaskSpace
+from probprune.masked_forward import masked_logits
 from probprune.models import get_adapter, tiny_model
 from probprune.projection import final_mask
-from probprune.importance import collect_input_stats, rank_channels
+from probprune.widths import align_mask, channel_widths, check_align
 
 SHAPE = LayerShape(num_kv_heads=3, group_size=3, head_dim=8, hidden_size=64, intermediate_size=96)
 

@@ -52,8 +52,14 @@ def build_engine(cfg: Any, model: torch.nn.Module, space: MaskSpace) -> Engine:
         return RayEngine(cfg.model, space, cfg.engine, objective=cfg.search.objective, skeleton=model)
     from .local import LocalEngine
 
-    return LocalEngine(model, space, fast_path=cfg.engine.fast_path, threads=cfg.engine.threads,
-                       objective=cfg.search.objective, scoring=cfg.engine.scoring)
+    return LocalEngine(
+        model,
+        space,
+        fast_path=cfg.engine.fast_path,
+        threads=cfg.engine.threads,
+        objective=cfg.search.objective,
+        scoring=cfg.engine.scoring,
+    )
 
 
 __all__ = ["Engine", "Task", "build_engine", "load_for_engine"]

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -48,9 +48,17 @@ class Engine(Protocol):
         """Score later masks in ``space``."""
         ...
 
-    def perplexity(self, mask: np.ndarray | None, tokens: torch.Tensor, seq_lens: Sequence[int],
-                   max_tokens: int | None, batch_size: int, progress: bool = True,
-                   rec: Reconstruction | None = None, bos_id: int | None = None) -> dict[str, float]:
+    def perplexity(
+        self,
+        mask: np.ndarray | None,
+        tokens: torch.Tensor,
+        seq_lens: Sequence[int],
+        max_tokens: int | None,
+        batch_size: int,
+        progress: bool = True,
+        rec: Reconstruction | None = None,
+        bos_id: int | None = None,
+    ) -> dict[str, float]:
         """Held-out perplexity of the model under ``mask`` (None: dense) with ``rec``'s re-fitted weights and biases,
         by the protocol of :mod:`probprune.perplexity` (windows start with ``bos_id`` if given):
         ``{str(effective seq_len): ppl}``."""

@@ -118,11 +118,21 @@ class LocalEngine:
             _sync(self.model)
             seconds[path] = (time.perf_counter() - t) / max(1, masks.shape[0])
         self.scoring = min(seconds, key=seconds.get)
-        self.scoring_record = {"path": self.scoring, "chosen_by": "measured on the first call",
-                               "seconds_per_mask": {k: round(v, 6) for k, v in seconds.items()},
-                               "masks": int(masks.shape[0]), "batch": list(batch.shape)}
-        log.info("scoring path: %s (seconds per mask: gathered %.4g, batched %.4g; %d masks of %s tokens)",
-                 self.scoring, seconds["gathered"], seconds["batched"], masks.shape[0], "x".join(map(str, batch.shape)))
+        self.scoring_record = {
+            "path": self.scoring,
+            "chosen_by": "measured on the first call",
+            "seconds_per_mask": {k: round(v, 6) for k, v in seconds.items()},
+            "masks": int(masks.shape[0]),
+            "batch": list(batch.shape),
+        }
+        log.info(
+            "scoring path: %s (seconds per mask: gathered %.4g, batched %.4g; %d masks of %s tokens)",
+            self.scoring,
+            seconds["gathered"],
+            seconds["batched"],
+            masks.shape[0],
+            "x".join(map(str, batch.shape)),
+        )
         return out[self.scoring]
 
     def teacher(self, batch: torch.Tensor, path: str | None = None) -> torch.Tensor:
@@ -165,17 +175,32 @@ class LocalEngine:
 
         return compact(self.model, self.space, mask, override=None if rec is None else rec.override())
 
-    def perplexity(self, mask: np.ndarray | None, tokens: torch.Tensor, seq_lens: Sequence[int],
-                   max_tokens: int | None, batch_size: int, progress: bool = True,
-                   rec: Reconstruction | None = None, bos_id: int | None = None) -> dict[str, float]:
+    def perplexity(
+        self,
+        mask: np.ndarray | None,
+        tokens: torch.Tensor,
+        seq_lens: Sequence[int],
+        max_tokens: int | None,
+        batch_size: int,
+        progress: bool = True,
+        rec: Reconstruction | None = None,
+        bos_id: int | None = None,
+    ) -> dict[str, float]:
         """Held-out perplexity of the model that would be saved: the dense model (``mask`` None), else the compacted
         one (:func:`probprune.perplexity.evaluate_ppl`)."""
         from ..perplexity import evaluate_ppl
 
         model = self.model if mask is None else self.pruned_model(mask, rec)
         try:
-            res = evaluate_ppl(model, tokens, list(seq_lens), max_tokens=max_tokens, batch_size=batch_size,
-                               progress=progress, bos_id=bos_id)
+            res = evaluate_ppl(
+                model,
+                tokens,
+                list(seq_lens),
+                max_tokens=max_tokens,
+                batch_size=batch_size,
+                progress=progress,
+                bos_id=bos_id,
+            )
         finally:
             del model
             gc.collect()

@@ -12,7 +12,7 @@ with the model. Shares are combined here, exactly:
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -38,32 +38,56 @@ def channel_ranking(model: nn.Module, adapter: FamilyAdapter, stats: dict) -> li
     return rank_channels(adapter, stats)
 
 
-def criterion_scores(model: nn.Module, adapter: FamilyAdapter, name: str, space: MaskSpace, stats: dict | None,
-                     blocks: torch.Tensor | None) -> np.ndarray:
+def criterion_scores(
+    model: nn.Module,
+    adapter: FamilyAdapter,
+    name: str,
+    space: MaskSpace,
+    stats: dict | None,
+    blocks: torch.Tensor | None,
+) -> np.ndarray:
     """:func:`probprune.importance.criterion_scores` of ``name`` over ``space``."""
     from ..importance import criterion_scores as scores
 
     return scores(name, adapter, space, stats, blocks)
 
 
-def warm_start_candidates(model: nn.Module, adapter: FamilyAdapter, space: MaskSpace, blocks: torch.Tensor,
-                          stats: dict, sparsity: float, budget: str, init_mask: np.ndarray) -> dict[str, np.ndarray]:
+def warm_start_candidates(
+    model: nn.Module,
+    adapter: FamilyAdapter,
+    space: MaskSpace,
+    blocks: torch.Tensor,
+    stats: dict,
+    sparsity: float,
+    budget: str,
+    init_mask: np.ndarray,
+) -> dict[str, np.ndarray]:
     """:func:`probprune.warmstart.candidate_masks` (the baselines read the weights)."""
     from ..warmstart import candidate_masks
 
     return candidate_masks(adapter, space, blocks, stats, sparsity, budget, init_mask)
 
 
-def baseline_mask(model: nn.Module, adapter: FamilyAdapter, method: str, space: MaskSpace, blocks: torch.Tensor,
-                  sparsity: float, seed: int, budget: str, stats: dict | None) -> np.ndarray:
+def baseline_mask(
+    model: nn.Module,
+    adapter: FamilyAdapter,
+    method: str,
+    space: MaskSpace,
+    blocks: torch.Tensor,
+    sparsity: float,
+    seed: int,
+    budget: str,
+    stats: dict | None,
+) -> np.ndarray:
     """:func:`probprune.baselines.baseline_mask` of ``method`` (the baselines read the weights)."""
     from ..baselines import baseline_mask as mask_of
 
     return mask_of(method, adapter, space, blocks, sparsity, seed=seed, budget=budget, stats=stats)
 
 
-def flap_compensation(model: nn.Module, adapter: FamilyAdapter, space: MaskSpace, mask: np.ndarray,
-                      stats: dict) -> dict[int, dict[str, torch.Tensor]]:
+def flap_compensation(
+    model: nn.Module, adapter: FamilyAdapter, space: MaskSpace, mask: np.ndarray, stats: dict
+) -> dict[int, dict[str, torch.Tensor]]:
     """:func:`probprune.baselines.flap_bias_compensation` (it reads the output projections)."""
     from ..baselines import flap_bias_compensation
 
@@ -71,8 +95,14 @@ def flap_compensation(model: nn.Module, adapter: FamilyAdapter, space: MaskSpace
 
 
 @torch.no_grad()
-def window_nll(model: nn.Module, adapter: FamilyAdapter, space: MaskSpace, mask: np.ndarray | None,
-               windows: torch.Tensor, batch_size: int = 4) -> tuple[float, int]:
+def window_nll(
+    model: nn.Module,
+    adapter: FamilyAdapter,
+    space: MaskSpace,
+    mask: np.ndarray | None,
+    windows: torch.Tensor,
+    batch_size: int = 4,
+) -> tuple[float, int]:
     """Summed next-token cross-entropy (float64) and the number of predicted tokens of the model under ``mask``
     (None = dense) on ``windows`` ``[W, T]``, computed on the gathered fast path (the pruned width only)."""
     from ..fastpath import fast_forward_hidden
@@ -99,8 +129,11 @@ def merge_stats(parts: Sequence[dict]) -> dict:
     def merge(entries):
         if entries[0] is None:
             return None
-        return {"sumsq": sum(e["sumsq"] for e in entries), "sum": sum(e["sum"] for e in entries),
-                "count": sum(int(e["count"]) for e in entries)}
+        return {
+            "sumsq": sum(e["sumsq"] for e in entries),
+            "sum": sum(e["sum"] for e in entries),
+            "count": sum(int(e["count"]) for e in entries),
+        }
 
     tokens = np.asarray([p["tokens"] for p in parts], dtype=np.float64)  # [S]
     cos = np.stack([np.asarray(p["cos"], dtype=np.float64) for p in parts])  # [S, L]

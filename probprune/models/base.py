@@ -17,9 +17,10 @@ projections (one ``qkv_proj`` / ``gate_up_proj`` matrix) look exactly like separ
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from operator import attrgetter
-from typing import Callable, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -267,8 +268,9 @@ class FamilyAdapter:
         )
 
     # ---------------------------------------------------------------------------------------- gathered forward
-    def attention_forward(self, attn: nn.Module, x: torch.Tensor, rot: tuple[torch.Tensor, torch.Tensor],
-                          sl) -> torch.Tensor:
+    def attention_forward(
+        self, attn: nn.Module, x: torch.Tensor, rot: tuple[torch.Tensor, torch.Tensor], sl
+    ) -> torch.Tensor:
         """Causal self-attention on gathered weights (:class:`probprune.models.functional.AttentionSlice`).
 
         Args:
@@ -282,8 +284,9 @@ class FamilyAdapter:
         """
         return F.linear(self.attention_heads(attn, x, rot, sl), sl.w_o, sl.b_o)  # [B, T, H]
 
-    def attention_heads(self, attn: nn.Module, x: torch.Tensor, rot: tuple[torch.Tensor, torch.Tensor],
-                        sl) -> torch.Tensor:
+    def attention_heads(
+        self, attn: nn.Module, x: torch.Tensor, rot: tuple[torch.Tensor, torch.Tensor], sl
+    ) -> torch.Tensor:
         """The input of the output projection in :meth:`attention_forward`: ``[B, T, n_q d]``, head by head."""
         b, t, _ = x.shape
         d = attn.head_dim
@@ -312,8 +315,9 @@ class FamilyAdapter:
         gate, up = gu.split(sl.n, dim=-1)  # [B, T, c] each
         return self.activation(mlp)(gate) * up
 
-    def layer_forward(self, layer: nn.Module, hidden: torch.Tensor, rot: tuple[torch.Tensor, torch.Tensor],
-                      attn, mlp) -> torch.Tensor:
+    def layer_forward(
+        self, layer: nn.Module, hidden: torch.Tensor, rot: tuple[torch.Tensor, torch.Tensor], attn, mlp
+    ) -> torch.Tensor:
         """One decoder layer with only the gathered slices (``None``: nothing kept in that sublayer).
 
         A sublayer with nothing kept adds only its output bias (if the model has one), exactly as the masked model
@@ -330,8 +334,9 @@ class FamilyAdapter:
         """
         return self.mlp_sublayer(layer, self.attn_sublayer(layer, hidden, rot, attn), mlp)
 
-    def attn_sublayer(self, layer: nn.Module, hidden: torch.Tensor, rot: tuple[torch.Tensor, torch.Tensor],
-                      attn) -> torch.Tensor:
+    def attn_sublayer(
+        self, layer: nn.Module, hidden: torch.Tensor, rot: tuple[torch.Tensor, torch.Tensor], attn
+    ) -> torch.Tensor:
         """The attention half of :meth:`layer_forward`: ``[B, T, H] -> [B, T, H]``."""
         if attn is not None:
             return self.attn_block(layer, hidden, lambda x: self.attention_forward(layer.self_attn, x, rot, attn))

@@ -117,8 +117,9 @@ def _head_rows(heads: torch.Tensor, d: int) -> torch.Tensor:
     return (heads[:, None] * d + torch.arange(d, device=heads.device)).flatten()
 
 
-def gather_attention(adapter: FamilyAdapter, layer: nn.Module, kv_heads: torch.Tensor | None,
-                     q_heads: torch.Tensor | None, ws: Workspace) -> AttentionSlice:
+def gather_attention(
+    adapter: FamilyAdapter, layer: nn.Module, kv_heads: torch.Tensor | None, q_heads: torch.Tensor | None, ws: Workspace
+) -> AttentionSlice:
     """Copy the weight slices of the kept heads of one attention sublayer into ``ws``.
 
     Args:

@@ -19,7 +19,7 @@ models have one KV head per layer, so a KV group is a layer's whole attention: u
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn

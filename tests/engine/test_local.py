@@ -62,8 +62,10 @@ def test_build_engine_follows_the_engine_config():
     assert type(ev) is LocalEngine and ev.holds_weights and ev.num_replicas == 1
     assert ev.fast_path is cfg.engine.fast_path and ev.objective == cfg.search.objective
     assert ev.busy_seconds == 0.0
-    np.testing.assert_array_equal(ev.losses(masks, batch), LocalEngine(model, space, fast_path=cfg.engine.fast_path,
-                                                                      objective=cfg.search.objective).losses(masks, batch))
+    np.testing.assert_array_equal(
+        ev.losses(masks, batch),
+        LocalEngine(model, space, fast_path=cfg.engine.fast_path, objective=cfg.search.objective).losses(masks, batch),
+    )
     assert ev.busy_seconds > 0.0
 
 
@@ -123,8 +125,12 @@ def test_auto_scoring_measures_both_paths_once_and_keeps_the_faster(monkeypatch)
 
 def test_engine_scoring_setting_reaches_the_local_engine():
     model, space, _, _ = _setup()
-    for overrides, path in ((["engine.scoring=batched"], "batched"), (["engine.fast_path=false"], "batched"),
-                            ([], "gathered"), (["engine.scoring=auto"], "auto")):
+    for overrides, path in (
+        (["engine.scoring=batched"], "batched"),
+        (["engine.fast_path=false"], "batched"),
+        ([], "gathered"),
+        (["engine.scoring=auto"], "auto"),
+    ):
         cfg = load_config(None, ["engine.kind=local", *overrides])
         ev = build_engine(cfg, model, space)
         assert ev.scoring == path and ev.scoring_record == {"path": path, "chosen_by": "config"}

@@ -20,10 +20,16 @@ LOSE_AT_STEP = 3
 
 def run_child(*args: str) -> dict:
     """Run this file in a child process (its own Ray session) and return the JSON line it prints last."""
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
-           "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, env=env, cwd=ROOT,
-                          timeout=600)
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    proc = subprocess.run(
+        [sys.executable, __file__, *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -64,14 +70,16 @@ def sweep_main(out: Path) -> int:
     from probprune.config import load_config
     from probprune.engine.ray.tune import run_sweep
 
-    cluster = Cluster(initialize_head=True, connect=True,
-                      head_node_args={"num_cpus": 0, "object_store_memory": 80 * 1024**2})
+    cluster = Cluster(
+        initialize_head=True, connect=True, head_node_args={"num_cpus": 0, "object_store_memory": 80 * 1024**2}
+    )
     workers = [cluster.add_node(num_cpus=1, object_store_memory=80 * 1024**2) for _ in range(2)]
     cluster.wait_for_nodes()
     storage = out / "tune"
-    cfg = load_config(ROOT / "configs" / "tiny" / "smoke_sweep.yaml",
-                      [f"sweep.storage_path={storage}", "search.steps=600", "search.checkpoint_every=50",
-                       "sweep.report_every=50"])
+    cfg = load_config(
+        ROOT / "configs" / "tiny" / "smoke_sweep.yaml",
+        [f"sweep.storage_path={storage}", "search.steps=600", "search.checkpoint_every=50", "sweep.report_every=50"],
+    )
     found: dict = {"finished_before_loss": {}}
 
     def trials() -> tuple[dict[str, float], set[str]]:
@@ -124,12 +132,15 @@ def main(out: Path) -> int:
     from probprune.engine.ray import engine as actors
 
     torch.set_num_threads(1)
-    base = apply_overrides(load_config(ROOT / "configs" / "tiny" / "smoke.yaml"),
-                           ["search.steps=8", "search.masks_per_step=4", "engine.threads=1"])
+    base = apply_overrides(
+        load_config(ROOT / "configs" / "tiny" / "smoke.yaml"),
+        ["search.steps=8", "search.masks_per_step=4", "engine.threads=1"],
+    )
     local = pipeline.prune(base, out / "local", progress=False)
 
-    cluster = Cluster(initialize_head=True, connect=True,
-                      head_node_args={"num_cpus": 0, "object_store_memory": 80 * 1024**2})
+    cluster = Cluster(
+        initialize_head=True, connect=True, head_node_args={"num_cpus": 0, "object_store_memory": 80 * 1024**2}
+    )
     workers = [cluster.add_node(num_cpus=2, object_store_memory=80 * 1024**2) for _ in range(2)]
     cluster.wait_for_nodes()
     evaluators = []
@@ -150,17 +161,29 @@ def main(out: Path) -> int:
             found["lost_node"] = victim.node_id
             cluster.remove_node(victim)
 
-    cfg = apply_overrides(base, ["engine.kind=ray", "engine.num_actors=2", "engine.cpus_per_actor=1",
-                                 "engine.placement=spread", "engine.max_retries=3"])
+    cfg = apply_overrides(
+        base,
+        [
+            "engine.kind=ray",
+            "engine.num_actors=2",
+            "engine.cpus_per_actor=1",
+            "engine.placement=spread",
+            "engine.max_retries=3",
+        ],
+    )
     disturbed = pipeline.prune(cfg, out / "ray", progress=False, on_step=lose_a_node)
     ev = evaluators[-1]
     final_local = torch.load(out / "local" / "masks.pt")["final_mask"]
     final_ray = torch.load(out / "ray" / "masks.pt")["final_mask"]
     found.update(
-        retries=ev.retries, replacements=ev.replacements, same_final_mask=bool(torch.equal(final_local, final_ray)),
-        steps=disturbed["search"]["steps"], expected_steps=base.search.steps,
-        ppl_rel_diff={f"{k}@{n}": abs(disturbed[k][n] / local[k][n] - 1) for k in ("dense_ppl", "pruned_ppl")
-                      for n in local[k]},
+        retries=ev.retries,
+        replacements=ev.replacements,
+        same_final_mask=bool(torch.equal(final_local, final_ray)),
+        steps=disturbed["search"]["steps"],
+        expected_steps=base.search.steps,
+        ppl_rel_diff={
+            f"{k}@{n}": abs(disturbed[k][n] / local[k][n] - 1) for k in ("dense_ppl", "pruned_ppl") for n in local[k]
+        },
     )
     ray.shutdown()
     cluster.shutdown()

@@ -20,19 +20,25 @@ import torch
 
 from probprune.config import EngineConfig, ModelConfig, load_config
 from probprune.data import CalibrationData
-from probprune.errors import UserError
 from probprune.engine import build_engine
 from probprune.engine.local import LocalEngine
-from probprune.models.registry import get_adapter
+from probprune.errors import UserError
 from probprune.models.loading import load_model
+from probprune.models.registry import get_adapter
 from probprune.policy import Policy, uniform_probs
 from probprune.search import run_search
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS, K, B = 6, 4, 2
 # every module of tiny:llama on the CPU, as accelerate's device_map would place the pieces of a big replica
-TINY_DEVICE_MAP = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu",
-                   "model.layers.1": "cpu", "model.norm": "cpu", "lm_head": "cpu"}
+TINY_DEVICE_MAP = {
+    "model.embed_tokens": "cpu",
+    "model.rotary_emb": "cpu",
+    "model.layers.0": "cpu",
+    "model.layers.1": "cpu",
+    "model.norm": "cpu",
+    "lm_head": "cpu",
+}
 
 
 def engine(**kw) -> EngineConfig:
@@ -140,7 +146,9 @@ def test_missing_ray_gives_clear_message(monkeypatch, tiny):
     with pytest.raises(ImportError):
         importlib.import_module("probprune.engine.ray")
     cfg = load_config(None, ["preset=paper", "engine.kind=ray"])
-    with pytest.raises(UserError, match=r"engine.kind=ray needs Ray: pip install 'probprune\[ray\]'.*engine.kind=local"):
+    with pytest.raises(
+        UserError, match=r"engine.kind=ray needs Ray: pip install 'probprune\[ray\]'.*engine.kind=local"
+    ):
         build_engine(cfg, model, space)
     # the local engine and the rest of the library do not need Ray
     cfg = load_config(None, ["preset=paper", "engine.kind=local", "engine.fast_path=false"])
@@ -153,8 +161,11 @@ def test_only_the_ray_engine_imports_ray():
         if path.parent == ROOT / "probprune" / "engine" / "ray":
             continue
         for node in ast.walk(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
-                [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else ([node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+            )
             if any(n == "ray" or n.startswith("ray.") for n in names):
                 offenders.append(str(path.relative_to(ROOT)))
     assert offenders == []
@@ -162,9 +173,11 @@ def test_only_the_ray_engine_imports_ray():
 
 def test_actors_do_not_import_the_pipeline_or_tune():
     """The actor pool is the bottom layer: importing it loads neither the pipeline nor Tune (no import cycle)."""
-    code = ("import sys, probprune.engine.ray.engine; "
-            "print(sorted(m for m in sys.modules if m in ('probprune.pipeline', 'probprune.engine.ray.tune', "
-            "'ray.tune')))")
+    code = (
+        "import sys, probprune.engine.ray.engine; "
+        "print(sorted(m for m in sys.modules if m in ('probprune.pipeline', 'probprune.engine.ray.tune', "
+        "'ray.tune')))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]"
 
@@ -175,8 +188,9 @@ def test_device_map_replica_local(tiny, local):
     assert split.hf_device_map == TINY_DEVICE_MAP
     masks = random_masks(space, 3, seed=3)
     batch = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(3))
-    np.testing.assert_allclose(LocalEngine(split, space, fast_path=False).losses(masks, batch),
-                               local.losses(masks, batch), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(
+        LocalEngine(split, space, fast_path=False).losses(masks, batch), local.losses(masks, batch), rtol=0, atol=1e-6
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- Ray actors
@@ -248,7 +262,9 @@ def test_retries_are_bounded(ray_ev, local, tiny):
         victim = ray_ev._pool._actors[ray_ev._pool.live_slots()[0]]
         ray.kill(victim, no_restart=True)
         # the share sent to the dead actor fails and may not be retried
-        with pytest.raises(RuntimeError, match=r"failed 1 time\(s\), each on an actor that died \(engine.max_retries=0\)"):
+        with pytest.raises(
+            RuntimeError, match=r"failed 1 time\(s\), each on an actor that died \(engine.max_retries=0\)"
+        ):
             for _ in range(3):  # whichever share lands on the dead actor
                 ray_ev.losses(masks, batch)
     finally:
@@ -263,8 +279,9 @@ def test_device_map_replica_on_actor(ray_cluster, tiny, local):
     _, space, _ = tiny
     masks = random_masks(space, 3, seed=4)
     batch = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(4))
-    with RayEngine(ModelConfig(name_or_path="tiny:llama", device_map=TINY_DEVICE_MAP), space,
-                      engine(num_actors=1)) as ev:
+    with RayEngine(
+        ModelConfig(name_or_path="tiny:llama", device_map=TINY_DEVICE_MAP), space, engine(num_actors=1)
+    ) as ev:
         assert ev.actor_info()[0]["device_map"] == TINY_DEVICE_MAP
         np.testing.assert_allclose(ev.losses(masks, batch), local.losses(masks, batch), rtol=0, atol=1e-6)
         est = ev.estimate(batch, steps=100, num_samples=3)
@@ -289,8 +306,9 @@ def test_ray_job_smoke_test(ray_cluster, tmp_path, capsys):
     spec.loader.exec_module(job)
     address = ray_cluster.get_runtime_context().gcs_address
     out = tmp_path / "run"
-    rc = job.main(["--smoke-test", "--output", str(out), "--address", address, "--no-progress",
-                   "engine.cpus_per_actor=0.5"])
+    rc = job.main(
+        ["--smoke-test", "--output", str(out), "--address", address, "--no-progress", "engine.cpus_per_actor=0.5"]
+    )
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     assert "estimated search time: 5 more steps x" in captured.out
@@ -321,16 +339,23 @@ def test_kl_objective_and_check_set_losses_on_actors_equal_local(ray_cluster, ti
         np.testing.assert_allclose(got, local_kl.losses(masks, batch), rtol=0, atol=1e-6)
         assert got[0] == 0.0 and (got[1:] > 0).all()
         # the check set is scored by cross-entropy whatever the search's objective
-        np.testing.assert_allclose(ev.losses(masks, batch, objective="ce"),
-                                   LocalEngine(model, space, fast_path=True).losses(masks, batch),
-                                   rtol=0, atol=1e-6)
+        np.testing.assert_allclose(
+            ev.losses(masks, batch, objective="ce"),
+            LocalEngine(model, space, fast_path=True).losses(masks, batch),
+            rtol=0,
+            atol=1e-6,
+        )
 
 
 @pytest.mark.ray
-@pytest.mark.parametrize("overrides", [
-    ["search.init=best", "mask.layers=true", "search.budget=params", "search.check_blocks=4"],
-    ["search.method=allocation", "mask.channel_block=4", "mask.block_order=metric"],
-], ids=["best-start-layers", "allocation-metric-blocks"])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["search.init=best", "mask.layers=true", "search.budget=params", "search.check_blocks=4"],
+        ["search.method=allocation", "mask.channel_block=4", "mask.block_order=metric"],
+    ],
+    ids=["best-start-layers", "allocation-metric-blocks"],
+)
 def test_prune_on_actors_loads_no_model_on_the_driver(ray_cluster, tmp_path, monkeypatch, overrides):
     """``probprune prune`` with engine.kind=ray: the driver holds only a meta-device skeleton (loading a model on it is
     an error here), the actors compute the statistics, the warm start, every perplexity and the search, and the output
@@ -348,8 +373,9 @@ def test_prune_on_actors_loads_no_model_on_the_driver(ray_cluster, tmp_path, mon
     from probprune.models import loading
 
     monkeypatch.setattr(loading, "load_model", no_weights_on_the_driver)  # nothing in this process may load weights
-    ray_cfg = apply_overrides(base, ["engine.kind=ray", "engine.num_actors=2", "engine.cpus_per_actor=0.5",
-                                     "engine.threads=1"])
+    ray_cfg = apply_overrides(
+        base, ["engine.kind=ray", "engine.num_actors=2", "engine.cpus_per_actor=0.5", "engine.threads=1"]
+    )
     ray_summary = pipeline.prune(ray_cfg, tmp_path / "ray", progress=False)
 
     local_masks = torch.load(tmp_path / "local" / "masks.pt")

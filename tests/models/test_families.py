@@ -21,15 +21,14 @@ from probprune.cli import main
 from probprune.compaction import compact, save_pruned
 from probprune.errors import UnsupportedModelError
 from probprune.fastpath import gathered_losses
-from probprune.masked_forward import masked_logits, masked_losses
 from probprune.mask_space import HEAD, LAYER
+from probprune.masked_forward import masked_logits, masked_losses
 from probprune.models import get_adapter, load_pruned, tiny_model
 from probprune.models.loading import TINY_ARCHITECTURES
 
 SMOKE = str(Path(__file__).parents[2] / "configs" / "tiny" / "smoke.yaml")
 NEW_FAMILIES = ["qwen3", "gemma3", "gemma3-mqa", "phi3"]
-ADAPTER_OF = {"qwen3": "Qwen3Adapter", "gemma3": "Gemma3Adapter", "gemma3-mqa": "Gemma3Adapter",
-              "phi3": "Phi3Adapter"}
+ADAPTER_OF = {"qwen3": "Qwen3Adapter", "gemma3": "Gemma3Adapter", "gemma3-mqa": "Gemma3Adapter", "phi3": "Phi3Adapter"}
 
 
 def _x(t: int = 12) -> torch.Tensor:
@@ -107,13 +106,19 @@ def test_query_head_units_thin_a_single_kv_head(tmp_path):
     small = compact(model, space, mask)
     assert [s["num_attention_heads"] for s in small.config.probprune_layout] == [2, 0, 4]
     torch.testing.assert_close(small(input_ids=x).logits, want, rtol=1e-4, atol=1e-4)
-    assert sum(p.numel() for p in small.parameters()) == space.total_params - space.prunable_params + \
-        space.kept_params(mask)
-    np.testing.assert_allclose(gathered_losses(adapter, space, mask[None], x),
-                               masked_losses(adapter, space, mask[None], x), rtol=1e-5, atol=1e-5)
+    assert sum(p.numel() for p in small.parameters()) == space.total_params - space.prunable_params + space.kept_params(
+        mask
+    )
+    np.testing.assert_allclose(
+        gathered_losses(adapter, space, mask[None], x),
+        masked_losses(adapter, space, mask[None], x),
+        rtol=1e-5,
+        atol=1e-5,
+    )
     save_pruned(small, tmp_path / "m")
-    torch.testing.assert_close(load_pruned(tmp_path / "m")(input_ids=x).logits, small(input_ids=x).logits,
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        load_pruned(tmp_path / "m")(input_ids=x).logits, small(input_ids=x).logits, rtol=0, atol=0
+    )
     with pytest.raises(ValueError, match="at most one KV head per layer"):
         get_adapter(tiny_model("gemma3")).mask_space(query_heads=True)
 
@@ -135,8 +140,7 @@ def test_uniform_shapes_load_with_stock_from_pretrained(kind, tmp_path):
     assert type(stock).__name__ == model.config.architectures[0]
     x = _x()
     torch.testing.assert_close(stock(input_ids=x).logits, small(input_ids=x).logits, rtol=0, atol=0)
-    torch.testing.assert_close(small(input_ids=x).logits, masked_logits(adapter, space, mask, x), rtol=1e-4,
-                               atol=1e-4)
+    torch.testing.assert_close(small(input_ids=x).logits, masked_logits(adapter, space, mask, x), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("kind", NEW_FAMILIES)
@@ -154,8 +158,24 @@ def test_a_short_search_and_every_baseline_run_end_to_end(kind, tmp_path, capsys
     assert torch.isfinite(reloaded(input_ids=x).logits).all()
     for method in BASELINES:
         b = tmp_path / method
-        assert main(["baseline", "--config", SMOKE, "--method", method, "--sparsity", "0.5", "--output", str(b),
-                     "--quiet", *common]) == 0, method
+        assert (
+            main(
+                [
+                    "baseline",
+                    "--config",
+                    SMOKE,
+                    "--method",
+                    method,
+                    "--sparsity",
+                    "0.5",
+                    "--output",
+                    str(b),
+                    "--quiet",
+                    *common,
+                ]
+            )
+            == 0
+        ), method
         summary = json.loads((b / "summary.json").read_text())
         assert all(np.isfinite(v) for v in summary["pruned_ppl"].values()), method
         assert summary["params"]["pruned_total"] < summary["params"]["dense_total"], method
@@ -165,8 +185,24 @@ def test_a_short_search_and_every_baseline_run_end_to_end(kind, tmp_path, capsys
 
 def test_flap_baseline_saves_its_bias_compensation(tmp_path):
     out = tmp_path / "flap"
-    assert main(["baseline", "--config", SMOKE, "--method", "flap", "--sparsity", "0.5", "--output", str(out),
-                 "--quiet", "eval.max_tokens=512"]) == 0
+    assert (
+        main(
+            [
+                "baseline",
+                "--config",
+                SMOKE,
+                "--method",
+                "flap",
+                "--sparsity",
+                "0.5",
+                "--output",
+                str(out),
+                "--quiet",
+                "eval.max_tokens=512",
+            ]
+        )
+        == 0
+    )
     layout = json.loads((out / "model" / "config.json").read_text())["probprune_layout"]
     assert any(e.get("o_bias") or e.get("down_bias") for e in layout)
     model = load_pruned(out / "model")
@@ -188,10 +224,13 @@ def test_query_head_units_on_a_model_with_several_kv_heads_are_refused(capsys):
     assert "at most one KV head per layer" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("config_kind,overrides,feature", [
-    ("gemma3", {"attn_logit_softcapping": 50.0}, "attention-logit soft-capping"),
-    ("gemma3", {"use_bidirectional_attention": True}, "bidirectional attention"),
-])
+@pytest.mark.parametrize(
+    "config_kind,overrides,feature",
+    [
+        ("gemma3", {"attn_logit_softcapping": 50.0}, "attention-logit soft-capping"),
+        ("gemma3", {"use_bidirectional_attention": True}, "bidirectional attention"),
+    ],
+)
 def test_features_an_adapter_does_not_handle_are_refused_by_name(config_kind, overrides, feature):
     with pytest.raises(UnsupportedModelError, match=feature):
         get_adapter(tiny_model(config_kind, **overrides))
@@ -200,9 +239,20 @@ def test_features_an_adapter_does_not_handle_are_refused_by_name(config_kind, ov
 def test_moe_and_multimodal_folders_are_refused_before_loading_weights(tmp_path, capsys):
     from transformers import Gemma3Config, MixtralConfig
 
-    for name, cfg in (("moe", MixtralConfig(num_hidden_layers=1, hidden_size=16, intermediate_size=32,
-                                            num_attention_heads=2, num_key_value_heads=1, vocab_size=64)),
-                      ("mm", Gemma3Config())):
+    for name, cfg in (
+        (
+            "moe",
+            MixtralConfig(
+                num_hidden_layers=1,
+                hidden_size=16,
+                intermediate_size=32,
+                num_attention_heads=2,
+                num_key_value_heads=1,
+                vocab_size=64,
+            ),
+        ),
+        ("mm", Gemma3Config()),
+    ):
         folder = tmp_path / name
         folder.mkdir()
         cfg.architectures = [type(cfg).__name__.replace("Config", "ForCausalLM")]
@@ -222,5 +272,6 @@ def test_layer_units_on_every_new_family_drop_whole_layers():
         small = compact(model, space, mask)
         assert len(small.model.layers) == space.num_layers - 1
         x = _x()
-        torch.testing.assert_close(small(input_ids=x).logits, masked_logits(adapter, space, mask, x), rtol=1e-4,
-                                   atol=1e-4)
+        torch.testing.assert_close(
+            small(input_ids=x).logits, masked_logits(adapter, space, mask, x), rtol=1e-4, atol=1e-4
+        )

@@ -24,12 +24,21 @@ def test_unsupported_architecture_names_it_and_lists_supported():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32))
-    with pytest.raises(UnsupportedModelError, match="unsupported architecture 'GPT2LMHeadModel': probprune supports "
-                       "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Gemma3ForCausalLM, "
-                       "Phi3ForCausalLM"):
+    with pytest.raises(
+        UnsupportedModelError,
+        match="unsupported architecture 'GPT2LMHeadModel': probprune supports "
+        "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Gemma3ForCausalLM, "
+        "Phi3ForCausalLM",
+    ):
         get_adapter(model)
-    assert supported_architectures() == ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
-                                         "Qwen3ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM"]
+    assert supported_architectures() == [
+        "LlamaForCausalLM",
+        "MistralForCausalLM",
+        "Qwen2ForCausalLM",
+        "Qwen3ForCausalLM",
+        "Gemma3ForCausalLM",
+        "Phi3ForCausalLM",
+    ]
 
 
 @pytest.mark.slow

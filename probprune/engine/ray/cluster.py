@@ -12,8 +12,9 @@ import logging
 import os
 import signal
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import ray
 import ray.exceptions
@@ -107,12 +108,17 @@ def actor_device(model_cfg: ModelConfig, e: EngineConfig) -> str:
     """
     if e.gpus_per_actor > 0:
         if e.gpus_per_actor > 1 and model_cfg.device_map is None:
-            log.warning("engine.gpus_per_actor=%s but model.device_map is unset: each replica uses one of its "
-                        "GPUs; set model.device_map=auto to spread a replica over them", e.gpus_per_actor)
+            log.warning(
+                "engine.gpus_per_actor=%s but model.device_map is unset: each replica uses one of its "
+                "GPUs; set model.device_map=auto to spread a replica over them",
+                e.gpus_per_actor,
+            )
         return "cuda"  # the actor sees only its own GPUs, numbered from 0
     if model_cfg.device.startswith("cuda"):
-        raise UserError(f"model.device={model_cfg.device!r} but engine.gpus_per_actor=0: Ray actors without GPUs "
-                        "see no CUDA device; set engine.gpus_per_actor (e.g. 1) or model.device=cpu")
+        raise UserError(
+            f"model.device={model_cfg.device!r} but engine.gpus_per_actor=0: Ray actors without GPUs "
+            "see no CUDA device; set engine.gpus_per_actor (e.g. 1) or model.device=cpu"
+        )
     return "cpu"
 
 
@@ -134,10 +140,17 @@ def check_fits(e: EngineConfig, started_local: bool) -> None:
     short = [k for k, v in need.items() if v > 0 and v * e.num_actors > total[k] + 1e-9]
     if short and started_local:
         raise UserError(
-            "; ".join(f"engine.num_actors={e.num_actors} x {need[k]:g} {k} per actor needs {need[k] * e.num_actors:g} "
-                      f"{k}, the local Ray instance has {total[k]:g}" for k in short)
+            "; ".join(
+                f"engine.num_actors={e.num_actors} x {need[k]:g} {k} per actor needs {need[k] * e.num_actors:g} "
+                f"{k}, the local Ray instance has {total[k]:g}"
+                for k in short
+            )
             + ": lower engine.num_actors or engine.cpus_per_actor / engine.gpus_per_actor"
         )
     if short:
-        log.warning("engine.num_actors=%d needs %s; the cluster has %s now: some actors wait for resources",
-                    e.num_actors, {k: need[k] * e.num_actors for k in short}, {k: total[k] for k in short})
+        log.warning(
+            "engine.num_actors=%d needs %s; the cluster has %s now: some actors wait for resources",
+            e.num_actors,
+            {k: need[k] * e.num_actors for k in short},
+            {k: total[k] for k in short},
+        )

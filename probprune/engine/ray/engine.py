@@ -78,10 +78,12 @@ class CostEstimate:
         return self.steps * self.step_seconds
 
     def __str__(self) -> str:
-        return (f"estimated search time: {self.steps} steps x {self.step_seconds:.3g} s/step = "
-                f"{_hms(self.search_seconds)} ({self.forwards_per_step} forwards/step x "
-                f"{self.seconds_per_forward:.3g} s/forward / {self.actors} actors "
-                f"+ {self.overhead_seconds:.3g} s driver overhead)")
+        return (
+            f"estimated search time: {self.steps} steps x {self.step_seconds:.3g} s/step = "
+            f"{_hms(self.search_seconds)} ({self.forwards_per_step} forwards/step x "
+            f"{self.seconds_per_forward:.3g} s/forward / {self.actors} actors "
+            f"+ {self.overhead_seconds:.3g} s driver overhead)"
+        )
 
 
 def _hms(seconds: float) -> str:
@@ -127,8 +129,15 @@ class RayEngine:
 
     holds_weights = False
 
-    def __init__(self, model_cfg: ModelConfig, space: MaskSpace, engine_cfg: EngineConfig,
-                 startup_timeout: float = 1800.0, objective: str = "ce", skeleton: torch.nn.Module | None = None):
+    def __init__(
+        self,
+        model_cfg: ModelConfig,
+        space: MaskSpace,
+        engine_cfg: EngineConfig,
+        startup_timeout: float = 1800.0,
+        objective: str = "ce",
+        skeleton: torch.nn.Module | None = None,
+    ):
         self.objective = objective
         self.skeleton = skeleton
         self.model_cfg = model_cfg
@@ -196,11 +205,21 @@ class RayEngine:
         share order. A share whose actor dies is retried on another (the dead one is replaced), up to
         ``engine.max_retries`` times; an error the task raises is re-raised as its own type."""
         name = getattr(task, "__name__", str(task))
-        return self._pool.call([Call("call", (task, tuple(args)), f"{name} share {i}") for i, args in enumerate(shares)])
+        return self._pool.call(
+            [Call("call", (task, tuple(args)), f"{name} share {i}") for i, args in enumerate(shares)]
+        )
 
-    def perplexity(self, mask: np.ndarray | None, tokens: torch.Tensor, seq_lens: Sequence[int],
-                   max_tokens: int | None, batch_size: int, progress: bool = True,
-                   rec: Reconstruction | None = None, bos_id: int | None = None) -> dict[str, float]:
+    def perplexity(
+        self,
+        mask: np.ndarray | None,
+        tokens: torch.Tensor,
+        seq_lens: Sequence[int],
+        max_tokens: int | None,
+        batch_size: int,
+        progress: bool = True,
+        rec: Reconstruction | None = None,
+        bos_id: int | None = None,
+    ) -> dict[str, float]:
         """Held-out perplexity under ``mask`` (with ``rec``'s weights) on the actors, on the gathered path (the
         pruned width only), the windows split among them."""
         from ...perplexity import effective_len, held_out_windows, max_context
@@ -228,8 +247,9 @@ class RayEngine:
         from ...models.loading import model_folder
 
         override = None if rec is None else rec.override()
-        compact_checkpoint(model_folder(self.model_cfg.name_or_path), self.space, mask, folder, tokenizer,
-                           override=override)
+        compact_checkpoint(
+            model_folder(self.model_cfg.name_or_path), self.space, mask, folder, tokenizer, override=override
+        )
         return count_params(compact(self._skeleton(), self.space, mask, override=override))
 
     def _skeleton(self) -> torch.nn.Module:
@@ -237,8 +257,9 @@ class RayEngine:
         if self.skeleton is None:
             from ...models.loading import load_skeleton
 
-            self.skeleton, _ = load_skeleton(self.model_cfg.name_or_path, self.model_cfg.dtype,
-                                             self.model_cfg.trust_remote_code)
+            self.skeleton, _ = load_skeleton(
+                self.model_cfg.name_or_path, self.model_cfg.dtype, self.model_cfg.trust_remote_code
+            )
         return self.skeleton
 
     # ---------------------------------------------------------------------------------------------- scoring
@@ -267,8 +288,12 @@ class RayEngine:
         masks_ref, batch_ref = ray.put(masks), ray.put(batch_np)
         t1 = time.perf_counter()
         shares = split_work(k, b, len(self._pool.live_slots()))
-        results = self._pool.call([Call("losses", (masks_ref, batch_ref, lo, hi, objective, r0, r1),
-                                        f"masks {lo}..{hi - 1}") for lo, hi, r0, r1 in shares])
+        results = self._pool.call(
+            [
+                Call("losses", (masks_ref, batch_ref, lo, hi, objective, r0, r1), f"masks {lo}..{hi - 1}")
+                for lo, hi, r0, r1 in shares
+            ]
+        )
         out = np.zeros(k, dtype=np.float64)
         for (lo, hi, r0, r1), (values, _) in zip(shares, results):
             out[lo:hi] += np.asarray(values) * ((r1 - r0) / b)  # row-weighted mean
@@ -282,8 +307,9 @@ class RayEngine:
         self.last_wall_seconds = t2 - t0
         return out
 
-    def estimate(self, batch: torch.Tensor, steps: int, num_samples: int, masks: np.ndarray | None = None,
-                 repeats: int = 1) -> CostEstimate:
+    def estimate(
+        self, batch: torch.Tensor, steps: int, num_samples: int, masks: np.ndarray | None = None, repeats: int = 1
+    ) -> CostEstimate:
         """Time one step's work (after one untimed warm-up call) and extrapolate to ``steps`` steps.
 
         Args:
@@ -302,9 +328,14 @@ class RayEngine:
             walls.append(self.last_wall_seconds)
             per_forward.append(sum(self.last_busy_seconds) / len(masks))
             overhead.append(self.last_broadcast_seconds + self.last_gather_seconds)
-        return CostEstimate(steps=steps, forwards_per_step=len(masks), actors=len(self.last_shares),
-                            seconds_per_forward=float(np.median(per_forward)), step_seconds=float(np.median(walls)),
-                            overhead_seconds=float(np.median(overhead)))
+        return CostEstimate(
+            steps=steps,
+            forwards_per_step=len(masks),
+            actors=len(self.last_shares),
+            seconds_per_forward=float(np.median(per_forward)),
+            step_seconds=float(np.median(walls)),
+            overhead_seconds=float(np.median(overhead)),
+        )
 
     # ---------------------------------------------------------------------------------------------- cleanup
     def close(self) -> None:

@@ -46,8 +46,16 @@ class ReplicaPool:
         retries / replacements: calls sent again / actors replaced since construction.
     """
 
-    def __init__(self, model_cfg: ModelConfig, space: MaskSpace, engine_cfg: EngineConfig, device: str,
-                 threads: int, objective: str, startup_timeout: float):
+    def __init__(
+        self,
+        model_cfg: ModelConfig,
+        space: MaskSpace,
+        engine_cfg: EngineConfig,
+        device: str,
+        threads: int,
+        objective: str,
+        startup_timeout: float,
+    ):
         self.model_cfg, self.space, self.engine = model_cfg, space, engine_cfg
         self.device, self.threads, self.objective = device, threads, objective
         self.max_retries = engine_cfg.max_retries
@@ -64,12 +72,18 @@ class ReplicaPool:
     # ---------------------------------------------------------------------------------------------- actors
     def _start_actor(self):
         e = self.engine
-        options = {"num_cpus": e.cpus_per_actor, "num_gpus": e.gpus_per_actor, "max_restarts": 0,
-                   "max_task_retries": 0, "runtime_env": {"env_vars": actor_env()}}
+        options = {
+            "num_cpus": e.cpus_per_actor,
+            "num_gpus": e.gpus_per_actor,
+            "max_restarts": 0,
+            "max_task_retries": 0,
+            "runtime_env": {"env_vars": actor_env()},
+        }
         if e.placement == "spread" and ray.util.get_current_placement_group() is None:  # a Tune trial's bundles win
             options["scheduling_strategy"] = "SPREAD"
-        return RemoteReplica.options(**options).remote(self.model_cfg, self.space, e.fast_path, self.threads,
-                                                       self.device, self.objective, e.scoring)
+        return RemoteReplica.options(**options).remote(
+            self.model_cfg, self.space, e.fast_path, self.threads, self.device, self.objective, e.scoring
+        )
 
     def _wait_ready(self, timeout: float) -> None:
         t0 = time.perf_counter()
@@ -86,14 +100,21 @@ class ReplicaPool:
                     raise
             waited = time.perf_counter() - t0
             if pending and waited > timeout:
-                raise UserError(f"{len(pending)} of {len(self._ready)} Ray actors did not start within {timeout:.0f} s "
-                                f"(each needs {self.engine.cpus_per_actor:g} CPU, {self.engine.gpus_per_actor:g} GPU); "
-                                f"cluster resources available: {ray.available_resources()}")
+                raise UserError(
+                    f"{len(pending)} of {len(self._ready)} Ray actors did not start within {timeout:.0f} s "
+                    f"(each needs {self.engine.cpus_per_actor:g} CPU, {self.engine.gpus_per_actor:g} GPU); "
+                    f"cluster resources available: {ray.available_resources()}"
+                )
             if pending:
                 log.info("waiting for %d Ray actors to load the model (%.0f s)", len(pending), waited)
         devices = sorted({str(i["device"]) for i in self._info})
-        log.info("%d Ray actors ready on %s, %d torch threads each, model loaded in %.1f s (slowest)",
-                 len(self._actors), "/".join(devices), self.threads, max(i["load_seconds"] for i in self._info))
+        log.info(
+            "%d Ray actors ready on %s, %d torch threads each, model loaded in %.1f s (slowest)",
+            len(self._actors),
+            "/".join(devices),
+            self.threads,
+            max(i["load_seconds"] for i in self._info),
+        )
 
     def live_slots(self) -> list[int]:
         """Slots whose actor has loaded its model; waits for one if none has (e.g. all were just replaced).
@@ -128,7 +149,7 @@ class ReplicaPool:
             return
         try:
             ray.kill(dead, no_restart=True)
-        except Exception:  # noqa: BLE001 - it is gone already
+        except Exception:
             pass
         self._actors[slot] = self._start_actor()
         self._ready[slot] = self._actors[slot].ready.remote()
@@ -183,13 +204,21 @@ class ReplicaPool:
                 c.attempts += 1
                 self._replace(c.slot, c.actor)
                 if c.attempts > self.max_retries:
-                    raise RuntimeError(f"{c.label} failed {c.attempts} time(s), each on an actor that died "
-                                       f"(engine.max_retries={self.max_retries}); last error: {err}") from err
+                    raise RuntimeError(
+                        f"{c.label} failed {c.attempts} time(s), each on an actor that died "
+                        f"(engine.max_retries={self.max_retries}); last error: {err}"
+                    ) from err
                 self.retries += 1
                 others = [s for s in self.live_slots() if s != c.slot] or [c.slot]
                 c.slot = min(others, key=lambda s: (load[s], s))
-                log.warning("retrying %s on actor %d (attempt %d of %d): %s", c.label, c.slot, c.attempts,
-                            self.max_retries, type(err).__name__)
+                log.warning(
+                    "retrying %s on actor %d (attempt %d of %d): %s",
+                    c.label,
+                    c.slot,
+                    c.attempts,
+                    self.max_retries,
+                    type(err).__name__,
+                )
                 submit(i)
                 continue
             except ray.exceptions.RayTaskError as err:  # the replica's code raised: deterministic, not retried
@@ -203,6 +232,6 @@ class ReplicaPool:
         for actor in self._actors:
             try:
                 ray.kill(actor, no_restart=True)
-            except Exception:  # noqa: BLE001 - already gone
+            except Exception:
                 pass
         self._actors, self._ready, self._info = [], [], []

@@ -27,8 +27,16 @@ class Replica:
     its creation task".
     """
 
-    def __init__(self, model_cfg: ModelConfig, space: MaskSpace, fast_path: bool, threads: int, device: str,
-                 objective: str = "ce", scoring: str | None = None):
+    def __init__(
+        self,
+        model_cfg: ModelConfig,
+        space: MaskSpace,
+        fast_path: bool,
+        threads: int,
+        device: str,
+        objective: str = "ce",
+        scoring: str | None = None,
+    ):
         t0 = time.perf_counter()
         self.error: BaseException | None = None
         self.engine = None
@@ -41,9 +49,10 @@ class Replica:
             model, _ = load_model(
                 model_cfg.name_or_path, model_cfg.dtype, device, model_cfg.device_map, model_cfg.trust_remote_code
             )
-            self.engine = LocalEngine(model, space, fast_path=fast_path, threads=threads, objective=objective,
-                                      scoring=scoring)
-        except Exception as e:  # noqa: BLE001 - handed to the driver by ready()
+            self.engine = LocalEngine(
+                model, space, fast_path=fast_path, threads=threads, objective=objective, scoring=scoring
+            )
+        except Exception as e:
             self.error = e
         self.load_seconds = time.perf_counter() - t0
 
@@ -67,8 +76,16 @@ class Replica:
             "load_seconds": self.load_seconds,
         }
 
-    def losses(self, masks: np.ndarray, batch: np.ndarray, lo: int, hi: int,
-               objective: str | None = None, r0: int = 0, r1: int | None = None) -> tuple[np.ndarray, float]:
+    def losses(
+        self,
+        masks: np.ndarray,
+        batch: np.ndarray,
+        lo: int,
+        hi: int,
+        objective: str | None = None,
+        r0: int = 0,
+        r1: int | None = None,
+    ) -> tuple[np.ndarray, float]:
         """Losses of ``masks[lo:hi]`` on rows ``[r0, r1)`` of ``batch`` (the replica's objective unless ``objective``
         is given), and the seconds spent computing them. With the ``kl`` objective the dense log-probabilities of those
         rows are computed once on this actor and reused for its later shares of the same rows."""

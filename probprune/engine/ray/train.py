@@ -14,8 +14,9 @@ import json
 import logging
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import ray
 import ray.train
@@ -41,7 +42,9 @@ def _worker_loop(config: dict[str, Any]) -> None:
     if job.device.startswith("cuda"):
         job.device = str(ray.train.torch.get_device())
     result = config["worker"](
-        job, rank, size,
+        job,
+        rank,
+        size,
         prepare=lambda m: prepare_model(m, move_to_device=False, parallel_strategy="ddp"),
         report=lambda metrics: ray.train.report(metrics),
         stop_after=config["stop_after"],
@@ -62,8 +65,9 @@ def _user_error(err: BaseException) -> str | None:
     return _user_error(cause) if cause is not None and cause is not err else None
 
 
-def data_parallel(worker: Callable[..., dict | None], job: Any, cfg: Any,
-                  stop_after: int | None = None) -> dict[str, Any]:
+def data_parallel(
+    worker: Callable[..., dict | None], job: Any, cfg: Any, stop_after: int | None = None
+) -> dict[str, Any]:
     """Run ``worker(job, rank, size, prepare=, report=, stop_after=)`` on ``job.heal["workers"]`` Ray Train workers
     (e.g. :func:`probprune.heal.train_worker` on a :class:`probprune.heal.HealJob`) and return worker 0's result
     record.
@@ -90,7 +94,7 @@ def data_parallel(worker: Callable[..., dict | None], job: Any, cfg: Any,
     result_path = Path(job.output) / RESULT_NAME
     try:
         trainer.fit()
-    except Exception as e:  # noqa: BLE001 - Ray wraps worker errors; bad input becomes one clear message
+    except Exception as e:
         msg = _user_error(e)
         if msg is not None:
             raise UserError(msg) from None

@@ -68,7 +68,13 @@ class _TuneReporter:
     search's checkpoint attached when a newer one was written since the last attached one."""
 
     def __init__(self, run_dir: Path, steps: int, checkpoint_every: int, report_every: int, t0: float):
-        self.run_dir, self.steps, self.ckpt_every, self.every, self.t0 = run_dir, steps, checkpoint_every, report_every, t0
+        self.run_dir, self.steps, self.ckpt_every, self.every, self.t0 = (
+            run_dir,
+            steps,
+            checkpoint_every,
+            report_every,
+            t0,
+        )
         self.window: list[float] = []
         self.fresh = False
         self.stats: dict[str, Any] = {}
@@ -89,9 +95,14 @@ class _TuneReporter:
         loss = float(np.mean(self.window)) if self.window else self.last.get("calib_loss", float("nan"))
         self.window = []
         self.last = {
-            "step": int(stats["step"]), "calib_loss": loss, "ppl": math.exp(min(loss, 700.0)),
-            "baseline": float(stats["baseline"]), "expected_sparsity": float(stats["expected_sparsity"]),
-            "lr_now": float(stats["lr"]), "final": False, "wall_seconds": time.perf_counter() - self.t0,
+            "step": int(stats["step"]),
+            "calib_loss": loss,
+            "ppl": math.exp(min(loss, 700.0)),
+            "baseline": float(stats["baseline"]),
+            "expected_sparsity": float(stats["expected_sparsity"]),
+            "lr_now": float(stats["lr"]),
+            "final": False,
+            "wall_seconds": time.perf_counter() - self.t0,
         }
         _report(self.last, self.run_dir if self.fresh or force_checkpoint else None)
         self.fresh = False
@@ -130,14 +141,17 @@ def _final_metrics(summary: dict[str, Any], t0: float, calib_loss: float) -> dic
     by_len = {int(k): float(v) for k, v in summary["pruned_ppl"].items()}
     short = min(by_len)
     return {
-        "step": int(summary["search"]["steps"]), "calib_loss": calib_loss, "ppl": by_len[short],
+        "step": int(summary["search"]["steps"]),
+        "calib_loss": calib_loss,
+        "ppl": by_len[short],
         **{f"ppl_{n}": v for n, v in sorted(by_len.items())},
         "prunable_sparsity": float(summary["sparsity"]["prunable"]),
         "total_sparsity": float(summary["sparsity"]["total"]),
         "dense_ppl": float(summary["dense_ppl"][str(short)]),
         "init_ppl": float(summary["init_ppl"][str(short)]) if summary.get("init_ppl") else float("nan"),
         "params_total": int(summary["params"]["pruned_total"]),
-        "final": True, "wall_seconds": time.perf_counter() - t0,
+        "final": True,
+        "wall_seconds": time.perf_counter() - t0,
     }
 
 
@@ -152,7 +166,7 @@ def _trial_work_dir() -> Path:
         from ray.train._internal.session import get_session  # Ray 2.x: no public accessor of the working dir
 
         return Path(get_session().storage.trial_working_directory)
-    except Exception:  # noqa: BLE001 - another Ray version: a scratch folder does the same job
+    except Exception:
         return Path(tempfile.mkdtemp(prefix="probprune-trial-"))
 
 
@@ -161,7 +175,6 @@ def _make_trainable(base: dict[str, Any], sw: SweepConfig, stop_after: int | Non
 
     def probprune_trial(config: dict[str, Any]) -> None:
         from ray import tune
-
 
         t0 = time.perf_counter()
         cfg = trial_config(config_from_dict(base), config)
@@ -179,8 +192,9 @@ def _make_trainable(base: dict[str, Any], sw: SweepConfig, stop_after: int | Non
             _report(_final_metrics(summary, t0, float("nan")), None)
             return
         reporter = _TuneReporter(run_dir, cfg.search.steps, cfg.search.checkpoint_every, sw.report_every, t0)
-        summary = pipeline.prune(cfg, run_dir, resume=resume, progress=False, on_step=reporter,
-                                 stop_after=None if resume else stop_after)
+        summary = pipeline.prune(
+            cfg, run_dir, resume=resume, progress=False, on_step=reporter, stop_after=None if resume else stop_after
+        )
         if "interrupted_at_step" in summary:  # simulated interruption (tests): checkpoint, then fail the trial
             step = summary["interrupted_at_step"]
             if reporter.stats:
@@ -195,15 +209,16 @@ def _make_trainable(base: dict[str, Any], sw: SweepConfig, stop_after: int | Non
 def _tune_space(space: Mapping[str, Any], search_alg: str) -> dict[str, Any]:
     from ray import tune
 
-
     out: dict[str, Any] = {}
     for key, dom in space.items():
         if isinstance(dom, Grid):
             if search_alg == "optuna":
                 bad = [v for v in dom.values if not isinstance(v, (bool, int, float, str, type(None)))]
                 if bad:
-                    raise UserError(f"sweep.search_alg='optuna' needs scalar values, but {key} has {bad!r}; "
-                                    "use sweep.search_alg=grid")
+                    raise UserError(
+                        f"sweep.search_alg='optuna' needs scalar values, but {key} has {bad!r}; "
+                        "use sweep.search_alg=grid"
+                    )
                 out[key] = tune.choice(list(dom.values))
             else:
                 out[key] = tune.grid_search(list(dom.values))
@@ -222,14 +237,26 @@ def _records(results) -> list[dict[str, Any]]:
     for r in results:
         m = dict(r.metrics or {})
         status = "error" if r.error is not None else ("finished" if m.get("final") else "stopped")
-        records.append({"trial_id": m.get("trial_id") or Path(r.path).name, "status": status,
-                        "params": dict(r.config or {}), "metrics": m,
-                        "checkpoint": shown_path(r.checkpoint.path) if r.checkpoint is not None else None})
+        records.append(
+            {
+                "trial_id": m.get("trial_id") or Path(r.path).name,
+                "status": status,
+                "params": dict(r.config or {}),
+                "metrics": m,
+                "checkpoint": shown_path(r.checkpoint.path) if r.checkpoint is not None else None,
+            }
+        )
     return records
 
 
-def run_sweep(cfg: Config, output_dir: str | Path, address: str | None = None, smoke: bool = False,
-              resume: bool = False, stop_after: int | None = None) -> pd.DataFrame:
+def run_sweep(
+    cfg: Config,
+    output_dir: str | Path,
+    address: str | None = None,
+    smoke: bool = False,
+    resume: bool = False,
+    stop_after: int | None = None,
+) -> pd.DataFrame:
     """Run (or resume) a Ray Tune sweep of ``cfg.sweep`` and write its results under ``output_dir``.
 
     Each trial is one :func:`probprune.pipeline.prune` of ``cfg`` (``sweep`` section removed) with the trial's
@@ -275,27 +302,34 @@ def run_sweep(cfg: Config, output_dir: str | Path, address: str | None = None, s
     base = sweeps.absolute_paths(cfg)
     space = sweeps.search_space(sw)
     if sw.search_alg == "optuna" and importlib.util.find_spec("optuna") is None:
-        raise UserError("sweep.search_alg='optuna' needs Optuna: pip install 'probprune[optuna]' (or set "
-                        "sweep.search_alg=grid)")
+        raise UserError(
+            "sweep.search_alg='optuna' needs Optuna: pip install 'probprune[optuna]' (or set sweep.search_alg=grid)"
+        )
     if sw.scheduler == "asha" and len(sw.sparsity) > 1:
-        log.warning("sweep.scheduler='asha' compares the calibration loss of all running trials: it will stop trials "
-                    "with higher sparsity targets first; sweep one sparsity at a time to compare learning rates")
+        log.warning(
+            "sweep.scheduler='asha' compares the calibration loss of all running trials: it will stop trials "
+            "with higher sparsity targets first; sweep one sparsity at a time to compare learning rates"
+        )
     for point in sweeps.expand_grid(sw):  # every grid point must make a valid config before anything starts
         sweeps.trial_config(base, {k: (v.low if isinstance(v, sweeps.LogUniform) else v) for k, v in point.items()})
     name = output_dir.name
     storage = _storage(sw)
     exp_path = f"{storage.rstrip('/')}/{name}"
     if not resume and "://" not in storage and Path(exp_path).exists() and any(Path(exp_path).iterdir()):
-        raise UserError(f"sweep experiment {exp_path} exists already; pass --resume to continue it, or choose "
-                        "another --output (its folder name names the experiment) or sweep.storage_path")
+        raise UserError(
+            f"sweep experiment {exp_path} exists already; pass --resume to continue it, or choose "
+            "another --output (its folder name names the experiment) or sweep.storage_path"
+        )
     if resume and not tune.Tuner.can_restore(exp_path):
         raise UserError(f"--resume: no sweep to resume at {exp_path} (sweep.storage_path / the --output folder name)")
     if not resume and (output_dir / "results.csv").exists():
         raise UserError(f"--output {output_dir} already holds sweep results (results.csv); choose another folder")
     record = output_dir / "sweep_config.yaml"  # the config the sweep started with; a resumed sweep must match it
     if resume and record.exists() and config_to_dict(load_config(record)) != config_to_dict(cfg):
-        raise UserError(f"--resume: the config differs from the one this sweep started with ({record}); resume "
-                        "with the same config and overrides")
+        raise UserError(
+            f"--resume: the config differs from the one this sweep started with ({record}); resume "
+            "with the same config and overrides"
+        )
     save_config(cfg, record)
 
     base_dict = config_to_dict(base)
@@ -317,12 +351,17 @@ def run_sweep(cfg: Config, output_dir: str | Path, address: str | None = None, s
                 trainable,
                 param_space=_tune_space(space, sw.search_alg),
                 tune_config=tune.TuneConfig(
-                    metric="ppl", mode="min", num_samples=_tune_samples(sw),
+                    metric="ppl",
+                    mode="min",
+                    num_samples=_tune_samples(sw),
                     max_concurrent_trials=sw.max_concurrent or None,
-                    scheduler=_scheduler(cfg, sw), search_alg=_search_alg(cfg, sw),
+                    scheduler=_scheduler(cfg, sw),
+                    search_alg=_search_alg(cfg, sw),
                 ),
                 run_config=tune.RunConfig(
-                    name=name, storage_path=storage, verbose=0 if smoke else 1,
+                    name=name,
+                    storage_path=storage,
+                    verbose=0 if smoke else 1,
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                     failure_config=tune.FailureConfig(max_failures=0),
                 ),
@@ -348,8 +387,9 @@ def _scheduler(cfg: Config, sw: SweepConfig):
     from ray.tune.schedulers import ASHAScheduler
 
     reports = cfg.search.steps // sw.report_every + 1  # + the final, held-out report
-    return ASHAScheduler(time_attr="training_iteration", max_t=reports, grace_period=max(1, (reports - 1) // 4),
-                         reduction_factor=2)
+    return ASHAScheduler(
+        time_attr="training_iteration", max_t=reports, grace_period=max(1, (reports - 1) // 4), reduction_factor=2
+    )
 
 
 def _search_alg(cfg: Config, sw: SweepConfig):
