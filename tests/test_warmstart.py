@@ -212,7 +212,7 @@ def test_the_default_on_smollm2_starts_at_shortgpt_and_never_returns_worse(tmp_p
     )
     summary = prune(cfg, tmp_path / "run", progress=False)
     losses = summary["warm_start"]["check_losses"]
-    assert set(losses) == {"init", "shortgpt", "wanda-sp", "flap", "magnitude"}
+    assert set(losses) == {"init", "shortgpt", "sleb", "wanda-sp", "flap", "magnitude"}
     # at 50 % dropping the least influential layers is by far the best start (measured: 6.3 vs >= 8.2 nats)
     assert summary["warm_start"]["chosen"] == "shortgpt"
     assert losses["shortgpt"] < min(v for k, v in losses.items() if k != "shortgpt") - 0.5
