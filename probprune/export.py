@@ -74,7 +74,7 @@ SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM")
 # perplexity from ids, are unaffected; text tokenised by llama.cpp may differ slightly).
 PROBE_TEXT = "Hello World! 3.14 and 1234567 -- \u00e9t\u00e9,\tnew\nlines   spaces 'll 's \U0001f600"
 PRE_TOKENIZERS: dict[str, str] = {
-    "f804ca638777578d39313e9fe136ec4f6fdedfec08d678dce14692bb109c9c89": "smollm",  # SmolLM2 (GPT-2 regex, ByteLevel)
+    "f804ca638777578d39313e9fe136ec4f6fdedfec08d678dce14692bb109c9c89": "smollm"  # SmolLM2 (GPT-2 regex, ByteLevel)
 }
 
 

@@ -458,12 +458,7 @@ class Policy(ScoreFunctionPolicy):
     """
 
     def __init__(
-        self,
-        space: MaskSpace,
-        probs: torch.Tensor | np.ndarray,
-        *,
-        sampling: str = "independent",
-        **options: Any,
+        self, space: MaskSpace, probs: torch.Tensor | np.ndarray, *, sampling: str = "independent", **options: Any
     ) -> None:
         super().__init__(space, extra_choices=(("sampling", sampling, SAMPLINGS),), **options)
         p = torch.as_tensor(probs, dtype=torch.float64).detach().clone()  # [N]

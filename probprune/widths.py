@@ -60,12 +60,7 @@ def check_align(space: MaskSpace, align: int) -> None:
 
 
 def align_mask(
-    space: MaskSpace,
-    mask: np.ndarray,
-    scores_or_probs: np.ndarray,
-    align: int,
-    sparsity: float,
-    budget: str,
+    space: MaskSpace, mask: np.ndarray, scores_or_probs: np.ndarray, align: int, sparsity: float, budget: str
 ) -> np.ndarray:
     """Round every surviving layer's kept channel width to a multiple of ``align`` within the budget.
 

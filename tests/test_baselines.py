@@ -17,12 +17,7 @@ from probprune.baselines import (
 )
 from probprune.compaction import compact, save_pruned
 from probprune.errors import UserError
-from probprune.importance import (
-    collect_input_stats,
-    flap_scores,
-    magnitude_scores,
-    wanda_sp_scores,
-)
+from probprune.importance import collect_input_stats, flap_scores, magnitude_scores, wanda_sp_scores
 from probprune.mask_space import CHANNEL, HEAD, LAYER, LayerShape, MaskSpace
 from probprune.models import get_adapter, tiny_model
 from probprune.models.loading import load_pruned

@@ -13,13 +13,7 @@ from probprune.errors import UserError
 from probprune.mask_space import CHANNEL, HEAD
 from probprune.models import get_adapter, tiny_model
 from probprune.models.loading import byte_tokenizer, load_pruned
-from probprune.reconstruct import (
-    MODES,
-    reconstruct,
-    reconstruct_local,
-    reconstructed_hidden,
-    reconstructed_loss,
-)
+from probprune.reconstruct import MODES, reconstruct, reconstruct_local, reconstructed_hidden, reconstructed_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 

@@ -1,0 +1,237 @@
+"""The named steps of a job: the search's start, policy, final choice and reconstruction, and the last step that
+compacts, saves and evaluates the result. :mod:`probprune.pipeline` strings them into jobs.
+
+Each step takes what it needs and returns what it made; where the weights live is the engine's business
+(:mod:`probprune.engine`), so no step asks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import projection
+from .config import Config, config_to_dict
+from .engine import Engine
+from .engine.tasks import criterion_scores, warm_start_candidates
+from .mask_space import MaskSpace
+from .perplexity import protocol
+from .policy import Policy, random_probs, scores_to_probs, uniform_probs
+from .run_folder import RunFolder, masks_record
+from .session import Session, measure
+
+
+# ------------------------------------------------------------------------------------------------ the search
+def initial_probs(s: Session) -> np.ndarray:
+    """Keep probabilities of ``search.init`` (``best`` starts from the Wanda-sp ones), projected onto the budget."""
+    sc = s.cfg.search
+    keep = 1.0 - sc.sparsity
+    if sc.init in ("wanda-sp", "best"):
+        probs = scores_to_probs(s.space, s.engine.run(criterion_scores, "wanda-sp", s.space, s.stats, None), keep)
+    elif sc.init == "uniform":
+        probs = uniform_probs(s.space, keep)
+    else:
+        probs = random_probs(s.space, keep, torch.Generator().manual_seed(s.cfg.seed))
+    return projection.project(
+        s.space, torch.as_tensor(probs, dtype=torch.float64), sc.sparsity, sc.budget, fill=True
+    ).numpy()  # on the budget: with layer units ρ everywhere keeps only ≈ ρ²
+
+
+def final_mask(
+    cfg: Config, space: MaskSpace, probs: np.ndarray | torch.Tensor, mask: np.ndarray | None = None
+) -> np.ndarray:
+    """The deterministic mask under ``cfg``: with ``mask.shape=uniform`` the same count of top units in every layer
+    (a stock-shaped model), else ``mask`` or the budget's top units by ``probs``, kept MLP widths rounded to
+    ``mask.align``."""
+    sc = cfg.search
+    if cfg.mask.shape == "uniform":
+        return projection.uniform_final_mask(space, probs, sc.sparsity)
+    if mask is None:
+        mask = projection.final_mask(space, probs, sc.sparsity, sc.budget)
+    if cfg.mask.align > 1:
+        from .widths import align_mask
+
+        mask = align_mask(space, mask, probs, cfg.mask.align, sc.sparsity, sc.budget)
+    return mask
+
+
+@dataclass
+class Start:
+    """Where the search starts: a name, its mask and keep probabilities, and (``init=best``) how it was chosen."""
+
+    name: str
+    mask: np.ndarray
+    probs: np.ndarray
+    warm: Any = None  # probprune.warmstart.WarmStart
+
+
+def warm_start(s: Session, check: torch.Tensor | None) -> Start:
+    """``search.init``'s probabilities, or with ``best`` the forward-only baseline (or the init) with the lowest
+    check-set loss (:mod:`probprune.warmstart`)."""
+    sc = s.cfg.search
+    probs = initial_probs(s)
+    mask = final_mask(s.cfg, s.space, probs)
+    if sc.init != "best":
+        return Start(sc.init, mask, probs)
+    from .warmstart import choose_start
+
+    with s.timed("warm_start"):
+        candidates = s.engine.run(
+            warm_start_candidates, s.space, s.init_blocks(), s.stats, sc.sparsity, sc.budget, mask
+        )
+        warm = choose_start(s.engine, candidates, check, sc.batch_size, s.space, sc.init_mix, sc.sparsity, sc.budget)
+    return Start(f"best: {warm.name}", warm.mask, warm.probs, warm)
+
+
+def build_policy(cfg: Config, space: MaskSpace, init_probs: np.ndarray, engine: Engine, stats: dict | None):
+    """The search policy of ``cfg.search`` (unit :class:`Policy` or :class:`AllocationPolicy`), from ``init_probs``.
+    The allocation policy ranks units inside each group by Wanda-sp (computed by ``engine`` from ``stats``, which
+    it requires: :func:`prepare` collects them)."""
+    sc = cfg.search
+    common = dict(
+        lr=sc.lr,
+        total_steps=sc.steps,
+        sparsity=sc.sparsity,
+        lr_schedule=sc.lr_schedule,
+        baseline=sc.baseline,
+        ema_window=sc.ema_window,
+        score_scaling=sc.score_scaling,
+        budget=sc.budget,
+        seed=cfg.seed,
+    )
+    if sc.method == "allocation":
+        from .allocation import AllocationPolicy
+
+        scores = engine.run(criterion_scores, "wanda-sp", space, stats, None)
+        return AllocationPolicy(space, scores, probs=init_probs, **common)
+    return Policy(space, init_probs, sampling=sc.sampling, **common)
+
+
+def fingerprint(cfg: Config, space: MaskSpace) -> str:
+    """Identifies a search: its config without evaluation and engine settings (a search may resume on another
+    engine), and its mask space."""
+    d = config_to_dict(cfg)
+    d.pop("eval", None)
+    d.pop("engine", None)
+    d["num_units"] = space.num_units
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def choose(s: Session, policy, result, start: Start, check: torch.Tensor | None):
+    """The final mask and its reconstruction (or None): the search's mask (re-derived under
+    ``mask.shape``/``mask.align``) or its start, whichever has the lower check-set loss; with ``reconstruct.enabled``
+    (and ``reconstruct.choose``) each is compared as it is and reconstructed, so reconstruction is kept only where
+    it helps there. Returns ``(mask, reconstruction, unit probabilities, check record)``."""
+    cfg = s.cfg
+    probs = policy.unit_probs() if cfg.search.method == "allocation" else policy.probs  # [N] either way
+    final = final_mask(cfg, s.space, probs, mask=result.final_mask)
+    rec = record = None
+    if check is not None:
+        with s.timed("check"):
+            if cfg.reconstruct.enabled and cfg.reconstruct.choose:
+                from .reconstruct import choose_final
+
+                final, rec, record = choose_final(s, final, start.mask, check)
+            else:
+                from .warmstart import choose_final
+
+                final, record = choose_final(s.engine, final, start.mask, check, cfg.search.batch_size)
+        record = {"blocks": int(check.shape[0]), "tokens": int(check.numel()), **record}
+    if cfg.reconstruct.enabled and not (check is not None and cfg.reconstruct.choose):  # not decided above
+        rec = reconstruct(s, final)
+    return final, rec, probs, record
+
+
+def reconstruct(s: Session, mask: np.ndarray):
+    """The reconstruction of ``mask`` under ``s.cfg.reconstruct`` (:mod:`probprune.reconstruct`), timed."""
+    from .reconstruct import for_session
+
+    with s.timed("reconstruct"):
+        return for_session(s, mask)
+
+
+# ------------------------------------------------------------------------------------------------ the last step
+def finish(
+    s: Session,
+    run: RunFolder,
+    final: np.ndarray,
+    t_start: float,
+    dense_ppl: dict[str, float],
+    probs: Any = None,
+    start: Start | None = None,
+    init_ppl: dict[str, float] | None = None,
+    label: str = "probprune search",
+    rec: Any = None,
+) -> dict[str, Any]:
+    """Compact and save the final mask (with ``rec``'s re-fitted weights), evaluate it, write ``masks.pt``; return
+    the summary (written by the caller once complete)."""
+    from .compaction import count_params
+
+    cfg, space = s.cfg, s.space
+    with s.timed("save"):
+        pruned_total = s.engine.save_pruned(final, run.model_dir, s.tokenizer, rec)
+    with s.timed("eval_pruned"):
+        pruned_ppl = measure(s, final, label, rec)
+    run.write_masks(masks_record(space, final, probs, *((start.mask, start.probs) if start else ())))
+    dense_total = count_params(s.model)
+    summary: dict[str, Any] = {
+        "model": cfg.model.name_or_path,
+        "dtype": cfg.model.dtype,
+        "data": cfg.data.source,
+        "seed": cfg.seed,
+        "method_label": label,
+        "dense_ppl": dense_ppl,
+    }
+    if start is not None:
+        init = _mask_record(space, start.mask, dense_total)
+        summary.update(
+            init=start.name, init_ppl=init_ppl, init_sparsity=init["sparsity"], init_total=init["pruned_total"]
+        )
+    kept = _mask_record(space, final, dense_total)
+    summary.update(
+        {
+            "pruned_ppl": pruned_ppl,
+            "sparsity": kept["sparsity"],
+            "params": {
+                "dense_total": dense_total,
+                "pruned_total": pruned_total,
+                "dense_prunable": space.prunable_params,
+                "pruned_prunable": kept["kept_prunable"],
+            },
+            "units": {
+                **space.type_counts(),
+                "kept": {
+                    k: int(final[space.type_slice(t)].sum()) for k, t in (("head", 0), ("channel", 1), ("layer", 2))
+                },
+            },
+            "calibration": {"blocks": len(s.calib), "block_len": cfg.data.block_len, "bos_id": s.bos_id},
+            "eval": {
+                "seq_lens": list(dense_ppl),
+                "max_tokens": cfg.eval.max_tokens,
+                "held_out_tokens": int(s.test_tokens.numel()),
+                "protocol": protocol(s.bos_id),
+            },
+            "timings": {k: round(v, 2) for k, v in s.timings.items()},
+            "wall_seconds": round(time.perf_counter() - t_start, 2),
+        }
+    )
+    if rec is not None and cfg.reconstruct.enabled:
+        from .reconstruct import summary_record
+
+        summary["reconstruct"] = summary_record(s, rec)
+    return summary
+
+
+def _mask_record(space: MaskSpace, mask: np.ndarray, dense_total: int) -> dict[str, Any]:
+    kept = space.kept_params(mask)
+    return {
+        "sparsity": {k: round(v, 6) for k, v in space.sparsity(mask).items()},
+        "kept_prunable": kept,
+        "pruned_total": dense_total - (space.prunable_params - kept),
+    }
