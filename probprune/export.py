@@ -335,7 +335,7 @@ def export_gguf(
         UserError: unsupported architecture, RoPE scaling, biases or tokenizer; unknown ``outtype``; llama-cpp-python
             missing for a llama.cpp type; a missing folder or an unwritable output.
     """
-    from .files import file_mode
+    from .files import write_atomic
 
     if outtype not in OUTTYPES:
         raise UserError(f"--outtype must be one of {', '.join(OUTTYPES)}, got {outtype!r}")
@@ -347,18 +347,14 @@ def export_gguf(
     require_llama_cpp()  # before any work
     output.parent.mkdir(parents=True, exist_ok=True)
     f16 = output.with_name(f".{output.name}.f16-{os.getpid()}")
-    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
     try:
         res = _write_gguf(model_dir, f16, "f16", pre_tokenizer)
         log.info("quantizing %s to %s with llama.cpp", output.name, outtype)
-        quantize_gguf(f16, tmp, outtype)
-        os.chmod(tmp, file_mode())
-        os.replace(tmp, output)
+        write_atomic(output, lambda tmp: quantize_gguf(f16, tmp, outtype))
     except OSError as err:
         raise UserError(f"could not write {output}: {err}") from None
     finally:
         f16.unlink(missing_ok=True)
-        tmp.unlink(missing_ok=True)
     return {**res, "path": str(output), "bytes": output.stat().st_size, "tensor_types": tensor_types(output)}
 
 
@@ -366,7 +362,7 @@ def _write_gguf(model_dir: str | Path, output: Path, outtype: str, pre_tokenizer
     """The export itself, for the types this module writes (:data:`DIRECT_OUTTYPES`)."""
     import gguf
 
-    from .files import file_mode
+    from .files import write_atomic
     from .models.loading import load_model, resolve_model_path
 
     model, tokenizer = load_model(str(model_dir), dtype="float32")
@@ -384,83 +380,80 @@ def _write_gguf(model_dir: str | Path, output: Path, outtype: str, pre_tokenizer
     uniform = len(set(written)) == 1 and all(v > 0 for v in written[0]) and written[0][2] == shapes[0]["n_ff"]
     arch = "llama" if uniform else "deci"
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
-    writer = gguf.GGUFWriter(str(tmp), arch)
-    try:
-        writer.add_name(folder.name)
-        writer.add_block_count(len(shapes))
-        writer.add_context_length(int(cfg.max_position_embeddings))
-        writer.add_embedding_length(int(cfg.hidden_size))
-        if uniform:
-            writer.add_head_count(written[0][0])
-            writer.add_head_count_kv(written[0][1])
-            writer.add_feed_forward_length(written[0][2])
-        else:
-            writer.add_head_count([w[0] for w in written])
-            writer.add_head_count_kv([w[1] for w in written])
-            writer.add_feed_forward_length([w[2] for w in written])
-        writer.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
-        writer.add_rope_freq_base(_rope_theta(cfg))
-        writer.add_key_length(head_dim)
-        writer.add_value_length(head_dim)
-        writer.add_rope_dimension_count(head_dim)
-        writer.add_vocab_size(int(cfg.vocab_size))
-        writer.add_file_type(
-            {
-                "f32": gguf.LlamaFileType.ALL_F32,
-                "f16": gguf.LlamaFileType.MOSTLY_F16,
-                "bf16": gguf.LlamaFileType.MOSTLY_BF16,
-                "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
-            }[outtype]
-        )
-        _write_tokenizer(writer, folder, tokenizer, int(cfg.vocab_size), pre_tokenizer)
+    def write(tmp: Path) -> None:
+        writer = gguf.GGUFWriter(str(tmp), arch)
+        try:
+            writer.add_name(folder.name)
+            writer.add_block_count(len(shapes))
+            writer.add_context_length(int(cfg.max_position_embeddings))
+            writer.add_embedding_length(int(cfg.hidden_size))
+            if uniform:
+                writer.add_head_count(written[0][0])
+                writer.add_head_count_kv(written[0][1])
+                writer.add_feed_forward_length(written[0][2])
+            else:
+                writer.add_head_count([w[0] for w in written])
+                writer.add_head_count_kv([w[1] for w in written])
+                writer.add_feed_forward_length([w[2] for w in written])
+            writer.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
+            writer.add_rope_freq_base(_rope_theta(cfg))
+            writer.add_key_length(head_dim)
+            writer.add_value_length(head_dim)
+            writer.add_rope_dimension_count(head_dim)
+            writer.add_vocab_size(int(cfg.vocab_size))
+            writer.add_file_type(
+                {
+                    "f32": gguf.LlamaFileType.ALL_F32,
+                    "f16": gguf.LlamaFileType.MOSTLY_F16,
+                    "bf16": gguf.LlamaFileType.MOSTLY_BF16,
+                    "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+                }[outtype]
+            )
+            _write_tokenizer(writer, folder, tokenizer, int(cfg.vocab_size), pre_tokenizer)
 
-        base = model.model
-        _tensor(writer, "token_embd.weight", base.embed_tokens.weight, outtype)
-        factors = _llama3_rope_factors(cfg, head_dim)
-        if factors is not None:
-            writer.add_tensor("rope_freqs.weight", factors)
-        for i, (layer, (n_head, n_kv, n_ff)) in enumerate(zip(base.layers, written)):
-            if n_head > 0:
-                a = layer.self_attn
-                _tensor(writer, f"blk.{i}.attn_norm.weight", layer.input_layernorm.weight, outtype)
-                _tensor(writer, f"blk.{i}.attn_q.weight", _permute_rope_rows(a.q_proj.weight, n_head), outtype)
-                _tensor(writer, f"blk.{i}.attn_k.weight", _permute_rope_rows(a.k_proj.weight, n_kv), outtype)
-                _tensor(writer, f"blk.{i}.attn_v.weight", a.v_proj.weight, outtype)
-                _tensor(writer, f"blk.{i}.attn_output.weight", a.o_proj.weight, outtype)
-                if a.o_proj.bias is not None:
-                    _tensor(writer, f"blk.{i}.attn_output.bias", a.o_proj.bias, outtype)
-            if n_ff > 0:
-                m = layer.mlp
-                _tensor(writer, f"blk.{i}.ffn_norm.weight", layer.post_attention_layernorm.weight, outtype)
-                if shapes[i]["n_ff"] == 0:  # attention-only layer: a one-channel MLP that adds exactly 0
-                    zeros_in = torch.zeros(1, cfg.hidden_size)
-                    _tensor(writer, f"blk.{i}.ffn_gate.weight", zeros_in, outtype)
-                    _tensor(writer, f"blk.{i}.ffn_up.weight", zeros_in, outtype)
-                    _tensor(writer, f"blk.{i}.ffn_down.weight", torch.zeros(cfg.hidden_size, 1), outtype)
-                else:
-                    _tensor(writer, f"blk.{i}.ffn_gate.weight", m.gate_proj.weight, outtype)
-                    _tensor(writer, f"blk.{i}.ffn_up.weight", m.up_proj.weight, outtype)
-                    _tensor(writer, f"blk.{i}.ffn_down.weight", m.down_proj.weight, outtype)
-                    for name, proj in (("ffn_gate", m.gate_proj), ("ffn_up", m.up_proj), ("ffn_down", m.down_proj)):
-                        if proj.bias is not None:
-                            _tensor(writer, f"blk.{i}.{name}.bias", proj.bias, outtype)
-        _tensor(writer, "output_norm.weight", base.norm.weight, outtype)
-        if not getattr(cfg, "tie_word_embeddings", False):
-            _tensor(writer, "output.weight", model.lm_head.weight, outtype)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.chmod(tmp, file_mode())
-        os.replace(tmp, output)
-    except BaseException as err:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        if isinstance(err, OSError):
-            raise UserError(f"could not write {output}: {err}") from None
-        raise
+            base = model.model
+            _tensor(writer, "token_embd.weight", base.embed_tokens.weight, outtype)
+            factors = _llama3_rope_factors(cfg, head_dim)
+            if factors is not None:
+                writer.add_tensor("rope_freqs.weight", factors)
+            for i, (layer, (n_head, n_kv, n_ff)) in enumerate(zip(base.layers, written)):
+                if n_head > 0:
+                    a = layer.self_attn
+                    _tensor(writer, f"blk.{i}.attn_norm.weight", layer.input_layernorm.weight, outtype)
+                    _tensor(writer, f"blk.{i}.attn_q.weight", _permute_rope_rows(a.q_proj.weight, n_head), outtype)
+                    _tensor(writer, f"blk.{i}.attn_k.weight", _permute_rope_rows(a.k_proj.weight, n_kv), outtype)
+                    _tensor(writer, f"blk.{i}.attn_v.weight", a.v_proj.weight, outtype)
+                    _tensor(writer, f"blk.{i}.attn_output.weight", a.o_proj.weight, outtype)
+                    if a.o_proj.bias is not None:
+                        _tensor(writer, f"blk.{i}.attn_output.bias", a.o_proj.bias, outtype)
+                if n_ff > 0:
+                    m = layer.mlp
+                    _tensor(writer, f"blk.{i}.ffn_norm.weight", layer.post_attention_layernorm.weight, outtype)
+                    if shapes[i]["n_ff"] == 0:  # attention-only layer: a one-channel MLP that adds exactly 0
+                        zeros_in = torch.zeros(1, cfg.hidden_size)
+                        _tensor(writer, f"blk.{i}.ffn_gate.weight", zeros_in, outtype)
+                        _tensor(writer, f"blk.{i}.ffn_up.weight", zeros_in, outtype)
+                        _tensor(writer, f"blk.{i}.ffn_down.weight", torch.zeros(cfg.hidden_size, 1), outtype)
+                    else:
+                        _tensor(writer, f"blk.{i}.ffn_gate.weight", m.gate_proj.weight, outtype)
+                        _tensor(writer, f"blk.{i}.ffn_up.weight", m.up_proj.weight, outtype)
+                        _tensor(writer, f"blk.{i}.ffn_down.weight", m.down_proj.weight, outtype)
+                        for name, proj in (("ffn_gate", m.gate_proj), ("ffn_up", m.up_proj), ("ffn_down", m.down_proj)):
+                            if proj.bias is not None:
+                                _tensor(writer, f"blk.{i}.{name}.bias", proj.bias, outtype)
+            _tensor(writer, "output_norm.weight", base.norm.weight, outtype)
+            if not getattr(cfg, "tie_word_embeddings", False):
+                _tensor(writer, "output.weight", model.lm_head.weight, outtype)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()
+
+    try:
+        write_atomic(output, write)
+    except OSError as err:
+        raise UserError(f"could not write {output}: {err}") from None
     return {
         "path": str(output),
         "arch": arch,

@@ -77,6 +77,27 @@ def make_temp_dir(path: str | Path) -> Path:
     return tmp
 
 
+def write_dir_once(path: str | Path, write: Callable[[Path], Any]) -> Path:
+    """Fill the folder ``path`` once, atomically, for caches several processes may fill at the same time.
+
+    ``write(tmp)`` fills a new temporary folder next to ``path`` (:func:`make_temp_dir`), which is then renamed to
+    ``path``; if another process published ``path`` meanwhile, its folder is kept and this one deleted. An error
+    leaves nothing behind.
+    """
+    path = Path(path)
+    tmp = make_temp_dir(path)
+    try:
+        write(tmp)
+        if path.exists():
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
 def publish_dir(tmp: Path, path: str | Path) -> Path:
     """Move the finished folder ``tmp`` to ``path``, replacing what is there without a moment where neither exists.
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
-import os
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -15,6 +13,7 @@ from torch import nn
 
 from ..data import cache_dir
 from ..errors import UserError
+from ..files import write_dir_once
 from .modeling_probprune import PRUNED_CLASSES
 from .registry import architecture_of, check_supported
 
@@ -128,16 +127,7 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(gguf_model.state_dict())
     del gguf_model
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
-    try:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        os.replace(tmp, target) if not target.exists() else shutil.rmtree(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+    return write_dir_once(target, lambda tmp: (model.save_pretrained(tmp), tok.save_pretrained(tmp)))
 
 
 # ---------------------------------------------------------------------------------------------------- tiny models
@@ -239,15 +229,9 @@ def model_folder(name_or_path: str) -> Path:
         kind = name_or_path.split(":", 1)[1]
         target = cache_dir() / "models" / f"tiny-{kind}"
         if not (target / "config.json").exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
-            try:
-                tiny_model(kind).save_pretrained(tmp)
-                byte_tokenizer().save_pretrained(tmp)
-                os.replace(tmp, target) if not target.exists() else shutil.rmtree(tmp)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
+            write_dir_once(
+                target, lambda tmp: (tiny_model(kind).save_pretrained(tmp), byte_tokenizer().save_pretrained(tmp))
+            )
         return target
     path = resolve_model_path(name_or_path)
     if Path(path).exists():
