@@ -367,9 +367,14 @@ def test_sigterm_saves_the_last_step_and_the_cli_resumes_to_the_same_weights(fol
     subprocess.run([*args, "--output", str(tmp_path / "a")], env=env, check=True, capture_output=True)
     proc = subprocess.Popen([*args, "--output", str(tmp_path / "b")], env=env, stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "b" / "metrics.jsonl"
-    deadline = time.time() + 60
-    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 5):
+    deadline = time.time() + 600  # a loaded machine starts the process slowly: wait for steps, not for a time
+    while (
+        time.time() < deadline
+        and proc.poll() is None
+        and (not metrics.exists() or len(metrics.read_text().splitlines()) < 5)
+    ):
         time.sleep(0.05)
+    assert proc.poll() is None and len(metrics.read_text().splitlines()) >= 5, "the heal never reached step 5"
     proc.send_signal(signal.SIGTERM)
     err = proc.communicate(timeout=60)[1]
     assert proc.returncode == 143, err
