@@ -278,7 +278,10 @@ class _H:
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    # numpy's key array as a tensor: the checkpoint holds tensors, numbers and strings only (weights_only loading)
+    numpy_state = (name, torch.from_numpy(keys.copy()), int(pos), int(has_gauss), float(gauss))
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": numpy_state}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -287,7 +290,8 @@ def _rng_state() -> dict[str, Any]:
 def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy(), pos, has_gauss, gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -326,7 +330,7 @@ def save_checkpoint(
 def checkpoint_fingerprint(path: Path) -> str | None:
     """The fingerprint stored in a heal checkpoint (None if unreadable)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=False).get("fingerprint")
+        return torch.load(path, map_location="cpu", weights_only=True).get("fingerprint")
     except Exception:
         return None
 
@@ -433,7 +437,7 @@ def train_worker(
     start, tokens_seen, history, before = 0, 0, [], None
     ckpt = out / CHECKPOINT_NAME
     if job.resume and ckpt.exists():
-        state = torch.load(ckpt, map_location=device, weights_only=False)
+        state = torch.load(ckpt, map_location=device, weights_only=True)  # a checkpoint cannot run code
         with torch.no_grad():
             for n, p in _trainable(student).items():
                 p.copy_(state["model"][n])
