@@ -10,7 +10,8 @@ dense forward):
 - ``steps/s``: search steps (sample K masks, score them, update the policy) at 50 %, after ``--warmup`` steps, over
   ``--steps`` steps; the projected time of the paper's 15,000 steps;
 - ``peak``: peak memory of the search (CUDA: ``max_memory_allocated``; CPU: the process's VmHWM after a reset);
-- ``plan``: :func:`probprune.plan.make_plan` of the same configuration with this device's calibrated rate:
+- ``plan``: :func:`probprune.plan.make_plan` of the same configuration with the rate ``probprune plan`` calibrates
+  on this device for it (:func:`probprune.plan.calibrate` on the shape's layers and the preset's channel block):
   seconds per step and the search phase's memory (on CUDA without the context, which ``max_memory_allocated`` does
   not see).
 
@@ -19,6 +20,7 @@ KL objective, channel blocks of 128).
 
     python benchmarks/gpu_shapes.py --device cuda --out benchmarks/results/gpu/shapes      # ~6 min on an H100
     python benchmarks/gpu_shapes.py --device cpu --shapes small --steps 2 --out /tmp/shapes  # CPU check, seconds
+    python benchmarks/gpu_shapes.py --device cpu --shapes 135M --steps 10 --out benchmarks/results/plan_cpu  # ~3 min
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ import numpy as np
 import torch
 from _common import PeakMemory, exact_mask, machine_info, sync
 
+from probprune.plan import Rate
+
 SHAPES = {  # name -> LlamaConfig fields
     "small": dict(
         hidden_size=256,
@@ -43,6 +47,15 @@ SHAPES = {  # name -> LlamaConfig fields
         num_key_value_heads=4,
         vocab_size=32000,
         tie_word_embeddings=False,
+    ),
+    "135M": dict(  # SmolLM2-135M's shape: the CPU check of plan's time and memory at a real model's size
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=49152,
+        tie_word_embeddings=True,
     ),
     "1B": dict(
         hidden_size=2048,
@@ -135,7 +148,8 @@ def plan_for(model, preset: dict, path: str, device: str, rate, sparsity: float 
     return {"seconds_per_step": p.seconds_per_step, "search_bytes": search, "projected_min": p.total_seconds / 60}
 
 
-def measure_shape(shape: str, args, rate) -> list[dict]:
+def measure_shape(shape: str, args, rates: dict) -> list[dict]:
+    """Every preset and path on ``shape``; the calibrated rate of each (shape, preset) goes into ``rates``."""
     from probprune.engine.local import LocalEngine
     from probprune.masked_forward import masked_losses
     from probprune.models import get_adapter
@@ -174,9 +188,15 @@ def measure_shape(shape: str, args, rate) -> list[dict]:
                 row[f"mask_s@{pct}"], row[f"ratio@{pct}"] = t, t / dense_s
             policy = Policy(space, uniform_probs(space, 0.5), lr=2e-3, total_steps=PAPER_STEPS, sparsity=0.5, seed=0)
 
-            def step(policy=policy, ev=ev, k=k, batch=batch):
+            gen = torch.Generator().manual_seed(1)
+            fresh = iter(  # a new batch every step, as in a search: the KL objective's teacher is computed each step
+                torch.randint(0, model.config.vocab_size, (b, SEQ_LEN), generator=gen)
+                for _ in range(args.warmup + args.steps)
+            )
+
+            def step(policy=policy, ev=ev, k=k, fresh=fresh):
                 masks = policy.sample(k)  # [K, N]
-                policy.step(masks, ev.losses(masks.numpy(), batch))
+                policy.step(masks, ev.losses(masks.numpy(), next(fresh)))
 
             for _ in range(args.warmup):
                 step()
@@ -189,7 +209,16 @@ def measure_shape(shape: str, args, rate) -> list[dict]:
             sync(dev)
             step_s = (time.perf_counter() - t) / args.steps
             peak_mib = mem.peak()
-            pred = plan_for(model, preset, path, dev, rate)
+            key = f"{shape}/{name}"
+            if key not in rates:  # what `probprune plan` calibrates for this model and mask space
+                from probprune.plan import calibrate, model_shape
+
+                rate = calibrate(
+                    dev, "bfloat16", tokens=b * SEQ_LEN, shape=model_shape(model), channel_block=preset["channel_block"]
+                )
+                rates[key] = rate.__dict__
+                print(f"calibrated rate for {key}: {rate}", flush=True)
+            pred = plan_for(model, preset, path, dev, Rate(**rates[key]))
             row.update(
                 {
                     "steps_per_s": 1 / step_s,
@@ -218,18 +247,19 @@ def markdown(res: dict) -> str:
         f"Random Llama shapes, bf16, {res['machine'].get('cuda_device') or res['device']}; K masks x B x 128 "
         f"tokens; mask-forward ÷ dense forward at exact 30 % / 50 % of head groups and channel units; steps/s "
         f"of the search at 50 %; peak: {res['rows'][0]['memory_method'] if res['rows'] else ''}; plan: "
-        f"`probprune plan` with this device's calibrated rate ({res['rate']['source']}). "
+        "`probprune plan` with the rate it calibrates on this device for each shape and preset "
+        f"({next(iter(res['rates'].values()))['source'] if res['rates'] else ''}). "
         f"`{res['command']}`",
         "",
         "| shape | preset | path | mask ÷ dense @30% | @50% | steps/s | 15,000 steps (min) | plan (min) | "
-        "peak GiB | plan search GiB |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "plan ÷ measured step | peak GiB | plan search GiB |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in res["rows"]:
         lines.append(
             f"| {r['shape']} | {r['preset']} | {r['path']} | {r['ratio@30']:.2f} | {r['ratio@50']:.2f} | "
             f"{r['steps_per_s']:.2f} | {r['projected_15000_min']:.1f} | {r['plan_projected_15000_min']:.1f} "
-            f"| {r['peak_gib']:.2f} | {r['plan_search_gib']:.2f} |"
+            f"| {1 + r['plan_step_error']:.2f} | {r['peak_gib']:.2f} | {r['plan_search_gib']:.2f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -247,14 +277,10 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    from probprune.plan import calibrate
-
-    rate = calibrate(args.device, "bfloat16", tokens=8 * SEQ_LEN)
-    print(f"calibrated rate on {args.device}: {rate}", flush=True)
     t0 = time.perf_counter()
-    rows = []
+    rows, rates = [], {}
     for shape in args.shapes:
-        rows += measure_shape(shape, args, rate)
+        rows += measure_shape(shape, args, rates)
         gc.collect()  # the shape's model is gone with measure_shape's frame
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
@@ -263,7 +289,7 @@ def main() -> None:
     res = {
         "device": args.device,
         "machine": machine_info(args.device),
-        "rate": rate.__dict__,
+        "rates": rates,
         "rows": rows,
         "wall_s": time.perf_counter() - t0,
         "command": " ".join(["python", *sys.argv]),

@@ -14,7 +14,8 @@ one does. Per actor (one replica of the model):
 - **logits**: the float32 logits of a bounded number of positions (:data:`probprune.losses.LOGIT_ELEMENTS`) and the
   softmax temporaries;
 - **evaluation**: held-out perplexity at the longest ``eval.seq_lens`` window, whose logits ``[batch, T, V]`` exist
-  in full, while the compacted model exists next to the dense one;
+  in full, while the compacted model exists next to the dense one (on a CPU, plus the heap fragmentation its
+  layers of different widths leave: :func:`memory_terms`);
 - **runtime**: what the process holds besides the model (libraries, CUDA context, the run's tokens): on CPU the
   resident size of this process when the plan is made, after loading the run's data and one tiny forward (which
   loads the kernel libraries); on a GPU a fixed :data:`CUDA_CONTEXT_BYTES`.
@@ -23,10 +24,11 @@ The peak is the largest of three phases: search, evaluation of the pruned model,
 checkpoint files being read, or plus the process's peak while the data loads, measured on CPU). Time per mask-forward
 follows the fitted cost model ``t = c0 + P · tokens / R`` (P: matmul parameters a token passes through under the
 mask, lm_head included), with ``c0 = L · a`` (a: per-layer launch/dispatch overhead) and ``R`` measured on the device
-by :func:`calibrate` (a short forward of a small random layer stack), plus the loss over ``tokens × V`` float32
-logits at the measured loss rate and, on the gathered path, the copy of the kept weights at the measured memory
-bandwidth. Without calibration the CPU fit of ``benchmarks/scaling.py`` is used
-(:data:`CPU_FIT`).
+by :func:`calibrate` (short forwards of a random stack of the model's own layer shape), plus the loss over
+``tokens × V`` float32 logits at the measured loss rate. The gathered path is calibrated as it runs: its fixed cost
+per mask and per layer (index building, weight gathers) and its rate on pruned widths, measured on the same stack
+(for layers too large to build, the dense constants plus the copy of the kept weights at the measured gather
+bandwidth). Without calibration the CPU fit of ``benchmarks/scaling.py`` is used (:data:`CPU_FIT`).
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ GIB = 2**30
 CUDA_CONTEXT_BYTES = 512 * 2**20  # CUDA context + allocator slack outside torch's allocated bytes
 CPU_FIT = {"c0_s": 0.147, "rate_param_tokens_per_s": 76.1e9, "layers": 30, "source": "benchmarks/scaling.py fit"}
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+CALIBRATION_LAYER_BYTES = 512 * 2**20  # calibrate on the model's own layer shape up to this size per layer
+CPU_FRAGMENTATION_HIDDENS = 2  # hidden-state tensors per layer left in the CPU heap by a pruned model's evaluation
 
 
 @dataclass(frozen=True)
@@ -79,6 +83,14 @@ class Rate:
     device: str
     source: str
     loss_logits_per_s: float = math.inf  # float32 logits turned into next-token losses per second
+    # the gathered path measured on the model's layer shape (None: the dense constants plus the weight copies)
+    gathered_layer_overhead_s: float | None = None
+    gathered_mask_overhead_s: float | None = None
+    gathered_rate_param_tokens_per_s: float | None = None
+    # lm_head + loss per next-token position at the model's vocabulary (None: lm_head at R plus the loss rate)
+    head_ce_s_per_token: float | None = None
+    head_kl_s_per_token: float | None = None
+    teacher_head_s_per_token: float | None = None  # lm_head + log-softmax of the dense teacher
 
 
 @dataclass
@@ -179,8 +191,14 @@ def memory_terms(
     checkpoint_bytes: int | None = None,
     max_rows: int | None = None,
     data_peak: int = 0,
+    cpu: bool = False,
 ) -> tuple[dict[str, int], dict]:
-    """Each memory term of one actor (bytes) and the phase totals ``{"search", "evaluation", "loading"}``."""
+    """Each memory term of one actor (bytes) and the phase totals ``{"search", "evaluation", "loading"}``.
+
+    ``cpu`` adds the heap fragmentation of evaluating a pruned model on a CPU: its layers have different widths, so
+    glibc's heap cannot reuse one layer's freed activations for the next layer's and the process grows by about
+    :data:`CPU_FRAGMENTATION_HIDDENS` hidden-state tensors per layer over the forward (measured on SmolLM2-135M at
+    4 x 2048 tokens: +550 MiB over the dense model's evaluation; a dense model's equal layers reuse one set)."""
     weights = shape.params * nbytes
     rows = batch if scoring == "gathered" else max(batch, min(num_samples * batch, max_rows or num_samples * batch))
     fwd = forward_bytes(shape, rows, seq_len, nbytes)
@@ -191,6 +209,8 @@ def memory_terms(
     # the logits [batch, T, V] in the model dtype, then one row in float32 and its log-softmax
     eval_logits = eval_batch * eval_len * shape.vocab * nbytes + 2 * 4 * eval_len * shape.vocab
     pruned = int(weights - sparsity * shape.prunable * nbytes)
+    fragmentation = CPU_FRAGMENTATION_HIDDENS * shape.layers * eval_batch * eval_len * shape.hidden * nbytes
+    fragmentation = int(fragmentation) if cpu and sparsity > 0 else 0
     terms = {
         "runtime": runtime,
         "weights": weights,
@@ -201,11 +221,12 @@ def memory_terms(
         "logits": logits,
         "eval_activations": ev["activations"] + ev["kv"] + eval_logits,
         "eval_pruned_weights": pruned,
+        "eval_heap_fragmentation": fragmentation,
         "data_loading_peak": data_peak,
     }
     phases = {
         "search": runtime + weights + fwd["activations"] + fwd["kv"] + gathered + teacher + logits,
-        "evaluation": runtime + weights + pruned + terms["eval_activations"],
+        "evaluation": runtime + weights + pruned + terms["eval_activations"] + fragmentation,
         "loading": max(runtime + (checkpoint_bytes or 0), data_peak) + weights,
     }
     return terms, phases
@@ -288,29 +309,42 @@ def calibrate(
     hidden: int | None = None,
     layers: int = 4,
     repeats: int = 3,
+    shape: Shape | None = None,
+    channel_block: int = 1,
 ) -> Rate:
-    """Measure the cost model's constants on ``device``: time a random Llama layer stack (``layers`` x ``hidden``,
-    MLP 3·hidden; hidden 512 on CPU, 2048 on a GPU) at one token (the per-layer overhead ``a``) and at ``tokens``
-    (the matmul rate ``R`` from the time above the overhead), and a weight gather (copy bandwidth). Best of
-    ``repeats`` after a warm-up; a few seconds on a CPU."""
-    from transformers import LlamaConfig, LlamaModel
+    """Measure the cost model's constants on ``device``, each path the way it runs.
 
+    A random Llama stack — the layer shape of ``shape`` (the model being planned) when one layer of it is at most
+    :data:`CALIBRATION_LAYER_BYTES`, else ``hidden`` wide (512 on CPU, 2048 on a GPU) with an MLP of 3·hidden — is
+    timed:
+
+    - the dense forward (the batched path and the teacher) at one token (per-layer overhead ``a``) and at ``tokens``
+      (the matmul rate ``R`` from the time above the overhead);
+    - with the model's layer shape, the gathered path itself (``fastpath.gathered_losses``, an exact-50 % mask over
+      head groups and ``channel_block`` channel units) on stacks of 1 and ``layers`` layers at two tokens (its fixed
+      cost per mask and per layer, the weight gathers included) and at ``tokens`` (its rate on pruned widths, which
+      on a CPU is ~25 % below the dense rate);
+    - otherwise the gathered path's weight copies (:func:`gather_bandwidth`), added to the dense constants.
+
+    Best of ``repeats`` after a warm-up; a few seconds on a CPU for a 135M-class layer.
+    """
     dt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     dev = torch.device(device)
-    hidden = hidden or (512 if dev.type == "cpu" else 2048)
-    cfg = LlamaConfig(
-        hidden_size=hidden,
-        intermediate_size=3 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=hidden // 64,
-        num_key_value_heads=hidden // 64,
-        vocab_size=256,
-        max_position_embeddings=4096,
-    )
-    torch.manual_seed(0)
-    with dev:
-        stack = LlamaModel(cfg).to(dt).eval()
-    per_layer = 4 * hidden * hidden + 3 * hidden * 3 * hidden
+    nbytes = torch.finfo(dt).bits // 8
+    own = shape is not None and shape.layer_params * nbytes <= CALIBRATION_LAYER_BYTES
+    if own:
+        dims = dict(
+            hidden_size=shape.hidden,
+            intermediate_size=shape.intermediate,
+            num_attention_heads=shape.heads,
+            num_key_value_heads=shape.kv_heads,
+            head_dim=shape.head_dim,
+        )
+    else:
+        h = hidden or (512 if dev.type == "cpu" else 2048)
+        dims = dict(hidden_size=h, intermediate_size=3 * h, num_attention_heads=h // 64, num_key_value_heads=h // 64)
+    stack = _random_stack(dims, layers, dt, dev)
+    per_layer = _layer_matmul_params(stack.config)
 
     def timed(fn) -> float:
         fn()
@@ -324,30 +358,111 @@ def calibrate(
         return best
 
     seq = min(128, tokens)
-    sizes = [(1, 1), (max(1, tokens // seq), seq)]  # [rows, T]: one token (overhead only), then the run's tokens
-    ts = [
-        timed(lambda s=s: stack(input_ids=torch.zeros(s, dtype=torch.long, device=dev), use_cache=False)) for s in sizes
-    ]
-    n = [r * t for r, t in sizes]
-    overhead = ts[0] / layers
-    rate = layers * per_layer * n[1] / max(ts[1] - ts[0], 1e-9)
-    w = stack.layers[0].mlp.down_proj.weight  # [H, 3H]
-    idx = torch.randperm(w.shape[1], device=dev)[: w.shape[1] // 2]
-    t_copy = timed(lambda: w.index_select(1, idx))
-    bw = w.shape[0] * idx.numel() * w.element_size() / max(t_copy, 1e-9)
+    rows = max(1, tokens // seq)
+    ids = torch.zeros(rows, seq, dtype=torch.long, device=dev)  # [rows, T]
+    t_one = timed(lambda: stack.model(input_ids=ids[:1, :1], use_cache=False))
+    t_all = timed(lambda: stack.model(input_ids=ids, use_cache=False))
+    overhead = t_one / layers
+    rate = layers * per_layer * rows * seq / max(t_all - t_one, 1e-9)
     from .losses import token_losses
 
     logits = torch.randn(256, 8192, device=dev)  # [n, V] float32
     targets = torch.zeros(256, dtype=torch.long, device=dev)
     t_loss = timed(lambda: token_losses(logits, targets))
-    return Rate(
-        overhead,
-        rate,
-        bw,
-        str(dev),
-        f"calibrated: {layers} random Llama layers x {hidden}, {dtype}, 1 and {n[1]} tokens",
-        logits.numel() / max(t_loss, 1e-9),
-    )
+    source = f"calibrated: {layers} random Llama layers x {dims['hidden_size']}, {dtype}, 1 and {rows * seq} tokens"
+    gathered: dict[str, float] = {}
+    if shape is not None and shape.vocab * shape.hidden * nbytes <= 4 * CALIBRATION_LAYER_BYTES:
+        gathered.update(_head_seconds(shape, dt, dev, rows, seq, timed))
+        source += f"; lm_head + loss at vocabulary {shape.vocab}"
+    if own:
+        one = _random_stack(dims, 1, dt, dev)
+        t_g1 = timed(_gathered_call(one, channel_block, ids[:1, :2]))
+        t_gl = timed(_gathered_call(stack, channel_block, ids[:1, :2]))
+        t_gn = timed(_gathered_call(stack, channel_block, ids))
+        per_layer_g = max(t_gl - t_g1, 0.0) / (layers - 1)
+        gathered |= {
+            "gathered_layer_overhead_s": per_layer_g,
+            "gathered_mask_overhead_s": max(t_g1 - per_layer_g, 0.0),
+            "gathered_rate_param_tokens_per_s": layers * per_layer * 0.5 * rows * seq / max(t_gn - t_gl, 1e-9),
+        }
+        source += f"; gathered path on the model's layer shape, channel_block {channel_block}"
+        copy_bw = math.inf  # the gathers are inside the gathered path's own timings
+    else:
+        copy_bw = gather_bandwidth(stack.model.layers[0].mlp, timed)
+    return Rate(overhead, rate, copy_bw, str(dev), source, logits.numel() / max(t_loss, 1e-9), **gathered)
+
+
+def _head_seconds(shape: Shape, dt: torch.dtype, dev: torch.device, rows: int, seq: int, timed) -> dict[str, float]:
+    """Seconds per next-token position of the lm_head and the loss as the search computes them
+    (``losses.sequence_losses``, cross-entropy and KL; ``losses.teacher_logprobs``), at the model's vocabulary."""
+    from types import SimpleNamespace
+
+    from .losses import sequence_losses, teacher_logprobs
+
+    lm_head = torch.nn.Linear(shape.hidden, shape.vocab, bias=False, device=dev, dtype=dt)
+    head = SimpleNamespace(lm_head=lm_head, logits=lm_head)  # what the loss functions use of an adapter
+    hidden = torch.randn(rows, seq, shape.hidden, device=dev, dtype=dt)  # [B, T, H]
+    ids = torch.randint(0, shape.vocab, (rows, seq), device=dev)
+    teacher = teacher_logprobs(head, hidden)  # [B·(T−1), V]
+    positions = rows * (seq - 1)
+    return {
+        "head_ce_s_per_token": timed(lambda: sequence_losses(head, hidden, ids)) / positions,
+        "head_kl_s_per_token": timed(lambda: sequence_losses(head, hidden, ids, teacher)) / positions,
+        "teacher_head_s_per_token": timed(lambda: teacher_logprobs(head, hidden)) / positions,
+    }
+
+
+def _random_stack(dims: dict, layers: int, dt: torch.dtype, dev: torch.device) -> torch.nn.Module:
+    """A random ``layers``-layer Llama causal LM with the layer ``dims``, vocabulary 256 (no lm_head cost)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(num_hidden_layers=layers, vocab_size=256, max_position_embeddings=4096, **dims)
+    torch.manual_seed(0)
+    with dev:
+        return LlamaForCausalLM(cfg).to(dt).eval()
+
+
+def _layer_matmul_params(cfg) -> int:
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    q, kv = cfg.num_attention_heads * head_dim, cfg.num_key_value_heads * head_dim
+    return cfg.hidden_size * (2 * q + 2 * kv) + 3 * cfg.hidden_size * cfg.intermediate_size
+
+
+def _gathered_call(model: torch.nn.Module, channel_block: int, ids: torch.Tensor):
+    """A no-argument call scoring one exact-50 % mask (half the KV groups, half the channel units of every layer)
+    of ``model`` on ``ids`` by the gathered path."""
+    import numpy as np
+
+    from .fastpath import gathered_losses
+    from .mask_space import CHANNEL, HEAD
+    from .models import get_adapter
+
+    adapter = get_adapter(model)
+    space = adapter.mask_space(channel_block=channel_block)
+    mask = np.zeros(space.num_units, dtype=np.float32)
+    for t in (HEAD, CHANNEL):
+        for layer in np.unique(space.unit_layer):
+            idx = np.flatnonzero((space.unit_type == t) & (space.unit_layer == layer))
+            mask[idx[: max(1, idx.size // 2)]] = 1
+    return lambda: gathered_losses(adapter, space, mask[None], ids)
+
+
+def gather_bandwidth(mlp: torch.nn.Module, timed) -> float:
+    """Bytes/s of the gathered path's weight copies, measured as it makes them (``models.functional``): half the
+    rows of ``up_proj`` by ``index_select`` and half the columns of ``down_proj`` by ``_gather_cols``, weighted as in
+    a Llama layer (o_proj and down_proj, 4/13 of its weights, are gathered by column; on CPU a column gather is an
+    order of magnitude slower than a row gather, so timing one of them alone misses the rate by 10x)."""
+    from .models.functional import _gather_cols
+
+    up, down = mlp.up_proj.weight, mlp.down_proj.weight  # [3H, H], [H, 3H]
+    idx = torch.randperm(up.shape[0], device=up.device)[: up.shape[0] // 2]
+    rows = torch.empty(idx.numel(), up.shape[1], dtype=up.dtype, device=up.device)
+    cols = torch.empty(down.shape[0], idx.numel(), dtype=down.dtype, device=down.device)
+    nbytes = rows.numel() * rows.element_size()
+    t_rows = timed(lambda: torch.index_select(up, 0, idx, out=rows))
+    t_cols = timed(lambda: _gather_cols(down, idx, cols))
+    col_share = 4 / 13
+    return 1.0 / ((1 - col_share) * t_rows / nbytes + col_share * t_cols / nbytes)
 
 
 def fitted_cpu_rate() -> Rate:
@@ -377,25 +492,34 @@ def step_seconds(
 ) -> tuple[float, float]:
     """``(seconds per mask-forward, seconds per search step)`` by the cost model (see the module docstring)."""
     tokens = batch * seq_len
+    R = rate.rate_param_tokens_per_s
     c0 = shape.layers * rate.layer_overhead_s
-    kept = shape.matmul - sparsity * shape.prunable  # matmul parameters under a mask at the target sparsity
-    loss = tokens * shape.vocab / rate.loss_logits_per_s * (2 if objective == "kl" else 1)  # KL: p·(log p − log q)
-    teacher = 0.0
-    if objective == "kl":  # the dense forward and its log-softmax, once per step's batch
-        teacher = (
-            c0 + shape.matmul * tokens / rate.rate_param_tokens_per_s + tokens * shape.vocab / rate.loss_logits_per_s
-        )
+    body = shape.prunable * tokens / R  # the dense decoder layers
+    kl = objective == "kl"
+    if rate.head_ce_s_per_token is not None:  # lm_head + loss measured at the model's vocabulary
+        positions = batch * (seq_len - 1)
+        head = positions * (rate.head_kl_s_per_token if kl else rate.head_ce_s_per_token)
+        teacher_head = positions * rate.teacher_head_s_per_token
+    else:
+        lm_head = (shape.matmul - shape.prunable) * tokens / R
+        head = lm_head + tokens * shape.vocab / rate.loss_logits_per_s * (2 if kl else 1)  # KL: p·(log p − log q)
+        teacher_head = lm_head + tokens * shape.vocab / rate.loss_logits_per_s
+    teacher = c0 + body + teacher_head if kl else 0.0  # the dense forward and its log-softmax, once per step
     busy = max(1, min(replicas, num_samples))  # whole masks go to replicas
-    if scoring == "gathered":
+    if scoring == "gathered" and rate.gathered_rate_param_tokens_per_s:  # the path measured as it runs
         per_mask = (
-            c0
-            + kept * tokens / rate.rate_param_tokens_per_s
-            + (1 - sparsity) * shape.prunable * nbytes * 2 / rate.copy_bytes_per_s
-            + loss
+            rate.gathered_mask_overhead_s
+            + shape.layers * rate.gathered_layer_overhead_s
+            + (1 - sparsity) * shape.prunable * tokens / rate.gathered_rate_param_tokens_per_s
+            + head
         )
         step = math.ceil(num_samples / busy) * per_mask + teacher
+    elif scoring == "gathered":
+        copy = (1 - sparsity) * shape.prunable * nbytes * 2 / rate.copy_bytes_per_s
+        per_mask = c0 + (1 - sparsity) * body + copy + head
+        step = math.ceil(num_samples / busy) * per_mask + teacher
     else:
-        dense = shape.matmul * tokens / rate.rate_param_tokens_per_s + loss
+        dense = body + head
         per_mask = c0 / num_samples + dense
         step = c0 + math.ceil(num_samples / busy) * dense + teacher
     return per_mask, step
@@ -465,6 +589,7 @@ def make_plan(
             runtime=runtime,
             checkpoint_bytes=_checkpoint_bytes(cfg.model.name_or_path) if device == "cpu" else 0,
             data_peak=data_peak if device == "cpu" else 0,
+            cpu=device == "cpu",
         )
 
     # "auto" is decided by measurement at run time: plan for the larger of the two paths
@@ -493,7 +618,13 @@ def make_plan(
             threads = torch.get_num_threads()
             torch.set_num_threads(e.threads or threads)  # the run's threads
             try:
-                rate = calibrate(device, cfg.model.dtype, tokens=sc.batch_size * cfg.data.block_len)
+                rate = calibrate(
+                    device,
+                    cfg.model.dtype,
+                    tokens=sc.batch_size * cfg.data.block_len,
+                    shape=shape,
+                    channel_block=cfg.mask.channel_block,
+                )
             finally:
                 torch.set_num_threads(threads)
         else:
