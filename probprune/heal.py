@@ -37,8 +37,8 @@ from tqdm.auto import tqdm
 
 from .errors import UserError
 from .files import write_atomic, write_text_atomic
-from .run_folder import CONFIG, METRICS, SUMMARY
-from .runlock import LOCK_NAME, holds_output_lock
+from .run_folder import CONFIG, METRICS, SUMMARY, RunFolder
+from .runlock import holds_output_lock
 
 log = logging.getLogger(__name__)
 
@@ -606,29 +606,6 @@ def _wants_bos(name_or_path: str) -> bool:
     return get_adapter(model).wants_bos
 
 
-def check_heal_output(output: Path, resume: bool) -> bool:
-    """Refuse an output folder a heal must not write into; return whether a heal checkpoint will be resumed."""
-    if output.exists() and not output.is_dir():
-        raise UserError(f"--output {output} exists and is not a folder")
-    has_files = output.exists() and any(p.name != LOCK_NAME for p in output.iterdir())  # our own lock aside
-    if not resume:
-        if has_files:
-            raise UserError(
-                f"--output {output} is not empty; pass --resume to continue a heal there, or choose another folder"
-            )
-        return False
-    if (output / CHECKPOINT_NAME).exists():
-        if (output / SUMMARY).exists():
-            raise UserError(f"--resume: {output} already holds a finished heal ({SUMMARY})")
-        return True
-    if has_files:
-        raise UserError(
-            f"--resume: {output} holds no heal checkpoint ({CHECKPOINT_NAME}); choose an empty or new "
-            "--output (without --resume)"
-        )
-    return False
-
-
 def heal_fingerprint(cfg: Any, student: str, teacher: str) -> str:
     """Hash of everything that decides the training trajectory (not the evaluation settings)."""
     d = {
@@ -690,7 +667,7 @@ def heal(
     _check_model_folder(model, "--model")
     teacher = teacher or hc.teacher or run_folder_teacher(model) or cfg.model.name_or_path
     _check_model_folder(teacher, "--teacher")
-    resuming = check_heal_output(output, resume)
+    resuming = RunFolder(output, resume, checkpoint=CHECKPOINT_NAME, job="heal").resuming
     v_student, context = _vocab_size(model)
     v_teacher, _ = _vocab_size(teacher)
     if v_student != v_teacher:

@@ -45,46 +45,54 @@ SMALL_FILES = (CHECKPOINT, METRICS, CONFIG, SUMMARY, MASKS)
 class RunFolder:
     """An output folder that a run may write into, checked before anything is loaded.
 
-    Without ``resume`` the folder must be missing or empty. With ``resume`` it must hold a search checkpoint (a folder
-    without one was not written by a search: nothing in it is touched); a missing or empty folder starts a new search,
-    and says so.
+    Without ``resume`` the folder must be missing or empty. With ``resume`` it must hold the job's checkpoint (a
+    folder without one was not written by that job: nothing in it is touched); a missing or empty folder starts anew,
+    and says so. The search (``prune``) and healing (``heal``, ``checkpoint=heal_checkpoint.pt``) share these rules;
+    a finished heal cannot be resumed, a finished search can (it re-derives its outputs).
 
     Attributes:
         path: the folder.
-        resuming: whether a search checkpoint in it will be resumed.
+        checkpoint: the job's checkpoint file name.
+        job: ``"search"`` or ``"heal"``, for the messages.
+        resuming: whether a checkpoint in it will be resumed.
 
     Raises:
         UserError: the folder exists and is a file, holds a finished run, is not empty (without ``resume``), or holds
             files but no checkpoint (with ``resume``).
     """
 
-    def __init__(self, path: str | Path, resume: bool = False):
+    def __init__(self, path: str | Path, resume: bool = False, checkpoint: str = CHECKPOINT, job: str = "search"):
         self.path = Path(path)
+        self.checkpoint, self.job = checkpoint, job
         self.resuming = self._check(resume)
 
     def _check(self, resume: bool) -> bool:
-        output = self.path
+        output, job = self.path, self.job
         if output.exists() and not output.is_dir():
             raise UserError(f"--output {output} exists and is not a folder")
         has_files = output.exists() and any(p.name != LOCK_NAME for p in output.iterdir())  # our own lock aside
+        finished = (output / SUMMARY).exists()
         if not resume:
-            if has_files and (output / SUMMARY).exists():
-                raise UserError(f"--output {output} already holds a finished run ({SUMMARY}); choose another folder")
+            if has_files and finished:
+                what = "run" if job == "search" else job
+                raise UserError(f"--output {output} already holds a finished {what} ({SUMMARY}); choose another folder")
             if has_files:
                 raise UserError(
-                    f"--output {output} is not empty; pass --resume to continue a search there, or choose "
-                    "another folder"
+                    f"--output {output} is not empty; pass --resume to continue a {job} there, or choose another folder"
                 )
             return False
-        if (output / CHECKPOINT).exists():
+        if (output / self.checkpoint).exists():
+            # a finished search keeps its checkpoint (resuming it re-derives the outputs); a finished heal is done
+            if finished and job != "search":
+                raise UserError(f"--resume: {output} already holds a finished {job} ({SUMMARY})")
             return True
         if has_files:
             raise UserError(
-                f"--resume: {output} holds no search checkpoint ({CHECKPOINT}), so there is nothing to "
+                f"--resume: {output} holds no {job} checkpoint ({self.checkpoint}), so there is nothing to "
                 "resume and probprune will not write into a folder it did not create; choose an empty or "
                 "new --output (without --resume)"
             )
-        log.warning("--resume: %s holds no search checkpoint: nothing to resume, starting a new search", output)
+        log.warning("--resume: %s holds no %s checkpoint: nothing to resume, starting a new %s", output, job, job)
         return False
 
     def check_fingerprint(self, fingerprint: str) -> None:
