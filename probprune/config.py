@@ -507,7 +507,9 @@ class HealConfig:
     grad_accum: Annotated[Int, Field(ge=1, description="micro-batches per step on each worker")] = 1
     lr: Annotated[
         Number,
-        Field(gt=0, description="AdamW peak learning rate (3e-4: best of 1e-4, 3e-4, 1e-3 at 64k tokens on SmolLM2-135M)"),
+        Field(
+            gt=0, description="AdamW peak learning rate (3e-4: best of 1e-4, 3e-4, 1e-3 at 64k tokens on SmolLM2-135M)"
+        ),
     ] = 3e-4
     warmup: Annotated[Number, Field(ge=0, lt=1, description="share of the steps spent warming up")] = 0.05
     weight_decay: Annotated[Number, Field(ge=0, description="AdamW weight decay")] = 0.0
