@@ -80,7 +80,7 @@ def prune(
             dense_ppl = dense_ppl or measure(s, None, "dense")
         start = warm_start(s, check)
         with s.timed("eval_init"):
-            init_ppl = measure(s, start.mask, f"init-only ({start.name})")
+            init_ppl = measure(s, start.mask, f"init-only ({start.name})", start.rec)
         policy = build_policy(cfg, s.space, start.probs, s.engine, s.stats)
         if hasattr(s.engine, "estimate") and sc.steps > 20:  # a cluster run: say what it will cost before it starts
             log.info(

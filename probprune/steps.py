@@ -69,6 +69,7 @@ class Start:
     mask: np.ndarray
     probs: np.ndarray
     warm: Any = None  # probprune.warmstart.WarmStart
+    rec: Any = None  # the start's weight changes at compaction (FLAP's bias compensation), or None
 
 
 def warm_start(s: Session, check: torch.Tensor | None) -> Start:
@@ -85,8 +86,24 @@ def warm_start(s: Session, check: torch.Tensor | None) -> Start:
         candidates = s.engine.run(
             warm_start_candidates, s.space, s.init_blocks(), s.stats, sc.sparsity, sc.budget, mask
         )
-        warm = choose_start(s.engine, candidates, check, sc.batch_size, s.space, sc.init_mix, sc.sparsity, sc.budget)
-    return Start(f"best: {warm.name}", warm.mask, warm.probs, warm)
+        as_returned = {}
+        if "flap" in candidates and not s.cfg.reconstruct.enabled:  # FLAP is returned with its bias compensation
+            as_returned["flap"] = flap_as_returned(s, candidates["flap"], check)
+        warm = choose_start(
+            s.engine, candidates, check, sc.batch_size, s.space, sc.init_mix, sc.sparsity, sc.budget, as_returned
+        )
+    return Start(f"best: {warm.name}", warm.mask, warm.probs, warm, warm.rec)
+
+
+def flap_as_returned(s: Session, mask: np.ndarray, check: torch.Tensor) -> tuple[float, Any]:
+    """FLAP's mask as ``probprune baseline --method flap`` returns it: with the removed channels' mean contribution
+    added to the output biases. Returns its check-set loss (the compacted model's) and that
+    :class:`~probprune.reconstruct.Reconstruction`."""
+    from .engine.tasks import flap_compensation
+    from .reconstruct import Reconstruction, reconstructed_loss
+
+    rec = Reconstruction(biases=s.engine.run(flap_compensation, s.space, mask, s.stats))
+    return reconstructed_loss(s.engine, s.space, mask, rec, check, s.cfg.search.batch_size), rec
 
 
 def build_policy(cfg: Config, space: MaskSpace, init_probs: np.ndarray, engine: Engine, stats: dict | None):
@@ -141,7 +158,12 @@ def choose(s: Session, policy, result, start: Start, check: torch.Tensor | None)
             else:
                 from .warmstart import choose_final
 
-                final, record = choose_final(s.engine, final, start.mask, check, cfg.search.batch_size)
+                start_loss = None
+                if start.rec is not None:  # the start as it would be returned, with its weight changes
+                    start_loss = start.warm.check_losses[start.warm.name]
+                final, record = choose_final(s.engine, final, start.mask, check, cfg.search.batch_size, start_loss)
+                if record["returned"] == "start":
+                    rec = start.rec
         record = {"blocks": int(check.shape[0]), "tokens": int(check.numel()), **record}
     if cfg.reconstruct.enabled and not (check is not None and cfg.reconstruct.choose):  # not decided above
         rec = reconstruct(s, final)

@@ -8,11 +8,13 @@ seed may end worse than that heuristic. With ``search.init=best`` the search
    magnitude) and the Wanda-sp init mask — all at the search's budget. SLEB is the dearest candidate: it scores
    ``L + (L−1) + … `` pruned models on the first :data:`~probprune.baselines.SLEB_BLOCKS` of the warm start's blocks;
 2. scores each on the **check set** (calibration blocks held out of the search's batches, never the held-out test
-   split) by mean next-token cross-entropy, and starts from the best: keep probabilities
+   split) by mean next-token cross-entropy — FLAP as it is returned, with its bias compensation added at compaction
+   (unless ``reconstruct`` replaces it) — and starts from the best: keep probabilities
    ``(1 − init_mix)·mask + init_mix·(1 − sparsity)``, projected onto the budget (the mix keeps every unit's
    probability away from 0 and 1, so the samples still explore and the gradient is not zero);
 3. after the search, scores its final mask on the same check set and returns whichever of {search result, start}
-   has the lower loss (:func:`choose_final`), so the result is never worse than the start on the check set.
+   has the lower loss (:func:`choose_final`; a FLAP start keeps its biases), so the result is never worse than the
+   start on the check set.
 
 The allocation search (:class:`probprune.allocation.AllocationPolicy`) starts from the same unit probabilities: each
 (layer, unit type) group gets the kept fraction of the chosen mask, pulled the same way. A layer that ShortGPT drops is
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -53,6 +56,7 @@ class WarmStart:
     mask: np.ndarray
     probs: np.ndarray
     check_losses: dict[str, float] = field(default_factory=dict)
+    rec: Any = None  # the chosen candidate's weight changes at compaction (FLAP's bias compensation), or None
 
 
 def candidate_masks(
@@ -139,14 +143,21 @@ def choose_start(
     mix: float,
     sparsity: float,
     budget: str,
+    as_returned: dict[str, tuple[float, Any]] | None = None,
 ) -> WarmStart:
     """Score every candidate on the check set and start from the best (ties: the first listed).
+
+    Args:
+        as_returned: ``{name: (check-set loss, rec)}`` for candidates that are returned with weight changes
+            (FLAP with its bias compensation): that loss replaces the mask's own, and ``rec`` goes with the start.
 
     Returns:
         The :class:`WarmStart`.
     """
     names = list(candidates)
     losses = check_losses(engine, np.stack([candidates[n] for n in names]), check, batch_size)  # [C]
+    as_returned = as_returned or {}
+    losses = np.array([as_returned[n][0] if n in as_returned else v for n, v in zip(names, losses)])
     best = int(np.argmin(losses))
     table = {n: float(v) for n, v in zip(names, losses)}
     log.info(
@@ -155,18 +166,31 @@ def choose_start(
         names[best],
     )
     mask = candidates[names[best]]
-    return WarmStart(names[best], mask, warm_probs(space, mask, mix, sparsity, budget), table)
+    rec = as_returned[names[best]][1] if names[best] in as_returned else None
+    return WarmStart(names[best], mask, warm_probs(space, mask, mix, sparsity, budget), table, rec)
 
 
 def choose_final(
-    engine: Engine, final: np.ndarray, start: np.ndarray, check: torch.Tensor, batch_size: int
+    engine: Engine,
+    final: np.ndarray,
+    start: np.ndarray,
+    check: torch.Tensor,
+    batch_size: int,
+    start_loss: float | None = None,
 ) -> tuple[np.ndarray, dict[str, float | str]]:
     """The search's final mask or its start, whichever has the lower check-set loss (ties: the search's).
+
+    Args:
+        start_loss: the start's check-set loss as it would be returned (with its weight changes), if it has any;
+            None scores its mask.
 
     Returns:
         ``(mask, record)`` with record ``{"search_loss", "start_loss", "returned": "search" | "start"}``.
     """
-    search_loss, start_loss = check_losses(engine, np.stack([final, start]), check, batch_size)
+    if start_loss is None:
+        search_loss, start_loss = check_losses(engine, np.stack([final, start]), check, batch_size)
+    else:
+        (search_loss,) = check_losses(engine, np.asarray(final)[None], check, batch_size)
     returned = "search" if search_loss <= start_loss else "start"
     log.info("check set: search result %.4f, start %.4f: returning the %s", search_loss, start_loss, returned)
     record = {"search_loss": float(search_loss), "start_loss": float(start_loss), "returned": returned}

@@ -128,6 +128,45 @@ def test_pipeline_warm_start_and_guard_end_to_end(tmp_path) -> None:
     assert summary["search"]["objective"] == "kl"
 
 
+def test_flap_is_scored_and_returned_with_its_bias_compensation(tmp_path, monkeypatch) -> None:
+    """The warm start scores FLAP as ``baseline --method flap`` returns it (biases added at compaction); a FLAP
+    start that wins the final check is saved with those biases."""
+    import probprune.steps as steps
+    from probprune.baselines import flap_bias_compensation
+    from probprune.pipeline import prepare, prune
+    from probprune.reconstruct import Reconstruction, reconstructed_loss
+
+    cfg = load_config(SMOKE, ["search.init=best", "search.check_blocks=8", "search.steps=2"])
+    summary = prune(cfg, tmp_path / "run", progress=False)
+    s = prepare(cfg)
+    _, check = s.calib.hold_out(8)
+    flap = baseline_mask("flap", s.adapter, s.space, s.init_blocks(), 0.5, budget="per_type", stats=s.stats)
+    rec = Reconstruction(biases=flap_bias_compensation(s.adapter, s.space, flap, s.stats))
+    engine = LocalEngine(s.model, s.space)
+    with_bias = reconstructed_loss(engine, s.space, flap, rec, check, 2)
+    (plain,) = check_losses(engine, flap[None], check, 2)
+    assert summary["warm_start"]["check_losses"]["flap"] == pytest.approx(with_bias, rel=1e-6)
+    assert abs(with_bias - plain) > 1e-4  # the biases change the model that is scored
+
+    captured = {}
+
+    def flap_wins(sess, mask, chk):  # FLAP as returned, made the best start and better than any search result
+        loss, r = real(sess, mask, chk)
+        captured["rec"], captured["mask"] = r, mask
+        return -1.0, r
+
+    real = steps.flap_as_returned
+    monkeypatch.setattr(steps, "flap_as_returned", flap_wins)
+    summary = prune(cfg, tmp_path / "flap", progress=False)
+    assert summary["init"] == "best: flap" and summary["check"]["returned"] == "start"
+    expected = compact(s.model, s.space, captured["mask"], override=captured["rec"].override())
+    saved = load_pruned(tmp_path / "flap" / "model")
+    ids = check[:2]
+    with torch.no_grad():
+        torch.testing.assert_close(saved(input_ids=ids).logits, expected(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+    assert summary["init_ppl"] == summary["pruned_ppl"]  # the init-only row is the returned model, biases included
+
+
 # ---------------------------------------------------------------------------------------------- thin-or-drop
 def test_allocation_search_can_drop_a_whole_layer_and_the_model_reloads_exactly(tiny, tmp_path) -> None:
     model, adapter, space, blocks, _ = tiny
