@@ -46,7 +46,9 @@ GIB = 2**30
 CUDA_CONTEXT_BYTES = 512 * 2**20  # CUDA context + allocator slack outside torch's allocated bytes
 CPU_FIT = {"c0_s": 0.147, "rate_param_tokens_per_s": 76.1e9, "layers": 30, "source": "benchmarks/scaling.py fit"}
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-CALIBRATION_LAYER_BYTES = 512 * 2**20  # calibrate on the model's own layer shape up to this size per layer
+# calibrate on the model's own layer shape up to this size per layer (5 such layers exist while calibrating):
+# on a CPU up to a 7B layer (a few seconds), on a GPU up to a 70B one
+CALIBRATION_LAYER_BYTES = {"cpu": 512 * 2**20, "cuda": 2 * 2**30}
 CPU_FRAGMENTATION_HIDDENS = 2  # hidden-state tensors per layer left in the CPU heap by a pruned model's evaluation
 
 
@@ -315,7 +317,7 @@ def calibrate(
     """Measure the cost model's constants on ``device``, each path the way it runs.
 
     A random Llama stack — the layer shape of ``shape`` (the model being planned) when one layer of it is at most
-    :data:`CALIBRATION_LAYER_BYTES`, else ``hidden`` wide (512 on CPU, 2048 on a GPU) with an MLP of 3·hidden — is
+    :data:`CALIBRATION_LAYER_BYTES` for the device, else ``hidden`` wide (512 on CPU, 2048 on a GPU) with an MLP of 3·hidden — is
     timed:
 
     - the dense forward (the batched path and the teacher) at one token (per-layer overhead ``a``) and at ``tokens``
@@ -331,7 +333,8 @@ def calibrate(
     dt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     dev = torch.device(device)
     nbytes = torch.finfo(dt).bits // 8
-    own = shape is not None and shape.layer_params * nbytes <= CALIBRATION_LAYER_BYTES
+    cap = CALIBRATION_LAYER_BYTES.get(dev.type, CALIBRATION_LAYER_BYTES["cpu"])
+    own = shape is not None and shape.layer_params * nbytes <= cap
     if own:
         dims = dict(
             hidden_size=shape.hidden,
@@ -371,7 +374,7 @@ def calibrate(
     t_loss = timed(lambda: token_losses(logits, targets))
     source = f"calibrated: {layers} random Llama layers x {dims['hidden_size']}, {dtype}, 1 and {rows * seq} tokens"
     gathered: dict[str, float] = {}
-    if shape is not None and shape.vocab * shape.hidden * nbytes <= 4 * CALIBRATION_LAYER_BYTES:
+    if shape is not None and shape.vocab * shape.hidden * nbytes <= 4 * cap:
         gathered.update(_head_seconds(shape, dt, dev, rows, seq, timed))
         source += f"; lm_head + loss at vocabulary {shape.vocab}"
     if own:
