@@ -317,8 +317,8 @@ def calibrate(
     """Measure the cost model's constants on ``device``, each path the way it runs.
 
     A random Llama stack — the layer shape of ``shape`` (the model being planned) when one layer of it is at most
-    :data:`CALIBRATION_LAYER_BYTES` for the device, else ``hidden`` wide (512 on CPU, 2048 on a GPU) with an MLP of 3·hidden — is
-    timed:
+    :data:`CALIBRATION_LAYER_BYTES` for the device, else ``hidden`` wide (512 on CPU, 2048 on a GPU) with an MLP of
+    3·hidden — is timed:
 
     - the dense forward (the batched path and the teacher) at one token (per-layer overhead ``a``) and at ``tokens``
       (the matmul rate ``R`` from the time above the overhead);
