@@ -241,7 +241,7 @@ def write_results(args, results: list[dict], rows: list[dict], fwd: dict, teache
         "",
         f"Machine: {info['cpus']} CPUs, torch {info['torch']}, {info['torch_threads']} threads.",
         "",
-        "Command: `flock /tmp/probprune-heavy.lock python benchmarks/heal.py "
+        "Command: `python benchmarks/heal.py "
         + " ".join(f"--run RUNS/{run}:{','.join(b)}" for run, b in specs)
         + f" --eval-every-tokens {args.eval_every_tokens}`",
     ]
