@@ -347,7 +347,7 @@ def calibrate(
         h = hidden or (512 if dev.type == "cpu" else 2048)
         dims = dict(hidden_size=h, intermediate_size=3 * h, num_attention_heads=h // 64, num_key_value_heads=h // 64)
     stack = _random_stack(dims, layers, dt, dev)
-    per_layer = _layer_matmul_params(stack.config)
+    per_layer = model_shape(stack).layer_params  # matmul parameters of one layer
 
     def timed(fn) -> float:
         fn()
@@ -423,12 +423,6 @@ def _random_stack(dims: dict, layers: int, dt: torch.dtype, dev: torch.device) -
     torch.manual_seed(0)
     with dev:
         return LlamaForCausalLM(cfg).to(dt).eval()
-
-
-def _layer_matmul_params(cfg) -> int:
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    q, kv = cfg.num_attention_heads * head_dim, cfg.num_key_value_heads * head_dim
-    return cfg.hidden_size * (2 * q + 2 * kv) + 3 * cfg.hidden_size * cfg.intermediate_size
 
 
 def _gathered_call(model: torch.nn.Module, channel_block: int, ids: torch.Tensor):

@@ -69,7 +69,11 @@ class Start:
     mask: np.ndarray
     probs: np.ndarray
     warm: Any = None  # probprune.warmstart.WarmStart
-    rec: Any = None  # the start's weight changes at compaction (FLAP's bias compensation), or None
+
+    @property
+    def rec(self) -> Any:
+        """The start's weight changes at compaction (FLAP's bias compensation), or None."""
+        return None if self.warm is None else self.warm.rec
 
 
 def warm_start(s: Session, check: torch.Tensor | None) -> Start:
@@ -92,7 +96,7 @@ def warm_start(s: Session, check: torch.Tensor | None) -> Start:
         warm = choose_start(
             s.engine, candidates, check, sc.batch_size, s.space, sc.init_mix, sc.sparsity, sc.budget, as_returned
         )
-    return Start(f"best: {warm.name}", warm.mask, warm.probs, warm, warm.rec)
+    return Start(f"best: {warm.name}", warm.mask, warm.probs, warm)
 
 
 def flap_as_returned(s: Session, mask: np.ndarray, check: torch.Tensor) -> tuple[float, Any]:
