@@ -12,9 +12,13 @@ Example (SmolLM2-135M, the default prune at 20 % and at 50 %; the longest budget
     flock /tmp/probprune-heavy.lock python benchmarks/heal.py \
         --run runs/qs20:65536,262144 --run runs/qs50:65536,262144,1048576 --eval-every-tokens 131072
 
+Every budget trains with each ``--lr`` (default: ``heal.lr``'s default), not the lr saved in the run's config, so runs
+pruned before a change of that default are healed as a user would heal them today; each (run, budget, lr) has its
+own folder and rows.
+
 Writes ``heal.csv`` (one row per evaluation point), ``heal_steps.csv`` (the training KL of every step),
 ``heal.md``, ``heal.json`` and ``heal.png`` under ``--out``; the healed models go to ``--work``/RUN-NAME/heal-TOKENS
-(not committed). A budget healed already (its ``summary.json`` exists) is read back, not trained again, so the
+-lr``LR`` (not committed). A budget healed already (its ``summary.json`` exists) is read back, not trained again, so the
 runs can be spread over several invocations and the tables always cover all of them.
 """
 
@@ -33,7 +37,7 @@ from pathlib import Path
 import torch
 from _common import machine_info
 
-from probprune.config import load_config
+from probprune.config import HealConfig, load_config
 from probprune.data import cache_dir, load_corpus, test_stream
 from probprune.heal import heal, load_tokenizer
 
@@ -88,14 +92,14 @@ def dense_forward_tokens_per_s(name: str, dtype: str, calib_cfg, batches: int = 
     return batches * 512 / dt
 
 
-def rows_of(summary: dict, label: str, tokens_budget: int) -> list[dict]:
-    """One row per evaluation point: run, tokens, train seconds, PPL per held-out set and length."""
+def rows_of(summary: dict, label: str, tokens_budget: int, lr: float) -> list[dict]:
+    """One row per evaluation point: run, budget, lr, tokens, train seconds, PPL per held-out set and length."""
     points = [(0, 0.0, summary["before_ppl"])]
     points += [(e["tokens"], e["seconds"], e["ppl"]) for e in summary["evals"]]
     points.append((summary["tokens_seen"], summary["train_seconds"], summary["after_ppl"]))
     rows = []
     for tokens, seconds, ppl in points:
-        row = {"run": label, "budget": tokens_budget, "tokens": tokens, "train_seconds": round(seconds, 1)}
+        row = {"run": label, "budget": tokens_budget, "lr": lr, "tokens": tokens, "train_seconds": round(seconds, 1)}
         for name, by_len in ppl.items():
             for n, v in by_len.items():
                 row[f"{name}_ppl@{n}"] = round(v, 2)
@@ -134,6 +138,13 @@ def main() -> None:
     )
     ap.add_argument("--tokens", type=int, nargs="+", default=[65536], help="budgets of a --run that names none")
     ap.add_argument("--eval-every-tokens", type=int, default=32768)
+    ap.add_argument(
+        "--lr",
+        type=float,
+        nargs="+",
+        default=[HealConfig().lr],
+        help="AdamW peak lr(s) of every budget (default: %(default)s)",
+    )
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/heal"))
     ap.add_argument("--work", type=Path, default=Path("runs/heal-bench"), help="where the healed models go")
     ap.add_argument("--smoke-test", action="store_true", help="a tiny budget and short evaluation")
@@ -158,18 +169,19 @@ def main() -> None:
         tok = load_tokenizer(str(run / "model"))
         extra = {"shakespeare": shakespeare_tokens(tok, run_cfg)}
         label = run_label(run)
-        for budget in budgets:
+        for budget, lr in ((b, lr) for b in budgets for lr in args.lr):
             step_tokens = run_cfg.heal.batch_size * run_cfg.heal.block_len
             cfg = load_config(
                 run / "config.yaml",
                 [
                     *eval_over,
                     f"heal.tokens={budget}",
+                    f"heal.lr={lr}",
                     f"heal.eval_every={max(1, args.eval_every_tokens // step_tokens)}",
                     "heal.checkpoint_every=256",  # a killed benchmark resumes (bit-for-bit) from the last one
                 ],
             )
-            out = args.work / run.name / f"heal-{budget}"
+            out = args.work / run.name / f"heal-{budget}-lr{lr:g}"
             if (out / "summary.json").exists():  # healed already: only the tables are written again
                 summary = json.loads((out / "summary.json").read_text())
             else:
@@ -181,7 +193,7 @@ def main() -> None:
                 (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
             summary["work"] = str(out)
             results.append(summary)
-            rows += rows_of(summary, label, budget)
+            rows += rows_of(summary, label, budget, lr)
     write_results(args, results, rows, fwd, teacher_dtype)
 
 
@@ -201,11 +213,13 @@ def write_results(args, results: list[dict], rows: list[dict], fwd: dict, teache
     lens = list(t["test"])
     sets = list(t)
     label = {"test": "Brown" if results[0]["data"] == "brown" else results[0]["data"], "shakespeare": "Shakespeare"}
-    head = "| run | healing tokens | train s | " + " | ".join(f"{label.get(s, s)} PPL@{n}" for s in sets for n in lens)
-    lines = [head + " |", "|" + "---|" * (3 + len(sets) * len(lens))]
-    lines.append("| dense (teacher) | | | " + " | ".join(f"{t[s][n]:.2f}" for s in sets for n in lens) + " |")
+    head = "| run | lr | healing tokens | train s | " + " | ".join(
+        f"{label.get(s, s)} PPL@{n}" for s in sets for n in lens
+    )
+    lines = [head + " |", "|" + "---|" * (4 + len(sets) * len(lens))]
+    lines.append("| dense (teacher) | | | | " + " | ".join(f"{t[s][n]:.2f}" for s in sets for n in lens) + " |")
     for r in rows:
-        cells = [r["run"], f"{r['tokens']:,}" + ("" if r["tokens"] != r["budget"] else " (end)")]
+        cells = [r["run"], f"{r['lr']:g}", f"{r['tokens']:,}" + ("" if r["tokens"] != r["budget"] else " (end)")]
         cells += [f"{r['train_seconds']:.0f}"]
         cells += [f"{r[f'{s}_ppl@{n}']:.2f} ({r[f'{s}_ppl@{n}'] / t[s][n]:.2f}x)" for s in sets for n in lens]
         lines.append("| " + " | ".join(cells) + " |")
@@ -224,7 +238,8 @@ def write_results(args, results: list[dict], rows: list[dict], fwd: dict, teache
         run = Path(s["work"]).parent.name
         if not specs or specs[-1][0] != run:
             specs.append((run, []))
-        specs[-1][1].append(str(s["heal"]["tokens"]))
+        if str(s["heal"]["tokens"]) not in specs[-1][1]:
+            specs[-1][1].append(str(s["heal"]["tokens"]))
     md = [
         "# Healing: distillation toward the dense model",
         "",
@@ -243,23 +258,26 @@ def write_results(args, results: list[dict], rows: list[dict], fwd: dict, teache
         "",
         "Command: `python benchmarks/heal.py "
         + " ".join(f"--run RUNS/{run}:{','.join(b)}" for run, b in specs)
-        + f" --eval-every-tokens {args.eval_every_tokens}`",
+        + f" --eval-every-tokens {args.eval_every_tokens} --lr {' '.join(f'{lr:g}' for lr in args.lr)}`",
     ]
     (args.out / "heal.md").write_text("\n".join(md) + "\n")
     curves = {
-        (s.get("run_label", "?"), s["heal"]["tokens"]): [
+        (s.get("run_label", "?"), s["heal"]["tokens"], s["heal"]["lr"]): [
             json.loads(x) for x in (Path(s["work"]) / "metrics.jsonl").read_text().splitlines()
         ]
         for s in results
     }
     with open(args.out / "heal_steps.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["run", "budget", "step", "tokens", "train_seconds", "kl", "lr", "grad_norm", "tokens_per_s"])
-        for (run, budget), steps in curves.items():
+        w.writerow(
+            ["run", "budget", "peak_lr", "step", "tokens", "train_seconds", "kl", "lr", "grad_norm", "tokens_per_s"]
+        )
+        for (run, budget, lr), steps in curves.items():
             w.writerows(
                 [
                     run,
                     budget,
+                    lr,
                     r["step"],
                     r["tokens"],
                     round(r["seconds"], 2),
@@ -279,7 +297,7 @@ def plot(
     teacher: dict,
     sets: list[str],
     lens: list[str],
-    curves: dict[tuple[str, int], list[dict]],
+    curves: dict[tuple[str, int, float], list[dict]],
 ) -> None:
     """PPL ÷ dense vs healing tokens and vs training seconds (the longest budget of each run, PPL@128, both held-out
     sets), and the training KL of every budget."""
@@ -296,8 +314,8 @@ def plot(
     for ax, xkey, xlabel in ((axes[0], "tokens", "healing tokens"), (axes[1], "train_seconds", "training seconds")):
         for ri, run in enumerate(runs):
             budgets = sorted({r["budget"] for r in rows if r["run"] == run})
-            for budget in budgets:
-                rs = [r for r in rows if r["run"] == run and r["budget"] == budget]
+            for budget, lr in sorted({(r["budget"], r["lr"]) for r in rows if r["run"] == run}):
+                rs = [r for r in rows if r["run"] == run and r["budget"] == budget and r["lr"] == lr]
                 for s, style in zip(sets, ("o-", "s--")):
                     n = lens[0]
                     ax.plot(
@@ -306,14 +324,16 @@ def plot(
                         style,
                         color=f"C{ri}",
                         alpha=0.35 + 0.65 * (budget == budgets[-1]),
-                        label=f"{run} {({'test': 'Brown'}).get(s, s)} @{n} ({budget:,})",
+                        label=f"{run} {({'test': 'Brown'}).get(s, s)} @{n} ({budget:,}, lr {lr:g})",
                     )
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.set(xlabel=xlabel, ylabel=f"PPL@{lens[0]} / dense PPL@{lens[0]}", yscale="log")
         if xkey == "tokens":
             ax.set_xscale("symlog", linthresh=16384)
-    for (run, budget), steps in curves.items():
-        axes[2].plot([r["tokens"] for r in steps], [r["kl"] for r in steps], lw=0.8, label=f"{run}, {budget:,} tokens")
+    for (run, budget, lr), steps in curves.items():
+        axes[2].plot(
+            [r["tokens"] for r in steps], [r["kl"] for r in steps], lw=0.8, label=f"{run}, {budget:,} tokens, lr {lr:g}"
+        )
     axes[2].set(xlabel="healing tokens", ylabel="training KL to the dense model (nats/token)", yscale="log")
     axes[2].legend(fontsize=7)
     axes[0].legend(fontsize=6)

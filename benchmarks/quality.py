@@ -12,6 +12,11 @@ Each (method, sparsity, seed) is one job in its own process (1 torch thread; ``-
 interrupted benchmark continues where it stopped. The dense perplexity is measured once and shared. Writes
 ``OUT/quality.csv`` (one row per job), ``OUT/quality.md`` (table) and ``OUT/quality.png`` (perplexity vs sparsity),
 and prints, for each sparsity, ours ÷ best baseline.
+
+``--with-reconstruction`` runs every job with ``reconstruct.enabled=true`` (row ``METHOD+rec``) and takes the row
+``METHOD`` from the same run: the model that run returns without reconstruction, evaluated on the same held-out
+tokens (``summary.json``'s ``without_reconstruction``). The two rows of a seed share one search (or baseline mask),
+so they differ by the reconstruction alone, at half the cost of separate runs.
 """
 
 from __future__ import annotations
@@ -168,8 +173,8 @@ def main() -> int:
     ap.add_argument(
         "--with-reconstruction",
         action="store_true",
-        help="also run every method with the kept weights "
-        "reconstructed (rows 'METHOD+rec'); plain rows pin reconstruct.enabled=false",
+        help="run every method with the kept weights reconstructed (rows 'METHOD+rec') and report the same runs' "
+        "models without reconstruction as rows 'METHOD'; without it every job pins reconstruct.enabled=false",
     )
     ap.add_argument("--quick", action="store_true", help="20 search steps, 2048 eval tokens, 0.5 only, one seed")
     ap.add_argument("--report-only", action="store_true", help="rebuild csv/md/png from the finished jobs; run nothing")
@@ -199,7 +204,7 @@ def main() -> int:
     print(f"dense perplexity: {dense}", flush=True)
 
     jobs = []
-    methods = [*args.methods, *(f"{m}{REC}" for m in args.methods if args.with_reconstruction and REC not in m)]
+    methods = [m.removesuffix(REC) + (REC if args.with_reconstruction else "") for m in args.methods]
     for sp in args.sparsities:
         for method in methods:
             m = method.removesuffix(REC)  # "METHOD+rec": the same method, its kept weights reconstructed
@@ -248,23 +253,36 @@ def write_results(out: Path, jobs, statuses, wall: float, label: str) -> None:
     rows = []
     for spec, s in finished(jobs):
         lens = sorted(s["pruned_ppl"], key=int)
-        rows.append(
-            {
-                "method": spec["method"],
-                "target_sparsity": float(
-                    next(o for o in spec["overrides"] if o.startswith("search.sparsity=")).split("=")[1]
-                ),
-                "seed": s["seed"],
-                **{f"ppl_{n}": s["pruned_ppl"][n] for n in lens},
-                **({f"init_ppl_{n}": s["init_ppl"][n] for n in lens} if s.get("init_ppl") else {}),
-                "prunable_sparsity": s["sparsity"]["prunable"],
-                "total_sparsity": s["sparsity"]["total"],
-                "params_total": s["params"]["pruned_total"],
-                "model": s["model"],
-                "uses_gradients": spec["method"].removesuffix(REC) == "taylor",
-                "wall_seconds": s["wall_seconds"],
-            }
-        )
+        row = {
+            "method": spec["method"],
+            "target_sparsity": float(
+                next(o for o in spec["overrides"] if o.startswith("search.sparsity=")).split("=")[1]
+            ),
+            "seed": s["seed"],
+            **{f"ppl_{n}": s["pruned_ppl"][n] for n in lens},
+            **({f"init_ppl_{n}": s["init_ppl"][n] for n in lens} if s.get("init_ppl") else {}),
+            "prunable_sparsity": s["sparsity"]["prunable"],
+            "total_sparsity": s["sparsity"]["total"],
+            "params_total": s["params"]["pruned_total"],
+            "model": s["model"],
+            "uses_gradients": spec["method"].removesuffix(REC) == "taylor",
+            "wall_seconds": s["wall_seconds"],
+            "reconstructed": "reconstruct" in s,
+        }
+        rows.append(row)
+        plain = s.get("without_reconstruction")
+        if spec["method"].endswith(REC) and plain:  # the same run's model without reconstruction: row METHOD
+            rows.append(
+                {
+                    **row,
+                    "method": spec["method"].removesuffix(REC),
+                    **{f"ppl_{n}": plain["pruned_ppl"][n] for n in lens},
+                    "prunable_sparsity": plain["sparsity"]["prunable"],
+                    "total_sparsity": plain["sparsity"]["total"],
+                    "params_total": plain["pruned_total"],
+                    "reconstructed": False,
+                }
+            )
     if not rows:
         print(f"no finished jobs under {out / 'runs'}: nothing to report")
         return

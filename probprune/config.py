@@ -450,7 +450,7 @@ class ReconstructConfig:
                 "parameters)"
             )
         ),
-    ] = False
+    ] = True
     choose: Annotated[
         Bool,
         Field(

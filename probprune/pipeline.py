@@ -106,12 +106,24 @@ def prune(
         s.timings["search"] = result.wall_seconds
         if stop_after is not None and policy.step_count < sc.steps:
             return {"interrupted_at_step": policy.step_count}
-        final, rec, probs, check_record = choose(s, policy, result, start, check)
-        summary = finish(s, run, final, t_start, dense_ppl, probs=probs, start=start, init_ppl=init_ppl, rec=rec)
+        c = choose(s, policy, result, start, check)
+        summary = finish(
+            s,
+            run,
+            c.mask,
+            t_start,
+            dense_ppl,
+            probs=c.probs,
+            start=start,
+            init_ppl=init_ppl,
+            rec=c.rec,
+            reconstructed=c.reconstructed,
+            plain=c.plain,
+        )
     if start.warm is not None:
         summary["warm_start"] = {"chosen": start.warm.name, "mix": sc.init_mix, "check_losses": start.warm.check_losses}
-    if check_record is not None:
-        summary["check"] = check_record
+    if c.record is not None:
+        summary["check"] = c.record
     losses = [h["loss_mean"] for h in result.history if np.isfinite(h["loss_mean"])]
     summary["search"] = {
         "steps": sc.steps,
@@ -166,14 +178,26 @@ def run_baseline(
             mask = s.engine.run(
                 baseline_mask, method, s.space, blocks, cfg.search.sparsity, cfg.seed, cfg.search.budget, stats
             )
-        rec, label = None, method + (" (uses gradients)" if method in USES_GRADIENTS else "")
-        if cfg.reconstruct.enabled:  # replaces FLAP's compensation (both would count the removed columns twice)
-            rec, label = reconstruct(s, mask), label + " + reconstruction"
-        elif method == "flap":  # FLAP adds the removed columns' mean contribution to the output biases
+        own, label = None, method + (" (uses gradients)" if method in USES_GRADIENTS else "")
+        if method == "flap":  # FLAP adds the removed columns' mean contribution to the output biases
             from .reconstruct import Reconstruction
 
-            rec = Reconstruction(biases=s.engine.run(flap_compensation, s.space, mask, stats))
-        summary = finish(s, run, mask, t_start, dense_ppl, label=label, rec=rec)
+            own = Reconstruction(biases=s.engine.run(flap_compensation, s.space, mask, stats))
+        if cfg.reconstruct.enabled:  # replaces FLAP's compensation (both would count the removed columns twice)
+            rec = reconstruct(s, mask)
+            summary = finish(
+                s,
+                run,
+                mask,
+                t_start,
+                dense_ppl,
+                label=label + " + reconstruction",
+                rec=rec,
+                reconstructed=True,
+                plain=(mask, own),
+            )
+        else:
+            summary = finish(s, run, mask, t_start, dense_ppl, label=label, rec=own)
     summary["method"] = method
     summary["wall_seconds"] = round(time.perf_counter() - t_start, 2)
     run.write_summary(summary, cfg)

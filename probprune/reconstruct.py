@@ -578,32 +578,47 @@ def session_blocks(s: Any) -> int:
 
 
 def choose_final(
-    s: Any, final: np.ndarray, start: np.ndarray, check: torch.Tensor
-) -> tuple[np.ndarray, Reconstruction | None, dict[str, Any]]:
+    s: Any,
+    final: np.ndarray,
+    start: np.ndarray,
+    check: torch.Tensor,
+    start_rec: Reconstruction | None = None,
+    start_loss: float | None = None,
+) -> tuple[np.ndarray, Reconstruction | None, dict[str, Any], tuple[np.ndarray, Reconstruction | None]]:
     """:func:`probprune.warmstart.choose_final` over the models as they may be returned: the search's result and its
     start, each as it is and reconstructed, scored on the check set; the lowest loss wins (ties: the search's, then
     the reconstructed one), so reconstruction is kept only where it helps there.
 
+    Args:
+        start_rec: the start's own weight changes as its baseline returns it (FLAP's bias compensation), or None;
+            its reconstruction replaces them.
+        start_loss: the check-set loss of the start as returned (with ``start_rec``), if already measured.
+
     Returns:
-        ``(mask, its reconstruction or None, record)``; record has ``choose_final``'s ``search_loss``,
-        ``start_loss`` and ``returned``, plus ``search_loss_reconstructed``, ``start_loss_reconstructed`` and
-        ``reconstructed`` (whether the returned model is).
+        ``(mask, its reconstruction or None, record, plain)``; record has ``choose_final``'s ``search_loss``,
+        ``start_loss`` and ``returned``, plus ``search_loss_reconstructed``, ``start_loss_reconstructed``,
+        ``reconstructed`` (whether the returned model is) and ``without_reconstruction`` (which of the two a run
+        without reconstruction returns); plain is that model, ``(mask, its weight changes or None)``.
     """
     recs = {"search": for_session(s, final)}
     same = np.array_equal(np.asarray(final), np.asarray(start))
     recs["start"] = recs["search"] if same else for_session(s, start)
     bs = s.cfg.search.batch_size
     masks = {"search": final, "start": start}
+    as_is = {"search": None, "start": start_rec}  # each model as a run without reconstruction returns it
     loss = {}
     for name, m in masks.items():
         loss[(name, True)] = reconstructed_loss(s.engine, s.space, m, recs[name], check, bs)
-        loss[(name, False)] = (
-            loss[("search", False)]
-            if same and name == "start"
-            else reconstructed_loss(s.engine, s.space, m, None, check, bs)
-        )
+    loss[("search", False)] = reconstructed_loss(s.engine, s.space, final, None, check, bs)
+    if start_loss is not None and start_rec is not None:
+        loss[("start", False)] = start_loss
+    elif same and start_rec is None:
+        loss[("start", False)] = loss[("search", False)]
+    else:
+        loss[("start", False)] = reconstructed_loss(s.engine, s.space, start, start_rec, check, bs)
     order = [("search", True), ("search", False), ("start", True), ("start", False)]
     name, rec_on = min(order, key=lambda k: (loss[k], order.index(k)))
+    plain = "search" if loss[("search", False)] <= loss[("start", False)] else "start"  # warmstart.choose_final's rule
     log.info(
         "check set: search result %.4f (reconstructed %.4f), start %.4f (reconstructed %.4f): returning the %s%s",
         loss[("search", False)],
@@ -620,8 +635,10 @@ def choose_final(
         "start_loss_reconstructed": float(loss[("start", True)]),
         "returned": name,
         "reconstructed": rec_on,
+        "without_reconstruction": plain,
     }
-    return np.asarray(masks[name]), (recs[name] if rec_on else None), record
+    chosen = np.asarray(masks[name]), (recs[name] if rec_on else as_is[name])
+    return *chosen, record, (np.asarray(masks[plain]), as_is[plain])
 
 
 def summary_record(s: Any, rec: Reconstruction) -> dict[str, Any]:

@@ -91,7 +91,7 @@ def warm_start(s: Session, check: torch.Tensor | None) -> Start:
             warm_start_candidates, s.space, s.init_blocks(), s.stats, sc.sparsity, sc.budget, mask
         )
         as_returned = {}
-        if "flap" in candidates and not s.cfg.reconstruct.enabled:  # FLAP is returned with its bias compensation
+        if "flap" in candidates:  # FLAP is returned with its bias compensation (reconstruction, if on, replaces it)
             as_returned["flap"] = flap_as_returned(s, candidates["flap"], check)
         warm = choose_start(
             s.engine, candidates, check, sc.batch_size, s.space, sc.init_mix, sc.sparsity, sc.budget, as_returned
@@ -144,34 +144,48 @@ def fingerprint(cfg: Config, space: MaskSpace) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def choose(s: Session, policy, result, start: Start, check: torch.Tensor | None):
-    """The final mask and its reconstruction (or None): the search's mask (re-derived under
-    ``mask.shape``/``mask.align``) or its start, whichever has the lower check-set loss; with ``reconstruct.enabled``
+@dataclass
+class Choice:
+    """The model a run returns: its mask and weight changes at compaction (a reconstruction, a FLAP start's
+    biases, or None), its unit probabilities, the check-set record, and with ``reconstruct.enabled`` the model the
+    same run returns without reconstruction (``plain``: mask and weight changes)."""
+
+    mask: np.ndarray
+    rec: Any
+    probs: np.ndarray
+    record: dict | None
+    reconstructed: bool = False
+    plain: tuple[np.ndarray, Any] | None = None
+
+
+def choose(s: Session, policy, result, start: Start, check: torch.Tensor | None) -> Choice:
+    """The final mask and its weight changes: the search's mask (re-derived under ``mask.shape``/``mask.align``)
+    or its start (as its baseline returns it), whichever has the lower check-set loss; with ``reconstruct.enabled``
     (and ``reconstruct.choose``) each is compared as it is and reconstructed, so reconstruction is kept only where
-    it helps there. Returns ``(mask, reconstruction, unit probabilities, check record)``."""
+    it helps there."""
     cfg = s.cfg
     probs = policy.unit_probs() if cfg.search.method == "allocation" else policy.probs  # [N] either way
     final = final_mask(cfg, s.space, probs, mask=result.final_mask)
     rec = record = None
+    start_loss = start.warm.check_losses[start.warm.name] if start.rec is not None else None
     if check is not None:
         with s.timed("check"):
             if cfg.reconstruct.enabled and cfg.reconstruct.choose:
                 from .reconstruct import choose_final
 
-                final, rec, record = choose_final(s, final, start.mask, check)
+                final, rec, record, plain = choose_final(s, final, start.mask, check, start.rec, start_loss)
+                record = {"blocks": int(check.shape[0]), "tokens": int(check.numel()), **record}
+                return Choice(final, rec, probs, record, record["reconstructed"], plain)
             else:
                 from .warmstart import choose_final
 
-                start_loss = None
-                if start.rec is not None:  # the start as it would be returned, with its weight changes
-                    start_loss = start.warm.check_losses[start.warm.name]
                 final, record = choose_final(s.engine, final, start.mask, check, cfg.search.batch_size, start_loss)
                 if record["returned"] == "start":
                     rec = start.rec
         record = {"blocks": int(check.shape[0]), "tokens": int(check.numel()), **record}
-    if cfg.reconstruct.enabled and not (check is not None and cfg.reconstruct.choose):  # not decided above
-        rec = reconstruct(s, final)
-    return final, rec, probs, record
+    if cfg.reconstruct.enabled:  # no check-set choice of reconstruction: always reconstructed
+        return Choice(final, reconstruct(s, final), probs, record, True, (final, rec))
+    return Choice(final, rec, probs, record)
 
 
 def reconstruct(s: Session, mask: np.ndarray):
@@ -194,9 +208,16 @@ def finish(
     init_ppl: dict[str, float] | None = None,
     label: str = "probprune search",
     rec: Any = None,
+    reconstructed: bool = False,
+    plain: tuple[np.ndarray, Any] | None = None,
 ) -> dict[str, Any]:
-    """Compact and save the final mask (with ``rec``'s re-fitted weights), evaluate it, write ``masks.pt``; return
-    the summary (written by the caller once complete)."""
+    """Compact and save the final mask (with ``rec``'s weight changes), evaluate it, write ``masks.pt``; return the
+    summary (written by the caller once complete).
+
+    ``reconstructed``: ``rec`` is a reconstruction (recorded as ``reconstruct``), not a baseline's own weight
+    changes. ``plain``: the model the same run returns without reconstruction, ``(mask, weight changes)``; its
+    held-out perplexity is recorded as ``without_reconstruction`` (one more evaluation unless it is the same model).
+    """
     from .compaction import count_params
 
     cfg, space = s.cfg, s.space
@@ -247,10 +268,26 @@ def finish(
             "wall_seconds": round(time.perf_counter() - t_start, 2),
         }
     )
-    if rec is not None and cfg.reconstruct.enabled:
+    if reconstructed:
         from .reconstruct import summary_record
 
         summary["reconstruct"] = summary_record(s, rec)
+    if plain is not None:
+        mask, changes = plain
+        same = not reconstructed and np.array_equal(mask, final)
+        if not same:
+            with s.timed("eval_without_reconstruction"):
+                plain_ppl = measure(
+                    s, mask, label.removesuffix(" + reconstruction") + " without reconstruction", changes
+                )
+        kept_plain = _mask_record(space, mask, dense_total)
+        summary["without_reconstruction"] = {
+            "pruned_ppl": pruned_ppl if same else plain_ppl,
+            "sparsity": kept_plain["sparsity"],
+            "pruned_total": kept_plain["pruned_total"],
+            "same_model": same,
+        }
+        summary["timings"] = {k: round(v, 2) for k, v in s.timings.items()}
     return summary
 
 

@@ -266,6 +266,11 @@ def test_prune_with_reconstruction_on_actors_equals_local(ray_cluster, tmp_path,
     assert chk[f"{chk['returned']}_loss" + ("_reconstructed" if chk["reconstructed"] else "")] == best
     for key in ("search_loss", "start_loss"):  # the plain models' check losses, as the plain run measured them
         assert chk[key] == pytest.approx(plain["check"][key], rel=1e-6)
+    assert chk["without_reconstruction"] == plain["check"]["returned"]  # and the plain run's choice among them
+    without = local["without_reconstruction"]  # the run reports the model a plain run returns, measured
+    assert without["sparsity"] == plain["sparsity"]
+    for seq_len, value in plain["pruned_ppl"].items():
+        assert without["pruned_ppl"][seq_len] == pytest.approx(value, rel=1e-6)
     assert chk["search_loss_reconstructed"] != chk["search_loss"]
     assert ("reconstruct" in local) == chk["reconstructed"]
 
@@ -320,6 +325,14 @@ def test_every_baseline_takes_the_reconstruction_option(method, tmp_path):
     assert summary["params"]["pruned_total"] == summary["params"]["dense_total"] - (
         summary["params"]["dense_prunable"] - summary["params"]["pruned_prunable"]
     )
+    plain = run_baseline(
+        load_config(root / "configs" / "tiny" / "smoke.yaml"), method, tmp_path / "plain", progress=False
+    )
+    without = summary["without_reconstruction"]  # the same baseline as it is returned without reconstruction
+    assert not without["same_model"] and without["sparsity"] == plain["sparsity"]
+    for seq_len, value in plain["pruned_ppl"].items():  # FLAP's own bias compensation included
+        assert without["pruned_ppl"][seq_len] == pytest.approx(value, rel=1e-6)
+        assert summary["pruned_ppl"][seq_len] != pytest.approx(value, rel=1e-3)
 
 
 def test_a_removed_layer_is_folded_into_the_down_proj_before_it():

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from probprune.allocation import AllocationPolicy
 from probprune.baselines import baseline_mask
 from probprune.compaction import compact, save_pruned
-from probprune.config import load_config
+from probprune.config import apply_overrides, load_config
 from probprune.engine.local import LocalEngine
 from probprune.errors import ConfigError
 from probprune.importance import collect_input_stats, wanda_sp_scores
@@ -165,6 +165,12 @@ def test_flap_is_scored_and_returned_with_its_bias_compensation(tmp_path, monkey
     with torch.no_grad():
         torch.testing.assert_close(saved(input_ids=ids).logits, expected(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
     assert summary["init_ppl"] == summary["pruned_ppl"]  # the init-only row is the returned model, biases included
+    # with reconstruction on, the same FLAP start, un-reconstructed, is still the model with its biases
+    on = prune(apply_overrides(cfg, ["reconstruct.enabled=true"]), tmp_path / "flap-rec", progress=False)
+    assert on["check"]["returned"] == on["check"]["without_reconstruction"] == "start"
+    assert not on["check"]["reconstructed"] and "reconstruct" not in on
+    assert on["pruned_ppl"] == pytest.approx(summary["pruned_ppl"], rel=1e-6)
+    assert on["without_reconstruction"]["same_model"]
 
 
 # ---------------------------------------------------------------------------------------------- thin-or-drop
