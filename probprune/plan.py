@@ -20,8 +20,14 @@ one does. Per actor (one replica of the model):
   resident size of this process when the plan is made, after loading the run's data and one tiny forward (which
   loads the kernel libraries); on a GPU a fixed :data:`CUDA_CONTEXT_BYTES`.
 
-The peak is the largest of three phases: search, evaluation of the pruned model, and loading (the weights plus the
-checkpoint files being read, or plus the process's peak while the data loads, measured on CPU). Time per mask-forward
+- **reconstruction** (with ``reconstruct.enabled``): one sublayer's least-squares products on the device (``ZᵀZ`` and
+  ``ZᵀY`` in float32 for the widest output projection, ``down_proj`` with every channel kept: a 13B layer's
+  13,824² + 13,824 × 5,120 floats, 1.05 GB) and one batch's inputs and targets; on a CPU also their float64 sums
+  (twice that) and the calibration blocks' residual stream (``reconstruct.blocks`` × T × H, twice with the ``dense``
+  target) that the process running the solve holds.
+
+The peak is the largest of the phases: search, evaluation of the pruned model, reconstruction, and loading (the weights
+plus the checkpoint files being read, or plus the process's peak while the data loads, measured on CPU). Time per mask-forward
 follows the fitted cost model ``t = c0 + P · tokens / R`` (P: matmul parameters a token passes through under the
 mask, lm_head included), with ``c0 = L · a`` (a: per-layer launch/dispatch overhead) and ``R`` measured on the device
 by :func:`calibrate` (short forwards of a random stack of the model's own layer shape), plus the loss over
@@ -194,13 +200,18 @@ def memory_terms(
     max_rows: int | None = None,
     data_peak: int = 0,
     cpu: bool = False,
+    reconstruct: tuple[str, int, int] | None = None,
 ) -> tuple[dict[str, int], dict]:
-    """Each memory term of one actor (bytes) and the phase totals ``{"search", "evaluation", "loading"}``.
+    """Each memory term of one actor (bytes) and the phase totals ``{"search", "evaluation", "loading"}`` (and
+    ``"reconstruction"``).
 
     ``cpu`` adds the heap fragmentation of evaluating a pruned model on a CPU: its layers have different widths, so
     glibc's heap cannot reuse one layer's freed activations for the next layer's and the process grows by about
     :data:`CPU_FRAGMENTATION_HIDDENS` hidden-state tensors per layer over the forward (measured on SmolLM2-135M at
-    4 x 2048 tokens: +550 MiB over the dense model's evaluation; a dense model's equal layers reuse one set)."""
+    4 x 2048 tokens: +550 MiB over the dense model's evaluation; a dense model's equal layers reuse one set).
+
+    ``reconstruct``: ``(target, blocks, blocks per forward)`` when reconstruction is enabled, adding its phase
+    (module docstring); None: no reconstruction."""
     weights = shape.params * nbytes
     rows = batch if scoring == "gathered" else max(batch, min(num_samples * batch, max_rows or num_samples * batch))
     fwd = forward_bytes(shape, rows, seq_len, nbytes)
@@ -231,6 +242,16 @@ def memory_terms(
         "evaluation": runtime + weights + pruned + terms["eval_activations"] + fragmentation,
         "loading": max(runtime + (checkpoint_bytes or 0), data_peak) + weights,
     }
+    if reconstruct is not None:
+        target, blocks, per_forward = reconstruct
+        k, h, tokens = shape.intermediate, shape.hidden, per_forward * seq_len
+        # ZᵀZ, ZᵀY in float32; one batch's projection input (model dtype, then the kept columns in float32) and target
+        terms["reconstruct_products"] = (k * k + k * h) * 4 + tokens * (k * (nbytes + 4) + h * 4 * 2)
+        terms["reconstruct_host"] = 0
+        if cpu:  # float64 sums and the blocks' residual stream(s) live in the process's memory
+            streams = 2 if target == "dense" else 1
+            terms["reconstruct_host"] = (k * k + k * h) * 8 + streams * blocks * seq_len * h * nbytes
+        phases["reconstruction"] = runtime + weights + terms["reconstruct_products"] + terms["reconstruct_host"]
     return terms, phases
 
 
@@ -587,6 +608,11 @@ def make_plan(
             checkpoint_bytes=_checkpoint_bytes(cfg.model.name_or_path) if device == "cpu" else 0,
             data_peak=data_peak if device == "cpu" else 0,
             cpu=device == "cpu",
+            reconstruct=(
+                (cfg.reconstruct.target, cfg.reconstruct.blocks, cfg.eval.batch_size)
+                if cfg.reconstruct.enabled
+                else None
+            ),
         )
 
     # "auto" is decided by measurement at run time: plan for the larger of the two paths

@@ -56,6 +56,25 @@ def test_a_cpu_plan_counts_the_heap_fragmentation_of_the_pruned_models_evaluatio
     assert gpu.memory["eval_heap_fragmentation"] == 0  # the CUDA caching allocator reuses blocks of any size
 
 
+@pytest.mark.parametrize("target", ["local", "dense"])
+def test_reconstruction_is_a_phase_of_its_own(target):
+    """The widest output projection's products on the device (float32), and on a CPU their float64 sums and the
+    calibration blocks' residual stream(s)."""
+    over = ["reconstruct.enabled=true", f"reconstruct.target={target}", "reconstruct.blocks=10", "eval.batch_size=2"]
+    plan, model = _plan(over, gpu_memory_gib=64)
+    off, _ = _plan([], gpu_memory_gib=64)
+    assert "reconstruction" not in off.phases and "reconstruct_products" not in off.memory
+    k, h, t = 96, 64, load_config(SMOKE, []).data.block_len  # intermediate, hidden, tokens per block
+    assert plan.memory["reconstruct_products"] == (k * k + k * h) * 4 + 2 * t * (k * (4 + 4) + h * 8)
+    streams = 2 if target == "dense" else 1
+    assert plan.memory["reconstruct_host"] == (k * k + k * h) * 8 + streams * 10 * t * h * 4
+    assert plan.phases["reconstruction"] == sum(
+        plan.memory[x] for x in ("runtime", "weights", "reconstruct_products", "reconstruct_host")
+    )
+    gpu, _ = _plan([*over, "model.device=cuda"], gpu_memory_gib=64)
+    assert gpu.memory["reconstruct_host"] == 0
+
+
 def test_step_time_is_the_cost_model():
     plan, model = _plan(["search.sparsity=0.5"])
     shape = model_shape(model)
