@@ -117,6 +117,7 @@ def prune(
             start=start,
             init_ppl=init_ppl,
             rec=c.rec,
+            label="probprune search" + (" + reconstruction" if c.reconstructed else ""),
             reconstructed=c.reconstructed,
             plain=c.plain,
         )

@@ -258,6 +258,12 @@ def format_summary(summary: dict[str, Any]) -> str:
         rows.append(
             row(f"init only ({summary['init']})", summary["init_ppl"], summary["init_total"], summary["init_sparsity"])
         )
+    plain = summary.get("without_reconstruction")
+    if plain and not plain["same_model"]:  # the model the same run returns without reconstruction
+        label = summary.get("method_label", "probprune search").removesuffix(" + reconstruction")
+        rows.append(
+            row(f"{label}, without reconstruction", plain["pruned_ppl"], plain["pruned_total"], plain["sparsity"])
+        )
     rows.append(
         row(
             summary.get("method_label", "probprune search"),

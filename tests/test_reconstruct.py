@@ -333,6 +333,13 @@ def test_every_baseline_takes_the_reconstruction_option(method, tmp_path):
     for seq_len, value in plain["pruned_ppl"].items():  # FLAP's own bias compensation included
         assert without["pruned_ppl"][seq_len] == pytest.approx(value, rel=1e-6)
         assert summary["pruned_ppl"][seq_len] != pytest.approx(value, rel=1e-3)
+    from probprune.run_folder import format_summary
+
+    lines = format_summary(summary).splitlines()  # the printed table has both rows, the plain one first
+    (plain_row,) = [i for i, x in enumerate(lines) if x.startswith(f"| {method}, without reconstruction |")]
+    assert lines[plain_row + 1].startswith(f"| {method} + reconstruction |")
+    for seq_len, value in without["pruned_ppl"].items():
+        assert f"{value:.2f}" in lines[plain_row]
 
 
 def test_a_removed_layer_is_folded_into_the_down_proj_before_it():
