@@ -9,7 +9,7 @@ seed may end worse than that heuristic. With ``search.init=best`` the search
    ``L + (L−1) + … `` pruned models on the first :data:`~probprune.baselines.SLEB_BLOCKS` of the warm start's blocks;
 2. scores each on the **check set** (calibration blocks held out of the search's batches, never the held-out test
    split) by mean next-token cross-entropy — FLAP as it is returned, with its bias compensation added at compaction
-   (unless ``reconstruct`` replaces it) — and starts from the best: keep probabilities
+   (candidates are scored without reconstruction, which would cost one re-fit each) — and starts from the best: keep probabilities
    ``(1 − init_mix)·mask + init_mix·(1 − sparsity)``, projected onto the budget (the mix keeps every unit's
    probability away from 0 and 1, so the samples still explore and the gradient is not zero);
 3. after the search, scores its final mask on the same check set and returns whichever of {search result, start}
