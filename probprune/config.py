@@ -418,7 +418,15 @@ class EvalConfig:
 class ReconstructConfig:
     """Forward-only reconstruction of the kept output columns once the mask is chosen (:mod:`probprune.reconstruct`)."""
 
-    enabled: Annotated[Bool, Field(description="re-fit the kept weights after the mask is chosen")] = False
+    enabled: Annotated[
+        Bool,
+        Field(
+            description=(
+                "re-fit the kept weights after the mask is chosen (with a check set, kept only where it lowers the "
+                "check-set loss)"
+            )
+        ),
+    ] = True
     target: Annotated[
         Literal["local", "dense"],
         Field(
