@@ -111,6 +111,33 @@ def test_empty_sublayers(empty, tmp_path):
     assert torch.equal(out, small.generate(x[:1, :4], max_new_tokens=5, do_sample=False))
 
 
+@pytest.mark.parametrize("empty", ["heads", "channels"])
+def test_an_emptied_sublayer_given_an_output_bias_keeps_the_models_dtype(empty, tmp_path):
+    """A sublayer with nothing left that receives an output bias (FLAP's compensation, a reconstruction): the
+    bias is created in the model's dtype, so a bfloat16 model stays bfloat16 through the layer, and reloads so."""
+    model = tiny_model("llama").to(torch.bfloat16)
+    adapter = get_adapter(model)
+    space = adapter.mask_space()
+    mask = space.full_mask()
+    t = HEAD if empty == "heads" else CHANNEL
+    mask[(space.unit_type == t) & (space.unit_layer == 0)] = 0
+    key = "o_bias" if empty == "heads" else "down_bias"
+    bias = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(0))  # float32, as solved
+    small = compact(model, space, mask, override={0: {key: bias}})
+    layer = get_adapter(small).layers[0]
+    added = layer.self_attn.o_bias if empty == "heads" else layer.mlp.down_bias
+    assert added.dtype == torch.bfloat16
+    torch.testing.assert_close(added.float(), bias.to(torch.bfloat16).float(), rtol=0, atol=0)
+    x = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        logits = small(input_ids=x).logits
+    assert logits.dtype == torch.bfloat16 and logits.isfinite().all()
+    save_pruned(small, tmp_path / "m")
+    layer = get_adapter(load_pruned(tmp_path / "m")).layers[0]
+    reloaded = layer.self_attn.o_bias if empty == "heads" else layer.mlp.down_bias
+    assert reloaded.dtype == torch.bfloat16 and torch.equal(reloaded, added)
+
+
 def test_compacting_a_compacted_model_composes(tmp_path):
     model = tiny_model()
     adapter = get_adapter(model)

@@ -264,9 +264,17 @@ def test_the_default_on_smollm2_starts_at_the_best_layer_removal_and_never_retur
         max(losses["sleb"], losses["shortgpt"])
         < min(losses[k] for k in ("init", "wanda-sp", "flap", "magnitude")) - 0.5
     )
-    chk = summary["check"]
-    assert min(chk["search_loss"], chk["start_loss"]) == (
-        chk["search_loss"] if chk["returned"] == "search" else chk["start_loss"]
-    )
+    chk = summary["check"]  # the default re-fits the kept weights: four models compared on the check set
+    losses = {
+        (name, rec): chk[f"{name}_loss" + ("_reconstructed" if rec else "")]
+        for name in ("search", "start")
+        for rec in (True, False)
+    }
+    assert losses[(chk["returned"], chk["reconstructed"])] == min(losses.values())
+    plain = min(("search", "start"), key=lambda n: losses[(n, False)])
+    assert chk["without_reconstruction"] == plain
     assert summary["sparsity"]["prunable"] == pytest.approx(0.5, abs=1e-9)
-    assert summary["pruned_ppl"]["128"] < 0.9 * summary["init_ppl"]["128"] or chk["returned"] == "start"
+    without = summary["without_reconstruction"]["pruned_ppl"]["128"]
+    assert without < 0.9 * summary["init_ppl"]["128"] or plain == "start"
+    if chk["reconstructed"]:  # the re-fit lowered the check-set loss; held-out perplexity follows (measured: -15 %)
+        assert summary["pruned_ppl"]["128"] < without

@@ -34,12 +34,12 @@ class EmptyAttention(nn.Module):
     It still appends zero-head keys/values to the cache, so the cache reports the right sequence length.
     """
 
-    def __init__(self, hidden_size: int, head_dim: int, layer_idx: int, bias: bool = False):
+    def __init__(self, hidden_size: int, head_dim: int, layer_idx: int, bias: bool = False, dtype=None, device=None):
         super().__init__()
         self.hidden_size = hidden_size
         self.head_dim = head_dim
         self.layer_idx = layer_idx
-        self.o_bias = nn.Parameter(torch.zeros(hidden_size)) if bias else None
+        self.o_bias = nn.Parameter(torch.zeros(hidden_size, dtype=dtype, device=device)) if bias else None
 
     def forward(self, hidden_states: torch.Tensor, *args, cache=None, past_key_values=None, **kwargs):
         cache = cache if cache is not None else past_key_values
@@ -56,10 +56,10 @@ class EmptyAttention(nn.Module):
 class EmptyMLP(nn.Module):
     """MLP sublayer with no channels left: outputs zeros (plus down_proj's bias, if any)."""
 
-    def __init__(self, hidden_size: int, bias: bool = False):
+    def __init__(self, hidden_size: int, bias: bool = False, dtype=None, device=None):
         super().__init__()
         self.hidden_size = hidden_size
-        self.down_bias = nn.Parameter(torch.zeros(hidden_size)) if bias else None
+        self.down_bias = nn.Parameter(torch.zeros(hidden_size, dtype=dtype, device=device)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = x.new_zeros(*x.shape[:-1], self.hidden_size)
@@ -81,12 +81,14 @@ def resize_decoder_layer(layer: nn.Module, config, spec: dict, layer_idx: int) -
     An attention module that reads its head counts from its config gets a copy of the config with this layer's.
     """
     attn, mlp = layer.self_attn, layer.mlp
+    ref = next(layer.parameters())  # an added bias takes the layer's dtype and device (a norm's weight)
+    like = {"dtype": ref.dtype, "device": ref.device}
     head_dim = attn.head_dim
     hidden = config.hidden_size
     n_kv, n_q, inter = spec["num_key_value_heads"], spec["num_attention_heads"], spec["intermediate_size"]
     if n_kv == 0:
         bias = attn.o_bias is not None if isinstance(attn, EmptyAttention) else attn.o_proj.bias is not None
-        layer.self_attn = EmptyAttention(hidden, head_dim, layer_idx, bias=bias or spec.get("o_bias", False))
+        layer.self_attn = EmptyAttention(hidden, head_dim, layer_idx, bias=bias or spec.get("o_bias", False), **like)
     else:
         attn.layer_idx = layer_idx
         if hasattr(attn, "qkv_proj"):
@@ -104,7 +106,7 @@ def resize_decoder_layer(layer: nn.Module, config, spec: dict, layer_idx: int) -
             attn.config.num_attention_heads, attn.config.num_key_value_heads = n_q, n_kv
     if inter == 0:
         bias = mlp.down_bias is not None if isinstance(mlp, EmptyMLP) else mlp.down_proj.bias is not None
-        layer.mlp = EmptyMLP(hidden, bias=bias or spec.get("down_bias", False))
+        layer.mlp = EmptyMLP(hidden, bias=bias or spec.get("down_bias", False), **like)
     else:
         mlp.intermediate_size = inter
         if hasattr(mlp, "gate_up_proj"):
