@@ -184,21 +184,29 @@ def run_baseline(
             from .reconstruct import Reconstruction
 
             own = Reconstruction(biases=s.engine.run(flap_compensation, s.space, mask, stats))
+        check_record = None
         if cfg.reconstruct.enabled:  # replaces FLAP's compensation (both would count the removed columns twice)
             rec = reconstruct(s, mask)
-            summary = finish(
-                s,
-                run,
-                mask,
-                t_start,
-                dense_ppl,
-                label=label + " + reconstruction",
-                rec=rec,
-                reconstructed=True,
-                plain=(mask, own),
-            )
+            if cfg.reconstruct.choose and cfg.search.check_blocks:  # kept only where it lowers the check-set loss
+                check_record = check_reconstruction(s, mask, own, rec)
+            if check_record is None or check_record["reconstructed"]:
+                summary = finish(
+                    s,
+                    run,
+                    mask,
+                    t_start,
+                    dense_ppl,
+                    label=label + " + reconstruction",
+                    rec=rec,
+                    reconstructed=True,
+                    plain=(mask, own),
+                )
+            else:
+                summary = finish(s, run, mask, t_start, dense_ppl, label=label, rec=own, plain=(mask, own))
         else:
             summary = finish(s, run, mask, t_start, dense_ppl, label=label, rec=own)
+        if check_record is not None:
+            summary["check"] = check_record
     summary["method"] = method
     summary["wall_seconds"] = round(time.perf_counter() - t_start, 2)
     run.write_summary(summary, cfg)
@@ -234,6 +242,27 @@ def evaluate_folder(cfg: Config, tasks: str | None = None, limit: int | None = N
 
 
 # ------------------------------------------------------------------------------------------------ helpers
+def check_reconstruction(s: Session, mask: np.ndarray, own: Any, rec: Any) -> dict[str, Any]:
+    """A baseline's model as it is (with its own weight changes ``own``, e.g. FLAP's biases) and reconstructed
+    (``rec``), scored on the check set (the last ``search.check_blocks`` calibration blocks, which reconstruction
+    never sees); the reconstruction is kept only if it lowers the loss there (ties: kept)."""
+    from .reconstruct import reconstructed_loss
+
+    _, check = s.calib.hold_out(s.cfg.search.check_blocks)
+    bs = s.cfg.search.batch_size
+    with s.timed("check"):
+        plain = reconstructed_loss(s.engine, s.space, mask, own, check, bs)
+        fitted = reconstructed_loss(s.engine, s.space, mask, rec, check, bs)
+    log.info("check set: as it is %.4f, reconstructed %.4f", plain, fitted)
+    return {
+        "blocks": int(check.shape[0]),
+        "tokens": int(check.numel()),
+        "loss": float(plain),
+        "loss_reconstructed": float(fitted),
+        "reconstructed": bool(fitted <= plain),
+    }
+
+
 @contextmanager
 def _closing(s: Session) -> Iterator[Session]:
     try:

@@ -288,7 +288,13 @@ def format_summary(summary: dict[str, Any]) -> str:
     if ws:
         cands = ", ".join(f"{k} {v:.3f}" for k, v in sorted(ws["check_losses"].items(), key=lambda kv: kv[1]))
         foot += f"\nwarm start: {ws['chosen']} (check-set cross-entropy: {cands})"
-    if chk:
+    if chk and "loss_reconstructed" in chk:  # a baseline: itself vs reconstructed
+        foot += (
+            f"\ncheck set ({chk['tokens']:,} held-out calibration tokens): as it is {chk['loss']:.3f}, reconstructed "
+            f"{chk['loss_reconstructed']:.3f}: returned "
+            + ("reconstructed" if chk["reconstructed"] else "without reconstruction")
+        )
+    elif chk:
         foot += (
             f"\ncheck set ({chk['tokens']:,} held-out calibration tokens): search result {chk['search_loss']:.3f}, "
             f"start {chk['start_loss']:.3f}: returned the {chk['returned']}"

@@ -367,3 +367,40 @@ def test_a_removed_layer_is_folded_into_the_down_proj_before_it():
     b = torch.cat([y, lam**0.5 * w0.T])
     want = torch.linalg.lstsq(a, b).solution.T
     torch.testing.assert_close(rec.weights[0]["down_proj"], want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("method, spoil", [("shortgpt", False), ("flap", True)])
+def test_a_baseline_keeps_its_reconstruction_only_where_it_lowers_the_check_set_loss(
+    method, spoil, tmp_path, monkeypatch
+):
+    """With a check set, ``probprune baseline`` scores its model as it is (FLAP: with its biases) and reconstructed on
+    held-out calibration blocks and returns the better: ShortGPT's re-fit (its removed layers folded in) is kept, a
+    spoiled one (columns × 30) is refused and FLAP comes back with its own biases."""
+    import dataclasses
+    from pathlib import Path
+
+    from probprune import pipeline
+    from probprune.config import load_config
+
+    root = Path(__file__).resolve().parents[1]
+    over = ["reconstruct.enabled=true", "reconstruct.blocks=56", "search.check_blocks=8"]
+    real = pipeline.reconstruct
+
+    def spoiled(s, mask):
+        rec = real(s, mask)
+        weights = {li: {w: 30 * t for w, t in parts.items()} for li, parts in rec.weights.items()}
+        return dataclasses.replace(rec, weights=weights)
+
+    if spoil:
+        monkeypatch.setattr(pipeline, "reconstruct", spoiled)
+    summary = pipeline.run_baseline(load_config(root / "configs/tiny/smoke.yaml", over), method, tmp_path / "r")
+    plain = pipeline.run_baseline(load_config(root / "configs/tiny/smoke.yaml"), method, tmp_path / "p")
+    chk = summary["check"]
+    assert chk["blocks"] == 8 and chk["reconstructed"] == (chk["loss_reconstructed"] <= chk["loss"])
+    assert chk["reconstructed"] != spoil  # the real re-fit helps on this model; the spoiled one does not
+    assert ("reconstruct" in summary) == chk["reconstructed"]
+    for seq_len, value in plain["pruned_ppl"].items():  # the plain model, as the plain baseline returns it
+        assert summary["without_reconstruction"]["pruned_ppl"][seq_len] == pytest.approx(value, rel=1e-6)
+        if spoil:  # refused: the returned model is the plain one
+            assert summary["pruned_ppl"][seq_len] == pytest.approx(value, rel=1e-6)
+    assert summary["method_label"] == method + ("" if spoil else " + reconstruction")
