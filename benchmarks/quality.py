@@ -15,8 +15,10 @@ and prints, for each sparsity, ours ÷ best baseline.
 
 ``--with-reconstruction`` runs every job with ``reconstruct.enabled=true`` (row ``METHOD+rec``) and takes the row
 ``METHOD`` from the same run: the model that run returns without reconstruction, evaluated on the same held-out
-tokens (``summary.json``'s ``without_reconstruction``). The two rows of a seed share one search (or baseline mask),
-so they differ by the reconstruction alone, at half the cost of separate runs.
+tokens (``summary.json``'s ``without_reconstruction``). That is the model a run with ``reconstruct.enabled=false``
+returns whenever the search started where such a run starts (a baseline; a warm start won by a candidate's own
+loss, not by its re-fit): only then is the row taken, so the two rows of a seed share one search (or baseline
+mask) and differ by the reconstruction alone, at half the cost of separate runs.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ QUICKSTART = None  # in PRESETS: the --model's quickstart config
 PRESETS = {  # search presets: label -> (config file, overrides)
     # the default exactly as a user runs it (the quickstart config at each sparsity, its own step count)
     "probprune-ours": (QUICKSTART, []),
+    # the default, its kept weights re-fit only at the final choice (its warm start scores no re-fit candidate)
+    "probprune-ours-refit-end": (QUICKSTART, ["reconstruct.candidates=0"]),
     # the default with cross-entropy instead of the KL objective
     "probprune-ours-ce": (QUICKSTART, ["search.objective=ce"]),
     # thin only: the same allocation search from the Wanda-sp init, no warm start and no check set
@@ -247,6 +251,16 @@ def finished(jobs: list[tuple[str, dict]]):
             yield spec, json.loads(p.read_text())
 
 
+def plain_search(summary: dict) -> bool:
+    """Whether a run with reconstruction searched from where the same run without it starts: no warm start, or one
+    won by a candidate's own check-set loss (not by a ``+rec`` entry, a candidate scored re-fit)."""
+    ws = summary.get("warm_start")
+    if ws is None:
+        return True
+    own = {k: v for k, v in ws["check_losses"].items() if not k.endswith("+rec")}
+    return min(own, key=own.get) == ws["chosen"]
+
+
 def write_results(out: Path, jobs, statuses, wall: float, label: str) -> None:
     import pandas as pd
 
@@ -271,7 +285,7 @@ def write_results(out: Path, jobs, statuses, wall: float, label: str) -> None:
         }
         rows.append(row)
         plain = s.get("without_reconstruction")
-        if spec["method"].endswith(REC) and plain:  # the same run's model without reconstruction: row METHOD
+        if spec["method"].endswith(REC) and plain and plain_search(s):  # the same run without reconstruction
             rows.append(
                 {
                     **row,

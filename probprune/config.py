@@ -465,6 +465,16 @@ class ReconstructConfig:
             description=("the check-set choice compares search result and start, each with and without reconstruction")
         ),
     ] = True
+    candidates: Annotated[
+        Int,
+        Field(
+            ge=0,
+            description=(
+                "`search.init: best` also scores its N best start candidates re-fit (one reconstruction each) and "
+                "starts from the best of all, re-fit or not"
+            ),
+        ),
+    ] = 2
 
 
 @_section

@@ -584,6 +584,7 @@ def choose_final(
     check: torch.Tensor,
     start_rec: Reconstruction | None = None,
     start_loss: float | None = None,
+    start_refit: tuple[Reconstruction, float] | None = None,
 ) -> tuple[np.ndarray, Reconstruction | None, dict[str, Any], tuple[np.ndarray, Reconstruction | None]]:
     """:func:`probprune.warmstart.choose_final` over the models as they may be returned: the search's result and its
     start, each as it is and reconstructed, scored on the check set; the lowest loss wins (ties: the search's, then
@@ -593,6 +594,7 @@ def choose_final(
         start_rec: the start's own weight changes as its baseline returns it (FLAP's bias compensation), or None;
             its reconstruction replaces them.
         start_loss: the check-set loss of the start as returned (with ``start_rec``), if already measured.
+        start_refit: the start's reconstruction and its check-set loss, if already made (by the warm start).
 
     Returns:
         ``(mask, its reconstruction or None, record, plain)``; record has ``choose_final``'s ``search_loss``,
@@ -600,15 +602,19 @@ def choose_final(
         ``reconstructed`` (whether the returned model is) and ``without_reconstruction`` (which of the two a run
         without reconstruction returns); plain is that model, ``(mask, its weight changes or None)``.
     """
-    recs = {"search": for_session(s, final)}
     same = np.array_equal(np.asarray(final), np.asarray(start))
-    recs["start"] = recs["search"] if same else for_session(s, start)
     bs = s.cfg.search.batch_size
     masks = {"search": final, "start": start}
     as_is = {"search": None, "start": start_rec}  # each model as a run without reconstruction returns it
-    loss = {}
+    recs, loss = {}, {}
+    if start_refit is not None:
+        recs["start"], loss[("start", True)] = start_refit
+    if same and "start" in recs:
+        recs["search"], loss[("search", True)] = recs["start"], loss[("start", True)]
     for name, m in masks.items():
-        loss[(name, True)] = reconstructed_loss(s.engine, s.space, m, recs[name], check, bs)
+        if name not in recs:
+            recs[name] = recs["search"] if same and name == "start" else for_session(s, m)
+            loss[(name, True)] = reconstructed_loss(s.engine, s.space, m, recs[name], check, bs)
     loss[("search", False)] = reconstructed_loss(s.engine, s.space, final, None, check, bs)
     if start_loss is not None and start_rec is not None:
         loss[("start", False)] = start_loss

@@ -55,7 +55,7 @@ class Session:
     def timed(self, name: str) -> Iterator[None]:
         t = time.perf_counter()
         yield
-        self.timings[name] = time.perf_counter() - t
+        self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t  # summed over calls
 
 
 def prepare(cfg: Config, need_stats: bool = True, progress: bool = True) -> Session:

@@ -93,8 +93,28 @@ def warm_start(s: Session, check: torch.Tensor | None) -> Start:
         as_returned = {}
         if "flap" in candidates:  # FLAP is returned with its bias compensation (reconstruction, if on, replaces it)
             as_returned["flap"] = flap_as_returned(s, candidates["flap"], check)
+        r = s.cfg.reconstruct
+        refit = None
+        if r.enabled and r.candidates:  # the start as it may be returned: re-fit
+
+            def refit(mask: np.ndarray) -> tuple[Any, float]:
+                from .reconstruct import reconstructed_loss
+
+                rec = reconstruct(s, mask)
+                return rec, reconstructed_loss(s.engine, s.space, mask, rec, check, sc.batch_size)
+
         warm = choose_start(
-            s.engine, candidates, check, sc.batch_size, s.space, sc.init_mix, sc.sparsity, sc.budget, as_returned
+            s.engine,
+            candidates,
+            check,
+            sc.batch_size,
+            s.space,
+            sc.init_mix,
+            sc.sparsity,
+            sc.budget,
+            as_returned,
+            refit=refit,
+            refit_top=r.candidates,
         )
     return Start(f"best: {warm.name}", warm.mask, warm.probs, warm)
 
@@ -173,7 +193,8 @@ def choose(s: Session, policy, result, start: Start, check: torch.Tensor | None)
             if cfg.reconstruct.enabled and cfg.reconstruct.choose:
                 from .reconstruct import choose_final
 
-                final, rec, record, plain = choose_final(s, final, start.mask, check, start.rec, start_loss)
+                refit = None if start.warm is None else start.warm.refit  # the start's re-fit, if already done
+                final, rec, record, plain = choose_final(s, final, start.mask, check, start.rec, start_loss, refit)
                 record = {"blocks": int(check.shape[0]), "tokens": int(check.numel()), **record}
                 return Choice(final, rec, probs, record, record["reconstructed"], plain)
             else:

@@ -24,6 +24,7 @@ a layer with no head and no channel units kept, so thin-or-drop allocations cont
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +40,7 @@ from .models.base import FamilyAdapter
 log = logging.getLogger(__name__)
 
 CANDIDATES = ("shortgpt", "sleb", "wanda-sp", "flap", "magnitude")  # forward-only baselines (taylor needs gradients)
+REFIT = "+rec"  # check_losses entry of a candidate scored with its kept weights re-fit
 
 
 @dataclass
@@ -57,6 +59,7 @@ class WarmStart:
     probs: np.ndarray
     check_losses: dict[str, float] = field(default_factory=dict)
     rec: Any = None  # the chosen candidate's weight changes at compaction (FLAP's bias compensation), or None
+    refit: tuple[Any, float] | None = None  # the chosen candidate re-fit (Reconstruction, check loss), if scored
 
 
 def candidate_masks(
@@ -144,12 +147,16 @@ def choose_start(
     sparsity: float,
     budget: str,
     as_returned: dict[str, tuple[float, Any]] | None = None,
+    refit: Callable[[np.ndarray], tuple[Any, float]] | None = None,
+    refit_top: int = 0,
 ) -> WarmStart:
     """Score every candidate on the check set and start from the best (ties: the first listed).
 
     Args:
         as_returned: ``{name: (check-set loss, rec)}`` for candidates that are returned with weight changes
             (FLAP with its bias compensation): that loss replaces the mask's own, and ``rec`` goes with the start.
+        refit: ``mask -> (reconstruction, its check-set loss)``: the ``refit_top`` best candidates are also scored
+            re-fit (entries ``NAME+rec`` of ``check_losses``); the start is the mask of the best entry of either kind.
 
     Returns:
         The :class:`WarmStart`.
@@ -157,17 +164,20 @@ def choose_start(
     names = list(candidates)
     losses = check_losses(engine, np.stack([candidates[n] for n in names]), check, batch_size)  # [C]
     as_returned = as_returned or {}
-    losses = np.array([as_returned[n][0] if n in as_returned else v for n, v in zip(names, losses)])
-    best = int(np.argmin(losses))
-    table = {n: float(v) for n, v in zip(names, losses)}
+    table = {n: float(as_returned[n][0] if n in as_returned else v) for n, v in zip(names, losses)}
+    refits = {}
+    if refit is not None:
+        for n in sorted(names, key=table.get)[:refit_top]:
+            refits[n] = refit(candidates[n])
+            table[n + REFIT] = float(refits[n][1])
+    entry = min(table, key=table.get)
+    name = entry.removesuffix(REFIT)
     log.info(
-        "warm start: check-set loss %s; starting from %s",
-        ", ".join(f"{n} {v:.4f}" for n, v in table.items()),
-        names[best],
+        "warm start: check-set loss %s; starting from %s", ", ".join(f"{n} {v:.4f}" for n, v in table.items()), entry
     )
-    mask = candidates[names[best]]
-    rec = as_returned[names[best]][1] if names[best] in as_returned else None
-    return WarmStart(names[best], mask, warm_probs(space, mask, mix, sparsity, budget), table, rec)
+    mask = candidates[name]
+    rec = as_returned[name][1] if name in as_returned else None
+    return WarmStart(name, mask, warm_probs(space, mask, mix, sparsity, budget), table, rec, refits.get(name))
 
 
 def choose_final(

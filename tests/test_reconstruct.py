@@ -267,6 +267,12 @@ def test_prune_with_reconstruction_on_actors_equals_local(ray_cluster, tmp_path,
     for key in ("search_loss", "start_loss"):  # the plain models' check losses, as the plain run measured them
         assert chk[key] == pytest.approx(plain["check"][key], rel=1e-6)
     assert chk["without_reconstruction"] == plain["check"]["returned"]  # and the plain run's choice among them
+    scored = local["warm_start"]["check_losses"]  # the two best candidates were also scored re-fit
+    assert sum(k.endswith("+rec") for k in scored) == 2
+    assert min(scored, key=scored.get).removesuffix("+rec") == local["warm_start"]["chosen"]
+    refit = scored.get(local["warm_start"]["chosen"] + "+rec")
+    if refit is not None:  # the start's re-fit was made once, by the warm start, and reused by the final choice
+        assert chk["start_loss_reconstructed"] == pytest.approx(refit, rel=1e-12)
     without = local["without_reconstruction"]  # the run reports the model a plain run returns, measured
     assert without["sparsity"] == plain["sparsity"]
     for seq_len, value in plain["pruned_ppl"].items():

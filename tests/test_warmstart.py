@@ -90,6 +90,32 @@ def test_warm_start_begins_at_the_best_candidate_mask(tiny) -> None:
     np.testing.assert_allclose(sorted(set(np.round(warm.probs, 9))), [0.125, 0.875])  # (1-0.25)*{0,1} + 0.25*0.5
 
 
+def test_a_start_candidate_scored_re_fit_can_win_and_its_refit_comes_with_it(tiny) -> None:
+    """The ``refit_top`` best candidates (by their own loss) are also scored re-fit; the start is the mask of the best
+    entry of either kind, and that candidate's re-fit travels with the start (the final choice reuses it)."""
+    model, adapter, space, blocks, check = tiny
+    stats = collect_input_stats(adapter, blocks)
+    init_mask = baseline_mask("wanda-sp", adapter, space, blocks, 0.5, stats=stats)
+    cands = candidate_masks(adapter, space, blocks, stats, 0.5, "per_type", init_mask)
+    ev = LocalEngine(model, space)
+    plain = choose_start(ev, cands, check, 2, space, mix=0.25, sparsity=0.5, budget="per_type")
+    ranked = sorted(plain.check_losses, key=plain.check_losses.get)
+    refitted = []
+
+    def refit(mask):  # the second-best candidate becomes the best once "re-fit"; the best one gets worse
+        name = next(n for n in cands if np.array_equal(cands[n], mask))
+        refitted.append(name)
+        return f"rec of {name}", plain.check_losses[name] + (-1.0 if name == ranked[1] else 1.0)
+
+    warm = choose_start(ev, cands, check, 2, space, 0.25, 0.5, "per_type", refit=refit, refit_top=2)
+    assert refitted == ranked[:2]  # only the two best, by their own loss
+    assert set(warm.check_losses) == set(cands) | {f"{n}+rec" for n in ranked[:2]}
+    assert warm.name == ranked[1] and warm.refit == (f"rec of {ranked[1]}", plain.check_losses[ranked[1]] - 1.0)
+    np.testing.assert_array_equal(warm.mask, cands[ranked[1]])
+    none = choose_start(ev, cands, check, 2, space, 0.25, 0.5, "per_type", refit=refit, refit_top=0)
+    assert none.name == plain.name and none.refit is None
+
+
 def test_the_returned_mask_is_never_worse_than_the_start_on_the_check_set(tiny) -> None:
     model, adapter, space, blocks, check = tiny
     ev = LocalEngine(model, space)
