@@ -57,6 +57,7 @@ PRESETS = {  # search presets: label -> (config file, overrides)
     ),
 }
 MODEL_ONLY = {"probprune-paper": "smollm2-135m"}  # presets whose config is one model's
+OURS = ("probprune-ours", "probprune-ours-refit-end")  # the default (and its variant) in the ratio table
 REC = "+rec"  # method-name suffix of the runs with reconstruction
 PINNED_STEPS = {"probprune-paper"}  # presets that take --steps; the others keep their config's step count
 # Equal calibration budget: the paper preset scores 2 masks x 8 x 128 tokens per step, ours 4 masks x 4 x 128, so
@@ -341,7 +342,7 @@ def write_results(out: Path, jobs, statuses, wall: float, label: str) -> None:
                 + f" | {int(r['seeds'])} | {r['wall']:.0f} |"
             )
         base = grp[~grp["method"].str.removesuffix(REC).isin(PRESETS)]
-        for _, o in grp[grp["method"].isin(["probprune-ours", "probprune-ours" + REC])].iterrows():
+        for _, o in grp[grp["method"].str.removesuffix(REC).isin(OURS)].iterrows():
             if not len(base):
                 break
             for c in short:
