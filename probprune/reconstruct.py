@@ -103,6 +103,13 @@ def _full_slice(adapter: FamilyAdapter, layer: nn.Module, which: str, ws: fn.Wor
     return fn.gather_mlp(adapter, layer, None, ws)
 
 
+@dataclass
+class _Emptied:
+    """A sublayer with nothing kept that still adds an output bias: its own (if any) plus an added one."""
+
+    bias: torch.Tensor  # [H]
+
+
 def _kept_slice(
     adapter: FamilyAdapter,
     layer: nn.Module,
@@ -112,20 +119,25 @@ def _kept_slice(
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
 ):
-    """The kept units' slice of one sublayer (None: nothing kept), its output columns/bias replaced if given."""
+    """The kept units' slice of one sublayer, its output columns/bias replaced if given; None where nothing is kept
+    and no bias added (the adapter then adds the sublayer's own output bias, if any), :class:`_Emptied` where a
+    bias is added to a sublayer with nothing kept (as :func:`probprune.compaction.compact` builds it)."""
     dev = adapter.layer_device(layer)
     keep = LayerKeep(*(t.to(dev) for t in (keep.kv_heads, keep.q_heads, keep.channels)))
-    if which == ATTN:
-        if keep.kv_heads.numel() == 0:
+    empty = keep.kv_heads.numel() == 0 if which == ATTN else keep.channels.numel() == 0
+    if empty:
+        if bias is None:
             return None
+        own = adapter.attn_out_bias(layer) if which == ATTN else adapter.mlp_out_bias(layer)
+        total = bias.to(dev, torch.float64) + (0.0 if own is None else own.double())
+        return _Emptied(total.to(next(layer.parameters()).dtype))
+    if which == ATTN:
         every = keep.kv_heads.numel() == adapter.num_kv_heads(
             layer
         ) and keep.q_heads.numel() == adapter.num_query_heads(layer)
         sl = fn.gather_attention(adapter, layer, None if every else keep.kv_heads, None if every else keep.q_heads, ws)
         w_key, b_key = "w_o", "b_o"
     else:
-        if keep.channels.numel() == 0:
-            return None
         every = keep.channels.numel() == adapter.num_channels(layer)
         sl = fn.gather_mlp(adapter, layer, None if every else keep.channels, ws)
         w_key, b_key = "w_down", "b_down"
@@ -141,6 +153,9 @@ def _kept_slice(
 
 def _sublayer(adapter: FamilyAdapter, layer: nn.Module, li: int, which: str, h: torch.Tensor, sl) -> torch.Tensor:
     """Residual sublayer ``which`` of layer ``li`` on ``h`` ``[B, T, H]`` with slice ``sl`` (None: nothing kept)."""
+    if isinstance(sl, _Emptied):  # the sublayer's output is its bias (through the family's norms, as compacted)
+        block = adapter.attn_block if which == ATTN else adapter.mlp_block
+        return block(layer, h, lambda x: torch.zeros_like(x) + sl.bias.to(x.device))
     if which == ATTN:
         return adapter.attn_sublayer(layer, h, _rotary(adapter, li, h), sl)
     return adapter.mlp_sublayer(layer, h, sl)

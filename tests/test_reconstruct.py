@@ -127,6 +127,33 @@ def test_the_gathered_reconstructed_forward_equals_the_compacted_model(kind):
     assert all(v["err_after"] < v["err_before"] for v in rec.info.values())
 
 
+@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+def test_an_emptied_sublayer_with_an_added_bias_is_scored_as_it_is_compacted(kind):
+    """FLAP's compensation of a sublayer it empties: the check-set scoring path adds that bias exactly as the
+    compacted model does (an EmptyAttention / EmptyMLP with the bias, through the family's norms)."""
+    from probprune.reconstruct import Reconstruction
+
+    model = tiny_model(kind, num_hidden_layers=3)
+    adapter = get_adapter(model)
+    space = adapter.mask_space()
+    mask = space.full_mask()
+    mask[_units(space, HEAD, 1)] = 0  # layer 1's attention is empty, its MLP thinned
+    mask[_units(space, CHANNEL, 1)[:5]] = 0
+    mask[_units(space, CHANNEL, 2)] = 0  # layer 2's MLP is empty
+    g = torch.Generator().manual_seed(0)
+    h = model.config.hidden_size
+    rec = Reconstruction(
+        biases={1: {"o_proj": torch.randn(h, generator=g)}, 2: {"down_proj": torch.randn(h, generator=g)}}
+    )
+    x = _blocks(model, 2, 12, seed=3)
+    with torch.no_grad():
+        want = compact(model, space, mask, override=rec.override())(x).logits
+        got = adapter.logits(reconstructed_hidden(adapter, space, mask, rec, x))
+        bare = adapter.logits(reconstructed_hidden(adapter, space, mask, None, x))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert (got - bare).abs().max() > 0.1  # the biases matter
+
+
 def _hetero_mask(space):
     mask = space.full_mask()
     mask[_units(space, HEAD, 0)[:1]] = 0
