@@ -184,27 +184,23 @@ def run_baseline(
             from .reconstruct import Reconstruction
 
             own = Reconstruction(biases=s.engine.run(flap_compensation, s.space, mask, stats))
-        check_record = None
+        rec = check_record = None
         if cfg.reconstruct.enabled:  # replaces FLAP's compensation (both would count the removed columns twice)
             rec = reconstruct(s, mask)
             if cfg.reconstruct.choose and cfg.search.check_blocks:  # kept only where it lowers the check-set loss
                 check_record = check_reconstruction(s, mask, own, rec)
-            if check_record is None or check_record["reconstructed"]:
-                summary = finish(
-                    s,
-                    run,
-                    mask,
-                    t_start,
-                    dense_ppl,
-                    label=label + " + reconstruction",
-                    rec=rec,
-                    reconstructed=True,
-                    plain=(mask, own),
-                )
-            else:
-                summary = finish(s, run, mask, t_start, dense_ppl, label=label, rec=own, plain=(mask, own))
-        else:
-            summary = finish(s, run, mask, t_start, dense_ppl, label=label, rec=own)
+        refit = rec is not None and (check_record is None or check_record["reconstructed"])
+        summary = finish(
+            s,
+            run,
+            mask,
+            t_start,
+            dense_ppl,
+            label=label + (" + reconstruction" if refit else ""),
+            rec=rec if refit else own,
+            reconstructed=refit,
+            plain=None if rec is None else (mask, own),
+        )
         if check_record is not None:
             summary["check"] = check_record
     summary["method"] = method
