@@ -191,7 +191,7 @@ def main() -> None:
                 summary["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
                 summary["run_label"] = label
                 (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-            summary["work"] = str(out)
+            summary["work"], summary["run_path"] = str(out), str(run)
             results.append(summary)
             rows += rows_of(summary, label, budget, lr)
     write_results(args, results, rows, fwd, teacher_dtype)
@@ -235,7 +235,7 @@ def write_results(args, results: list[dict], rows: list[dict], fwd: dict, teache
         )
     specs = []
     for s in results:
-        run = Path(s["work"]).parent.name
+        run = s["run_path"]
         if not specs or specs[-1][0] != run:
             specs.append((run, []))
         if str(s["heal"]["tokens"]) not in specs[-1][1]:
@@ -257,8 +257,9 @@ def write_results(args, results: list[dict], rows: list[dict], fwd: dict, teache
         f"Machine: {info['cpus']} CPUs, torch {info['torch']}, {info['torch_threads']} threads.",
         "",
         "Command: `python benchmarks/heal.py "
-        + " ".join(f"--run RUNS/{run}:{','.join(b)}" for run, b in specs)
-        + f" --eval-every-tokens {args.eval_every_tokens} --lr {' '.join(f'{lr:g}' for lr in args.lr)}`",
+        + " ".join(f"--run {run}:{','.join(b)}" for run, b in specs)
+        + f" --eval-every-tokens {args.eval_every_tokens} --lr {' '.join(f'{lr:g}' for lr in args.lr)}"
+        + f" --work {args.work} --out {args.out}`",
     ]
     (args.out / "heal.md").write_text("\n".join(md) + "\n")
     curves = {
