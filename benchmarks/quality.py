@@ -258,7 +258,9 @@ def plain_search(summary: dict) -> bool:
     ws = summary.get("warm_start")
     if ws is None:
         return True
-    own = {k: v for k, v in ws["check_losses"].items() if not k.endswith("+rec")}
+    from probprune.warmstart import REFIT
+
+    own = {k: v for k, v in ws["check_losses"].items() if not k.endswith(REFIT)}
     return min(own, key=own.get) == ws["chosen"]
 
 

@@ -20,7 +20,7 @@ from probprune.config import load_config
 from probprune.reconstruct import reconstructed_loss
 from probprune.session import prepare
 from probprune.steps import reconstruct
-from probprune.warmstart import check_losses
+from probprune.warmstart import REFIT, check_losses
 
 torch.set_num_threads(1)  # as the quality benchmark's jobs ran
 ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -30,7 +30,8 @@ args = ap.parse_args()
 out = {}
 for run in args.runs:
     cfg = load_config(f"{run}/config.yaml")  # a run made before the option: it takes the default
-    summ = json.load(open(f"{run}/summary.json"))
+    with open(f"{run}/summary.json") as f:
+        summ = json.load(f)
     s = prepare(cfg, progress=False)
     _, check = s.calib.hold_out(cfg.search.check_blocks)
     bs = cfg.search.batch_size
@@ -48,9 +49,9 @@ for run in args.runs:
         (bare,) = check_losses(s.engine, np.asarray(m)[None], check, bs)
         assert abs(bare - table[name]) < 1e-9, (run, name, bare, table[name])  # the run's own check set
         rec = reconstruct(s, m)
-        new[name + "+rec"] = float(reconstructed_loss(s.engine, s.space, m, rec, check, bs))
-        print(run, name, "bare", bare, "recorded", table[name], "+rec", new[name + "+rec"], flush=True)
-    best = min(new, key=new.get).removesuffix("+rec")
+        new[name + REFIT] = float(reconstructed_loss(s.engine, s.space, m, rec, check, bs))
+        print(run, name, "bare", bare, "recorded", table[name], "+rec", new[name + REFIT], flush=True)
+    best = min(new, key=new.get).removesuffix(REFIT)
     out[run] = {
         "chosen_then": chosen,
         "chosen_with_candidates": best,

@@ -110,6 +110,11 @@ class _Emptied:
     bias: torch.Tensor  # [H]
 
 
+def _plus_own(bias: torch.Tensor, own: torch.Tensor | None, dev) -> torch.Tensor:
+    """An added output bias plus the sublayer's own (if any), in float64 on ``dev``."""
+    return bias.to(dev, torch.float64) + (0.0 if own is None else own.double())
+
+
 def _kept_slice(
     adapter: FamilyAdapter,
     layer: nn.Module,
@@ -129,8 +134,7 @@ def _kept_slice(
         if bias is None:
             return None
         own = adapter.attn_out_bias(layer) if which == ATTN else adapter.mlp_out_bias(layer)
-        total = bias.to(dev, torch.float64) + (0.0 if own is None else own.double())
-        return _Emptied(total.to(next(layer.parameters()).dtype))
+        return _Emptied(_plus_own(bias, own, dev).to(next(layer.parameters()).dtype))
     if which == ATTN:
         every = keep.kv_heads.numel() == adapter.num_kv_heads(
             layer
@@ -145,9 +149,7 @@ def _kept_slice(
     if weight is not None:
         new[w_key] = weight.to(dev, getattr(sl, w_key).dtype)
     if bias is not None:
-        old = getattr(sl, b_key)
-        b = bias.to(dev, torch.float64) + (0.0 if old is None else old.double())
-        new[b_key] = b.to(getattr(sl, w_key).dtype)
+        new[b_key] = _plus_own(bias, getattr(sl, b_key), dev).to(getattr(sl, w_key).dtype)
     return dataclasses.replace(sl, **new) if new else sl
 
 

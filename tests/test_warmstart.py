@@ -287,7 +287,8 @@ def test_the_default_on_smollm2_starts_at_the_best_layer_removal_and_never_retur
     assert set(losses) == {"init", "shortgpt", "sleb", "wanda-sp", "flap", "magnitude"}
     # at 50 % dropping whole layers is by far the best start (measured: SLEB 6.0, ShortGPT 6.3, the rest >= 7.0 nats)
     assert min(losses, key=losses.get) == "sleb"
-    assert max(losses["sleb"], losses["shortgpt"]) < min(losses[k] for k in ("init", "wanda-sp", "flap", "magnitude"))
+    rest = min(losses[k] for k in ("init", "wanda-sp", "flap", "magnitude"))
+    assert max(losses["sleb"], losses["shortgpt"]) < rest - 0.5
     # the two best are also scored re-fit, and the start is the best entry of either kind
     assert {k for k in scored if k.endswith("+rec")} == {"sleb+rec", "shortgpt+rec"}
     assert summary["warm_start"]["chosen"] == min(scored, key=scored.get).removesuffix("+rec")
