@@ -186,7 +186,7 @@ def main() -> None:
                 summary = json.loads((out / "summary.json").read_text())
             else:
                 t = time.perf_counter()
-                summary = heal(cfg, run / "model", out, extra_eval=extra, resume=(out / "heal_checkpoint.pt").exists())
+                summary = heal(cfg, run / "model", out, extra_eval=extra, resume=out.exists())  # a killed one goes on
                 summary["benchmark_wall_seconds"] = round(time.perf_counter() - t, 1)
                 summary["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
                 summary["run_label"] = label

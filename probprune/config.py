@@ -1210,6 +1210,13 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
     return _finish(data, errors)
 
 
+def config_text(cfg: Config) -> str:
+    """The YAML text that :func:`save_config` writes for ``cfg`` (every field, no preset needed)."""
+    return "# probprune config (written by save_config)\n" + yaml.safe_dump(
+        config_to_dict(cfg), sort_keys=False, default_flow_style=None
+    )
+
+
 def save_config(cfg: Config, path: str | Path) -> Path:
     """Write ``cfg`` as YAML atomically (temp file in the same folder, then ``os.replace``) and return the path.
 
@@ -1217,10 +1224,7 @@ def save_config(cfg: Config, path: str | Path) -> Path:
     """
     from .files import write_text_atomic
 
-    text = "# probprune config (written by save_config)\n" + yaml.safe_dump(
-        config_to_dict(cfg), sort_keys=False, default_flow_style=None
-    )
-    return write_text_atomic(path, text)
+    return write_text_atomic(path, config_text(cfg))
 
 
 # --------------------------------------------------------------------------------------------------------------------

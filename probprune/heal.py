@@ -462,7 +462,7 @@ def train_worker(
     model.train()
     teacher.eval()
     in_update, saved_step = False, start
-    if job.resume and rank == 0:  # the metrics of steps after the checkpoint are written again below
+    if rank == 0:  # a new heal starts an empty file; a resumed one writes the steps after its checkpoint again
         write_jsonl_atomic(metrics_path, history)
     try:
         for step in range(start, steps):
@@ -667,7 +667,7 @@ def heal(
     _check_model_folder(model, "--model")
     teacher = teacher or hc.teacher or run_folder_teacher(model) or cfg.model.name_or_path
     _check_model_folder(teacher, "--teacher")
-    resuming = RunFolder(output, resume, checkpoint=CHECKPOINT_NAME, job="heal").resuming
+    resuming = RunFolder(output, resume, checkpoint=CHECKPOINT_NAME, job="heal", cfg=cfg).resuming
     v_student, context = _vocab_size(model)
     v_teacher, _ = _vocab_size(teacher)
     if v_student != v_teacher:

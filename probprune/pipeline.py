@@ -69,7 +69,7 @@ def prune(
     from .search import run_search
 
     t_start = time.perf_counter()
-    run = RunFolder(output, resume)
+    run = RunFolder(output, resume, cfg=cfg)
     s = prepare(cfg, progress=progress)
     sc = cfg.search
     with _closing(s):

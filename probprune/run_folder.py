@@ -47,7 +47,8 @@ class RunFolder:
 
     Without ``resume`` the folder must be missing or empty. With ``resume`` it must hold the job's checkpoint (a
     folder without one was not written by that job: nothing in it is touched); a missing or empty folder starts anew,
-    and says so. The search (``prune``) and healing (``heal``, ``checkpoint=heal_checkpoint.pt``) share these rules;
+    and says so, and so does a folder holding nothing but the ``config.yaml`` that this same command writes (given
+    ``cfg``) and the metrics of its first steps: a run stopped before its first checkpoint. The search (``prune``) and healing (``heal``, ``checkpoint=heal_checkpoint.pt``) share these rules;
     a finished heal cannot be resumed, a finished search can (it re-derives its outputs).
 
     Attributes:
@@ -56,17 +57,22 @@ class RunFolder:
         job: ``"search"`` or ``"heal"``, for the messages.
         resuming: whether a checkpoint in it will be resumed.
 
+    Args:
+        cfg: the command's config, to recognise a folder left by the same command before its first checkpoint.
+
     Raises:
         UserError: the folder exists and is a file, holds a finished run, is not empty (without ``resume``), or holds
             files but no checkpoint (with ``resume``).
     """
 
-    def __init__(self, path: str | Path, resume: bool = False, checkpoint: str = CHECKPOINT, job: str = "search"):
+    def __init__(
+        self, path: str | Path, resume: bool = False, checkpoint: str = CHECKPOINT, job: str = "search", cfg: Any = None
+    ):
         self.path = Path(path)
         self.checkpoint, self.job = checkpoint, job
-        self.resuming = self._check(resume)
+        self.resuming = self._check(resume, cfg)
 
-    def _check(self, resume: bool) -> bool:
+    def _check(self, resume: bool, cfg: Any) -> bool:
         output, job = self.path, self.job
         if output.exists() and not output.is_dir():
             raise UserError(f"--output {output} exists and is not a folder")
@@ -86,6 +92,16 @@ class RunFolder:
             if finished and job != "search":
                 raise UserError(f"--resume: {output} already holds a finished {job} ({SUMMARY})")
             return True
+        if has_files and self._left_before_a_checkpoint_by(cfg):
+            log.warning(
+                "--resume: %s holds only the %s (and %s) of this same %s, which stopped before its first "
+                "checkpoint: starting it anew",
+                output,
+                CONFIG,
+                METRICS,
+                job,
+            )
+            return False
         if has_files:
             raise UserError(
                 f"--resume: {output} holds no {job} checkpoint ({self.checkpoint}), so there is nothing to "
@@ -94,6 +110,17 @@ class RunFolder:
             )
         log.warning("--resume: %s holds no %s checkpoint: nothing to resume, starting a new %s", output, job, job)
         return False
+
+    def _left_before_a_checkpoint_by(self, cfg: Any) -> bool:
+        """Whether the folder holds nothing (our lock aside) but the config.yaml that ``cfg`` writes, byte for byte,
+        and perhaps metrics.jsonl: what this same command leaves when it stops before its first checkpoint."""
+        if cfg is None:
+            return False
+        from .config import config_text
+
+        names = {p.name for p in self.path.iterdir()} - {LOCK_NAME}
+        config = self.path / CONFIG
+        return CONFIG in names <= {CONFIG, METRICS} and config.is_file() and config.read_text() == config_text(cfg)
 
     def check_fingerprint(self, fingerprint: str) -> None:
         """Refuse to resume a checkpoint written for other settings, before anything is computed or written."""

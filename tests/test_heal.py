@@ -216,7 +216,15 @@ def test_resume_after_a_kill_gives_the_weights_of_an_uninterrupted_run(folders, 
     with pytest.raises(SystemExit):
         heal(cfg, model, tmp_path / "c", teacher=teacher, progress=False, on_step=hard_kill)
     assert torch.load(tmp_path / "c" / CHECKPOINT_NAME, weights_only=False)["step"] == 5
-    for name in ("b", "c"):
+
+    def early_kill(step, rec):
+        if step == 3:  # before the first checkpoint: the folder holds config.yaml and three metrics lines only
+            raise SystemExit(137)
+
+    with pytest.raises(SystemExit):
+        heal(cfg, model, tmp_path / "e", teacher=teacher, progress=False, on_step=early_kill)
+    assert sorted(p.name for p in (tmp_path / "e").iterdir()) == ["config.yaml", "metrics.jsonl"]
+    for name in ("b", "c", "e"):
         with pytest.raises(UserError, match="is not empty"):
             heal(cfg, model, tmp_path / name, teacher=teacher, progress=False)
         heal(cfg, model, tmp_path / name, teacher=teacher, progress=False, resume=True)

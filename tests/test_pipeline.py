@@ -96,3 +96,30 @@ def test_the_summary_records_the_scoring_path_and_its_measured_timings(tmp_path)
     assert rec["seconds_per_mask"][rec["path"]] == min(rec["seconds_per_mask"].values())
     s = prune(load_config(SMOKE, ["engine.fast_path=false", "search.steps=2"]), tmp_path / "b", progress=False)
     assert s["search"]["scoring"] == {"path": "batched", "chosen_by": "config"}
+
+
+def test_a_run_stopped_before_its_first_checkpoint_resumes_from_scratch_and_nothing_else_is_overwritten(tmp_path):
+    from probprune.config import save_config
+    from probprune.pipeline import prune
+    from probprune.run_folder import RunFolder
+
+    cfg = load_config(SMOKE, ["search.steps=2", "eval.max_tokens=512"])
+    out = tmp_path / "run"
+    out.mkdir()
+    save_config(cfg, out / "config.yaml")  # what a run killed before its first checkpoint leaves behind
+    with pytest.raises(UserError, match="is not empty; pass --resume"):
+        RunFolder(out, cfg=cfg)
+    # a config.yaml of other settings, or any other file, is the user's: refused, untouched
+    other = load_config(SMOKE, ["search.steps=3", "eval.max_tokens=512"])
+    with pytest.raises(UserError, match="holds no search checkpoint"):
+        RunFolder(out, resume=True, cfg=other)
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="holds no search checkpoint"):
+        RunFolder(out, resume=True, cfg=cfg)
+    assert (out / "notes.txt").read_text() == "mine"
+    (out / "notes.txt").unlink()
+    resumed = prune(cfg, out, resume=True, progress=False)
+    prune(cfg, tmp_path / "fresh", progress=False)
+    assert resumed["search"]["resumed_from_step"] == 0
+    a, b = (torch.load(p / "masks.pt", weights_only=False) for p in (out, tmp_path / "fresh"))
+    assert torch.equal(a["probs"], b["probs"]) and torch.equal(a["final_mask"], b["final_mask"])
