@@ -190,6 +190,7 @@ def main() -> None:
                 summary["benchmark_wall_seconds"] = round(time.perf_counter() - t, 1)
                 summary["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
                 summary["run_label"] = label
+                summary["dense_forward_tokens_per_s"] = fwd  # the rate of the process that trained it
                 (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
             summary["work"], summary["run_path"] = str(out), str(run)
             results.append(summary)
@@ -218,19 +219,26 @@ def write_results(args, results: list[dict], rows: list[dict], fwd: dict, teache
     )
     lines = [head + " |", "|" + "---|" * (4 + len(sets) * len(lens))]
     lines.append("| dense (teacher) | | | | " + " | ".join(f"{t[s][n]:.2f}" for s in sets for n in lens) + " |")
+    before_shown = set()
     for r in rows:
+        if r["tokens"] == 0:  # every budget measures the same model before healing: one row per run and lr
+            if (r["run"], r["lr"]) in before_shown:
+                continue
+            before_shown.add((r["run"], r["lr"]))
         cells = [r["run"], f"{r['lr']:g}", f"{r['tokens']:,}" + ("" if r["tokens"] != r["budget"] else " (end)")]
         cells += [f"{r['train_seconds']:.0f}"]
         cells += [f"{r[f'{s}_ppl@{n}']:.2f} ({r[f'{s}_ppl@{n}'] / t[s][n]:.2f}x)" for s in sets for n in lens]
         lines.append("| " + " | ".join(cells) + " |")
     foot = []
     for s in results:
-        ratio = {dt: round(s["tokens_per_s"] / v, 3) for dt, v in fwd.items()}
+        own = s.get("dense_forward_tokens_per_s", fwd)  # budgets healed before it was recorded: this process's
+        ratio = {dt: round(s["tokens_per_s"] / v, 3) for dt, v in own.items()}
         foot.append(
             f"- {s.get('run_label', '?')}, budget {s['tokens_seen']:,} tokens ({s['steps']} steps of "
             f"{s['heal']['batch_size']} x {s['heal']['block_len']}, lr {s['heal']['lr']}, warm-up "
             f"{s['heal']['warmup']}, {s['method']}): {s['tokens_per_s']:.1f} healing tokens/s; / dense forward "
-            f"tokens/s: {ratio}; KL {s['first_kl']:.3f} -> {s['last_kl']:.3f} nats/token; wall "
+            f"tokens/s of the process that trained it ({', '.join(f'{k} {v:.0f}' for k, v in own.items())}): "
+            f"{ratio}; KL {s['first_kl']:.3f} -> {s['last_kl']:.3f} nats/token; wall "
             f"{s['benchmark_wall_seconds']:.0f} s (evaluations included); load average after {s['loadavg_after']}"
         )
     specs = []
@@ -248,7 +256,9 @@ def write_results(args, results: list[dict], rows: list[dict], fwd: dict, teache
         f"{results[0]['eval']['max_tokens']:,} held-out tokens per length; "
         "Brown = the run's held-out split, Shakespeare = " + ", ".join(HELD_OUT_PLAYS) + " (never seen). "
         "Rows at 0 tokens are before healing; train s excludes evaluation time. "
-        f"Dense forward tokens/s on this machine: {', '.join(f'{k} {v:.0f}' for k, v in fwd.items())}.",
+        f"Dense forward tokens/s when these tables were written: {', '.join(f'{k} {v:.0f}' for k, v in fwd.items())} "
+        "(each run's ratio below uses the rate measured by the process that trained it: this 2-core machine's rate "
+        "varies by up to 1.5x between processes).",
         "",
         *lines,
         "",
@@ -325,19 +335,22 @@ def plot(
                         style,
                         color=f"C{ri}",
                         alpha=0.35 + 0.65 * (budget == budgets[-1]),
-                        label=f"{run} {({'test': 'Brown'}).get(s, s)} @{n} ({budget:,}, lr {lr:g})",
+                        label=f"{run} {({'test': 'Brown'}).get(s, s)} @{n} ({budget:,}, lr {lr:g})"
+                        if budget == budgets[-1]
+                        else "_shorter budget",
                     )
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.set(xlabel=xlabel, ylabel=f"PPL@{lens[0]} / dense PPL@{lens[0]}", yscale="log")
         if xkey == "tokens":
             ax.set_xscale("symlog", linthresh=16384)
+            ax.set_xlim(left=0)
     for (run, budget, lr), steps in curves.items():
         axes[2].plot(
             [r["tokens"] for r in steps], [r["kl"] for r in steps], lw=0.8, label=f"{run}, {budget:,} tokens, lr {lr:g}"
         )
     axes[2].set(xlabel="healing tokens", ylabel="training KL to the dense model (nats/token)", yscale="log")
     axes[2].legend(fontsize=7)
-    axes[0].legend(fontsize=6)
+    axes[0].legend(fontsize=7, loc="upper right", title="faint: shorter budgets", title_fontsize=7)
     fig.suptitle("Healing the default prunes by distillation from the dense model")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
