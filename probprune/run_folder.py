@@ -48,8 +48,9 @@ class RunFolder:
     Without ``resume`` the folder must be missing or empty. With ``resume`` it must hold the job's checkpoint (a
     folder without one was not written by that job: nothing in it is touched); a missing or empty folder starts anew,
     and says so, and so does a folder holding nothing but the ``config.yaml`` that this same command writes (given
-    ``cfg``) and the metrics of its first steps: a run stopped before its first checkpoint. The search (``prune``) and healing (``heal``, ``checkpoint=heal_checkpoint.pt``) share these rules;
-    a finished heal cannot be resumed, a finished search can (it re-derives its outputs).
+    ``cfg``) and the metrics of its first steps: a run stopped before its first checkpoint. The search (``prune``) and
+    healing (``heal``, ``checkpoint=heal_checkpoint.pt``) share these rules; a finished heal cannot be resumed, a
+    finished search can (it re-derives its outputs).
 
     Attributes:
         path: the folder.
@@ -62,7 +63,7 @@ class RunFolder:
 
     Raises:
         UserError: the folder exists and is a file, holds a finished run, is not empty (without ``resume``), or holds
-            files but no checkpoint (with ``resume``).
+            other files but no checkpoint (with ``resume``).
     """
 
     def __init__(
@@ -120,7 +121,9 @@ class RunFolder:
 
         names = {p.name for p in self.path.iterdir()} - {LOCK_NAME}
         config = self.path / CONFIG
-        return CONFIG in names <= {CONFIG, METRICS} and config.is_file() and config.read_text() == config_text(cfg)
+        if CONFIG not in names or not names <= {CONFIG, METRICS} or not config.is_file():
+            return False
+        return config.read_text(errors="replace") == config_text(cfg)
 
     def check_fingerprint(self, fingerprint: str) -> None:
         """Refuse to resume a checkpoint written for other settings, before anything is computed or written."""
