@@ -455,7 +455,7 @@ class ReconstructConfig:
         Field(
             description=(
                 "fold each span of removed layers into the down_proj of the kept layer before it (ReplaceMe; no new "
-                "parameters)"
+                "parameters; pre-norm families only: ignored for Gemma 3, whose sublayer outputs are normed)"
             )
         ),
     ] = True

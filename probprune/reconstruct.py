@@ -18,9 +18,12 @@ Targets: ``local`` — the dense sublayer on the pruned model's own input (``Y =
 model's own sublayer output at that depth (error-correcting: it also undoes the drift of the layers before).
 Removed layers (``removed_layers``, after ReplaceMe): a span of removed layers is folded into the ``down_proj`` of
 the kept layer before it — its target also carries what the dense span would have added to the residual stream
-(exact for pre-norm blocks), so one re-fit replaces the span's linear effect without a new parameter.
-Otherwise a sublayer that lost nothing, or everything, is left exactly as it is. A bias is a new parameter where the model has
-none: the compacted model records it in ``config.probprune_layout`` (it loads with :func:`probprune.models.load_pruned`
+(exact for pre-norm blocks), so one re-fit replaces the span's linear effect without a new parameter. Families
+whose sublayer outputs pass through a norm of their own before the residual add (Gemma 3's sandwich norms:
+``FamilyAdapter.normed_sublayer_output``) are not folded: the ``down_proj`` writes before that norm, so the fold
+would fit the wrong quantity (Gemma 3 270M, SLEB at 20 %: check-set loss 4.960 as it is, 5.200 folded).
+Otherwise a sublayer that lost nothing, or everything, is left exactly as it is. A bias is a new parameter where the
+model has none: the compacted model records it in ``config.probprune_layout`` (it loads with :func:`probprune.models.load_pruned`
 and exports to GGUF, but is no longer stock-shaped).
 
 Where the work runs: statistics are weight tasks (``task(model, adapter, *args)``) run on the replicas — this process,
@@ -413,7 +416,7 @@ def reconstruct(
         progress: a progress bar over the layers.
         removed_layers: fold each span of removed layers into the ``down_proj`` of the kept layer before it
             (ReplaceMe, solved in the space of that MLP's channels: no new parameters); that ``down_proj`` is re-fit
-            even where it lost no channel.
+            even where it lost no channel. Ignored (with a warning) for families with normed sublayer outputs.
 
     Returns:
         The :class:`Reconstruction` (apply it with ``compact(..., override=rec.override())``).
@@ -426,6 +429,7 @@ def reconstruct(
     if blocks.dim() != 2 or blocks.shape[0] == 0:
         raise UserError(f"reconstruction needs calibration blocks [n, T], got shape {tuple(blocks.shape)}")
     plan = surviving_layers(space, mask)
+    removed_layers = removed_layers and folds_removed_layers(adapter, warn=any(k is None for k in plan))
     shares = split_shares(blocks.shape[0], replicas.num_replicas)
     hidden = replicas.map(embed_blocks, [(blocks[lo:hi],) for lo, hi in shares])  # per share [n_s, T, H]
     dense = list(hidden) if target == "dense" else None
@@ -568,6 +572,19 @@ def reconstruct_local(
 
 
 # -------------------------------------------------------------------------------------------------- pipeline
+def folds_removed_layers(adapter: FamilyAdapter, warn: bool = False) -> bool:
+    """Whether removed layers can be folded into the layer before them in this family (pre-norm blocks only)."""
+    if not adapter.normed_sublayer_output:
+        return True
+    if warn:
+        log.warning(
+            "reconstruct.removed_layers: removed layers are not folded in for %s: each sublayer's output passes "
+            "through its own norm before the residual stream, so the fold (exact for pre-norm blocks) does not apply",
+            adapter.family,
+        )
+    return False
+
+
 def for_session(s: Any, mask: np.ndarray) -> Reconstruction:
     """:func:`reconstruct` of ``mask`` with the settings of ``s.cfg.reconstruct``, on the session's replicas and its
     first ``reconstruct.blocks`` calibration blocks (:func:`session_blocks`)."""
@@ -673,7 +690,7 @@ def summary_record(s: Any, rec: Reconstruction) -> dict[str, Any]:
         "target": r.target,
         "mode": r.mode,
         "damping": r.damping,
-        "removed_layers": r.removed_layers,
+        "removed_layers": r.removed_layers and folds_removed_layers(s.adapter),
         "blocks": session_blocks(s),
         "sublayers": len(rec.info),
         "mean_rel_error": [round(float(x), 5) for x in np.mean(errs, 0)] if errs else None,

@@ -437,3 +437,21 @@ def test_a_baseline_keeps_its_reconstruction_only_where_it_lowers_the_check_set_
         if spoil:  # refused: the returned model is the plain one
             assert summary["pruned_ppl"][seq_len] == pytest.approx(value, rel=1e-6)
     assert summary["method_label"] == method + ("" if spoil else " + reconstruction")
+
+
+def test_removed_layers_are_not_folded_where_sublayer_outputs_are_normed():
+    """Gemma 3 norms each sublayer's output before the residual add, so a removed layer cannot be folded into the
+    down_proj before it: with layer 1 removed and the rest whole, reconstruction changes nothing (and says it did not
+    fold); the same mask on LLaMA re-fits layer 0's down_proj."""
+    from probprune.reconstruct import folds_removed_layers
+
+    for family, folded in (("gemma3", False), ("llama", True)):
+        model = tiny_model(family, num_hidden_layers=3).double()
+        adapter = get_adapter(model)
+        assert folds_removed_layers(adapter) is folded
+        space = adapter.mask_space()
+        mask = space.full_mask()
+        mask[_units(space, HEAD, 1)] = 0
+        mask[_units(space, CHANNEL, 1)] = 0  # layer 1 is gone
+        rec = reconstruct_local(model, space, mask, _blocks(model, n=4, t=16), removed_layers=True)
+        assert set(rec.weights) == ({0} if folded else set()), family

@@ -80,6 +80,9 @@ class FamilyAdapter:
     unsupported_config: ClassVar[dict[str, str]] = {}
     #: the family's documentation prescribes a BOS token at the start of every sequence (``data.bos: auto``)
     wants_bos: ClassVar[bool] = False
+    #: each sublayer's output passes through a norm of its own before it joins the residual stream ("sandwich"
+    #: norms): a removed layer's effect on the stream cannot be folded into the output projection before it
+    normed_sublayer_output: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module):
         self.model = model

@@ -31,6 +31,7 @@ class Gemma3Adapter(FamilyAdapter):
     family = "gemma3"
     architectures = ("Gemma3ForCausalLM",)
     wants_bos = True  # Gemma 3 is trained with <bos> first in every sequence; without it perplexity is ~6x higher
+    normed_sublayer_output = True  # post_attention_layernorm / post_feedforward_layernorm before the residual add
     unsupported_config = {
         "attn_logit_softcapping": "attention-logit soft-capping",
         "use_bidirectional_attention": "bidirectional attention",
