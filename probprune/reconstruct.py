@@ -572,11 +572,17 @@ def reconstruct_local(
 
 
 # -------------------------------------------------------------------------------------------------- pipeline
+_WARNED_NO_FOLD: set[str] = set()  # families already warned about in this process (a run reconstructs several times)
+
+
 def folds_removed_layers(adapter: FamilyAdapter, warn: bool = False) -> bool:
-    """Whether removed layers can be folded into the layer before them in this family (pre-norm blocks only)."""
+    """Whether removed layers can be folded into the layer before them in this family (pre-norm blocks only).
+
+    ``warn``: say why not, once per family and process."""
     if not adapter.normed_sublayer_output:
         return True
-    if warn:
+    if warn and adapter.family not in _WARNED_NO_FOLD:
+        _WARNED_NO_FOLD.add(adapter.family)
         log.warning(
             "reconstruct.removed_layers: removed layers are not folded in for %s: each sublayer's output passes "
             "through its own norm before the residual stream, so the fold (exact for pre-norm blocks) does not apply",

@@ -439,13 +439,15 @@ def test_a_baseline_keeps_its_reconstruction_only_where_it_lowers_the_check_set_
     assert summary["method_label"] == method + ("" if spoil else " + reconstruction")
 
 
-def test_removed_layers_are_not_folded_where_sublayer_outputs_are_normed():
+def test_removed_layers_are_not_folded_where_sublayer_outputs_are_normed(caplog, monkeypatch):
     """Gemma 3 norms each sublayer's output before the residual add, so a removed layer cannot be folded into the
-    down_proj before it: with layer 1 removed and the rest whole, reconstruction changes nothing (and says it did not
-    fold); the same mask on LLaMA re-fits layer 0's down_proj."""
+    down_proj before it: with layer 1 removed and the rest whole, reconstruction changes nothing (and says so once
+    per process, however often it runs); the same mask on LLaMA re-fits layer 0's down_proj."""
+    from probprune import reconstruct as rmod
     from probprune.reconstruct import folds_removed_layers
 
-    for family, folded in (("gemma3", False), ("llama", True)):
+    monkeypatch.setattr(rmod, "_WARNED_NO_FOLD", set())
+    for family, folded in (("gemma3", False), ("gemma3", False), ("llama", True)):
         model = tiny_model(family, num_hidden_layers=3).double()
         adapter = get_adapter(model)
         assert folds_removed_layers(adapter) is folded
@@ -455,3 +457,4 @@ def test_removed_layers_are_not_folded_where_sublayer_outputs_are_normed():
         mask[_units(space, CHANNEL, 1)] = 0  # layer 1 is gone
         rec = reconstruct_local(model, space, mask, _blocks(model, n=4, t=16), removed_layers=True)
         assert set(rec.weights) == ({0} if folded else set()), family
+    assert sum("not folded in for gemma3" in r.getMessage() for r in caplog.records) == 1
