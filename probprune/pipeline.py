@@ -186,7 +186,7 @@ def run_baseline(
             own = Reconstruction(biases=s.engine.run(flap_compensation, s.space, mask, stats))
         rec = check_record = None
         if cfg.reconstruct.enabled:  # replaces FLAP's compensation (both would count the removed columns twice)
-            rec = reconstruct(s, mask)
+            rec = reconstruct(s, mask, own)  # FLAP: a sublayer it empties keeps its bias (nothing to re-fit)
             if cfg.reconstruct.choose and cfg.search.check_blocks:  # kept only where it lowers the check-set loss
                 check_record = check_reconstruction(s, mask, own, rec)
         refit = rec is not None and (check_record is None or check_record["reconstructed"])

@@ -118,6 +118,11 @@ def _plus_own(bias: torch.Tensor, own: torch.Tensor | None, dev) -> torch.Tensor
     return bias.to(dev, torch.float64) + (0.0 if own is None else own.double())
 
 
+def _emptied(keep: LayerKeep, which: str) -> bool:
+    """Whether sublayer ``which`` keeps nothing (no KV head, or no channel)."""
+    return (keep.kv_heads if which == ATTN else keep.channels).numel() == 0
+
+
 def _kept_slice(
     adapter: FamilyAdapter,
     layer: nn.Module,
@@ -132,8 +137,7 @@ def _kept_slice(
     bias is added to a sublayer with nothing kept (as :func:`probprune.compaction.compact` builds it)."""
     dev = adapter.layer_device(layer)
     keep = LayerKeep(*(t.to(dev) for t in (keep.kv_heads, keep.q_heads, keep.channels)))
-    empty = keep.kv_heads.numel() == 0 if which == ATTN else keep.channels.numel() == 0
-    if empty:
+    if _emptied(keep, which):
         if bias is None:
             return None
         own = adapter.attn_out_bias(layer) if which == ATTN else adapter.mlp_out_bias(layer)
@@ -401,6 +405,7 @@ def reconstruct(
     batch_size: int = 4,
     progress: bool = False,
     removed_layers: bool = False,
+    emptied_biases: dict[int, dict[str, torch.Tensor]] | None = None,
 ) -> Reconstruction:
     """Reconstruct the kept output columns of the model under ``mask`` (see the module docstring).
 
@@ -417,6 +422,10 @@ def reconstruct(
         removed_layers: fold each span of removed layers into the ``down_proj`` of the kept layer before it
             (ReplaceMe, solved in the space of that MLP's channels: no new parameters); that ``down_proj`` is re-fit
             even where it lost no channel. Ignored (with a warning) for families with normed sublayer outputs.
+        emptied_biases: ``{layer: {"o_proj" | "down_proj": [H]}}`` the output biases the model is returned with
+            without reconstruction (a baseline's own weight changes: FLAP's compensation). A sublayer with nothing
+            kept has no column to re-fit, so it keeps its bias from there (recorded in ``biases``; the layers after
+            it are fitted on the stream that includes it); the other entries are replaced by the re-fit.
 
     Returns:
         The :class:`Reconstruction` (apply it with ``compact(..., override=rec.override())``).
@@ -457,6 +466,9 @@ def reconstruct(
             if cols.numel() == 0 or (cols.numel() == width and not span):
                 cols = None  # nothing removed (and no removed layer to fold in), or nothing kept: left as it is
         weight = bias = None
+        if keep is not None and _emptied(keep, which) and which in (emptied_biases or {}).get(li, {}):
+            bias = emptied_biases[li][which].float()  # nothing to re-fit: the sublayer keeps the bias it has
+            rec.biases.setdefault(li, {})[which] = bias
         if cols is not None or dense is not None:
             args = [
                 (li, which, cols, hidden[i], None if dense is None else dense[i], gram, batch_size, span)
@@ -591,9 +603,10 @@ def folds_removed_layers(adapter: FamilyAdapter, warn: bool = False) -> bool:
     return False
 
 
-def for_session(s: Any, mask: np.ndarray) -> Reconstruction:
+def for_session(s: Any, mask: np.ndarray, own: Reconstruction | None = None) -> Reconstruction:
     """:func:`reconstruct` of ``mask`` with the settings of ``s.cfg.reconstruct``, on the session's replicas and its
-    first ``reconstruct.blocks`` calibration blocks (:func:`session_blocks`)."""
+    first ``reconstruct.blocks`` calibration blocks (:func:`session_blocks`). ``own``: the weight changes the model
+    is returned with without reconstruction (FLAP's biases): its sublayers with nothing kept keep their biases."""
     r = s.cfg.reconstruct
     blocks = s.calib.first(session_blocks(s))
     return reconstruct(
@@ -608,6 +621,7 @@ def for_session(s: Any, mask: np.ndarray) -> Reconstruction:
         batch_size=s.cfg.eval.batch_size,
         progress=s.progress,
         removed_layers=r.removed_layers,
+        emptied_biases=None if own is None else own.biases,
     )
 
 
@@ -632,7 +646,7 @@ def choose_final(
 
     Args:
         start_rec: the start's own weight changes as its baseline returns it (FLAP's bias compensation), or None;
-            its reconstruction replaces them.
+            its reconstruction replaces them (but for the sublayers with nothing kept, which keep their biases).
         start_loss: the check-set loss of the start as returned (with ``start_rec``), if already measured.
         start_refit: the start's reconstruction and its check-set loss, if already made (by the warm start).
 
@@ -646,14 +660,15 @@ def choose_final(
     bs = s.cfg.search.batch_size
     masks = {"search": final, "start": start}
     as_is = {"search": None, "start": start_rec}  # each model as a run without reconstruction returns it
+    share = same and start_rec is None  # one mask, one model: a start with biases of its own is another model
     recs, loss = {}, {}
     if start_refit is not None:
         recs["start"], loss[("start", True)] = start_refit
-    if same and "start" in recs:
+    if share and "start" in recs:
         recs["search"], loss[("search", True)] = recs["start"], loss[("start", True)]
     for name, m in masks.items():
         if name not in recs:
-            recs[name] = recs["search"] if same and name == "start" else for_session(s, m)
+            recs[name] = recs["search"] if share and name == "start" else for_session(s, m, as_is[name])
             loss[(name, True)] = reconstructed_loss(s.engine, s.space, m, recs[name], check, bs)
     loss[("search", False)] = reconstructed_loss(s.engine, s.space, final, None, check, bs)
     if start_loss is not None and start_rec is not None:

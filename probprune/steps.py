@@ -97,10 +97,10 @@ def warm_start(s: Session, check: torch.Tensor | None) -> Start:
         refit = None
         if r.enabled and r.candidates:  # the start as it may be returned: re-fit
 
-            def refit(mask: np.ndarray) -> tuple[Any, float]:
+            def refit(mask: np.ndarray, own: Any = None) -> tuple[Any, float]:
                 from .reconstruct import reconstructed_loss
 
-                rec = reconstruct(s, mask)
+                rec = reconstruct(s, mask, own)
                 return rec, reconstructed_loss(s.engine, s.space, mask, rec, check, sc.batch_size)
 
         warm = choose_start(
@@ -205,16 +205,17 @@ def choose(s: Session, policy, result, start: Start, check: torch.Tensor | None)
                     rec = start.rec
         record = {"blocks": int(check.shape[0]), "tokens": int(check.numel()), **record}
     if cfg.reconstruct.enabled:  # no check-set choice of reconstruction: always reconstructed
-        return Choice(final, reconstruct(s, final), probs, record, True, (final, rec))
+        return Choice(final, reconstruct(s, final, rec), probs, record, True, (final, rec))
     return Choice(final, rec, probs, record)
 
 
-def reconstruct(s: Session, mask: np.ndarray):
-    """The reconstruction of ``mask`` under ``s.cfg.reconstruct`` (:mod:`probprune.reconstruct`), timed."""
+def reconstruct(s: Session, mask: np.ndarray, own: Any = None):
+    """The reconstruction of ``mask`` under ``s.cfg.reconstruct`` (:mod:`probprune.reconstruct`), timed; ``own``:
+    the weight changes the model is returned with without it (FLAP's biases), kept where nothing is re-fit."""
     from .reconstruct import for_session
 
     with s.timed("reconstruct"):
-        return for_session(s, mask)
+        return for_session(s, mask, own)
 
 
 # ------------------------------------------------------------------------------------------------ the last step

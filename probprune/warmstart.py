@@ -147,7 +147,7 @@ def choose_start(
     sparsity: float,
     budget: str,
     as_returned: dict[str, tuple[float, Any]] | None = None,
-    refit: Callable[[np.ndarray], tuple[Any, float]] | None = None,
+    refit: Callable[[np.ndarray, Any], tuple[Any, float]] | None = None,
     refit_top: int = 0,
 ) -> WarmStart:
     """Score every candidate on the check set and start from the best (ties: the first listed).
@@ -155,8 +155,9 @@ def choose_start(
     Args:
         as_returned: ``{name: (check-set loss, rec)}`` for candidates that are returned with weight changes
             (FLAP with its bias compensation): that loss replaces the mask's own, and ``rec`` goes with the start.
-        refit: ``mask -> (reconstruction, its check-set loss)``: the ``refit_top`` best candidates are also scored
-            re-fit (entries ``NAME+rec`` of ``check_losses``); the start is the mask of the best entry of either kind.
+        refit: ``(mask, its weight changes as returned or None) -> (reconstruction, its check-set loss)``: the
+            ``refit_top`` best candidates are also scored re-fit (entries ``NAME+rec`` of ``check_losses``); the
+            start is the mask of the best entry of either kind.
 
     Returns:
         The :class:`WarmStart`.
@@ -168,7 +169,7 @@ def choose_start(
     refits = {}
     if refit is not None:
         for n in sorted(names, key=table.get)[:refit_top]:
-            refits[n] = refit(candidates[n])
+            refits[n] = refit(candidates[n], as_returned[n][1] if n in as_returned else None)
             table[n + REFIT] = float(refits[n][1])
     entry = min(table, key=table.get)
     name = entry.removesuffix(REFIT)

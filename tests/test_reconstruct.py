@@ -110,6 +110,39 @@ def test_bias_mode_is_the_removed_columns_mean_on_the_pruned_input():
     assert not rec.weights
 
 
+def test_an_emptied_sublayer_keeps_its_own_bias_and_the_layers_after_it_are_fitted_with_it():
+    """A sublayer with nothing kept has no column to re-fit: given the bias the model is returned with (FLAP's
+    compensation), it keeps it, and the next layer's re-fit equals a direct lstsq on the stream that carries it."""
+    model = tiny_model("llama", num_hidden_layers=2).double()
+    adapter = get_adapter(model)
+    space = adapter.mask_space()
+    mask = space.full_mask()
+    mask[_units(space, HEAD, 0)] = 0  # layer 0's attention is emptied
+    mask[_units(space, CHANNEL, 1)[::3]] = 0
+    blocks, damping = _blocks(model, n=8, t=16), 0.05
+    own = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    own = {0: {"o_proj": own}, 1: {"down_proj": torch.ones(model.config.hidden_size)}}  # layer 1's is re-fit away
+    kw = dict(target="local", mode="refit", damping=damping)
+    rec = reconstruct_local(model, space, mask, blocks, emptied_biases=own, **kw)
+    assert set(rec.biases) == {0} and torch.equal(rec.biases[0]["o_proj"], own[0]["o_proj"].float())
+    # the direct problem: layer 1's full-width MLP hidden on the stream after layer 0 (attention = its bias only)
+    first = space.full_mask()
+    first[_units(space, HEAD, 0)] = 0
+    stream = compact(model, space, first, override={0: {"o_bias": own[0]["o_proj"]}})
+    z = _capture_inputs(stream, stream.model.layers[1].mlp.down_proj, blocks)  # [nT, width]
+    w0 = adapter.mlp_out(1).weight.detach().double()
+    cols = space.plan(mask)[1].channels
+    zs = z[:, cols]
+    lam = damping * float(torch.diagonal(zs.T @ zs).mean())
+    a = torch.cat([zs, lam**0.5 * torch.eye(cols.numel(), dtype=torch.float64)])
+    b = torch.cat([z @ w0.T, lam**0.5 * w0[:, cols].T])
+    want = torch.linalg.lstsq(a, b).solution.T
+    torch.testing.assert_close(rec.weights[1]["down_proj"], want, rtol=1e-3, atol=3e-5 * float(want.abs().max()))
+    without = reconstruct_local(model, space, mask, blocks, **kw)  # the stream without the bias: another fit
+    assert not without.biases
+    assert not torch.allclose(without.weights[1]["down_proj"], want, atol=1e-3)
+
+
 @pytest.mark.parametrize("kind", ["llama", "qwen3", "gemma3", "phi3"])
 def test_the_gathered_reconstructed_forward_equals_the_compacted_model(kind):
     model = tiny_model(kind, num_hidden_layers=3)
@@ -419,8 +452,8 @@ def test_a_baseline_keeps_its_reconstruction_only_where_it_lowers_the_check_set_
     over = ["reconstruct.enabled=true", "reconstruct.blocks=56", "search.check_blocks=8"]
     real = pipeline.reconstruct
 
-    def spoiled(s, mask):
-        rec = real(s, mask)
+    def spoiled(s, mask, own):
+        rec = real(s, mask, own)
         weights = {li: {w: 30 * t for w, t in parts.items()} for li, parts in rec.weights.items()}
         return dataclasses.replace(rec, weights=weights)
 

@@ -102,7 +102,7 @@ def test_a_start_candidate_scored_re_fit_can_win_and_its_refit_comes_with_it(tin
     ranked = sorted(plain.check_losses, key=plain.check_losses.get)
     refitted = []
 
-    def refit(mask):  # the second-best candidate becomes the best once "re-fit"; the best one gets worse
+    def refit(mask, own):  # the second-best candidate becomes the best once "re-fit"; the best one gets worse
         name = next(n for n in cands if np.array_equal(cands[n], mask))
         refitted.append(name)
         return f"rec of {name}", plain.check_losses[name] + (-1.0 if name == ranked[1] else 1.0)
