@@ -114,6 +114,24 @@ def test_a_start_candidate_scored_re_fit_can_win_and_its_refit_comes_with_it(tin
     np.testing.assert_array_equal(warm.mask, cands[ranked[1]])
     none = choose_start(ev, cands, check, 2, space, 0.25, 0.5, "per_type", refit=refit, refit_top=0)
     assert none.name == plain.name and none.refit is None
+    # a candidate returned with weight changes of its own (FLAP's biases) is re-fit from them; the others from none
+    owns = {}
+    assert "flap" in cands
+    returned = {"flap": (plain.check_losses["flap"], "flap's biases")}
+    choose_start(
+        ev,
+        cands,
+        check,
+        2,
+        space,
+        0.25,
+        0.5,
+        "per_type",
+        returned,
+        refit=lambda mask, own: (owns.setdefault(next(n for n in cands if cands[n] is mask), own), 0.0),
+        refit_top=len(cands),
+    )
+    assert owns == {n: "flap's biases" if n == "flap" else None for n in cands}
 
 
 def test_the_returned_mask_is_never_worse_than_the_start_on_the_check_set(tiny) -> None:
