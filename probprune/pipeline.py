@@ -187,7 +187,10 @@ def run_baseline(
         rec = check_record = None
         if cfg.reconstruct.enabled:  # replaces FLAP's compensation (both would count the removed columns twice)
             rec = reconstruct(s, mask, own)  # FLAP: a sublayer it empties keeps its bias (nothing to re-fit)
-            if cfg.reconstruct.choose and cfg.search.check_blocks:  # kept only where it lowers the check-set loss
+            if rec.changes_nothing and own is None:  # e.g. layers removed, not folded in: the model as it is
+                log.info("reconstruction: nothing to re-fit (no thinned sublayer, no removed layer folded in)")
+                rec = None
+            elif cfg.reconstruct.choose and cfg.search.check_blocks:  # kept only where it lowers the check-set loss
                 check_record = check_reconstruction(s, mask, own, rec)
         refit = rec is not None and (check_record is None or check_record["reconstructed"])
         summary = finish(
@@ -199,7 +202,7 @@ def run_baseline(
             label=label + (" + reconstruction" if refit else ""),
             rec=rec if refit else own,
             reconstructed=refit,
-            plain=None if rec is None else (mask, own),
+            plain=(mask, own) if cfg.reconstruct.enabled else None,
         )
         if check_record is not None:
             summary["check"] = check_record

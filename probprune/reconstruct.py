@@ -84,6 +84,11 @@ class Reconstruction:
     info: dict[str, dict[str, float]] = field(default_factory=dict)
     seconds: float = 0.0
 
+    @property
+    def changes_nothing(self) -> bool:
+        """No weight and no bias changed (e.g. a mask that only removes layers, where they are not folded in)."""
+        return not self.weights and not self.biases
+
     def override(self) -> dict[int, dict[str, torch.Tensor]]:
         """The ``override`` argument of :func:`probprune.compaction.compact` / ``compact_checkpoint``."""
         out: dict[int, dict[str, torch.Tensor]] = {}
@@ -679,6 +684,8 @@ def choose_final(
         loss[("start", False)] = reconstructed_loss(s.engine, s.space, start, start_rec, check, bs)
     order = [("search", True), ("search", False), ("start", True), ("start", False)]
     name, rec_on = min(order, key=lambda k: (loss[k], order.index(k)))
+    if rec_on and recs[name].changes_nothing and as_is[name] is None:
+        rec_on = False  # the same model: it is returned as it is, not called reconstructed
     plain = "search" if loss[("search", False)] <= loss[("start", False)] else "start"  # warmstart.choose_final's rule
     log.info(
         "check set: search result %.4f (reconstructed %.4f), start %.4f (reconstructed %.4f): returning the %s%s",

@@ -435,6 +435,27 @@ def test_a_removed_layer_is_folded_into_the_down_proj_before_it():
     torch.testing.assert_close(rec.weights[0]["down_proj"], want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
 
 
+def test_a_baseline_with_nothing_to_re_fit_is_returned_as_it_is_and_not_called_reconstructed(tmp_path):
+    """ShortGPT removes whole layers only; with the fold off there is no sublayer to solve: the run returns the
+    baseline's model, unlabelled, with no check-set scoring of an identical model and no second evaluation."""
+    from pathlib import Path
+
+    from probprune import pipeline
+    from probprune.config import load_config
+
+    smoke = Path(__file__).resolve().parents[1] / "configs/tiny/smoke.yaml"
+    over = ["reconstruct.enabled=true", "reconstruct.removed_layers=false", "search.check_blocks=8"]
+    summary = pipeline.run_baseline(load_config(smoke, over), "shortgpt", tmp_path / "r")
+    plain = pipeline.run_baseline(load_config(smoke), "shortgpt", tmp_path / "p")
+    assert summary["method_label"] == "shortgpt"
+    assert "reconstruct" not in summary and "check" not in summary
+    assert "eval_without_reconstruction" not in summary["timings"]
+    assert summary["without_reconstruction"]["same_model"] is True
+    for seq_len, value in plain["pruned_ppl"].items():
+        assert summary["pruned_ppl"][seq_len] == pytest.approx(value, rel=1e-6)
+        assert summary["without_reconstruction"]["pruned_ppl"][seq_len] == summary["pruned_ppl"][seq_len]
+
+
 @pytest.mark.parametrize("method, spoil", [("shortgpt", False), ("flap", True)])
 def test_a_baseline_keeps_its_reconstruction_only_where_it_lowers_the_check_set_loss(
     method, spoil, tmp_path, monkeypatch
