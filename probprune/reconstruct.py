@@ -22,8 +22,9 @@ the kept layer before it — its target also carries what the dense span would h
 whose sublayer outputs pass through a norm of their own before the residual add (Gemma 3's sandwich norms:
 ``FamilyAdapter.normed_sublayer_output``) are not folded: the ``down_proj`` writes before that norm, so the fold
 would fit the wrong quantity (Gemma 3 270M, SLEB at 20 %: check-set loss 4.960 as it is, 5.200 folded).
-Otherwise a sublayer that lost nothing, or everything, is left exactly as it is. A bias is a new parameter where the
-model has none: the compacted model records it in ``config.probprune_layout`` (it loads with
+Otherwise a sublayer that lost nothing, or everything, is left exactly as it is (one that lost everything keeps the
+output bias the model is returned with, FLAP's compensation: it has no column to re-fit). A bias is a new parameter
+where the model has none: the compacted model records it in ``config.probprune_layout`` (it loads with
 :func:`probprune.models.load_pruned` and exports to GGUF, but is no longer stock-shaped).
 
 Where the work runs: statistics are weight tasks (``task(model, adapter, *args)``) run on the replicas — this process,
