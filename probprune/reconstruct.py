@@ -393,6 +393,27 @@ def _check(target: str, mode: str, damping: float) -> None:
         raise UserError(f"reconstruct.damping must be >= 0, got {damping!r}")
 
 
+def _sublayer_work(
+    space: MaskSpace, plan: list, li: int, which: str, head_dim: int, removed_layers: bool
+) -> tuple[torch.Tensor | None, list[int]]:
+    """What reconstruction solves for sublayer ``which`` of layer ``li``: its kept input columns (None where it lost
+    nothing and folds no removed layer in, or kept nothing: left as it is) and the removed layers folded into it."""
+    keep = plan[li]
+    if keep is None:
+        return None, []
+    cols, span = _cols(keep, which, head_dim), []
+    ls = space.layers[li]
+    width = ls.num_query_heads * head_dim if which == ATTN else ls.intermediate_size
+    if removed_layers and which == MLP and cols.numel():
+        j = li + 1
+        while j < space.num_layers and plan[j] is None:
+            span.append(j)
+            j += 1
+    if cols.numel() == 0 or (cols.numel() == width and not span):
+        return None, span
+    return cols, span
+
+
 def _cols(keep: LayerKeep, which: str, head_dim: int) -> torch.Tensor:
     if which == ATTN:
         return (keep.q_heads[:, None] * head_dim + torch.arange(head_dim)[None]).flatten()  # [n_q d]
@@ -445,12 +466,25 @@ def reconstruct(
         raise UserError(f"reconstruction needs calibration blocks [n, T], got shape {tuple(blocks.shape)}")
     plan = surviving_layers(space, mask)
     removed_layers = removed_layers and folds_removed_layers(adapter, warn=any(k is None for k in plan))
+    d = adapter.head_dim
+    work = {  # (layer, which) -> (kept columns to solve or None, removed layers to fold in)
+        (li, w): _sublayer_work(space, plan, li, w, d, removed_layers)
+        for li in range(space.num_layers)
+        for w in (ATTN, MLP)
+    }
+    fixed = {  # sublayers with nothing kept that keep the bias they are returned with
+        (li, w): emptied_biases[li][w].float()
+        for (li, w) in work
+        if plan[li] is not None and _emptied(plan[li], w) and w in (emptied_biases or {}).get(li, {})
+    }
+    rec = Reconstruction()
+    if all(cols is None for cols, _ in work.values()) and not fixed:  # nothing to solve: no forward pass either
+        rec.seconds = time.perf_counter() - t0
+        return rec
     shares = split_shares(blocks.shape[0], replicas.num_replicas)
     hidden = replicas.map(embed_blocks, [(blocks[lo:hi],) for lo, hi in shares])  # per share [n_s, T, H]
     dense = list(hidden) if target == "dense" else None
     gram = mode != "bias"
-    rec = Reconstruction()
-    d = adapter.head_dim
     dtype = next(adapter.model.parameters()).dtype  # the solved columns are kept in the model's dtype
     steps = [(li, w) for li in range(space.num_layers) for w in (ATTN, MLP)]
     if progress:
@@ -459,21 +493,10 @@ def reconstruct(
         steps = tqdm(steps, desc="reconstruct", unit="sublayer")
     for li, which in steps:
         keep = plan[li]
-        cols, span = None, []
-        if keep is not None:
-            cols = _cols(keep, which, d)
-            ls = space.layers[li]
-            width = ls.num_query_heads * d if which == ATTN else ls.intermediate_size
-            if removed_layers and which == MLP and cols.numel():
-                j = li + 1
-                while j < space.num_layers and plan[j] is None:
-                    span.append(j)
-                    j += 1
-            if cols.numel() == 0 or (cols.numel() == width and not span):
-                cols = None  # nothing removed (and no removed layer to fold in), or nothing kept: left as it is
+        cols, span = work[(li, which)]
         weight = bias = None
-        if keep is not None and _emptied(keep, which) and which in (emptied_biases or {}).get(li, {}):
-            bias = emptied_biases[li][which].float()  # nothing to re-fit: the sublayer keeps the bias it has
+        if (li, which) in fixed:  # nothing to re-fit: the sublayer keeps the bias it has
+            bias = fixed[(li, which)]
             rec.biases.setdefault(li, {})[which] = bias
         if cols is not None or dense is not None:
             args = [
