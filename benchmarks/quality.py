@@ -64,6 +64,11 @@ PINNED_STEPS = {"probprune-paper"}  # presets that take --steps; the others keep
 # --steps 150 (the default) gives the paper preset the scored tokens of ours (150 steps).
 
 
+def uses_gradients(method: str) -> bool:
+    """Whether a method (with or without the re-fit suffix) takes a backward pass: Taylor, the one baseline that does."""
+    return method.removesuffix(REC) == "taylor"
+
+
 def job_name(method: str, sparsity: float, seed: int) -> str:
     return f"{method}_s{int(round(sparsity * 100)):02d}_seed{seed}"
 
@@ -282,7 +287,7 @@ def write_results(out: Path, jobs, statuses, wall: float, label: str) -> None:
             "total_sparsity": s["sparsity"]["total"],
             "params_total": s["params"]["pruned_total"],
             "model": s["model"],
-            "uses_gradients": spec["method"].removesuffix(REC) == "taylor",
+            "uses_gradients": uses_gradients(spec["method"]),
             "wall_seconds": s["wall_seconds"],
             "reconstructed": "reconstruct" in s,
         }
@@ -337,7 +342,7 @@ def write_results(out: Path, jobs, statuses, wall: float, label: str) -> None:
                     cells.append(f"{r[c + '_mean']:.1f} ({r[c + '_min']:.1f}–{r[c + '_max']:.1f})")
                 else:
                     cells.append(f"{r[c + '_mean']:.1f}")
-            label = r["method"] + (" †" if r["method"].removesuffix(REC) == "taylor" else "")
+            label = r["method"] + (" †" if uses_gradients(r["method"]) else "")
             lines.append(
                 f"| {r['prunable']:.1%} / {r['total']:.1%} | {label} | "
                 + " | ".join(cells)
@@ -347,11 +352,11 @@ def write_results(out: Path, jobs, statuses, wall: float, label: str) -> None:
         for _, o in grp[grp["method"].str.removesuffix(REC).isin(OURS)].iterrows():
             if not len(base):
                 break
-            forward_only = base[base["method"].str.removesuffix(REC) != "taylor"]
+            forward_only = base[~base["method"].map(uses_gradients)]
             for c in short:
                 best = base.loc[base[f"{c}_mean"].idxmin()]
                 against = [(best, best["method"])]
-                if best["method"].removesuffix(REC) == "taylor" and len(forward_only):  # also the fair match
+                if uses_gradients(best["method"]) and len(forward_only):  # also the fair match
                     fwd = forward_only.loc[forward_only[f"{c}_mean"].idxmin()]
                     against.append((fwd, f"{fwd['method']} (best forward-only)"))
                 for b, name in against:
